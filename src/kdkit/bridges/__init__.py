@@ -1,0 +1,83 @@
+"""Bridges: trainable student-side modules mapping a student tap into the teacher's space.
+
+A bridge factory is called with the probed per-sample shapes of the two taps, so projectors are
+sized from the taps, never hard-coded: ``factory(student_shape, teacher_shape, **params)``.
+Bridges are trained with the student and saved in its checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from kdkit.errors import KdkitError
+from kdkit.registry import Registry
+
+BridgeFactory = Callable[..., nn.Module]
+BRIDGES: Registry[BridgeFactory] = Registry("bridge", fix="run `kdkit ls bridges`")
+
+
+def register_bridge(name: str, help: str | None = None) -> Callable[[BridgeFactory], BridgeFactory]:
+    """Register a bridge factory ``(student_shape, teacher_shape, **params) -> nn.Module``."""
+    return BRIDGES.register(name, help)
+
+
+def _need(rank: int, shape: tuple[int, ...], side: str, bridge: str) -> None:
+    if len(shape) != rank:
+        raise KdkitError(f"bridge {bridge!r} needs a {rank}-d per-sample {side} tap, got shape {shape}",
+                         choices=["linear (any shape -> flat)", "conv1x1 / conv3x3 (C,H,W) -> (C',H,W)"],
+                         fix="pick a bridge that fits the taps' shapes, or tap other layers")
+
+
+class Flatten(nn.Module):
+    """Flatten all but the batch dimension, then apply a linear layer and reshape to ``out_shape``."""
+
+    def __init__(self, in_features: int, out_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        out_features = 1
+        for size in out_shape:
+            out_features *= size
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, ...) -> (B, *out_shape)``."""
+        return self.linear(x.flatten(1)).view(x.shape[0], *self.out_shape)
+
+
+@register_bridge("linear", help="flatten + linear layer to the teacher tap's size")
+def linear_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """A linear projector from the flattened student tap to the teacher tap's shape."""
+    in_features = 1
+    for size in student_shape:
+        in_features *= size
+    return Flatten(in_features, teacher_shape)
+
+
+def _conv_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], kernel: int, name: str) -> nn.Module:
+    _need(3, tuple(student_shape), "student", name)
+    _need(3, tuple(teacher_shape), "teacher", name)
+    if tuple(student_shape[1:]) != tuple(teacher_shape[1:]):
+        raise KdkitError(f"bridge {name!r} keeps the spatial size, but the student tap is "
+                         f"{tuple(student_shape[1:])} and the teacher tap {tuple(teacher_shape[1:])}",
+                         fix="tap layers with the same spatial size, or use the 'linear' bridge")
+    return nn.Sequential(
+        nn.Conv2d(student_shape[0], teacher_shape[0], kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(teacher_shape[0]),
+    )
+
+
+@register_bridge("conv1x1", help="1x1 conv + BN from student channels to teacher channels (same H, W)")
+def conv1x1_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """1x1 conv + BN regressor (the usual FitNets / feature-KD connector)."""
+    return _conv_bridge(student_shape, teacher_shape, 1, "conv1x1")
+
+
+@register_bridge("conv3x3", help="3x3 conv + BN from student channels to teacher channels (same H, W)")
+def conv3x3_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """3x3 conv + BN regressor (FitNets' convolutional regressor)."""
+    return _conv_bridge(student_shape, teacher_shape, 3, "conv3x3")
+
+
+__all__ = ["BRIDGES", "conv1x1_bridge", "conv3x3_bridge", "linear_bridge", "register_bridge"]

@@ -1,0 +1,285 @@
+"""Turn a validated :class:`~kdkit.recipe.Recipe` into ready objects, checking everything first.
+
+:func:`plan` builds the data, the models, the taps, the bridges and the objective, probes tap shapes
+once, and collects every problem it finds (unknown model/loss/bridge, bad tap path, shapes that need
+a bridge, missing files, checkpoints that do not fit) into one :class:`~kdkit.errors.RecipeErrors`,
+before any training starts. ``kdkit validate`` calls it with ``training=False``, where missing data
+or teacher files are warnings (the recipe itself is fine; the files belong to the machine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdkit.bridges import BRIDGES
+from kdkit.checkpoint import load_model_weights, resolve_weights
+from kdkit.data import ImageData, load_dataset, subset
+from kdkit.distill import FrozenTeacher, Objective, Student, Term
+from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.losses import LOSSES, DistillLoss
+from kdkit.models import build_model
+from kdkit.params import check_params
+from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
+from kdkit.taps import Tap, probe_shapes, resolve_tap
+
+# Shapes of datasets whose files may be absent when a recipe is only validated.
+KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
+    "fashion_mnist": (10, 1, 28), "mnist": (10, 1, 28), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32),
+}
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What models need to know about the data."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, built and checked."""
+
+    recipe: Recipe
+    data: ImageData | None
+    shape: DataShape
+    student: Student
+    objective: Objective
+    teacher: FrozenTeacher | None
+    device: torch.device
+    warnings: list[str] = field(default_factory=list)
+    tap_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else is checked."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise KdkitError(f"unknown device {spec!r}", choices=["auto", "cpu", "cuda", "cuda:0", "mps"], bad=spec,
+                         fix="use auto, cpu or cuda[:N]", where="train.device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdkitError(f"device {spec!r} requested but CUDA is not available here", choices=["auto", "cpu"],
+                         fix="use train.device=auto or cpu", where="train.device")
+    return device
+
+
+def teacher_run_recipe(spec: TeacherSpec, base: Path | None) -> Recipe | None:
+    """The recipe that trains the teacher, when the teacher spec names one."""
+    if spec.recipe is None:
+        return None
+    return load_recipe(find_recipe(spec.recipe, relative_to=base))
+
+
+def teacher_weights(spec: TeacherSpec, base: Path | None) -> Path:
+    """Where the teacher's weights are: its checkpoint, or the finished run of its recipe."""
+    if spec.checkpoint is not None:
+        return resolve_weights(spec.checkpoint)
+    run_recipe = teacher_run_recipe(spec, base)
+    assert run_recipe is not None
+    if not (run_recipe.run_dir / "summary.json").is_file():
+        raise KdkitError(f"the teacher's recipe {spec.recipe!r} has no finished run in {run_recipe.run_dir}",
+                         fix="`kdkit run` trains it automatically first; or run that recipe yourself, or give "
+                             "teacher.checkpoint", where="teacher.recipe")
+    return resolve_weights(run_recipe.run_dir)
+
+
+def name_problems(data: dict[str, Any]) -> list[KdkitError]:
+    """Unknown model, dataset, loss and bridge names in a raw recipe.
+
+    Used when the schema check fails, so that ``kdkit validate`` still reports every problem at once.
+    """
+    from kdkit.bridges import BRIDGES
+    from kdkit.data import DATASETS
+    from kdkit.models import MODELS
+
+    problems: list[KdkitError] = []
+
+    def check(registry: Any, value: Any, where: str) -> None:
+        if isinstance(value, str) and ":" not in value and value not in registry:
+            problems.append(KdkitError(f"unknown {registry.kind} {value!r}", choices=registry.names(), bad=value,
+                                       fix=f"run `kdkit ls {registry.kind}s`", where=where))
+
+    for key in ("model", "teacher"):
+        if isinstance(data.get(key), dict):
+            check(MODELS, data[key].get("arch"), f"{key}.arch")
+    if isinstance(data.get("data"), dict):
+        check(DATASETS, data["data"].get("dataset"), "data.dataset")
+    for i, term in enumerate(data.get("distill") or []):
+        if isinstance(term, dict):
+            check(LOSSES, term.get("loss"), f"distill.{i}.loss")
+            check(BRIDGES, term.get("bridge"), f"distill.{i}.bridge")
+    return problems
+
+
+def _term_names(recipe: Recipe) -> list[str]:
+    names: list[str] = []
+    for i, term in enumerate(recipe.distill):
+        name = term.name or term.loss
+        if name in names:
+            name = f"{name}@{term.student}" if term.student else f"{name}{i}"
+        while name in names:
+            name = f"{name}_{i}"
+        names.append(name)
+    return names
+
+
+def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: torch.device | None = None) -> Plan:
+    """Build and check every object of ``recipe``.
+
+    Args:
+        recipe: A schema-valid recipe.
+        training: True for ``kdkit run`` (missing files are errors, weights are loaded); False for
+            ``kdkit validate`` (missing files are warnings, weights are not read).
+        source: The recipe file, for resolving the teacher's recipe relative to it.
+        device: Override of ``train.device``.
+
+    Raises:
+        RecipeErrors: Every problem found, each with its recipe location, choices and fix.
+    """
+    errors: list[KdkitError] = []
+    warnings: list[str] = []
+    base = source.parent if source is not None else None
+
+    def attempt(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RecipeErrors as exc:
+            errors.extend(exc.errors)
+        except KdkitError as exc:
+            errors.append(exc)
+        return None
+
+    dev = device or attempt(resolve_device, recipe.train.device) or torch.device("cpu")
+    if recipe.train.amp == "fp16" and dev.type != "cuda":
+        errors.append(KdkitError("fp16 AMP needs a CUDA device", choices=["off", "bf16"], bad="fp16",
+                                 fix="use train.amp=bf16 on CPU", where="train.amp"))
+
+    # -- data ----------------------------------------------------------------------------------------
+    data = None
+    try:
+        data = load_dataset(recipe.data.dataset, recipe.data.root, **recipe.data.params)
+    except KdkitError as exc:
+        known = recipe.data.dataset in KNOWN_SHAPES and "unknown dataset" not in exc.message
+        if training or not known:
+            errors.append(exc if exc.where else KdkitError(exc.message, fix=exc.fix, where="data"))
+        else:
+            warnings.append(f"data: {exc.render()}")
+    if data is not None and recipe.data.subset is not None:
+        data = attempt(subset, data, recipe.data.subset, recipe.data.subset_seed)
+    if data is not None:
+        shape = DataShape(data.num_classes, data.in_channels, data.image_size)
+    else:
+        shape = DataShape(*KNOWN_SHAPES.get(recipe.data.dataset, (10, 3, 32)))
+
+    # -- models --------------------------------------------------------------------------------------
+    torch.manual_seed(recipe.train.seed)
+    model = attempt(build_model, recipe.model.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                    image_size=shape.image_size, params=recipe.model.params, where="model.arch")
+    if model is not None and recipe.model.checkpoint is not None:
+        if training or Path(recipe.model.checkpoint).exists():
+            attempt(load_model_weights, model, recipe.model.checkpoint, where="model.checkpoint")
+        else:
+            warnings.append(f"model.checkpoint: {recipe.model.checkpoint!r} does not exist here")
+    teacher_model = None
+    if recipe.teacher is not None:
+        spec = recipe.teacher
+        teacher_model = attempt(build_model, spec.arch, num_classes=shape.num_classes,
+                                in_channels=shape.in_channels, image_size=shape.image_size, params=spec.params,
+                                where="teacher.arch")
+        if spec.recipe is not None:
+            attempt(teacher_run_recipe, spec, base)
+        if teacher_model is not None:
+            if training:
+                weights = attempt(teacher_weights, spec, base)
+                if weights is not None:
+                    attempt(load_model_weights, teacher_model, weights, where="teacher.checkpoint")
+            elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+                warnings.append(f"teacher.checkpoint: {spec.checkpoint!r} does not exist here")
+
+    # -- terms: losses, taps, bridges ----------------------------------------------------------------
+    names = _term_names(recipe)
+    losses: dict[str, DistillLoss] = {}
+    student_taps: dict[str, Tap] = {}
+    teacher_taps: dict[str, Tap] = {}
+    reads: dict[str, tuple[str, str]] = {}
+    for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
+        where = f"distill.{i}"
+        loss_cls = attempt(LOSSES.get, term.loss, where=f"{where}.loss")
+        if loss_cls is None:
+            continue
+        params = attempt(check_params, loss_cls, term.params, where=where, what=f"loss {term.loss!r}")
+        if params is None:
+            continue
+        try:
+            losses[name] = loss_cls(**params)
+        except (ValueError, TypeError) as exc:
+            errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
+            continue
+        s_spec = term.student or loss_cls.default_student_tap
+        t_spec = term.teacher or loss_cls.default_teacher_tap
+        reads[name] = (s_spec, t_spec)
+        if model is not None:
+            tap = attempt(resolve_tap, model, s_spec, where=f"{where}.student")
+            if tap is not None:
+                student_taps[s_spec] = tap
+        if teacher_model is not None:
+            tap = attempt(resolve_tap, teacher_model, t_spec, where=f"{where}.teacher")
+            if tap is not None:
+                teacher_taps[t_spec] = tap
+        if term.bridge is not None:
+            attempt(BRIDGES.get, term.bridge, where=f"{where}.bridge")
+
+    # -- shapes and bridges (one probe forward per model) --------------------------------------------
+    bridges: dict[str, nn.Module] = {}
+    tap_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    if model is not None and teacher_model is not None and losses:
+        example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
+        s_shapes = attempt(probe_shapes, model, list(student_taps.values()), example) or {}
+        t_shapes = attempt(probe_shapes, teacher_model, list(teacher_taps.values()), example) or {}
+        for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
+            if name not in losses or reads[name][0] not in s_shapes or reads[name][1] not in t_shapes:
+                continue
+            s_shape, t_shape = s_shapes[reads[name][0]], t_shapes[reads[name][1]]
+            where = f"distill.{i}"
+            if term.bridge is not None and term.bridge in BRIDGES:
+                factory = BRIDGES.get(term.bridge)
+                bparams = attempt(check_params, factory, term.bridge_params, skip=("student_shape", "teacher_shape"),
+                                  where=f"{where}.bridge_params", what=f"bridge {term.bridge!r}")
+                bridge = attempt(factory, s_shape, t_shape, **(bparams or {})) if bparams is not None else None
+                if bridge is None:
+                    continue
+                bridges[name] = bridge
+                with torch.no_grad():
+                    s_shape = tuple(bridge.eval()(torch.zeros(2, *s_shape)).shape[1:])
+                bridge.train()
+            tap_shapes[name] = (s_shape, t_shape)
+            problem = losses[name].check_shapes(s_shape, t_shape)
+            if problem:
+                hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
+                        if term.bridge is None else "choose another bridge or other taps")
+                errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {reads[name][0]!r} with "
+                                         f"teacher tap {reads[name][1]!r}: {problem}", choices=BRIDGES.names(),
+                                         fix=hint, where=where))
+
+    if errors:
+        raise RecipeErrors(errors, str(source) if source else recipe.name)
+    assert model is not None
+
+    terms = [Term(name, losses[name], reads[name][0], reads[name][1], term.weight, term.warmup_epochs)
+             for term, name in zip(recipe.distill, names, strict=True)]
+    student = Student(model, list(student_taps.values()), {n: reads[n][0] for n in losses}, bridges).to(dev)
+    teacher = None
+    if teacher_model is not None and recipe.teacher is not None:
+        teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),
+                                channels_last=recipe.teacher.channels_last and dev.type != "mps")
+    objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing).to(dev)
+    return Plan(recipe, data, shape, student, objective, teacher, dev, warnings, tap_shapes)

@@ -1,0 +1,196 @@
+"""The ``kdkit`` command line: run, validate, ls, demo, report.
+
+Exit codes: 0 success, 2 bad input (recipe, names, files), 3 training diverged, 130 interrupted
+(a checkpoint was saved; ``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kdkit.errors import KdkitError, TrainingDiverged
+
+
+def _split_resume(overrides: list[str]) -> tuple[list[str], bool]:
+    """``resume=true`` is a run option, not a recipe key: take it out of the overrides."""
+    import yaml
+
+    rest, resume = [], False
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "resume":
+            resume = bool(yaml.safe_load(value))
+        else:
+            rest.append(item)
+    return rest, resume
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kdkit.recipe import find_recipe, load_recipe
+    from kdkit.runner import run_recipe
+
+    overrides, resume = _split_resume(args.overrides)
+    source = find_recipe(args.recipe)
+    recipe = load_recipe(source, overrides)
+    summary = run_recipe(recipe, source=source, resume=args.resume or resume, overwrite=args.overwrite,
+                         device=args.device, progress=False if args.quiet else None)
+    if summary and "best_top1" in summary:
+        print(f"{recipe.name}: best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), last "
+              f"{summary['last_top1']:.2f}%  ->  {recipe.run_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kdkit.build import plan
+    from kdkit.recipe import Recipe, find_recipe, load_recipe
+
+    if args.schema:
+        print(json.dumps(Recipe.model_json_schema(), indent=1))
+        return 0
+    names = [a for a in args.recipes if "=" not in a]
+    overrides, _ = _split_resume([a for a in args.recipes if "=" in a])
+    if not names:
+        raise KdkitError("no recipe given", fix="kdkit validate RECIPE.yaml [key=value ...]")
+    failed = 0
+    for name in names:
+        try:
+            source = find_recipe(name)
+            recipe = load_recipe(source, overrides)
+            built = plan(recipe, training=False, source=source)
+        except KdkitError as exc:
+            failed += 1
+            print(f"FAIL {name}\n{exc.render()}", file=sys.stderr)
+            continue
+        terms = ", ".join(f"{n} {s}->{t}" for n, (s, t) in built.tap_shapes.items())
+        print(f"ok   {name}: {recipe.model.arch}" + (f" <- {recipe.teacher.arch}" if recipe.teacher else "")
+              + f" on {recipe.data.dataset}" + (f" [{terms}]" if terms else ""))
+        for warning in built.warnings:
+            print(f"     warning: {warning}")
+    return 2 if failed else 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from kdkit.bridges import BRIDGES
+    from kdkit.data import DATASETS
+    from kdkit.losses import LOSSES
+    from kdkit.models import MODELS
+    from kdkit.recipe import shipped_recipes
+
+    registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES}
+    if args.what == "recipes":
+        for name in shipped_recipes():
+            print(name)
+        return 0
+    if args.what == "taps":
+        from kdkit.build import KNOWN_SHAPES
+        from kdkit.models import build_model
+        from kdkit.taps import probe_shapes, resolve_tap, tap_choices
+
+        if not args.name:
+            raise KdkitError("`kdkit ls taps` needs a model name", fix="kdkit ls taps resnet8x4")
+        classes, channels, size = KNOWN_SHAPES.get(args.dataset, (10, 3, 32))
+        model = build_model(args.name, num_classes=classes, in_channels=channels, image_size=size)
+        import torch
+
+        taps = [resolve_tap(model, spec) for spec in tap_choices(model)]
+        shapes = probe_shapes(model, taps, torch.zeros(2, channels, size, size))
+        friendly = getattr(model, "feature_taps", {})
+        for tap in taps:
+            note = f"  (= {friendly[tap.spec]})" if tap.spec in friendly else ""
+            print(f"{tap.spec:40s} {shapes.get(tap.spec)!s}{note}")
+        return 0
+    registry = registries[args.what]
+    width = max((len(n) for n in registry.names()), default=0)
+    for name in registry.names():
+        print(f"{name:{width}s}  {registry.describe(name)}")
+    if args.what == "models":
+        print(f"{'timm:NAME':{width}s}  any timm model (pip install 'kdkit[zoo]'), random init or checkpoint")
+        print(f"{'torchvision:NAME':{width}s}  any torchvision classification model, random init or checkpoint")
+        print(f"{'pkg.module:factory':{width}s}  your own factory, imported by path")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdkit.demo import run_demo
+
+    run_demo(out=Path(args.out), data=args.data, data_dir=args.data_dir, seeds=args.seeds, quick=args.quick,
+             overwrite=args.overwrite)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdkit.report import write_report
+
+    path = write_report([Path(p) for p in args.runs], Path(args.out) if args.out else None)
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation toolkit.")
+    from kdkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a teacher or distil a student from a recipe")
+    run.add_argument("recipe", help="recipe YAML path or shipped name (kdkit ls recipes)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 (resume=true resumes)")
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    run.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(fn=cmd_run)
+
+    val = sub.add_parser("validate", help="check recipes without training; reports every problem")
+    val.add_argument("recipes", nargs="*", help="recipe paths or names, then key=value overrides")
+    val.add_argument("--schema", action="store_true", help="print the recipe JSON schema")
+    val.set_defaults(fn=cmd_validate)
+
+    ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, recipes, or a model's taps")
+    ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "recipes", "taps"])
+    ls.add_argument("name", nargs="?", help="model name (for `ls taps`)")
+    ls.add_argument("--dataset", default="cifar100", help="input shape for `ls taps` (default cifar100)")
+    ls.set_defaults(fn=cmd_ls)
+
+    demo = sub.add_parser("demo", help="the main job: teacher, student without and with KD, table and report")
+    demo.add_argument("--data", default="auto", choices=["auto", "fashion_mnist", "digits"],
+                      help="auto: Fashion-MNIST if its files are found, else scikit-learn digits (it says which)")
+    demo.add_argument("--data-dir", help="folder with the Fashion-MNIST idx files")
+    demo.add_argument("--seeds", type=int, default=2, help="student seeds per method (default 2)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
+    demo.add_argument("--overwrite", action="store_true", help="retrain students even if their runs exist")
+    demo.set_defaults(fn=cmd_demo)
+
+    rep = sub.add_parser("report", help="HTML + PNG report comparing run folders")
+    rep.add_argument("runs", nargs="+", help="run folders")
+    rep.add_argument("--out", help="output folder (default: report/ next to the first run)")
+    rep.set_defaults(fn=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kdkit`` command."""
+    args = build_parser().parse_args(argv)
+    from kdkit.engine import Interrupted
+
+    try:
+        return args.fn(args)
+    except KdkitError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

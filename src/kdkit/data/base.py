@@ -1,0 +1,194 @@
+"""The in-memory dataset type shared by every reader, and a class-balanced subset helper.
+
+Small image datasets are held whole in memory as ``uint8`` tensors ``(N, C, H, W)``; conversion
+to float, normalisation and augmentation happen later on whole batches (see :mod:`kdkit.data.augment`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kdkit.errors import KdkitError
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ImageData:
+    """A labelled image dataset split into train and test, held in memory.
+
+    Images must be square (``H == W``): models are built from a single ``image_size``. Readers of
+    non-square data resize or crop to a square before constructing this.
+
+    Attributes:
+        name: Registry name, e.g. ``"fashion_mnist"`` (a subset appends ``-subsetN-seedS``).
+        train_images: ``uint8`` tensor ``(N, C, H, W)``; made contiguous on construction.
+        train_labels: ``int64`` tensor ``(N,)`` with values in ``[0, num_classes)``.
+        test_images: ``uint8`` tensor ``(M, C, H, W)`` with the same ``C, H, W`` as train.
+        test_labels: ``int64`` tensor ``(M,)``.
+        classes: Class names, index ``i`` naming label ``i``.
+        mean: Per-channel mean of the train images in ``[0, 1]`` units (computed, or the published values).
+        std: Per-channel standard deviation in the same units.
+        source: Human-readable origin, e.g. ``"/usr/share/datasets/fashion-mnist (idx)"``.
+
+    Raises:
+        KdkitError: On a wrong dtype, shape, label range, or mean/std length.
+    """
+
+    name: str
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        """Check dtypes, shapes, label range and mean/std; make the images contiguous."""
+        where = f"dataset {self.name!r}"
+        fix = "this is a bug in the dataset reader; please report it with the dataset's source"
+        for attr in ("train_images", "train_labels", "test_images", "test_labels"):
+            if not isinstance(getattr(self, attr), Tensor):
+                raise KdkitError(f"{attr} must be a torch.Tensor, got {type(getattr(self, attr)).__name__}",
+                                 fix=fix, where=where)
+        for split in ("train", "test"):
+            images: Tensor = getattr(self, f"{split}_images")
+            labels: Tensor = getattr(self, f"{split}_labels")
+            if images.dtype != torch.uint8 or images.ndim != 4:
+                raise KdkitError(f"{split}_images must be uint8 (N, C, H, W), got {images.dtype} "
+                                 f"{tuple(images.shape)}", fix=fix, where=where)
+            if labels.dtype != torch.int64 or labels.ndim != 1:
+                raise KdkitError(f"{split}_labels must be int64 (N,), got {labels.dtype} {tuple(labels.shape)}",
+                                 fix=fix, where=where)
+            if labels.shape[0] != images.shape[0]:
+                raise KdkitError(f"{split} split has {images.shape[0]} images but {labels.shape[0]} labels",
+                                 fix=fix, where=where)
+            if not images.is_contiguous():
+                object.__setattr__(self, f"{split}_images", images.contiguous())
+        if self.train_images.shape[0] == 0:
+            raise KdkitError("the train split is empty", fix=fix, where=where)
+        c, h, w = self.train_images.shape[1:]
+        if tuple(self.test_images.shape[1:]) != (c, h, w):
+            raise KdkitError(f"train images are {(c, h, w)} but test images are {tuple(self.test_images.shape[1:])}",
+                             fix="train and test images must have the same channels and size", where=where)
+        if h != w:
+            raise KdkitError(f"images must be square, got H={h}, W={w}",
+                             fix="resize or crop the images to a square before building ImageData", where=where)
+        object.__setattr__(self, "classes", tuple(str(n) for n in self.classes))
+        if not self.classes:
+            raise KdkitError("no class names given", fix=fix, where=where)
+        for split in ("train", "test"):
+            labels = getattr(self, f"{split}_labels")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
+                raise KdkitError(f"{split} labels span [{int(labels.min())}, {int(labels.max())}] but there are "
+                                 f"{len(self.classes)} classes", fix=fix, where=where)
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != c or len(self.std) != c:
+            raise KdkitError(f"mean/std have {len(self.mean)}/{len(self.std)} values but images have {c} channels",
+                             fix="give one mean and one std per channel", where=where)
+        if any(not s > 0 for s in self.std):
+            raise KdkitError(f"std must be positive, got {self.std}", fix="give a positive std per channel",
+                             where=where)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(classes)``)."""
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels ``C``."""
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        """Image height, equal to the width (images are square)."""
+        return int(self.train_images.shape[2])
+
+    def __repr__(self) -> str:
+        """Shapes and origin only (the default repr would print the tensors)."""
+        return (f"ImageData(name={self.name!r}, train={tuple(self.train_images.shape)}, "
+                f"test={tuple(self.test_images.shape)}, classes={self.num_classes}, source={self.source!r})")
+
+
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of ``uint8`` images, in ``[0, 1]`` units.
+
+    Accumulates in float64 over chunks of ``chunk`` images, so memory stays small for large sets.
+
+    Args:
+        images: ``uint8`` tensor ``(N, C, H, W)`` with ``N > 0``.
+        chunk: Images per accumulation step.
+
+    Returns:
+        ``(mean, std)``, each a tuple with one float per channel (population std).
+    """
+    n, c, h, w = images.shape
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        x = images[start:start + chunk].to(torch.float64)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    count = n * h * w
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0.0)
+    return tuple((mean / 255).tolist()), tuple((var.sqrt() / 255).tolist())
+
+
+def subset(data: ImageData, n: int, seed: int) -> ImageData:
+    """Take a class-balanced random subset of the train split; the test split is kept whole.
+
+    Each class gets ``n // num_classes`` images, and the remainder goes one each to randomly chosen
+    classes. A class with too few images contributes all it has and the others make up the difference.
+    The chosen images keep their original order. ``mean``/``std`` are kept from ``data`` (normalising
+    with the full set's statistics is what a subset run should do).
+
+    Args:
+        data: The dataset.
+        n: Number of train images to keep, ``num_classes <= n <= N``.
+        seed: Seed of the random choice; the same seed gives the same subset.
+
+    Returns:
+        A new :class:`ImageData` whose name and source note the subset.
+
+    Raises:
+        KdkitError: If ``n`` is out of range.
+    """
+    total = data.train_images.shape[0]
+    if not isinstance(n, int) or isinstance(n, bool) or n > total or n < data.num_classes:
+        raise KdkitError(f"subset size {n!r} is out of range for {data.name!r} ({total} train images, "
+                         f"{data.num_classes} classes)",
+                         fix=f"choose a subset size between {data.num_classes} and {total}", where="data.subset")
+    gen = torch.Generator().manual_seed(seed)
+    labels = data.train_labels
+    k = data.num_classes
+    # Rank of each image within its class, in a random order; then a random order of the classes.
+    perm = torch.randperm(total, generator=gen)
+    class_order = torch.randperm(k, generator=gen)
+    shuffled = labels[perm]
+    order = torch.argsort(shuffled, stable=True)  # groups the shuffled images by class
+    counts = torch.bincount(shuffled, minlength=k)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(total) - starts[shuffled[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    # Taking the first n by (rank, class position) fills classes round-robin: balanced, capacity-aware.
+    key = rank * k + torch.argsort(class_order)[shuffled]
+    chosen = perm[torch.argsort(key)[:n]].sort().values
+    return ImageData(
+        name=f"{data.name}-subset{n}-seed{seed}",
+        train_images=data.train_images[chosen].contiguous(),
+        train_labels=data.train_labels[chosen].contiguous(),
+        test_images=data.test_images,
+        test_labels=data.test_labels,
+        classes=data.classes,
+        mean=data.mean,
+        std=data.std,
+        source=f"{data.source}; class-balanced train subset of {n}/{total} (seed {seed})",
+    )
+

@@ -1,0 +1,92 @@
+"""A batch loader over in-memory uint8 tensors: indexing, augmentation and normalisation on the device.
+
+Replaces a DataLoader with per-sample transforms: one gather, one batched augmentation and one fused
+normalisation per batch (see ``shared/perf-notes.md``: ~0.15 ms instead of ~10 ms per batch of 128).
+
+Order and augmentation are a pure function of ``(seed, epoch, batch)``, so a run resumed in the
+middle of an epoch sees exactly the batches an uninterrupted run would have seen. Under DDP each rank
+reads a disjoint slice of the same permutation (global batch = ``batch_size * world_size``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from kdkit.data.augment import AugmentConfig, normalize
+
+
+class BatchLoader:
+    """Batches of ``(images, labels)`` from tensors held in memory.
+
+    Args:
+        images: uint8 ``(N, C, H, W)``.
+        labels: int64 ``(N,)``.
+        batch_size: Samples per batch on each rank.
+        mean: Per-channel mean in [0, 1] units, for normalisation.
+        std: Per-channel std.
+        device: Where batches are produced (the data is copied there once).
+        augment: Batched augmentation (``None``: none).
+        shuffle: Shuffle each epoch (training) or keep order (evaluation).
+        drop_last: Drop the last incomplete batch (training).
+        seed: Base seed of the order and the augmentation.
+        rank: This process's rank under DDP.
+        world_size: Number of DDP processes.
+        channels_last: Produce channels-last batches.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
+                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False) -> None:
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last = channels_last
+        n, step = len(self.labels), batch_size * world_size
+        self._batches = n // step if drop_last else -(-n // step)
+
+    def __len__(self) -> int:
+        return self._batches
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the dataset."""
+        return len(self.labels)
+
+    def _order(self, epoch: int) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.labels), device=self.device)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.labels), generator=gen).to(self.device)
+
+    def batch_indices(self, epoch: int) -> Iterator[Tensor]:
+        """The sample indices of this rank's batches in ``epoch``."""
+        order = self._order(epoch)
+        for b in range(self._batches):
+            start = (b * self.world_size + self.rank) * self.batch_size
+            yield order[start:start + self.batch_size]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` for batches ``start..`` of ``epoch``: x float, normalised, on the device."""
+        gen = torch.Generator()
+        for b, idx in enumerate(self.batch_indices(epoch)):
+            if b < start:
+                continue
+            if len(idx) == 0:
+                return
+            raw = self.images.index_select(0, idx)
+            if self.augment is not None:
+                gen.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + b)
+                raw = self.augment.apply(raw, gen)
+            x = normalize(raw, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels.index_select(0, idx)

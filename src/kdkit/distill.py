@@ -1,0 +1,164 @@
+"""The distillation pieces that sit between models and the engine.
+
+* :class:`FrozenTeacher` -- a structurally frozen teacher that returns its tapped tensors.
+* :class:`Student` -- the trained model plus its bridges; returns logits and per-term tensors.
+* :class:`Term` / :class:`Objective` -- CE plus weighted loss terms, every component returned.
+
+The student and its bridges form one ``nn.Module`` so DistributedDataParallel sees every trainable
+parameter in one forward; the teacher is a separate module that is never wrapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdkit.losses.base import DistillLoss
+from kdkit.taps import LOGITS, Tap, TapRecorder
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher that stays in eval mode, never needs gradients and returns its taps.
+
+    Args:
+        model: The trained teacher network.
+        taps: Resolved taps to capture (``logits`` included if any term reads it).
+        channels_last: Store weights and inputs in channels-last layout (faster convolutions on
+            oneDNN and cuDNN; see ``shared/perf-notes.md``).
+    """
+
+    def __init__(self, model: nn.Module, taps: list[Tap], channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.taps = list(taps)
+        self.recorder = TapRecorder(self.model, self.taps)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Ignore ``mode``: the teacher always runs in eval mode (BN statistics frozen)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Tapped tensors by spec (``"logits"`` is the output)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.model(x)
+        out = self.recorder.pop()
+        out[LOGITS] = logits
+        return out
+
+
+class Student(nn.Module):
+    """The trained model with its bridges.
+
+    Args:
+        model: The network being trained (student, or a teacher being trained from scratch).
+        taps: Resolved student taps read by the terms (not including ``logits``, always returned).
+        reads: For each term name, the tap spec it reads.
+        bridges: For each term name that has one, its bridge module.
+    """
+
+    def __init__(self, model: nn.Module, taps: list[Tap] | None = None, reads: dict[str, str] | None = None,
+                 bridges: dict[str, nn.Module] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.bridges = nn.ModuleDict(bridges or {})
+        self.reads = dict(reads or {})
+        hooked = [t for t in (taps or []) if t.capture != "logits"]
+        self.recorder = TapRecorder(model, hooked) if hooked else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits ``(B, K)`` and, per term, the (bridged) student tensor it compares."""
+        logits = self.model(x)
+        if not self.reads:
+            return logits, {}
+        captured = self.recorder.pop() if self.recorder is not None else {}
+        captured[LOGITS] = logits
+        per_term = {}
+        for term, spec in self.reads.items():
+            value = captured[spec]
+            per_term[term] = self.bridges[term](value) if term in self.bridges else value
+        return logits, per_term
+
+
+@dataclass
+class Term:
+    """One weighted distillation term.
+
+    Attributes:
+        name: Unique key used in logs (e.g. ``"kd"``; ``"mse@stage2"`` when a loss repeats).
+        loss: The loss module.
+        student_tap: Student tap spec the term reads.
+        teacher_tap: Teacher tap spec the term reads.
+        weight: Multiplier of the loss in the total.
+        warmup_epochs: Linear ramp of the weight from 0 over this many epochs (DKD uses 20).
+    """
+
+    name: str
+    loss: DistillLoss
+    student_tap: str
+    teacher_tap: str
+    weight: float = 1.0
+    warmup_epochs: float = 0.0
+
+    def scale(self, epoch: float) -> float:
+        """The weight in effect at (fractional) ``epoch``."""
+        if self.warmup_epochs <= 0:
+            return self.weight
+        return self.weight * min(epoch / self.warmup_epochs, 1.0)
+
+
+class Objective(nn.Module):
+    """``loss = ce_weight * CE(z_s, y) + sum_i scale_i(epoch) * L_i(s_i, t_i, y)``.
+
+    The only place where weights are applied. Returns every component (unweighted) plus the total,
+    so each term is logged; the engine checks each for NaN/inf and names the culprit.
+
+    Args:
+        terms: The distillation terms (empty for plain training).
+        ce_weight: Weight of the cross-entropy with the hard labels.
+        label_smoothing: Label smoothing of that cross-entropy.
+    """
+
+    def __init__(self, terms: list[Term] | None = None, ce_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.terms = list(terms or [])
+        self.losses = nn.ModuleDict({t.name: t.loss for t in self.terms})
+        self.ce_weight = ce_weight
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, labels: Tensor, student: dict[str, Tensor], teacher: dict[str, Tensor],
+                epoch: float = 0.0) -> dict[str, Tensor]:
+        """Compute the total and its components.
+
+        Args:
+            logits: ``(B, K)`` student logits.
+            labels: ``(B,)`` class indices.
+            student: Per-term student tensors (from :class:`Student`).
+            teacher: Teacher tensors by tap spec (from :class:`FrozenTeacher`).
+            epoch: Fractional epoch, for warm-up schedules.
+
+        Returns:
+            ``{"loss": total, "ce": ce, **{term.name: value}}``.
+        """
+        out: dict[str, Tensor] = {}
+        total = logits.new_zeros((), dtype=torch.float32)
+        if self.ce_weight:
+            ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            out["ce"] = ce
+            total = total + self.ce_weight * ce
+        for term in self.terms:
+            value = term.loss(student[term.name], teacher[term.teacher_tap], labels)
+            out[term.name] = value
+            weight = term.scale(epoch)
+            if weight:
+                total = total + weight * value.float()
+        out["loss"] = total
+        return out

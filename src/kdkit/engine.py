@@ -1,0 +1,408 @@
+"""One training loop for teachers and students: distillation is just an objective with terms.
+
+The engine owns the loop, evaluation, checkpoints, resume, signals, AMP and DDP. Everything a
+method needs arrives as objects (a :class:`~kdkit.distill.Student`, an optional
+:class:`~kdkit.distill.FrozenTeacher`, an :class:`~kdkit.distill.Objective`, loaders), so a new
+method never needs a new trainer. Callbacks (``callback(engine, event)``) hook in without subclassing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdkit import __version__
+from kdkit.checkpoint import mark_best, pointed, prune, read_state, read_weights, save_checkpoint
+from kdkit.data.loader import BatchLoader
+from kdkit.distill import FrozenTeacher, Objective, Student
+from kdkit.distributed import DistContext, all_reduce_sum, barrier
+from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.metrics import MetricsLog
+from kdkit.recipe import TrainSpec
+from kdkit.schedule import build_optimizer, build_schedule
+
+Callback = Callable[["Engine", str], None]
+LOG_EVERY = 10  # steps between host syncs (progress bar, NaN check)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``resume`` continues it."""
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        self.checkpoint = checkpoint
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written (not rank 0)"
+        super().__init__(f"training interrupted; {where}; continue with `kdkit run RECIPE --resume`")
+
+
+@dataclass
+class FitResult:
+    """What a finished run reports."""
+
+    run_dir: Path | None
+    best_top1: float
+    best_epoch: int
+    last_top1: float
+    last_top5: float
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def accuracy_counts(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
+    """Number of samples whose label is among the top-k logits, for each k (clipped to #classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return [hits[:, : min(k, logits.shape[1])].any(dim=1).sum() for k in ks]
+
+
+class Engine:
+    """Train ``student`` (with an optional frozen ``teacher``) under ``objective``.
+
+    Args:
+        student: The trained model and its bridges.
+        objective: CE + weighted terms.
+        train_loader: Training batches (already sharded for DDP).
+        eval_loader: Test batches (sharded for DDP; results are all-reduced).
+        train: The recipe's ``train`` section (optimiser, schedule, epochs, AMP, ...).
+        run_dir: Where rank 0 writes checkpoints and metrics (``None``: write nothing).
+        teacher: The frozen teacher, or ``None`` to train from labels alone.
+        device: Device of the models and batches.
+        ctx: Distributed context.
+        recipe: Resolved recipe (plain data), stored in every checkpoint.
+        arch: Architecture name, stored in checkpoint metadata.
+        keep_checkpoints: Epoch checkpoints kept besides the best one.
+        tensorboard: Also log to TensorBoard.
+        progress: Show a live progress bar.
+        callbacks: ``callback(engine, event)`` for events ``"step"``, ``"epoch"``.
+        label: Name shown in the progress bar.
+    """
+
+    def __init__(self, *, student: Student, objective: Objective, train_loader: BatchLoader,
+                 eval_loader: BatchLoader, train: TrainSpec, run_dir: Path | None, teacher: FrozenTeacher | None = None,
+                 device: torch.device | str = "cpu", ctx: DistContext | None = None,
+                 recipe: dict[str, Any] | None = None, arch: str = "", keep_checkpoints: int = 1,
+                 tensorboard: bool = False, progress: bool = True, callbacks: list[Callback] | None = None,
+                 label: str = "train") -> None:
+        self.student, self.objective, self.teacher = student, objective, teacher
+        self.train_loader, self.eval_loader = train_loader, eval_loader
+        self.spec = train
+        self.device = torch.device(device)
+        self.ctx = ctx or DistContext()
+        self.run_dir = run_dir if self.ctx.is_main else None
+        self.recipe = recipe or {}
+        self.arch = arch
+        self.keep = keep_checkpoints
+        self.tensorboard = tensorboard
+        self.show_progress = progress and self.ctx.is_main
+        self.callbacks = list(callbacks or [])
+        self.label = label
+        self.keys = objective_keys(objective)
+        self.steps_per_epoch = len(train_loader)
+        if self.steps_per_epoch == 0:
+            raise KdkitError(f"batch_size {train.batch_size} x {self.ctx.world_size} process(es) is larger than "
+                             f"the training set ({train_loader.num_samples} samples)",
+                             fix="lower train.batch_size or use more data", where="train.batch_size")
+        params = list(student.parameters()) + list(objective.parameters())
+        self.optimizer = build_optimizer(params, train.optimizer)
+        self.scheduler = build_schedule(self.optimizer, train.schedule, train.optimizer.lr, self.steps_per_epoch,
+                                        train.epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type) if train.amp == "fp16" else None
+        self.model: torch.nn.Module = student
+        if self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(student, device_ids=ids)
+        # progress state
+        self.epoch = 0
+        self.batch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"top1": -1.0, "epoch": -1}
+        self._partial: dict[str, Any] = {}
+        self._stop_signal: int | None = None
+        self.last_losses: dict[str, float] = {}
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train to ``train.epochs``; with ``resume`` continue from the run folder's latest checkpoint.
+
+        Raises:
+            TrainingDiverged: A loss term became NaN/inf (the last good checkpoint is kept).
+            Interrupted: SIGINT/SIGTERM arrived; a checkpoint was saved first.
+        """
+        if resume:
+            self._restore()
+        log = MetricsLog(self.run_dir, self.history, self.tensorboard) if self.run_dir else None
+        started = time.perf_counter() - float(self._partial.get("seconds", 0.0))
+        with self._signals(), self._progress() as bar:
+            while self.epoch < self.spec.epochs:
+                epoch_start = time.perf_counter()
+                train_stats = self._train_epoch(bar)
+                eval_stats = self.evaluate()
+                row = {"epoch": self.epoch + 1, "step": self.global_step, **train_stats, **eval_stats,
+                       "lr": self.optimizer.param_groups[0]["lr"],
+                       "epoch_seconds": round(time.perf_counter() - epoch_start, 3),
+                       "seconds": round(time.perf_counter() - started, 3)}
+                is_best = eval_stats["test_top1"] > self.best["top1"]
+                if is_best:
+                    self.best = {"top1": eval_stats["test_top1"], "epoch": self.epoch + 1}
+                row["best_top1"] = self.best["top1"]
+                self.history.append(row)
+                self.epoch, self.batch, self._partial = self.epoch + 1, 0, {}
+                if log is not None:
+                    log.append(row)
+                self._save(is_best=is_best)
+                self._announce(row, bar)
+                self._emit("epoch")
+        if log is not None:
+            log.close()
+        last = self.history[-1] if self.history else {"test_top1": float("nan"), "test_top5": float("nan")}
+        return FitResult(self.run_dir, self.best["top1"], self.best["epoch"], last["test_top1"], last["test_top5"],
+                         time.perf_counter() - started, list(self.history))
+
+    @torch.no_grad()
+    def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
+        """Top-1, top-5 (%) and mean CE of the trained model on ``loader`` (default: the eval loader)."""
+        loader = loader or self.eval_loader
+        net = self.student.model
+        was_training = net.training
+        net.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        with self._autocast():
+            for x, y in loader.epoch(0):
+                logits = net(x).float()
+                top1, top5 = accuracy_counts(logits, y)
+                ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+                totals += torch.stack([ce.double(), top1.double(), top5.double(),
+                                       torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+        if self.student.recorder is not None:
+            self.student.recorder.pop()  # do not keep eval activations alive
+        net.train(was_training)
+        ce, top1, top5, n = all_reduce_sum(totals, self.ctx).tolist()
+        return {"test_loss": ce / n, "test_top1": 100.0 * top1 / n, "test_top5": 100.0 * top5 / n}
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _train_epoch(self, bar: Any) -> dict[str, float]:
+        self.model.train()
+        sums = self._partial.get("sums")
+        sums = sums.to(self.device) if sums is not None else torch.zeros(len(self.keys) + 1, device=self.device)
+        count = int(self._partial.get("count", 0))
+        for x, y in self.train_loader.epoch(self.epoch, start=self.batch):
+            comps, logits = self._step(x, y)
+            hits = (logits.detach().argmax(1) == y).sum()
+            sums += torch.stack([*(comps[k].detach().float() for k in self.keys), hits.float()])
+            count += 1
+            self.batch += 1
+            self.global_step += 1
+            self._emit("step")
+            if self._stop_signal is not None or self.batch % LOG_EVERY == 0 or self.batch == self.steps_per_epoch:
+                self._check_finite(sums)
+                self._update_bar(bar, sums, count)
+            if self._stop_signal is not None:
+                self._partial = {"sums": sums.cpu(), "count": count}
+                raise Interrupted(self._save(is_best=False, mid_epoch=True))
+        samples = count * self.train_loader.batch_size
+        stats = {f"train_{k}": v / max(count, 1) for k, v in zip(self.keys, sums[:-1].tolist(), strict=True)}
+        stats["train_top1"] = 100.0 * float(sums[-1]) / max(samples, 1)
+        return stats
+
+    def _step(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        epoch_pos = self.epoch + self.batch / self.steps_per_epoch
+        with self._autocast():
+            teacher_out = self.teacher(x) if self.teacher is not None else {}
+            logits, per_term = self.model(x)
+            comps = self.objective(logits, y, per_term, teacher_out, epoch_pos)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(comps["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            comps["loss"].backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return comps, logits
+
+    def _check_finite(self, sums: Tensor) -> None:
+        finite = torch.isfinite(sums[:-1]).tolist()
+        if all(finite):
+            return
+        bad = [k for k, ok in zip(self.keys, finite, strict=True) if not ok]
+        culprit = next((k for k in bad if k != "loss"), "loss")
+        latest = pointed(self.run_dir / "checkpoints", "latest") if self.run_dir else None
+        raise TrainingDiverged(
+            f"loss term {culprit!r} became {'NaN' if math.isnan(float(sums[self.keys.index(culprit)])) else 'inf'} "
+            f"in epoch {self.epoch + 1} (by step {self.batch}); non-finite terms: {bad}. "
+            f"Last good checkpoint kept: {latest or 'none yet'}. Lower the learning rate or that term's weight, "
+            "or check its inputs (e.g. AMP overflow).")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": self.history, "best": self.best, "partial": self._partial,
+            "recipe": self.recipe, "kdkit_version": __version__,
+        }
+
+    def _weights(self) -> dict[str, Tensor]:
+        weights = {k: v for k, v in self.student.state_dict().items()}
+        weights.update({f"objective.{k}": v for k, v in self.objective.state_dict().items()})
+        return weights
+
+    def _save(self, is_best: bool, mid_epoch: bool = False) -> Path | None:
+        barrier(self.ctx)
+        if self.run_dir is None:
+            return None
+        root = self.run_dir / "checkpoints"
+        name = f"epoch_{self.epoch:04d}" + (f"_step_{self.batch:05d}" if mid_epoch else "")
+        metadata = {"arch": self.arch, "recipe": json.dumps(self.recipe), "epoch": str(self.epoch),
+                    "kdkit_version": __version__}
+        folder = save_checkpoint(root, name, self._weights(), self._state(), metadata)
+        if is_best:
+            mark_best(root, name, {"top1": self.best["top1"], "epoch": self.best["epoch"]})
+        prune(root, self.keep)
+        return folder
+
+    def _restore(self) -> None:
+        root = self.run_dir / "checkpoints" if self.run_dir else None
+        folder = pointed(root, "latest") if root else None
+        if folder is None:
+            if self.ctx.is_main:
+                print("resume: no checkpoint in the run folder yet; starting from scratch")
+            return
+        tensors, _ = read_weights(folder / "model.safetensors")
+        self.student.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("objective.")})
+        self.objective.load_state_dict({k[len("objective."):]: v for k, v in tensors.items()
+                                        if k.startswith("objective.")})
+        state = read_state(folder)
+        _check_same_recipe(state.get("recipe", {}), self.recipe, folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
+        self.history, self.best, self._partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
+        if self.ctx.is_main:
+            print(f"resume: continuing from {folder} (epoch {self.epoch + 1}, batch {self.batch})")
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _emit(self, event: str) -> None:
+        for callback in self.callbacks:
+            callback(self, event)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.spec.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.spec.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        def request_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def _progress(self) -> Iterator[Any]:
+        if not self.show_progress:
+            yield None
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        total = self.spec.epochs * self.steps_per_epoch
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task(self.label, total=total, completed=self.global_step, status="")
+            yield (progress, task)
+
+    def _update_bar(self, bar: Any, sums: Tensor, count: int) -> None:
+        means = (sums / max(count, 1)).tolist()
+        self.last_losses = dict(zip(self.keys, means[:-1], strict=True))
+        if bar is None:
+            return
+        progress, task = bar
+        acc = 100.0 * means[-1] / self.train_loader.batch_size
+        best = f" best {self.best['top1']:.2f}%" if self.best["epoch"] > 0 else ""
+        status = f"ep {self.epoch + 1}/{self.spec.epochs} loss {means[0]:.4f} train {acc:.1f}%{best}"
+        progress.update(task, completed=self.global_step, status=status)
+
+    def _announce(self, row: dict[str, Any], bar: Any) -> None:
+        if not self.ctx.is_main or not self.show_progress:
+            return
+        terms = " ".join(f"{k} {row[f'train_{k}']:.4f}" for k in self.keys if k != "loss")
+        line = (f"{self.label} epoch {row['epoch']}/{self.spec.epochs}  loss {row['train_loss']:.4f} ({terms})  "
+                f"train {row['train_top1']:.2f}%  test {row['test_top1']:.2f}% (top5 {row['test_top5']:.2f})  "
+                f"best {row['best_top1']:.2f}%  {row['epoch_seconds']:.1f}s")
+        if bar is not None:
+            bar[0].console.print(line, highlight=False)
+
+
+def objective_keys(objective: Objective) -> list[str]:
+    """Names of the components an objective returns, in logging order (``loss`` first)."""
+    keys = ["loss"]
+    if objective.ce_weight:
+        keys.append("ce")
+    return keys + [t.name for t in objective.terms]
+
+
+_RESUMABLE_CHANGES = {"train.epochs", "output.progress"}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    if not saved or not current:
+        return
+    a, b = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES)
+    if changed:
+        raise KdkitError(f"cannot resume from {folder}: the recipe changed since it was written ({changed[:6]})",
+                         fix="resume with the same recipe (only train.epochs may grow), or start a new run with "
+                             "another output.dir")

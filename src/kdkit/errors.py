@@ -1,0 +1,92 @@
+"""One error type for every bad input, so the CLI can print it and exit with code 2.
+
+Each message names the bad value, the valid choices (closest first) and the fix, as the
+project's standards ask. Use :func:`closest` to order the choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KdkitError(ValueError):
+    """A user-facing error: bad recipe value, unknown name, missing file, bad shape.
+
+    Args:
+        message: What was wrong, naming the bad value.
+        choices: Valid alternatives; shown closest-first to ``bad`` when ``bad`` is given.
+        bad: The offending value, used to rank ``choices``.
+        fix: One sentence telling the user how to fix it.
+        where: Location in the recipe (e.g. ``distill[0].loss``) or file path.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        choices: Iterable[str] | None = None,
+        bad: str | None = None,
+        fix: str | None = None,
+        where: str | None = None,
+    ) -> None:
+        self.message = message
+        self.choices = closest(bad, choices) if (choices is not None and bad is not None) else list(choices or [])
+        self.fix = fix
+        self.where = where
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """The full one-paragraph message shown to the user."""
+        parts = [f"{self.where}: {self.message}" if self.where else self.message]
+        if self.choices:
+            shown = self.choices[:12]
+            more = f" (+{len(self.choices) - len(shown)} more)" if len(self.choices) > len(shown) else ""
+            parts.append("valid choices: " + ", ".join(shown) + more)
+        if self.fix:
+            parts.append("fix: " + self.fix)
+        return "; ".join(parts)
+
+
+class RecipeErrors(KdkitError):
+    """Several problems found at once (``kdkit validate`` reports all of them)."""
+
+    def __init__(self, errors: list[KdkitError], source: str | None = None) -> None:
+        self.errors = errors
+        self.source = source
+        head = f"{len(errors)} problem(s) in {source}" if source else f"{len(errors)} problem(s)"
+        KdkitError.__init__(self, head + ":\n" + "\n".join(f"  - {e.render()}" for e in errors))
+
+    def render(self) -> str:
+        return self.message
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+
+
+def closest(bad: str | None, choices: Iterable[str] | None) -> list[str]:
+    """Order ``choices`` so the ones most similar to ``bad`` come first.
+
+    Args:
+        bad: The value the user gave.
+        choices: All valid values.
+
+    Returns:
+        The choices, closest first (by difflib ratio, ties alphabetical).
+    """
+    pool = sorted(set(choices or []))
+    if bad is None:
+        return pool
+    low = bad.lower()
+
+    def score(choice: str) -> float:
+        ratio = difflib.SequenceMatcher(None, low, choice.lower()).ratio()
+        # Prefix and substring matches are what a user means most often ("resnet3" -> "resnet32").
+        if choice.lower().startswith(low) or low.startswith(choice.lower()):
+            ratio += 0.5
+        elif low in choice.lower():
+            ratio += 0.25
+        return ratio
+
+    return sorted(pool, key=lambda c: (-score(c), c))

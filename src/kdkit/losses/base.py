@@ -1,0 +1,48 @@
+"""The contract every distillation loss follows, and the loss registry.
+
+A loss sees tensors, never models: ``loss(student, teacher, labels) -> scalar``. Weights and warm-up
+schedules are applied once, by :class:`kdkit.objective.Objective`, never inside a loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from kdkit.registry import Registry
+
+
+class DistillLoss(nn.Module):
+    """Base class of the thin module that wraps each pure loss function.
+
+    Class attributes tell the recipe builder which taps a term reads when the recipe names none.
+
+    Attributes:
+        default_student_tap: Tap read from the student when a term gives no ``student:``.
+        default_teacher_tap: Tap read from the teacher when a term gives no ``teacher:``.
+    """
+
+    default_student_tap: str = "logits"
+    default_teacher_tap: str = "logits"
+
+    def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
+        """Say why these per-sample shapes cannot be compared, or ``None`` when they can.
+
+        The default asks for identical shapes; losses comparing e.g. Gram matrices override it.
+        """
+        if tuple(student) != tuple(teacher):
+            return f"student shape {tuple(student)} differs from teacher shape {tuple(teacher)}"
+        return None
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover
+        """Return the unweighted scalar loss."""
+        raise NotImplementedError
+
+
+LOSSES: Registry[type[DistillLoss]] = Registry("loss", fix="run `kdkit ls losses`")
+
+
+def register_loss(name: str, help: str | None = None) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
+    """Register a :class:`DistillLoss` subclass; its keyword-only ``__init__`` args are the recipe params."""
+    return LOSSES.register(name, help)

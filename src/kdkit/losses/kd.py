@@ -1,0 +1,90 @@
+"""Hinton knowledge distillation and plain feature regression."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdkit.losses.base import DistillLoss, register_loss
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    r"""Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
+
+    .. math::
+        L = T^2 \cdot \frac{1}{B}\sum_b \mathrm{KL}\big(\mathrm{softmax}(z_t^b/T)\,\|\,\mathrm{softmax}(z_s^b/T)\big)
+
+    The :math:`T^2` factor keeps the gradient scale independent of :math:`T`. Computed from
+    log-softmaxes on both sides (``log_target``) so saturated teachers never produce ``0 * log 0``.
+
+    Args:
+        student_logits: ``(B, K)`` student logits.
+        teacher_logits: ``(B, K)`` teacher logits (no gradient needed).
+        temperature: Softening temperature ``T``; CIFAR recipes use 4, ImageNet 1.
+
+    Returns:
+        Scalar loss (mean over the batch), in the student's dtype.
+    """
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return (kl * temperature**2).to(student_logits.dtype)
+
+
+@register_loss("kd", help="Hinton KD: T^2 KL(softmax(z_t/T) || softmax(z_s/T)) (2015)")
+class KDLoss(DistillLoss):
+    """Hinton KD on logits; see :func:`kd_loss`.
+
+    Recipe::
+
+        distill:
+          - {loss: kd, weight: 0.9, temperature: 4}   # with train.ce_weight: 0.1
+
+    Args:
+        temperature: Softening temperature (default 4, the CIFAR setting).
+    """
+
+    def __init__(self, *, temperature: float = 4.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+        """KD loss of ``(B, K)`` logits; labels are unused."""
+        return kd_loss(student, teacher, self.temperature)
+
+
+def mse_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    r"""Mean squared error between a (bridged) student tensor and a teacher tensor of the same shape.
+
+    .. math:: L = \frac{1}{N}\sum_i (f_s^i - f_t^i)^2
+
+    The regression used by FitNets (Romero et al., 2015) after its regressor bridge.
+
+    Args:
+        student: ``(B, ...)`` student tensor (after any bridge).
+        teacher: ``(B, ...)`` teacher tensor of the same shape.
+    """
+    return F.mse_loss(student.float(), teacher.float()).to(student.dtype)
+
+
+@register_loss("mse", help="mean squared error between a (bridged) student tap and a teacher tap")
+class MSELoss(DistillLoss):
+    """Feature regression; pair it with a bridge when the shapes differ.
+
+    Recipe::
+
+        distill:
+          - {loss: mse, student: stage2, teacher: stage2, bridge: conv1x1, weight: 1.0}
+    """
+
+    default_student_tap = "penultimate"
+    default_teacher_tap = "penultimate"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+        """MSE of two same-shape tensors; labels are unused."""
+        return mse_loss(student, teacher)

@@ -1,0 +1,109 @@
+"""Models: built-in families, timm/torchvision by name, or a user's import path.
+
+``build_model("resnet8x4", num_classes=100)``; ``build_model("timm:resnet18", ...)``;
+``build_model("torchvision:mobilenet_v3_small", ...)``; ``build_model("my_pkg.nets:make", ...)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from torch import nn
+
+from kdkit.errors import KdkitError
+from kdkit.models import small_cnn  # noqa: F401 - registers the small CNNs
+from kdkit.models.registry import MODELS, register_model
+from kdkit.params import check_params
+
+try:  # the CIFAR zoo registers on import
+    from kdkit.models import cifar  # noqa: F401
+except ImportError:  # pragma: no cover - only while the zoo is being written
+    pass
+
+_FIXED = ("num_classes", "in_channels", "image_size")
+
+
+def _external(prefix: str, name: str, num_classes: int, in_channels: int, params: dict[str, Any],
+              where: str | None) -> nn.Module:
+    if prefix == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise KdkitError("'timm:' models need the timm package", fix="pip install 'kdkit[zoo]'",
+                             where=where) from None
+        if name not in timm.list_models():
+            raise KdkitError(f"unknown timm model {name!r}", choices=timm.list_models(), bad=name,
+                             fix="use a name from timm.list_models()", where=where)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **params)
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if name not in names:
+        raise KdkitError(f"unknown torchvision model {name!r}", choices=names, bad=name,
+                         fix="use a name from torchvision.models.list_models()", where=where)
+    if in_channels != 3:
+        raise KdkitError(f"torchvision:{name} expects 3-channel images, the data has {in_channels}",
+                         fix="use a kdkit or timm model (timm adapts the stem), or RGB data", where=where)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **params)
+
+
+def _import_path(path: str, where: str | None) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise KdkitError(f"cannot import {module_name!r} for model {path!r}: {exc}",
+                         fix="check the module path and that it is on PYTHONPATH", where=where) from None
+    if not hasattr(module, attr):
+        public = [n for n in dir(module) if not n.startswith("_")]
+        raise KdkitError(f"module {module_name!r} has no attribute {attr!r}", choices=public, bad=attr,
+                         fix="name a function or class that returns an nn.Module", where=where)
+    return getattr(module, attr)
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                params: dict[str, Any] | None = None, where: str | None = None) -> nn.Module:
+    """Build a model with random weights.
+
+    Args:
+        name: A registered name (``kdkit ls models``), ``timm:NAME``, ``torchvision:NAME`` or
+            ``package.module:factory`` (called with ``num_classes``, ``in_channels``, ``image_size``
+            when it accepts them, plus ``params``).
+        num_classes: Classifier outputs.
+        in_channels: Image channels.
+        image_size: Image height/width.
+        params: Extra keyword arguments of the factory (validated against its signature).
+        where: Recipe location for error messages.
+
+    Raises:
+        KdkitError: Unknown name or bad parameters, with the closest valid choices.
+    """
+    params = dict(params or {})
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in ("timm", "torchvision"):
+        return _external(prefix, rest, num_classes, in_channels, params, where)
+    if sep:
+        factory = _import_path(name, where)
+    else:
+        factory = MODELS.get(name, where=where)
+        params = check_params(factory, params, skip=_FIXED, where=f"{where}.params" if where else "params",
+                              what=f"model {name!r}")
+    fixed = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    accepted = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    fixed = {k: v for k, v in fixed.items() if takes_any or k in accepted}
+    model = factory(**fixed, **params)
+    if not isinstance(model, nn.Module):
+        raise KdkitError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module",
+                         fix="return an nn.Module whose forward gives logits", where=where)
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those that require gradients)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["MODELS", "build_model", "count_parameters", "register_model"]

@@ -1,0 +1,292 @@
+"""Recipes: YAML files validated by a typed schema. One recipe = one reproducible experiment.
+
+Unknown keys are errors; every schema problem is reported at once with its recipe path. Loading a
+recipe never executes code (``yaml.safe_load``). ``key=value`` overrides use dotted paths, e.g.
+``train.epochs=5 distill.0.temperature=2``; values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdkit.errors import KdkitError, RecipeErrors
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A network: registered name, ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``."""
+
+    arch: str
+    params: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the factory")
+    checkpoint: str | None = Field(None, description="weights: a kdkit run folder, checkpoint folder, "
+                                   ".safetensors or a torch state_dict file")
+
+
+class TeacherSpec(ModelSpec):
+    """The frozen teacher. ``recipe`` names the recipe that trains it when ``checkpoint`` is absent."""
+
+    recipe: str | None = Field(None, description="recipe (path or shipped name) that trains this teacher; "
+                               "used, and its run reused, when no checkpoint is given")
+    channels_last: bool = True
+
+    @model_validator(mode="after")
+    def _weights_from_somewhere(self) -> TeacherSpec:
+        if self.checkpoint is None and self.recipe is None:
+            raise ValueError("a teacher needs trained weights: give `checkpoint:` (a file or run folder) or "
+                             "`recipe:` (the recipe that trains it; its run is reused when cached)")
+        return self
+
+
+class AugmentSpec(_Strict):
+    """Batched augmentation of training images."""
+
+    crop_padding: int = Field(0, ge=0, description="random crop after zero-padding by this many pixels")
+    hflip: bool = False
+
+
+class DataSpec(_Strict):
+    """Which data, where, and how much of the training split."""
+
+    dataset: str
+    root: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    subset: int | None = Field(None, gt=0, description="train on a class-balanced random subset of this size")
+    subset_seed: int = 0
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+
+class TermSpec(BaseModel):
+    """A distillation term. Keys other than the fields below are the loss's parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    loss: str
+    weight: float = 1.0
+    student: str | None = Field(None, description="student tap (default: the loss's default, usually logits)")
+    teacher: str | None = Field(None, description="teacher tap (default: the loss's default)")
+    bridge: str | None = None
+    bridge_params: dict[str, Any] = Field(default_factory=dict)
+    warmup_epochs: float = Field(0.0, ge=0)
+    name: str | None = Field(None, description="key in the logs (default: the loss name, made unique)")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The loss's own parameters (the extra keys)."""
+        return dict(self.model_extra or {})
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["multistep", "cosine", "constant"] = "cosine"
+    milestones: list[int] = Field(default_factory=list, description="epochs at which lr *= gamma (multistep)")
+    gamma: float = 0.1
+    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from 0 over this many steps")
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(..., gt=0)
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(1000, gt=0)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    ce_weight: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU (default: torch's)")
+
+
+class OutputSpec(_Strict):
+    dir: str = Field("runs/{name}", description="run folder; {name} is the recipe name")
+    tensorboard: bool = False
+    keep_checkpoints: int = Field(1, ge=1, description="epoch checkpoints kept besides 'best'")
+    progress: bool = True
+
+
+class Recipe(_Strict):
+    """A whole experiment. ``model`` is the network this recipe trains; ``teacher`` (optional) is frozen."""
+
+    name: str
+    description: str = ""
+    model: ModelSpec
+    teacher: TeacherSpec | None = None
+    data: DataSpec
+    distill: list[TermSpec] = Field(default_factory=list)
+    train: TrainSpec
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _terms_need_teacher(self) -> Recipe:
+        if self.distill and self.teacher is None:
+            raise ValueError("`distill:` terms compare the model with a teacher, but no `teacher:` is given")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what is saved in run folders and checkpoints)."""
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Short hash of the resolved recipe (used to reuse cached teacher runs)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder."""
+        return Path(self.output.dir.format(name=self.name))
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the schema object at recipe location ``loc`` (for unknown-key errors)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = None
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            for inner in (candidate, *getattr(candidate, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+    return list(model.model_fields) if model is not None and hasattr(model, "model_fields") else []
+
+
+def _to_errors(exc: ValidationError, source: str | None) -> list[KdkitError]:
+    errors = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "recipe"
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            errors.append(KdkitError(f"unknown key {key!r}", choices=_fields_at(loc[:-1]), bad=key,
+                                     fix="remove it or correct its spelling", where=where))
+        elif err["type"] == "missing":
+            errors.append(KdkitError("required key is missing", fix=f"add `{loc[-1]}:`", where=where))
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            errors.append(KdkitError(err["msg"] + shown, where=where, fix="see `kdkit validate --schema`"))
+    return errors
+
+
+def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data[a][b][0][c] = value`` for ``dotted = "a.b.0.c"``, creating dicts on the way."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            index = int(part) if part.isdigit() else None
+            if index is None or index >= len(node):
+                raise KdkitError(f"override {dotted!r}: {'.'.join(parts[:i + 1])} is not an index of a "
+                                 f"{len(node)}-item list", fix="use a 0-based list index, e.g. distill.0.weight")
+            node = node[index]
+        else:
+            if not isinstance(node.get(part, {}), dict | list):
+                raise KdkitError(f"override {dotted!r}: {'.'.join(parts[:i + 1])} is a value, not a section",
+                                 fix="override the value itself")
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise KdkitError(f"override {dotted!r}: {last!r} is not an index of the list", fix="use a valid index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are YAML scalars (``5``, ``0.1``, ``true``, ``[1, 2]``)."""
+    pairs = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise KdkitError(f"override {item!r} is not of the form key=value",
+                             fix="write e.g. train.epochs=5 or data.root=/path/to/data")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return pairs
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str | None = None) -> Recipe:
+    """Validate a plain-data recipe (after overrides), reporting every schema problem at once."""
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides or []):
+        set_by_path(data, key, value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        from kdkit.build import name_problems  # registries are heavy; import only when reporting
+
+        raise RecipeErrors(_to_errors(exc, source) + name_problems(data), source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe.
+
+    Args:
+        path: A YAML file, or the name of a shipped recipe (``fashion_mnist/kd``).
+        overrides: ``key=value`` strings applied before validation.
+
+    Raises:
+        KdkitError: Missing file, bad YAML, or schema problems (all of them, in one error).
+    """
+    file = find_recipe(path)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise KdkitError(f"{file} is not valid YAML: {exc}", fix="fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise KdkitError(f"{file} must hold a mapping of recipe keys, got {type(data).__name__}",
+                         fix="start from a shipped recipe (`kdkit ls recipes`)")
+    data.setdefault("name", file.stem)
+    return recipe_from_dict(data, overrides, source=str(file))
+
+
+def recipes_root() -> Path:
+    """The folder of shipped recipes (packaged copy first, then the source checkout)."""
+    packaged = Path(__file__).parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of shipped recipes, e.g. ``fashion_mnist/kd``."""
+    root = recipes_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def find_recipe(path: str | Path, relative_to: Path | None = None) -> Path:
+    """Resolve a recipe path or shipped name to an existing file, or raise with the closest names."""
+    candidates = [Path(path)]
+    if relative_to is not None:
+        candidates.append(relative_to / path)
+    name = str(path).removesuffix(".yaml")
+    candidates.append(recipes_root() / f"{name}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise KdkitError(f"no recipe file {str(path)!r}", choices=shipped_recipes(), bad=name,
+                     fix="give a path to a YAML recipe or a shipped recipe name (`kdkit ls recipes`)")

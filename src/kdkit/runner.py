@@ -1,0 +1,137 @@
+"""``kdkit run``: from a recipe to a finished run folder.
+
+A run folder holds ``recipe.yaml`` (the resolved recipe), ``metrics.csv``/``metrics.json``,
+``checkpoints/`` and, when finished, ``summary.json``. A teacher named by ``teacher.recipe`` is
+trained first (or its finished run reused when the recipe's digest matches).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kdkit import __version__
+from kdkit.build import plan, resolve_device, teacher_run_recipe
+from kdkit.checkpoint import atomic_write_text, pointed
+from kdkit.data import AugmentConfig
+from kdkit.data.loader import BatchLoader
+from kdkit.distributed import DistContext, barrier, init_distributed
+from kdkit.engine import Callback, Engine
+from kdkit.errors import KdkitError
+from kdkit.models import count_parameters
+from kdkit.profile import latency_ms, machine_info
+from kdkit.recipe import Recipe
+
+
+def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly this recipe, if its run folder holds one."""
+    path = recipe.run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("recipe_digest") == recipe.digest() else None
+
+
+def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = False, overwrite: bool = False,
+               reuse: bool = False, device: str | None = None, progress: bool | None = None,
+               callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train what ``recipe`` describes and return its summary.
+
+    Args:
+        recipe: A schema-valid recipe.
+        source: The recipe file (teacher recipes are resolved relative to it).
+        resume: Continue from the run folder's latest checkpoint.
+        overwrite: Delete an existing run folder first.
+        reuse: Return the existing summary when a finished run of this exact recipe exists.
+        device: Override of ``train.device``.
+        progress: Override of ``output.progress``.
+        callbacks: Engine callbacks.
+
+    Raises:
+        KdkitError: Any problem with the recipe, data, models or files (before training starts).
+    """
+    if reuse and (done := finished_summary(recipe)) is not None:
+        return done
+    dev = resolve_device(device or recipe.train.device)
+    ctx = init_distributed(dev)
+    if ctx.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(dev)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    if recipe.teacher is not None and recipe.teacher.checkpoint is None:
+        teacher_recipe = teacher_run_recipe(recipe.teacher, source.parent if source else None)
+        assert teacher_recipe is not None
+        if finished_summary(teacher_recipe) is None:
+            if ctx.is_main:
+                print(f"teacher: training {teacher_recipe.name} first (run folder {teacher_recipe.run_dir})")
+            run_recipe(teacher_recipe, resume=True, device=device, progress=progress)
+    run_dir = recipe.run_dir
+    has_ckpt = pointed(run_dir / "checkpoints", "latest") is not None
+    if has_ckpt and not (resume or overwrite):
+        raise KdkitError(f"run folder {str(run_dir)!r} already holds checkpoints",
+                         fix="pass --resume to continue it, --overwrite to start over, or output.dir=OTHER")
+    built = plan(recipe, training=True, source=source, device=dev)
+    for warning in built.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if ctx.is_main:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    barrier(ctx)
+    data = built.data
+    assert data is not None
+    spec = recipe.train
+    augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
+    train_loader = BatchLoader(data.train_images, data.train_labels, batch_size=spec.batch_size, mean=data.mean,
+                               std=data.std, device=dev, augment=augment, shuffle=True, drop_last=True,
+                               seed=spec.seed, rank=ctx.rank, world_size=ctx.world_size)
+    eval_loader = BatchLoader(data.test_images, data.test_labels, batch_size=spec.eval_batch_size, mean=data.mean,
+                              std=data.std, device=dev, shuffle=False, drop_last=False, rank=ctx.rank,
+                              world_size=ctx.world_size)
+    engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
+                    eval_loader=eval_loader, train=spec, run_dir=run_dir, teacher=built.teacher, device=dev, ctx=ctx,
+                    recipe=recipe.to_dict(), arch=recipe.model.arch, keep_checkpoints=recipe.output.keep_checkpoints,
+                    tensorboard=recipe.output.tensorboard,
+                    progress=recipe.output.progress if progress is None else progress, callbacks=callbacks,
+                    label=recipe.name)
+    if ctx.is_main:
+        kind = f"distilling {recipe.model.arch} from {recipe.teacher.arch}" if recipe.teacher else \
+            f"training {recipe.model.arch}"
+        print(f"{recipe.name}: {kind} on {data.source} ({len(data.train_labels)} train / {len(data.test_labels)} "
+              f"test images), {spec.epochs} epochs, device {dev}" + (f" x{ctx.world_size}" if ctx.enabled else ""))
+    result = engine.fit(resume=resume)
+    summary = _summary(recipe, built, result, ctx)
+    if ctx.is_main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    barrier(ctx)
+    return summary
+
+
+def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[str, Any]:
+    data = built.data
+    model = built.student.model
+    shape = (data.in_channels, data.image_size, data.image_size)
+    summary: dict[str, Any] = {
+        "name": recipe.name, "recipe_digest": recipe.digest(), "arch": recipe.model.arch,
+        "teacher_arch": recipe.teacher.arch if recipe.teacher else None,
+        "dataset": data.name, "data_source": data.source, "train_samples": len(data.train_labels),
+        "test_samples": len(data.test_labels), "epochs": recipe.train.epochs, "seed": recipe.train.seed,
+        "best_top1": result.best_top1, "best_epoch": result.best_epoch, "last_top1": result.last_top1,
+        "last_top5": result.last_top5, "train_seconds": round(result.seconds, 2),
+        "params": count_parameters(model), "bridge_params": count_parameters(built.student.bridges),
+        "latency_ms": latency_ms(model, shape, device=built.device) if ctx.is_main else None,
+        "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
+        "world_size": ctx.world_size, "device": str(built.device), "kdkit": __version__,
+        "machine": machine_info(), "command": " ".join(sys.argv),
+    }
+    if built.teacher is not None and ctx.is_main:
+        summary["teacher_latency_ms"] = latency_ms(built.teacher.model, shape, device=built.device)
+    return summary

@@ -1,0 +1,51 @@
+"""Optimisers and learning-rate schedules built from the recipe's ``train`` section."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from kdkit.recipe import OptimizerSpec, ScheduleSpec
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW."""
+    params = [p for p in params if p.requires_grad]
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                               weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+def lr_factor(step: int, spec: ScheduleSpec, base_lr: float, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` multiplies whichever schedule follows: ``multistep`` (x gamma
+    at each milestone epoch), ``cosine`` (from 1 to ``min_lr/base_lr`` over all steps) or ``constant``.
+    """
+    epoch = step // max(steps_per_epoch, 1)
+    if spec.name == "multistep":
+        factor = spec.gamma ** sum(1 for m in spec.milestones if epoch >= m)
+    elif spec.name == "cosine":
+        floor = spec.min_lr / base_lr
+        progress = min(step / max(total_steps, 1), 1.0)
+        factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0
+    if spec.warmup_steps and step < spec.warmup_steps:
+        factor *= (step + 1) / spec.warmup_steps
+    return factor
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, base_lr: float, steps_per_epoch: int,
+                   epochs: int) -> LambdaLR:
+    """A per-step :class:`LambdaLR` implementing :func:`lr_factor` (its state dict is plain data)."""
+    total = steps_per_epoch * epochs
+
+    def factor(step: int) -> float:
+        return lr_factor(step, spec, base_lr, steps_per_epoch, total)
+
+    return LambdaLR(optimizer, factor)
