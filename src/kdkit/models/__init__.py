@@ -13,14 +13,12 @@ from typing import Any
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models import small_cnn  # noqa: F401 - registers the small CNNs
+from kdkit.models import (
+    cifar,  # noqa: F401 - registers the CIFAR KD zoo
+    small_cnn,  # noqa: F401 - registers the small CNNs
+)
 from kdkit.models.registry import MODELS, register_model
 from kdkit.params import check_params
-
-try:  # the CIFAR zoo registers on import
-    from kdkit.models import cifar  # noqa: F401
-except ImportError:  # pragma: no cover - only while the zoo is being written
-    pass
 
 _FIXED = ("num_classes", "in_channels", "image_size")
 
