@@ -176,7 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdkit`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Options may follow key=value overrides (`kdkit run R a=1 --resume b=2`): argparse stops the
+    # positional list at the first option, so the overrides after it come back as extras.
+    args, extra = parser.parse_known_args(argv)
+    strays = [e for e in extra if e.startswith("-") or "=" not in e]
+    if strays or (extra and not hasattr(args, "overrides") and not hasattr(args, "recipes")):
+        parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
+    if extra:
+        target = "overrides" if hasattr(args, "overrides") else "recipes"
+        setattr(args, target, [*getattr(args, target), *extra])
     from kdkit.engine import Interrupted
 
     try:

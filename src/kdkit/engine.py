@@ -199,18 +199,25 @@ class Engine:
         sums = self._partial.get("sums")
         sums = sums.to(self.device) if sums is not None else torch.zeros(len(self.keys) + 1, device=self.device)
         count = int(self._partial.get("count", 0))
+        # Step at which each component first went non-finite, tracked on the device (no host sync),
+        # so the culprit is named even when NaN has spread to every term by the next check.
+        first_bad = torch.full((len(self.keys),), math.inf, device=self.device)
         for x, y in self.train_loader.epoch(self.epoch, start=self.batch):
             comps, logits = self._step(x, y)
             hits = (logits.detach().argmax(1) == y).sum()
-            sums += torch.stack([*(comps[k].detach().float() for k in self.keys), hits.float()])
+            values = torch.stack([comps[k].detach().float() for k in self.keys])
+            first_bad = torch.where(torch.isfinite(values) | torch.isfinite(first_bad), first_bad,
+                                    float(self.batch))
+            sums += torch.cat([values, hits.float()[None]])
             count += 1
             self.batch += 1
             self.global_step += 1
             self._emit("step")
             if self._stop_signal is not None or self.batch % LOG_EVERY == 0 or self.batch == self.steps_per_epoch:
-                self._check_finite(sums)
+                self._check_finite(first_bad)
                 self._update_bar(bar, sums, count)
             if self._stop_signal is not None:
+                self._check_finite(first_bad)
                 self._partial = {"sums": sums.cpu(), "count": count}
                 raise Interrupted(self._save(is_best=False, mid_epoch=True))
         samples = count * self.train_loader.batch_size
@@ -235,16 +242,18 @@ class Engine:
         self.scheduler.step()
         return comps, logits
 
-    def _check_finite(self, sums: Tensor) -> None:
-        finite = torch.isfinite(sums[:-1]).tolist()
-        if all(finite):
+    def _check_finite(self, first_bad: Tensor) -> None:
+        steps = first_bad.tolist()
+        if all(math.isinf(s) for s in steps):
             return
-        bad = [k for k, ok in zip(self.keys, finite, strict=True) if not ok]
+        first = min(steps)
+        bad = [k for k, s in zip(self.keys, steps, strict=True) if s == first]
         culprit = next((k for k in bad if k != "loss"), "loss")
+        later = [k for k, s in zip(self.keys, steps, strict=True) if first < s < math.inf]
         latest = pointed(self.run_dir / "checkpoints", "latest") if self.run_dir else None
         raise TrainingDiverged(
-            f"loss term {culprit!r} became {'NaN' if math.isnan(float(sums[self.keys.index(culprit)])) else 'inf'} "
-            f"in epoch {self.epoch + 1} (by step {self.batch}); non-finite terms: {bad}. "
+            f"loss term {culprit!r} became NaN or inf in epoch {self.epoch + 1} at step {int(first) + 1} of "
+            f"{self.steps_per_epoch}" + (f" (then also {later})" if later else "") + ". "
             f"Last good checkpoint kept: {latest or 'none yet'}. Lower the learning rate or that term's weight, "
             "or check its inputs (e.g. AMP overflow).")
 
@@ -374,7 +383,7 @@ class Engine:
                 f"train {row['train_top1']:.2f}%  test {row['test_top1']:.2f}% (top5 {row['test_top5']:.2f})  "
                 f"best {row['best_top1']:.2f}%  {row['epoch_seconds']:.1f}s")
         if bar is not None:
-            bar[0].console.print(line, highlight=False)
+            bar[0].console.print(line, highlight=False, soft_wrap=True)
 
 
 def objective_keys(objective: Objective) -> list[str]:

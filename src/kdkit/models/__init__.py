@@ -86,7 +86,7 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
         factory = _import_path(name, where)
     else:
         factory = MODELS.get(name, where=where)
-        params = check_params(factory, params, skip=_FIXED, where=f"{where}.params" if where else "params",
+        params = check_params(factory, params, skip=_FIXED, where=where.replace(".arch", ".params") if where else "params",
                               what=f"model {name!r}")
     fixed = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     accepted = inspect.signature(factory).parameters

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny recipes on scikit-learn's digits (loads in milliseconds, no files needed)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from kdkit.models import build_model
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "model": {"arch": "cnn_student"},
+    "data": {"dataset": "digits", "subset": 200, "augment": {"hflip": False, "crop_padding": 1}},
+    "train": {"epochs": 2, "batch_size": 32, "eval_batch_size": 128, "optimizer": {"name": "sgd", "lr": 0.05},
+              "schedule": {"name": "cosine", "warmup_steps": 5}, "seed": 0},
+    "output": {"progress": False},
+}
+
+
+@pytest.fixture
+def teacher_file(tmp_path: Path) -> Path:
+    """A (randomly initialised) cnn_teacher for digits, saved as safetensors."""
+    torch.manual_seed(123)
+    model = build_model("cnn_teacher", num_classes=10, in_channels=1, image_size=8)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict[str, Any]:
+    """A fresh tiny recipe dict writing into tmp_path/run."""
+    recipe = copy.deepcopy(TINY)
+    recipe["output"]["dir"] = str(tmp_path / "run")
+    return recipe
+
+
+@pytest.fixture
+def tiny_kd(tiny: dict[str, Any], teacher_file: Path) -> dict[str, Any]:
+    """The tiny recipe with a teacher and a KD term."""
+    tiny["teacher"] = {"arch": "cnn_teacher", "checkpoint": str(teacher_file)}
+    tiny["distill"] = [{"loss": "kd", "weight": 0.9, "temperature": 4}]
+    tiny["train"]["ce_weight"] = 0.1
+    return tiny
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    """Write a recipe dict as YAML and return the path."""
+    path.write_text(yaml.safe_dump(recipe))
+    return path

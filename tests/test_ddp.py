@@ -1,0 +1,43 @@
+"""DistributedDataParallel on CPU: two processes under torchrun train, and write the same metric format."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+from kdkit.recipe import recipe_from_dict
+from kdkit.runner import run_recipe
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_and_matches_single_process_format(tmp_path: Path, tiny_kd: dict) -> None:
+    tiny_kd["train"]["epochs"] = 3
+    tiny_kd["train"]["batch_size"] = 16  # x2 processes = the single-process global batch of 32
+    tiny_kd["train"]["threads"] = 1
+    tiny_kd["output"]["dir"] = str(tmp_path / "ddp")
+    path = write_recipe(tmp_path / "ddp.yaml", tiny_kd)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "kdkit", "run", str(path), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    single = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'single'}", "train.batch_size=32"])
+    run_recipe(single)
+    ddp_rows = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    one_rows = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert [list(r) for r in ddp_rows] == [list(r) for r in one_rows]
+    header = lambda run: (tmp_path / run / "metrics.csv").read_text().splitlines()[0]  # noqa: E731
+    assert header("ddp") == header("single")
+    assert len(ddp_rows) == 3 and ddp_rows[-1]["step"] == 3 * (200 // 32)
+    assert ddp_rows[-1]["test_top1"] > 30.0, ddp_rows  # it learned (10 classes: chance is 10%)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # only rank 0 wrote: one set of checkpoints, no stray temp folders
+    assert not list((tmp_path / "ddp" / "checkpoints").glob(".*tmp*"))

@@ -1,0 +1,33 @@
+"""The main job, on a tiny budget: table, results, report with plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdkit.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_table_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", "digits", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher | cnn_teacher |" in printed and "KD gain (paired by seed" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == ["teacher", "student (labels only)", "student + KD"]
+    assert len(results["kd_gain_best"]) == 2 and "digits" in results["data"]
+    report = out / "report"
+    assert (report / "curves.png").stat().st_size > 1000 and (report / "comparison.png").stat().st_size > 1000
+    html = (report / "report.html").read_text()
+    assert "data:image/png;base64" in html and "student + KD" in html
+    # a second run reuses every finished run (same recipes) instead of retraining
+    assert main(["demo", "--data", "digits", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    assert "epoch 1/" not in capsys.readouterr().out
+
+
+def test_bad_seed_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--seeds", "0"]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""The engine: exact resume after SIGINT, atomic checkpoints, NaN detection, metrics files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import write_recipe
+from kdkit.checkpoint import pointed, read_state
+from kdkit.cli import _split_resume, main
+from kdkit.engine import Interrupted
+from kdkit.errors import TrainingDiverged
+from kdkit.losses import DistillLoss, register_loss
+from kdkit.recipe import recipe_from_dict
+from kdkit.runner import run_recipe
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(pointed(run_dir / "checkpoints", "latest") / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, tiny_kd: dict) -> None:
+    tiny_kd["train"]["epochs"] = 3
+    straight = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'straight'}"])
+    run_recipe(straight)
+
+    broken = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'broken'}"])
+
+    def interrupt(engine, event: str) -> None:
+        if event == "step" and engine.global_step == 9:  # mid-way through epoch 2 (6 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as info:
+        run_recipe(broken, callbacks=[interrupt])
+    assert info.value.checkpoint is not None and info.value.checkpoint.name == "epoch_0001_step_00003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    summary = run_recipe(broken, resume=True)
+
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    rows_b = json.loads((tmp_path / "broken" / "metrics.json").read_text())
+    keys = ["epoch", "step", "train_loss", "train_kd", "test_top1", "test_loss"]
+    assert [[r[k] for k in keys] for r in rows_a] == [[r[k] for k in keys] for r in rows_b]
+    assert summary["best_top1"] == max(r["test_top1"] for r in rows_a)
+
+
+def test_checkpoint_holds_recipe_and_loads_without_code(tmp_path: Path, tiny: dict) -> None:
+    recipe = recipe_from_dict(tiny)
+    run_recipe(recipe)
+    folder = pointed(recipe.run_dir / "checkpoints", "latest")
+    state = read_state(folder)  # torch.load(weights_only=True)
+    assert state["recipe"] == recipe.to_dict() and state["epoch"] == 2
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["recipe"]) == recipe.to_dict()
+    assert (recipe.run_dir / "recipe.yaml").is_file() and (recipe.run_dir / "metrics.csv").is_file()
+    header = (recipe.run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train_loss", "train_ce", "test_top1", "test_top5", "test_loss", "best_top1", "lr"} <= set(header)
+    assert pointed(recipe.run_dir / "checkpoints", "best") is not None
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = recipe_from_dict(tiny, ["train.epochs=1"])
+    run_recipe(recipe)
+    before = pointed(recipe.run_dir / "checkpoints", "latest")
+    weights = load_file(str(before / "model.safetensors"))
+
+    def crash(*_args, **_kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_recipe(recipe_from_dict(tiny, ["train.epochs=2"]), resume=True)
+    after = pointed(recipe.run_dir / "checkpoints", "latest")
+    assert after == before
+    assert all(torch.equal(weights[k], v) for k, v in load_file(str(after / "model.safetensors")).items())
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_recipe(tmp_path / "r.yaml", {**tiny, "train": {**tiny["train"], "epochs": 1}})
+    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path)]) == 2 and "--resume" in capsys.readouterr().err
+    assert main(["run", str(path), "resume=true"]) == 0
+    assert main(["run", str(path), "--overwrite"]) == 0
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    run_recipe(recipe_from_dict(tiny, ["train.epochs=1"]))
+    path = write_recipe(tmp_path / "r.yaml", tiny)
+    assert main(["run", str(path), "--resume", "train.optimizer.lr=0.2"]) == 2
+    assert "recipe changed" in capsys.readouterr().err
+    assert main(["run", str(path), "--resume"]) == 0  # only epochs grew: allowed
+
+
+def test_split_resume() -> None:
+    assert _split_resume(["a=1", "resume=true"]) == (["a=1"], True)
+    assert _split_resume(["resume=false"]) == ([], False)
+
+
+@register_loss("test_boom", help="test-only: NaN from the 8th call on")
+class Boom(DistillLoss):
+    """Returns a NaN after a few calls, to test divergence handling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        value = (student - teacher).pow(2).mean()
+        return value * float("nan") if self.calls >= 8 else value
+
+
+def test_nan_names_the_term_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_kd: dict,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_kd["distill"].append({"loss": "test_boom", "weight": 0.01})
+    recipe = recipe_from_dict(tiny_kd)
+    with pytest.raises(TrainingDiverged, match="'test_boom' became NaN or inf in epoch 2 at step 2 of 6"):
+        run_recipe(recipe)
+    assert pointed(recipe.run_dir / "checkpoints", "latest").name == "epoch_0001"
+    path = write_recipe(tmp_path / "r.yaml", tiny_kd)
+    assert main(["run", str(path), "--overwrite"]) == 3
+    assert "Last good checkpoint kept" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""Recipes: schema, overrides, all problems at once, no code execution, every shipped recipe valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdkit.cli import main
+from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.recipe import load_recipe, recipe_from_dict, recipes_root, shipped_recipes
+
+
+def test_every_shipped_recipe_validates(capsys: pytest.CaptureFixture[str]) -> None:
+    files = sorted(recipes_root().rglob("*.yaml"))
+    assert len(files) >= 3 and len(files) == len(shipped_recipes())
+    assert main(["validate", *map(str, files)]) == 0, capsys.readouterr().err
+
+
+def test_unknown_keys_are_errors_with_the_valid_keys(tiny: dict) -> None:
+    tiny["train"]["epoch"] = 3
+    tiny["modle"] = {}
+    with pytest.raises(RecipeErrors) as info:
+        recipe_from_dict(tiny)
+    text = str(info.value)
+    assert "2 problem(s)" in text
+    assert "train.epoch: unknown key 'epoch'; valid choices: epochs" in text
+    assert "unknown key 'modle'; valid choices: model" in text
+
+
+def test_schema_and_name_problems_reported_together(tiny: dict) -> None:
+    tiny["train"]["epochs"] = -1
+    tiny["model"]["arch"] = "resnet3"
+    with pytest.raises(RecipeErrors) as info:
+        recipe_from_dict(tiny)
+    assert len(info.value.errors) == 2
+    assert "model.arch: unknown model 'resnet3'; valid choices: resnet32" in str(info.value)
+
+
+def test_overrides_set_nested_values_and_list_items(tiny_kd: dict) -> None:
+    recipe = recipe_from_dict(tiny_kd, ["train.epochs=7", "distill.0.temperature=2", "data.augment.hflip=true"])
+    assert recipe.train.epochs == 7 and recipe.distill[0].params == {"temperature": 2}
+    assert recipe.data.augment.hflip is True
+    with pytest.raises(KdkitError, match="not of the form key=value"):
+        recipe_from_dict(tiny_kd, ["train.epochs"])
+    with pytest.raises(KdkitError, match="not an index"):
+        recipe_from_dict(tiny_kd, ["distill.3.weight=1"])
+
+
+def test_yaml_cannot_execute_code(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(KdkitError, match="not valid YAML"):
+        load_recipe(evil)
+
+
+def test_distill_without_teacher_is_an_error(tiny: dict) -> None:
+    tiny["distill"] = [{"loss": "kd"}]
+    with pytest.raises(RecipeErrors, match="no `teacher:` is given"):
+        recipe_from_dict(tiny)
+
+
+def test_digest_changes_with_content(tiny: dict) -> None:
+    a, b = recipe_from_dict(tiny), recipe_from_dict(tiny, ["train.seed=1"])
+    assert a.digest() != b.digest() and a.digest() == recipe_from_dict(tiny).digest()
+
+
+def test_unknown_shipped_recipe_suggests_names() -> None:
+    with pytest.raises(KdkitError, match="valid choices: fashion_mnist/kd"):
+        load_recipe("fashion_mnist/kdd")
