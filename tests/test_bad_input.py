@@ -109,4 +109,5 @@ def test_several_problems_reported_at_once(tmp_path: Path, tiny_kd: dict, capsys
     tiny_kd["model"]["params"] = {"widht": 4}
     code, err = run_cli(tmp_path, tiny_kd, capsys)
     assert code == 2 and "3 problem(s)" in err
-    assert "unknown loss 'kdd'" in err and "tap 'stage7'" in err and "model.params.widht: model 'cnn_student' has no parameter 'widht'; valid choices: width" in err
+    assert "unknown loss 'kdd'" in err and "distill.1.teacher: tap 'stage7'" in err
+    assert "model.params.widht: model 'cnn_student' has no parameter 'widht'; valid choices: width" in err

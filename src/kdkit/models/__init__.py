@@ -86,8 +86,8 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
         factory = _import_path(name, where)
     else:
         factory = MODELS.get(name, where=where)
-        params = check_params(factory, params, skip=_FIXED, where=where.replace(".arch", ".params") if where else "params",
-                              what=f"model {name!r}")
+        params_where = where.replace(".arch", ".params") if where else "params"
+        params = check_params(factory, params, skip=_FIXED, where=params_where, what=f"model {name!r}")
     fixed = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     accepted = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
