@@ -128,3 +128,18 @@ def test_nan_names_the_term_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_
     path = write_recipe(tmp_path / "r.yaml", tiny_kd)
     assert main(["run", str(path), "--overwrite"]) == 3
     assert "Last good checkpoint kept" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_tensorboard(tmp_path: Path, tiny_kd: dict) -> None:
+    pytest.importorskip("tensorboard")
+    recipe = recipe_from_dict(tiny_kd, ["train.amp=bf16", "train.epochs=1", "output.tensorboard=true"])
+    summary = run_recipe(recipe)
+    assert summary["best_top1"] > 0
+    assert list((recipe.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_fp16_on_cpu_is_refused_before_training(tiny: dict) -> None:
+    from kdkit.errors import RecipeErrors
+
+    with pytest.raises(RecipeErrors, match="fp16 AMP needs a CUDA device"):
+        run_recipe(recipe_from_dict(tiny, ["train.amp=fp16", "train.device=cpu"]))

@@ -1,14 +1,33 @@
 """kdkit: knowledge distillation for PyTorch -- models with taps, composable losses, one engine.
 
-Quick use::
+The pieces, importable from here:
 
-    import kdkit
-    data = kdkit.load_dataset("fashion_mnist")
-    teacher = kdkit.build_model("cnn_teacher", num_classes=10, in_channels=1, image_size=28)
+* models: :func:`build_model`, :func:`load_model_weights`, :data:`MODELS`
+* taps: :func:`resolve_tap`, :func:`tap_shapes`
+* losses and bridges: :data:`LOSSES` (:mod:`kdkit.losses`), :data:`BRIDGES`
+* distillation: :class:`FrozenTeacher`, :class:`Student`, :class:`Term`, :class:`Objective`
+* data: :func:`load_dataset`, :func:`subset`, :func:`make_loaders`, :class:`AugmentConfig`
+* training: :class:`Engine`, :class:`TrainSpec`; recipes: :func:`load_recipe`, :func:`run_recipe`
 """
 
 __version__ = "0.1.0"
 
+from kdkit.bridges import BRIDGES
+from kdkit.checkpoint import load_model_weights
+from kdkit.data import AugmentConfig, ImageData, load_dataset, subset
+from kdkit.data.loader import BatchLoader, make_loaders
+from kdkit.distill import FrozenTeacher, Objective, Student, Term
+from kdkit.engine import Engine, FitResult
 from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.losses import LOSSES
+from kdkit.models import MODELS, build_model, count_parameters
+from kdkit.recipe import Recipe, TrainSpec, load_recipe, recipe_from_dict
+from kdkit.runner import run_recipe
+from kdkit.taps import resolve_tap, tap_shapes
 
-__all__ = ["KdkitError", "TrainingDiverged", "__version__"]
+__all__ = [
+    "BRIDGES", "LOSSES", "MODELS", "AugmentConfig", "BatchLoader", "Engine", "FitResult", "FrozenTeacher",
+    "ImageData", "KdkitError", "Objective", "Recipe", "Student", "Term", "TrainSpec", "TrainingDiverged",
+    "__version__", "build_model", "count_parameters", "load_dataset", "load_model_weights", "load_recipe",
+    "make_loaders", "recipe_from_dict", "resolve_tap", "run_recipe", "subset", "tap_shapes",
+]

@@ -276,7 +276,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
 
     terms = [Term(name, losses[name], reads[name][0], reads[name][1], term.weight, term.warmup_epochs)
              for term, name in zip(recipe.distill, names, strict=True)]
-    student = Student(model, list(student_taps.values()), {n: reads[n][0] for n in losses}, bridges).to(dev)
+    student = Student(model, {n: reads[n][0] for n in losses}, bridges).to(dev)
     teacher = None
     if teacher_model is not None and recipe.teacher is not None:
         teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),

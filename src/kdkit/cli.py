@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="auto", choices=["auto", "fashion_mnist", "digits"],
                       help="auto: Fashion-MNIST if its files are found, else scikit-learn digits (it says which)")
     demo.add_argument("--data-dir", help="folder with the Fashion-MNIST idx files")
-    demo.add_argument("--seeds", type=int, default=2, help="student seeds per method (default 2)")
+    demo.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
     demo.add_argument("--overwrite", action="store_true", help="retrain students even if their runs exist")

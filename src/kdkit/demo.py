@@ -59,7 +59,7 @@ def _recipe(name: str, overrides: list[str]) -> Any:
     return load_recipe(find_recipe(f"fashion_mnist/{name}"), overrides)
 
 
-def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: int = 2, quick: bool = False,
+def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: int = 3, quick: bool = False,
              overwrite: bool = False) -> dict[str, Any]:
     """Run the demo and return its results (also written to ``out/results.json`` and ``out/report/``).
 

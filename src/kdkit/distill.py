@@ -10,6 +10,7 @@ parameter in one forward; the teacher is a separate module that is never wrapped
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.losses.base import DistillLoss
-from kdkit.taps import LOGITS, Tap, TapRecorder
+from kdkit.taps import LOGITS, Tap, TapRecorder, resolve_tap
 
 
 class FrozenTeacher(nn.Module):
@@ -25,20 +26,20 @@ class FrozenTeacher(nn.Module):
 
     Args:
         model: The trained teacher network.
-        taps: Resolved taps to capture (``logits`` included if any term reads it).
+        taps: Tap specs (or resolved taps) to capture; ``"logits"`` is always returned.
         channels_last: Store weights and inputs in channels-last layout (faster convolutions on
             oneDNN and cuDNN; see ``shared/perf-notes.md``).
     """
 
-    def __init__(self, model: nn.Module, taps: list[Tap], channels_last: bool = False) -> None:
+    def __init__(self, model: nn.Module, taps: Sequence[str | Tap] = (), channels_last: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.taps = list(taps)
-        self.recorder = TapRecorder(self.model, self.taps)
+        self.taps = [t if isinstance(t, Tap) else resolve_tap(model, t) for t in taps]
+        self.recorder = TapRecorder(self.model, [t for t in self.taps if t.capture != "logits"])
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         """Ignore ``mode``: the teacher always runs in eval mode (BN statistics frozen)."""
@@ -60,18 +61,18 @@ class Student(nn.Module):
 
     Args:
         model: The network being trained (student, or a teacher being trained from scratch).
-        taps: Resolved student taps read by the terms (not including ``logits``, always returned).
-        reads: For each term name, the tap spec it reads.
+        reads: For each term name, the student tap spec it reads (``"logits"``, ``"stage2"``, a path).
         bridges: For each term name that has one, its bridge module.
     """
 
-    def __init__(self, model: nn.Module, taps: list[Tap] | None = None, reads: dict[str, str] | None = None,
+    def __init__(self, model: nn.Module, reads: dict[str, str] | None = None,
                  bridges: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
         self.bridges = nn.ModuleDict(bridges or {})
         self.reads = dict(reads or {})
-        hooked = [t for t in (taps or []) if t.capture != "logits"]
+        taps = {spec: resolve_tap(model, spec, where=f"term {term!r}") for term, spec in self.reads.items()}
+        hooked = [t for t in taps.values() if t.capture != "logits"]
         self.recorder = TapRecorder(model, hooked) if hooked else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -113,6 +113,8 @@ class TrainSpec(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
     amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = Field(True, description="channels-last weights and batches: ~1.4x faster conv "
+                                "training on CPU (oneDNN) and with AMP on GPU")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU (default: torch's)")
 
 

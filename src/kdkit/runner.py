@@ -20,7 +20,7 @@ from kdkit import __version__
 from kdkit.build import plan, resolve_device, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed
 from kdkit.data import AugmentConfig
-from kdkit.data.loader import BatchLoader
+from kdkit.data.loader import make_loaders
 from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback, Engine
 from kdkit.errors import KdkitError
@@ -90,12 +90,11 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     assert data is not None
     spec = recipe.train
     augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
-    train_loader = BatchLoader(data.train_images, data.train_labels, batch_size=spec.batch_size, mean=data.mean,
-                               std=data.std, device=dev, augment=augment, shuffle=True, drop_last=True,
-                               seed=spec.seed, rank=ctx.rank, world_size=ctx.world_size)
-    eval_loader = BatchLoader(data.test_images, data.test_labels, batch_size=spec.eval_batch_size, mean=data.mean,
-                              std=data.std, device=dev, shuffle=False, drop_last=False, rank=ctx.rank,
-                              world_size=ctx.world_size)
+    train_loader, eval_loader = make_loaders(data, batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
+                                             augment=augment, device=dev, seed=spec.seed, rank=ctx.rank,
+                                             world_size=ctx.world_size, channels_last=spec.channels_last)
+    if spec.channels_last:
+        built.student.to(memory_format=torch.channels_last)
     engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
                     eval_loader=eval_loader, train=spec, run_dir=run_dir, teacher=built.teacher, device=dev, ctx=ctx,
                     recipe=recipe.to_dict(), arch=recipe.model.arch, keep_checkpoints=recipe.output.keep_checkpoints,

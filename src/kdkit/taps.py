@@ -147,3 +147,9 @@ def probe_shapes(model: nn.Module, taps: list[Tap], example: Tensor) -> dict[str
                              "not a tensor", fix="tap a module whose output (or first input) is a tensor")
         shapes[tap.spec] = tuple(value.shape[1:])
     return shapes
+
+
+def tap_shapes(model: nn.Module, specs: list[str], input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Resolve tap specs and probe their per-sample shapes for inputs of ``input_shape`` = ``(C, H, W)``."""
+    device = next(model.parameters()).device
+    return probe_shapes(model, [resolve_tap(model, s) for s in specs], torch.zeros(2, *input_shape, device=device))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kdkit.data.augment import AugmentConfig, normalize
+from kdkit.data.base import ImageData
 
 
 class BatchLoader:
@@ -90,3 +91,28 @@ class BatchLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels.index_select(0, idx)
+
+
+def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 1000,
+                 augment: AugmentConfig | None = None, device: torch.device | str = "cpu", seed: int = 0,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False) -> tuple[BatchLoader, BatchLoader]:
+    """The training loader (shuffled, augmented, full batches) and the test loader of ``data``.
+
+    Args:
+        data: An in-memory dataset.
+        batch_size: Training samples per batch on each process.
+        eval_batch_size: Test samples per batch.
+        augment: Batched training augmentation.
+        device: Where batches are produced.
+        seed: Seed of the order and the augmentation.
+        rank: This process's rank (DDP).
+        world_size: Number of processes (DDP).
+        channels_last: Produce channels-last batches (match a channels-last model).
+    """
+    train = BatchLoader(data.train_images, data.train_labels, batch_size=batch_size, mean=data.mean, std=data.std,
+                        device=device, augment=augment, shuffle=True, drop_last=True, seed=seed, rank=rank,
+                        world_size=world_size, channels_last=channels_last)
+    test = BatchLoader(data.test_images, data.test_labels, batch_size=eval_batch_size, mean=data.mean, std=data.std,
+                       device=device, shuffle=False, drop_last=False, rank=rank, world_size=world_size,
+                       channels_last=channels_last)
+    return train, test
