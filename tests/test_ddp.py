@@ -17,13 +17,14 @@ from kdkit.runner import run_recipe
 
 @pytest.mark.slow
 def test_two_process_ddp_trains_and_matches_single_process_format(tmp_path: Path, tiny_kd: dict) -> None:
-    tiny_kd["train"]["epochs"] = 3
+    tiny_kd["train"]["epochs"] = 4
+    tiny_kd["train"]["ce_weight"] = 1.0  # the teacher here is random: let the labels drive learning
     tiny_kd["train"]["batch_size"] = 16  # x2 processes = the single-process global batch of 32
     tiny_kd["train"]["threads"] = 1
     tiny_kd["output"]["dir"] = str(tmp_path / "ddp")
     path = write_recipe(tmp_path / "ddp.yaml", tiny_kd)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kdkit", "run", str(path), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -35,8 +36,11 @@ def test_two_process_ddp_trains_and_matches_single_process_format(tmp_path: Path
     assert [list(r) for r in ddp_rows] == [list(r) for r in one_rows]
     header = lambda run: (tmp_path / run / "metrics.csv").read_text().splitlines()[0]  # noqa: E731
     assert header("ddp") == header("single")
-    assert len(ddp_rows) == 3 and ddp_rows[-1]["step"] == 3 * (200 // 32)
-    assert ddp_rows[-1]["test_top1"] > 30.0, ddp_rows  # it learned (10 classes: chance is 10%)
+    assert len(ddp_rows) == 4 and ddp_rows[-1]["step"] == 4 * (200 // 32)
+    ddp_top1, one_top1 = ddp_rows[-1]["test_top1"], one_rows[-1]["test_top1"]
+    assert ddp_top1 > 40.0, ddp_rows  # it learned (10 classes: chance is 10%)
+    # same global batch and schedule; only BatchNorm statistics (per-rank batches of 16) differ
+    assert abs(ddp_top1 - one_top1) < 15.0, (ddp_top1, one_top1)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2
     # only rank 0 wrote: one set of checkpoints, no stray temp folders

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
     block = README.split("## Library", 1)[1]
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
     monkeypatch.chdir(tmp_path)

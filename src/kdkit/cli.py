@@ -29,6 +29,7 @@ def _split_resume(overrides: list[str]) -> tuple[list[str], bool]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`kdkit run RECIPE [key=value ...]`: train what the recipe describes."""
     from kdkit.recipe import find_recipe, load_recipe
     from kdkit.runner import run_recipe
 
@@ -44,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """`kdkit validate RECIPE ...`: build and check recipes without training."""
     from kdkit.build import plan
     from kdkit.recipe import Recipe, find_recipe, load_recipe
 
@@ -73,6 +75,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """`kdkit ls WHAT`: list registered names, shipped recipes or a model's taps."""
     from kdkit.bridges import BRIDGES
     from kdkit.data import DATASETS
     from kdkit.losses import LOSSES
@@ -114,6 +117,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`kdkit demo`: the main job (see :mod:`kdkit.demo`)."""
     from kdkit.demo import run_demo
 
     run_demo(out=Path(args.out), data=args.data, data_dir=args.data_dir, seeds=args.seeds, quick=args.quick,
@@ -122,6 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`kdkit report RUN ...`: HTML + PNG comparison of run folders."""
     from kdkit.report import write_report
 
     path = write_report([Path(p) for p in args.runs], Path(args.out) if args.out else None)

@@ -73,7 +73,7 @@ class Engine:
         train_loader: Training batches (already sharded for DDP).
         eval_loader: Test batches (sharded for DDP; results are all-reduced).
         train: The recipe's ``train`` section (optimiser, schedule, epochs, AMP, ...).
-        run_dir: Where rank 0 writes checkpoints and metrics (``None``: write nothing).
+        run_dir: Where rank 0 writes checkpoints and metrics and every rank resumes from (``None``: no files).
         teacher: The frozen teacher, or ``None`` to train from labels alone.
         device: Device of the models and batches.
         ctx: Distributed context.
@@ -97,7 +97,8 @@ class Engine:
         self.spec = train
         self.device = torch.device(device)
         self.ctx = ctx or DistContext()
-        self.run_dir = run_dir if self.ctx.is_main else None
+        self.run_dir = run_dir
+        self.writes = run_dir is not None and self.ctx.is_main  # only rank 0 writes files
         self.recipe = recipe or {}
         self.arch = arch
         self.keep = keep_checkpoints
@@ -143,7 +144,7 @@ class Engine:
         """
         if resume:
             self._restore()
-        log = MetricsLog(self.run_dir, self.history, self.tensorboard) if self.run_dir else None
+        log = MetricsLog(self.run_dir, self.history, self.tensorboard) if self.writes else None
         started = time.perf_counter() - float(self._partial.get("seconds", 0.0))
         with self._signals(), self._progress() as bar:
             while self.epoch < self.spec.epochs:
@@ -220,9 +221,10 @@ class Engine:
                 self._check_finite(first_bad)
                 self._partial = {"sums": sums.cpu(), "count": count}
                 raise Interrupted(self._save(is_best=False, mid_epoch=True))
-        samples = count * self.train_loader.batch_size
-        stats = {f"train_{k}": v / max(count, 1) for k, v in zip(self.keys, sums[:-1].tolist(), strict=True)}
-        stats["train_top1"] = 100.0 * float(sums[-1]) / max(samples, 1)
+        totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), self.ctx)  # every rank's batches
+        steps = max(float(totals[-1]), 1.0)
+        stats = {f"train_{k}": v / steps for k, v in zip(self.keys, totals[:-2].tolist(), strict=True)}
+        stats["train_top1"] = 100.0 * float(totals[-2]) / (steps * self.train_loader.batch_size)
         return stats
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -276,8 +278,9 @@ class Engine:
         return weights
 
     def _save(self, is_best: bool, mid_epoch: bool = False) -> Path | None:
-        barrier(self.ctx)
-        if self.run_dir is None:
+        if not mid_epoch:  # a signal may reach one rank only: never wait for the others then
+            barrier(self.ctx)
+        if not self.writes:
             return None
         root = self.run_dir / "checkpoints"
         name = f"epoch_{self.epoch:04d}" + (f"_step_{self.batch:05d}" if mid_epoch else "")
@@ -290,8 +293,7 @@ class Engine:
         return folder
 
     def _restore(self) -> None:
-        root = self.run_dir / "checkpoints" if self.run_dir else None
-        folder = pointed(root, "latest") if root else None
+        folder = pointed(self.run_dir / "checkpoints", "latest") if self.run_dir else None
         if folder is None:
             if self.ctx.is_main:
                 print("resume: no checkpoint in the run folder yet; starting from scratch")

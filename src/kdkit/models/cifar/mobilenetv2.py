@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kdkit.models.cifar._init import kaiming_init
 from kdkit.models.registry import register_model
 
 # (expansion t, channels c, repeats n, first stride s); t is None for "use the model's expand_ratio".
@@ -108,15 +109,7 @@ class CifarMobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self, linear_std=0.01)
 
         self.feature_taps: dict[str, str] = {"stem": "conv1"}
         for stage, group in enumerate((1, 2, 4, 6), start=1):
