@@ -131,6 +131,7 @@ class Engine:
         self.best: dict[str, Any] = {"top1": -1.0, "epoch": -1}
         self._partial: dict[str, Any] = {}
         self._stop_signal: int | None = None
+        self._started = time.perf_counter()
         self.last_losses: dict[str, float] = {}
 
     # -- public -----------------------------------------------------------------------------------
@@ -145,7 +146,9 @@ class Engine:
         if resume:
             self._restore()
         log = MetricsLog(self.run_dir, self.history, self.tensorboard) if self.writes else None
-        started = time.perf_counter() - float(self._partial.get("seconds", 0.0))
+        # Wall time spent before a resume: the interrupted epoch's part, else the last finished epoch's total.
+        spent = self._partial.get("seconds", self.history[-1]["seconds"] if self.history else 0.0)
+        started = self._started = time.perf_counter() - float(spent)
         with self._signals(), self._progress() as bar:
             while self.epoch < self.spec.epochs:
                 epoch_start = time.perf_counter()
@@ -218,8 +221,7 @@ class Engine:
                 self._check_finite(first_bad)
                 self._update_bar(bar, sums, count)
             if self._stop_signal is not None:
-                self._check_finite(first_bad)
-                self._partial = {"sums": sums.cpu(), "count": count}
+                self._partial = {"sums": sums.cpu(), "count": count, "seconds": time.perf_counter() - self._started}
                 raise Interrupted(self._save(is_best=False, mid_epoch=True))
         totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), self.ctx)  # every rank's batches
         steps = max(float(totals[-1]), 1.0)
