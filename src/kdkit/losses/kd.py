@@ -6,9 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.standardize import standardize_logits
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
+            standardize: bool = False) -> Tensor:
     r"""Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
 
     .. math::
@@ -21,12 +23,16 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
         student_logits: ``(B, K)`` student logits.
         teacher_logits: ``(B, K)`` teacher logits (no gradient needed).
         temperature: Softening temperature ``T``; CIFAR recipes use 4, ImageNet 1.
+        standardize: Z-score both logits first (:func:`~kdkit.losses.standardize.standardize_logits`).
 
     Returns:
         Scalar loss (mean over the batch), in the student's dtype.
     """
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    z_s, z_t = student_logits.float(), teacher_logits.float()
+    if standardize:
+        z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
+    log_p_s = F.log_softmax(z_s / temperature, dim=1)
+    log_p_t = F.log_softmax(z_t / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return (kl * temperature**2).to(student_logits.dtype)
 
@@ -40,19 +46,26 @@ class KDLoss(DistillLoss):
         distill:
           - {loss: kd, weight: 0.9, temperature: 4}   # with train.ce_weight: 0.1
 
+    With logit standardisation (CVPR 2024; CIFAR: weight 9, CE 0.1, base temperature 2)::
+
+        distill:
+          - {loss: kd, weight: 9, temperature: 2, standardize: true}
+
     Args:
         temperature: Softening temperature (default 4, the CIFAR setting).
+        standardize: Z-score teacher and student logits before softening.
     """
 
-    def __init__(self, *, temperature: float = 4.0) -> None:
+    def __init__(self, *, temperature: float = 4.0, standardize: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
+        self.standardize = standardize
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
         """KD loss of ``(B, K)`` logits; labels are unused."""
-        return kd_loss(student, teacher, self.temperature)
+        return kd_loss(student, teacher, self.temperature, self.standardize)
 
 
 def mse_loss(student: Tensor, teacher: Tensor) -> Tensor:
