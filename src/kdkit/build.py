@@ -19,7 +19,7 @@ from torch import nn
 from kdkit.bridges import BRIDGES
 from kdkit.checkpoint import load_model_weights, resolve_weights
 from kdkit.data import ImageData, load_dataset, subset
-from kdkit.distill import FrozenTeacher, Objective, Student, Term
+from kdkit.distill import FrozenTeacher, Objective, PerTap, Student, TapSpec, Term, as_specs
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.losses import LOSSES, DistillLoss
 from kdkit.models import build_model
@@ -90,6 +90,40 @@ def teacher_weights(spec: TeacherSpec, base: Path | None) -> Path:
                          fix="`kdkit run` trains it automatically first; or run that recipe yourself, or give "
                              "teacher.checkpoint", where="teacher.recipe")
     return resolve_weights(run_recipe.run_dir)
+
+
+def _spec(value: str | list[str] | None) -> TapSpec | None:
+    """A recipe's tap value as a spec: a string, or a tuple for a list of taps."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _shape_of(shapes: dict[str, tuple[int, ...]], spec: TapSpec) -> Any:
+    return shapes[spec] if isinstance(spec, str) else [shapes[s] for s in spec]
+
+
+def build_bridge(name: str, params: dict[str, Any], s_shape: Any, t_shape: Any, where: str) -> nn.Module:
+    """Build bridge ``name`` from probed shapes; a multi-tap term gets one bridge per tap unless the
+    bridge fuses all taps itself (factory attribute ``multi = True``, e.g. ReviewKD's ABF)."""
+    factory = BRIDGES.get(name, where=f"{where}.bridge")
+    checked = check_params(factory, params, skip=("student_shape", "teacher_shape", "student_shapes",
+                                                  "teacher_shapes"), where=f"{where}.bridge_params",
+                           what=f"bridge {name!r}")
+    if isinstance(s_shape, list) and not getattr(factory, "multi", False):
+        return PerTap([factory(s, t, **checked) for s, t in zip(s_shape, t_shape, strict=True)])
+    return factory(s_shape, t_shape, **checked)
+
+
+@torch.no_grad()
+def bridged_shape(bridge: nn.Module, shape: Any) -> Any:
+    """Per-sample output shape(s) of ``bridge`` for input shape(s) ``shape`` (one probe in eval mode)."""
+    was_training = bridge.training
+    bridge.eval()
+    if isinstance(shape, list):
+        out = [tuple(o.shape[1:]) for o in bridge([torch.zeros(2, *one) for one in shape])]
+    else:
+        out = tuple(bridge(torch.zeros(2, *shape)).shape[1:])
+    bridge.train(was_training)
+    return out
 
 
 def name_problems(data: dict[str, Any]) -> list[KdkitError]:
@@ -210,7 +244,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     losses: dict[str, DistillLoss] = {}
     student_taps: dict[str, Tap] = {}
     teacher_taps: dict[str, Tap] = {}
-    reads: dict[str, tuple[str, str]] = {}
+    reads: dict[str, tuple[TapSpec, TapSpec]] = {}
     for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
         where = f"distill.{i}"
         loss_cls = attempt(LOSSES.get, term.loss, where=f"{where}.loss")
@@ -224,51 +258,61 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         except (ValueError, TypeError) as exc:
             errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
             continue
-        s_spec = term.student or loss_cls.default_student_tap
-        t_spec = term.teacher or loss_cls.default_teacher_tap
+        s_spec = _spec(term.student) or loss_cls.default_student_tap
+        t_spec = _spec(term.teacher) or loss_cls.default_teacher_tap
+        if len(as_specs(s_spec)) != len(as_specs(t_spec)):
+            errors.append(KdkitError(f"{len(as_specs(s_spec))} student tap(s) {list(as_specs(s_spec))} but "
+                                     f"{len(as_specs(t_spec))} teacher tap(s) {list(as_specs(t_spec))}",
+                                     fix="give as many teacher taps as student taps (they are paired in order)",
+                                     where=where))
+            continue
         reads[name] = (s_spec, t_spec)
-        if model is not None:
-            tap = attempt(resolve_tap, model, s_spec, where=f"{where}.student")
-            if tap is not None:
-                student_taps[s_spec] = tap
-        if teacher_model is not None:
-            tap = attempt(resolve_tap, teacher_model, t_spec, where=f"{where}.teacher")
-            if tap is not None:
-                teacher_taps[t_spec] = tap
+        for side, net, spec, found in (("student", model, s_spec, student_taps),
+                                       ("teacher", teacher_model, t_spec, teacher_taps)):
+            if net is None:
+                continue
+            for one in as_specs(spec):
+                tap = attempt(resolve_tap, net, one, where=f"{where}.{side}")
+                if tap is not None:
+                    found[one] = tap
         if term.bridge is not None:
             attempt(BRIDGES.get, term.bridge, where=f"{where}.bridge")
 
     # -- shapes and bridges (one probe forward per model) --------------------------------------------
     bridges: dict[str, nn.Module] = {}
-    tap_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    tap_shapes: dict[str, tuple[Any, Any]] = {}
     if model is not None and teacher_model is not None and losses:
         example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
         s_shapes = attempt(probe_shapes, model, list(student_taps.values()), example) or {}
         t_shapes = attempt(probe_shapes, teacher_model, list(teacher_taps.values()), example) or {}
         for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
-            if name not in losses or reads[name][0] not in s_shapes or reads[name][1] not in t_shapes:
+            if name not in losses or name not in reads:
                 continue
-            s_shape, t_shape = s_shapes[reads[name][0]], t_shapes[reads[name][1]]
+            s_spec, t_spec = reads[name]
+            if not all(s in s_shapes for s in as_specs(s_spec)) or not all(t in t_shapes for t in as_specs(t_spec)):
+                continue
             where = f"distill.{i}"
+            s_shape, t_shape = _shape_of(s_shapes, s_spec), _shape_of(t_shapes, t_spec)
             if term.bridge is not None and term.bridge in BRIDGES:
-                factory = BRIDGES.get(term.bridge)
-                bparams = attempt(check_params, factory, term.bridge_params, skip=("student_shape", "teacher_shape"),
-                                  where=f"{where}.bridge_params", what=f"bridge {term.bridge!r}")
-                bridge = attempt(factory, s_shape, t_shape, **(bparams or {})) if bparams is not None else None
+                bridge = attempt(build_bridge, term.bridge, term.bridge_params, s_shape, t_shape, where)
                 if bridge is None:
                     continue
                 bridges[name] = bridge
-                with torch.no_grad():
-                    s_shape = tuple(bridge.eval()(torch.zeros(2, *s_shape)).shape[1:])
-                bridge.train()
+                s_shape = bridged_shape(bridge, s_shape)
             tap_shapes[name] = (s_shape, t_shape)
-            problem = losses[name].check_shapes(s_shape, t_shape)
-            if problem:
-                hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
-                        if term.bridge is None else "choose another bridge or other taps")
-                errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {reads[name][0]!r} with "
-                                         f"teacher tap {reads[name][1]!r}: {problem}", choices=BRIDGES.names(),
-                                         fix=hint, where=where))
+            loss = losses[name]
+            pairs = list(zip(s_shape, t_shape, strict=True)) if isinstance(s_spec, tuple) and loss.pairwise \
+                else [(s_shape, t_shape)]
+            for j, (one_s, one_t) in enumerate(pairs):
+                problem = loss.check_shapes(one_s, one_t)
+                if problem:
+                    s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
+                    t_name = as_specs(t_spec)[j] if len(pairs) > 1 else t_spec
+                    hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
+                            if term.bridge is None else "choose another bridge or other taps")
+                    errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
+                                             f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
+                                             fix=hint, where=where))
 
     if errors:
         raise RecipeErrors(errors, str(source) if source else recipe.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,30 @@ from torch import Tensor, nn
 
 from kdkit.losses.base import DistillLoss
 from kdkit.taps import LOGITS, Tap, TapRecorder, resolve_tap
+
+TapSpec = str | tuple[str, ...]
+
+
+def as_specs(spec: TapSpec) -> tuple[str, ...]:
+    """The tap specs of a term side: one, or several (stages)."""
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def pick(captured: dict[str, Tensor], spec: TapSpec) -> Tensor | list[Tensor]:
+    """The captured tensor of ``spec``, or the list of tensors of a tuple of specs."""
+    return captured[spec] if isinstance(spec, str) else [captured[s] for s in spec]
+
+
+class PerTap(nn.Module):
+    """One bridge per tap of a multi-stage term: bridge ``i`` maps the ``i``-th student tensor."""
+
+    def __init__(self, bridges: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(bridges)
+
+    def forward(self, values: list[Tensor]) -> list[Tensor]:
+        """Map each tensor with its own bridge."""
+        return [bridge(v) for bridge, v in zip(self.parts, values, strict=True)]
 
 
 class FrozenTeacher(nn.Module):
@@ -61,17 +86,19 @@ class Student(nn.Module):
 
     Args:
         model: The network being trained (student, or a teacher being trained from scratch).
-        reads: For each term name, the student tap spec it reads (``"logits"``, ``"stage2"``, a path).
-        bridges: For each term name that has one, its bridge module.
+        reads: For each term name, the student tap spec it reads (``"logits"``, ``"stage2"``, a path), or a
+            tuple of specs (several stages: the term then gets a list of tensors).
+        bridges: For each term name that has one, its bridge module (given the tensor, or the list).
     """
 
-    def __init__(self, model: nn.Module, reads: dict[str, str] | None = None,
+    def __init__(self, model: nn.Module, reads: dict[str, TapSpec] | None = None,
                  bridges: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
         self.bridges = nn.ModuleDict(bridges or {})
         self.reads = dict(reads or {})
-        taps = {spec: resolve_tap(model, spec, where=f"term {term!r}") for term, spec in self.reads.items()}
+        taps = {spec: resolve_tap(model, spec, where=f"term {term!r}")
+                for term, specs in self.reads.items() for spec in as_specs(specs)}
         hooked = [t for t in taps.values() if t.capture != "logits"]
         self.recorder = TapRecorder(model, hooked) if hooked else None
 
@@ -84,7 +111,7 @@ class Student(nn.Module):
         captured[LOGITS] = logits
         per_term = {}
         for term, spec in self.reads.items():
-            value = captured[spec]
+            value = pick(captured, spec)
             per_term[term] = self.bridges[term](value) if term in self.bridges else value
         return logits, per_term
 
@@ -104,8 +131,8 @@ class Term:
 
     name: str
     loss: DistillLoss
-    student_tap: str
-    teacher_tap: str
+    student_tap: TapSpec
+    teacher_tap: TapSpec
     weight: float = 1.0
     warmup_epochs: float = 0.0
 
@@ -135,8 +162,8 @@ class Objective(nn.Module):
         self.ce_weight = ce_weight
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: Tensor, labels: Tensor, student: dict[str, Tensor], teacher: dict[str, Tensor],
-                epoch: float = 0.0) -> dict[str, Tensor]:
+    def forward(self, logits: Tensor, labels: Tensor, student: dict[str, Any], teacher: dict[str, Tensor],
+                epoch: float = 0.0, index: Tensor | None = None) -> dict[str, Tensor]:
         """Compute the total and its components.
 
         Args:
@@ -145,6 +172,7 @@ class Objective(nn.Module):
             student: Per-term student tensors (from :class:`Student`).
             teacher: Teacher tensors by tap spec (from :class:`FrozenTeacher`).
             epoch: Fractional epoch, for warm-up schedules.
+            index: Dataset indices of the batch's samples (for losses with ``needs_index``).
 
         Returns:
             ``{"loss": total, "ce": ce, **{term.name: value}}``.
@@ -156,7 +184,7 @@ class Objective(nn.Module):
             out["ce"] = ce
             total = total + self.ce_weight * ce
         for term in self.terms:
-            value = term.loss(student[term.name], teacher[term.teacher_tap], labels)
+            value = term.loss.compute(student[term.name], pick(teacher, term.teacher_tap), labels, index)
             out[term.name] = value
             weight = term.scale(epoch)
             if weight:

@@ -184,7 +184,7 @@ class Engine:
         net.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         with self._autocast():
-            for x, y in loader.epoch(0):
+            for x, y, _ in loader.epoch(0):
                 logits = net(x).float()
                 top1, top5 = accuracy_counts(logits, y)
                 ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
@@ -201,18 +201,19 @@ class Engine:
     def _train_epoch(self, bar: Any) -> dict[str, float]:
         self.model.train()
         sums = self._partial.get("sums")
-        sums = sums.to(self.device) if sums is not None else torch.zeros(len(self.keys) + 1, device=self.device)
+        # running sums of each component, then correct predictions, then samples
+        sums = sums.to(self.device) if sums is not None else torch.zeros(len(self.keys) + 2, device=self.device)
         count = int(self._partial.get("count", 0))
         # Step at which each component first went non-finite, tracked on the device (no host sync),
         # so the culprit is named even when NaN has spread to every term by the next check.
         first_bad = torch.full((len(self.keys),), math.inf, device=self.device)
-        for x, y in self.train_loader.epoch(self.epoch, start=self.batch):
-            comps, logits = self._step(x, y)
+        for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
+            comps, logits = self._step(x, y, index)
             hits = (logits.detach().argmax(1) == y).sum()
             values = torch.stack([comps[k].detach().float() for k in self.keys])
             first_bad = torch.where(torch.isfinite(values) | torch.isfinite(first_bad), first_bad,
                                     float(self.batch))
-            sums += torch.cat([values, hits.float()[None]])
+            sums += torch.cat([values, torch.stack([hits.float(), values.new_tensor(float(len(y)))])])
             count += 1
             self.batch += 1
             self.global_step += 1
@@ -225,16 +226,16 @@ class Engine:
                 raise Interrupted(self._save(is_best=False, mid_epoch=True))
         totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), self.ctx)  # every rank's batches
         steps = max(float(totals[-1]), 1.0)
-        stats = {f"train_{k}": v / steps for k, v in zip(self.keys, totals[:-2].tolist(), strict=True)}
-        stats["train_top1"] = 100.0 * float(totals[-2]) / (steps * self.train_loader.batch_size)
+        stats = {f"train_{k}": v / steps for k, v in zip(self.keys, totals[:-3].tolist(), strict=True)}
+        stats["train_top1"] = 100.0 * float(totals[-3]) / max(float(totals[-2]), 1.0)
         return stats
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def _step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         epoch_pos = self.epoch + self.batch / self.steps_per_epoch
         with self._autocast():
             teacher_out = self.teacher(x) if self.teacher is not None else {}
             logits, per_term = self.model(x)
-            comps = self.objective(logits, y, per_term, teacher_out, epoch_pos)
+            comps = self.objective(logits, y, per_term, teacher_out, epoch_pos, index)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(comps["loss"]).backward()
@@ -369,12 +370,13 @@ class Engine:
             yield (progress, task)
 
     def _update_bar(self, bar: Any, sums: Tensor, count: int) -> None:
-        means = (sums / max(count, 1)).tolist()
-        self.last_losses = dict(zip(self.keys, means[:-1], strict=True))
+        values = sums.tolist()
+        means = [v / max(count, 1) for v in values[:-2]]
+        self.last_losses = dict(zip(self.keys, means, strict=True))
         if bar is None:
             return
         progress, task = bar
-        acc = 100.0 * means[-1] / self.train_loader.batch_size
+        acc = 100.0 * values[-2] / max(values[-1], 1.0)
         best = f" best {self.best['top1']:.2f}%" if self.best["epoch"] > 0 else ""
         status = f"ep {self.epoch + 1}/{self.spec.epochs} loss {means[0]:.4f} train {acc:.1f}%{best}"
         progress.update(task, completed=self.global_step, status=status)

@@ -54,6 +54,14 @@ class AugmentSpec(_Strict):
     hflip: bool = False
 
 
+class StrongAugmentSpec(_Strict):
+    """The strong view of two-view training (MLKD): RandAugment on top of the standard augmentation."""
+
+    n: int = Field(2, ge=1, description="operations per image")
+    m: float = Field(10.0, ge=0, le=30, description="magnitude, on RandAugment's 0..30 scale")
+    groups: int = Field(8, ge=1, description="independent op draws per batch (kornia draws one per call)")
+
+
 class DataSpec(_Strict):
     """Which data, where, and how much of the training split."""
 
@@ -63,6 +71,9 @@ class DataSpec(_Strict):
     subset: int | None = Field(None, gt=0, description="train on a class-balanced random subset of this size")
     subset_seed: int = 0
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    views: Literal[1, 2] = Field(1, description="2: each batch is [weak view; strong view] of the same images "
+                                 "(labels repeated), as MLKD needs")
+    strong: StrongAugmentSpec = Field(default_factory=StrongAugmentSpec)
 
 
 class TermSpec(BaseModel):
@@ -72,8 +83,9 @@ class TermSpec(BaseModel):
 
     loss: str
     weight: float = 1.0
-    student: str | None = Field(None, description="student tap (default: the loss's default, usually logits)")
-    teacher: str | None = Field(None, description="teacher tap (default: the loss's default)")
+    student: str | list[str] | None = Field(None, description="student tap, or a list of taps (several stages); "
+                                            "default: the loss's default, usually logits")
+    teacher: str | list[str] | None = Field(None, description="teacher tap(s), paired with the student's")
     bridge: str | None = None
     bridge_params: dict[str, Any] = Field(default_factory=dict)
     warmup_epochs: float = Field(0.0, ge=0)

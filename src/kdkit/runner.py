@@ -21,6 +21,7 @@ from kdkit.build import plan, resolve_device, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed
 from kdkit.data import AugmentConfig
 from kdkit.data.loader import make_loaders
+from kdkit.data.strong import StrongView
 from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback, Engine
 from kdkit.errors import KdkitError
@@ -90,9 +91,12 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     assert data is not None
     spec = recipe.train
     augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
+    views = recipe.data
+    strong = StrongView(views.strong.n, views.strong.m, views.strong.groups) if views.views == 2 else None
     train_loader, eval_loader = make_loaders(data, batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
                                              augment=augment, device=dev, seed=spec.seed, rank=ctx.rank,
-                                             world_size=ctx.world_size, channels_last=spec.channels_last)
+                                             world_size=ctx.world_size, channels_last=spec.channels_last,
+                                             strong=strong)
     if spec.channels_last:
         built.student.to(memory_format=torch.channels_last)
     engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kdkit.data.augment import AugmentConfig, normalize
 from kdkit.data.base import ImageData
+from kdkit.data.strong import StrongView
 
 
 class BatchLoader:
@@ -36,12 +37,14 @@ class BatchLoader:
         rank: This process's rank under DDP.
         world_size: Number of DDP processes.
         channels_last: Produce channels-last batches.
+        strong: A second, strongly augmented view of the same images: batches become
+            ``[weak; strong]`` with labels and indices repeated (two-view methods such as MLKD).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
                  shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, strong: StrongView | None = None) -> None:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -51,6 +54,7 @@ class BatchLoader:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
+        self.strong = strong
         n, step = len(self.labels), batch_size * world_size
         self._batches = n // step if drop_last else -(-n // step)
 
@@ -75,8 +79,12 @@ class BatchLoader:
             start = (b * self.world_size + self.rank) * self.batch_size
             yield order[start:start + self.batch_size]
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)`` for batches ``start..`` of ``epoch``: x float, normalised, on the device."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(x, y, index)`` for batches ``start..`` of ``epoch``.
+
+        ``x`` is float, normalised, on the device; ``index`` holds the samples' dataset indices (CRD
+        and other instance-level methods need them).
+        """
         gen = torch.Generator()
         for b, idx in enumerate(self.batch_indices(epoch)):
             if b < start:
@@ -84,18 +92,24 @@ class BatchLoader:
             if len(idx) == 0:
                 return
             raw = self.images.index_select(0, idx)
+            labels = self.labels.index_select(0, idx)
+            batch_seed = (self.seed * 1_000_003 + epoch) * 100_003 + b
             if self.augment is not None:
-                gen.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + b)
+                gen.manual_seed(batch_seed)
                 raw = self.augment.apply(raw, gen)
+            if self.strong is not None:
+                raw = torch.cat([raw, self.strong(raw, batch_seed)])
+                labels, idx = labels.repeat(2), idx.repeat(2)
             x = normalize(raw, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels.index_select(0, idx)
+            yield x, labels, idx
 
 
 def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 1000,
                  augment: AugmentConfig | None = None, device: torch.device | str = "cpu", seed: int = 0,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False) -> tuple[BatchLoader, BatchLoader]:
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False,
+                 strong: StrongView | None = None) -> tuple[BatchLoader, BatchLoader]:
     """The training loader (shuffled, augmented, full batches) and the test loader of ``data``.
 
     Args:
@@ -108,10 +122,11 @@ def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 100
         rank: This process's rank (DDP).
         world_size: Number of processes (DDP).
         channels_last: Produce channels-last batches (match a channels-last model).
+        strong: Strong second view of each training batch (two-view methods).
     """
     train = BatchLoader(data.train_images, data.train_labels, batch_size=batch_size, mean=data.mean, std=data.std,
                         device=device, augment=augment, shuffle=True, drop_last=True, seed=seed, rank=rank,
-                        world_size=world_size, channels_last=channels_last)
+                        world_size=world_size, channels_last=channels_last, strong=strong)
     test = BatchLoader(data.test_images, data.test_labels, batch_size=eval_batch_size, mean=data.mean, std=data.std,
                        device=device, shuffle=False, drop_last=False, rank=rank, world_size=world_size,
                        channels_last=channels_last)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from kdkit.registry import Registry
@@ -25,6 +26,11 @@ class DistillLoss(nn.Module):
 
     default_student_tap: str = "logits"
     default_teacher_tap: str = "logits"
+    #: With lists of taps (several stages), the loss is applied to each (student, teacher) pair and
+    #: summed; a loss that needs all stages at once (ReviewKD) sets this False and receives the lists.
+    pairwise: bool = True
+    #: The loss needs the dataset indices of the batch's samples (``index=`` keyword), e.g. CRD.
+    needs_index: bool = False
 
     def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
         """Say why these per-sample shapes cannot be compared, or ``None`` when they can.
@@ -38,6 +44,15 @@ class DistillLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover
         """Return the unweighted scalar loss."""
         raise NotImplementedError
+
+    def compute(self, student: Tensor | list[Tensor], teacher: Tensor | list[Tensor], labels: Tensor,
+                index: Tensor | None = None) -> Tensor:
+        """What the objective calls: handles lists of taps (see :attr:`pairwise`) and sample indices."""
+        extra = {"index": index} if self.needs_index else {}
+        if isinstance(student, list) and self.pairwise:
+            values = [self(s, t, labels, **extra) for s, t in zip(student, teacher, strict=True)]
+            return torch.stack([v.float() for v in values]).sum().to(values[0].dtype)
+        return self(student, teacher, labels, **extra)
 
 
 LOSSES: Registry[type[DistillLoss]] = Registry("loss", fix="run `kdkit ls losses`")
