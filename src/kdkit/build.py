@@ -301,6 +301,8 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                 s_shape = bridged_shape(bridge, s_shape)
             tap_shapes[name] = (s_shape, t_shape)
             loss = losses[name]
+            samples = len(data.train_labels) if data is not None else 50_000
+            attempt(loss.setup, s_shape, t_shape, samples)
             pairs = list(zip(s_shape, t_shape, strict=True)) if isinstance(s_spec, tuple) and loss.pairwise \
                 else [(s_shape, t_shape)]
             for j, (one_s, one_t) in enumerate(pairs):

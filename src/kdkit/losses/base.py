@@ -7,6 +7,7 @@ schedules are applied once, by :class:`kdkit.objective.Objective`, never inside 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,16 @@ class DistillLoss(nn.Module):
         if tuple(student) != tuple(teacher):
             return f"student shape {tuple(student)} differs from teacher shape {tuple(teacher)}"
         return None
+
+    def setup(self, student_shape: Any, teacher_shape: Any, num_samples: int) -> None:
+        """Create state that depends on the probed tap shapes or the dataset size (called once, before
+        the optimiser is built). The default has none; CRD builds its embedding heads and memory here.
+
+        Args:
+            student_shape: Per-sample shape of the (bridged) student tap, or a list for several taps.
+            teacher_shape: Per-sample shape of the teacher tap(s).
+            num_samples: Training samples in the dataset.
+        """
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover
         """Return the unweighted scalar loss."""
