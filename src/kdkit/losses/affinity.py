@@ -1,0 +1,101 @@
+"""Affinity mimicking (TinyCLIP, Wu et al., ICCV 2023) for any two paired embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdkit.losses.base import DistillLoss, register_loss
+
+
+def affinity_matrix(a: Tensor, b: Tensor, scale: float | Tensor) -> Tensor:
+    r"""``A = scale * normalize(a) normalize(b)^T``: the ``(B, B)`` scaled cosine affinities (CLIP logits)."""
+    return scale * (F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T)
+
+
+def _soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """Mean over rows of ``-sum_j softmax(target)_ij log_softmax(logits)_ij`` (no ``log`` of a probability)."""
+    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def affinity_loss(s_a: Tensor, s_b: Tensor, t_a: Tensor, t_b: Tensor, scale_s: float | Tensor = 100.0,
+                  scale_t: float | Tensor = 100.0) -> Tensor:
+    r"""Affinity mimicking of Wu et al., "TinyCLIP: CLIP Distillation via Affinity Mimicking and Weight
+    Inheritance" (ICCV 2023).
+
+    .. math::
+        A = s\,\hat E_a \hat E_b^\top,\quad \hat E = E / \|E\|_2 \text{ (per row)};\qquad
+        L = \tfrac12\big[\mathrm{CE}(A_s, \mathrm{softmax}\,A_t)
+            + \mathrm{CE}(A_s^\top, \mathrm{softmax}\,A_t^\top)\big]
+
+    ``CE(X, P) = -(1/B) sum_i sum_j P_ij log softmax(X)_ij`` is the soft-target cross-entropy over the rows;
+    the first term distils the ``a -> b`` affinities (image-to-text), the second the ``b -> a`` ones
+    (text-to-image). Defined for any two paired embeddings (image/text, two views, ...). The minimum over
+    the student, reached at ``A_s = A_t``, is the mean row entropy of the teacher's two softmaxes (not 0):
+    ``L = H + KL`` and only the KL part depends on the student.
+
+    Scales: in TinyCLIP (``ClipSoftLoss``) the student's affinities use the student's own learned CLIP
+    ``logit_scale.exp()`` and the teacher's use the teacher's (``teacher_model.logit_scale.exp()``, 100 for
+    trained CLIP models, optionally overridden by ``--logit-scale``). Pass tensors to keep them learnable.
+
+    Args:
+        s_a: ``(B, D_s)`` student embeddings of the first member of each pair (e.g. images).
+        s_b: ``(B, D_s)`` student embeddings of the second member (e.g. texts).
+        t_a: ``(B, D_t)`` teacher embeddings of the first member; ``D_t`` may differ from ``D_s``.
+        t_b: ``(B, D_t)`` teacher embeddings of the second member.
+        scale_s: Student logit scale (CLIP's ``exp(logit_scale)``, 100 once trained).
+        scale_t: Teacher logit scale.
+
+    Returns:
+        Scalar loss, in ``s_a``'s dtype.
+    """
+    dtype = torch.float64 if s_a.dtype == torch.float64 else torch.float32
+    a_s = affinity_matrix(s_a.to(dtype), s_b.to(dtype), scale_s)
+    a_t = affinity_matrix(t_a.to(dtype), t_b.to(dtype), scale_t)
+    loss = 0.5 * (_soft_cross_entropy(a_s, a_t) + _soft_cross_entropy(a_s.T, a_t.T))
+    return loss.to(s_a.dtype)
+
+
+@register_loss("affinity", help="TinyCLIP affinity mimicking on paired embeddings stacked (B, 2, D) (ICCV 2023)")
+class AffinityLoss(DistillLoss):
+    """Affinity mimicking between the paired embeddings of student and teacher; see :func:`affinity_loss`.
+
+    Each tap holds the two paired embeddings stacked on dim 1, ``(B, 2, D)`` (e.g. a module returning
+    ``torch.stack([image_emb, text_emb], 1)``); ``D`` may differ between student and teacher. Name the
+    taps explicitly (there is no standard default). TinyCLIP weights this soft loss by ``alpha * w`` and
+    CLIP's contrastive (hard) loss by ``(1 - alpha) * w`` (``--distillation-alpha``, ``--distillation-weight``)::
+
+        distill:
+          - {loss: affinity, student: pair_embed, teacher: pair_embed, weight: 1.0, scale: 100}
+
+    Args:
+        scale: Student logit scale (default 100, CLIP's trained ``exp(logit_scale)``). TinyCLIP learns the
+            student's scale; here it is a fixed number.
+        teacher_scale: Teacher logit scale; ``null`` (default) uses ``scale``.
+    """
+
+    default_student_tap = "penultimate"
+    default_teacher_tap = "penultimate"
+
+    def __init__(self, *, scale: float = 100.0, teacher_scale: float | None = None) -> None:
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        if teacher_scale is not None and teacher_scale <= 0:
+            raise ValueError(f"teacher_scale must be > 0 (or null to use scale), got {teacher_scale}")
+        self.scale = scale
+        self.teacher_scale = scale if teacher_scale is None else teacher_scale
+
+    def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
+        """Both per-sample shapes must be ``(2, D)``; ``D`` may differ."""
+        for who, shape in (("student", student), ("teacher", teacher)):
+            if len(shape) != 2 or shape[0] != 2:
+                return (f"affinity needs taps of per-sample shape (2, D) (two paired embeddings stacked on dim 1), "
+                        f"but the {who} tap has {tuple(shape)}")
+        return None
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+        """Affinity loss of ``(B, 2, D_s)`` and ``(B, 2, D_t)`` paired embeddings; labels are unused."""
+        return affinity_loss(student[:, 0], student[:, 1], teacher[:, 0], teacher[:, 1], self.scale,
+                             self.teacher_scale)
