@@ -81,3 +81,7 @@ def conv3x3_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
 
 
 __all__ = ["BRIDGES", "conv1x1_bridge", "conv3x3_bridge", "linear_bridge", "register_bridge"]
+
+
+# Bridges in their own modules register on import (after BRIDGES exists).
+from kdkit.bridges import abf  # noqa: E402, F401

@@ -1,6 +1,6 @@
 """Distillation losses: pure functions plus thin registered modules (``kdkit ls losses``)."""
 
-from kdkit.losses import affinity, cka, crd, dist, dkd, multilabel, pcka  # noqa: F401 - registers on import
+from kdkit.losses import affinity, cka, crd, dist, dkd, multilabel, pcka, reviewkd  # noqa: F401 - registers
 from kdkit.losses.base import LOSSES, DistillLoss, register_loss
 from kdkit.losses.kd import KDLoss, MSELoss, kd_loss, mse_loss
 from kdkit.losses.standardize import standardize_logits

@@ -28,7 +28,8 @@ class DistillLoss(nn.Module):
     default_student_tap: str = "logits"
     default_teacher_tap: str = "logits"
     #: With lists of taps (several stages), the loss is applied to each (student, teacher) pair and
-    #: summed; a loss that needs all stages at once (ReviewKD) sets this False and receives the lists.
+    #: summed; a loss that needs all stages at once sets this False and receives the lists. (ReviewKD
+    #: fuses the stages in its bridge, so its loss stays pairwise.)
     pairwise: bool = True
     #: The loss needs the dataset indices of the batch's samples (``index=`` keyword), e.g. CRD.
     needs_index: bool = False
