@@ -1,6 +1,16 @@
 """Distillation losses: pure functions plus thin registered modules (``kdkit ls losses``)."""
 
-from kdkit.losses import affinity, cka, crd, dist, dkd, multilabel, pcka, reviewkd  # noqa: F401 - registers
+from kdkit.losses import (  # noqa: F401 - each module registers its losses on import
+    affinity,
+    cka,
+    crd,
+    dist,
+    dkd,
+    mlkd,
+    multilabel,
+    pcka,
+    reviewkd,
+)
 from kdkit.losses.base import LOSSES, DistillLoss, register_loss
 from kdkit.losses.kd import KDLoss, MSELoss, kd_loss, mse_loss
 from kdkit.losses.standardize import standardize_logits
