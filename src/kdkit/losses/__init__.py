@@ -2,14 +2,19 @@
 
 from kdkit.losses import (  # noqa: F401 - each module registers its losses on import
     affinity,
+    at,
     cka,
     crd,
     dist,
     dkd,
+    fitnets,
     mlkd,
     multilabel,
     pcka,
+    pkd,
     reviewkd,
+    rkd,
+    sp,
 )
 from kdkit.losses.base import LOSSES, DistillLoss, register_loss
 from kdkit.losses.kd import KDLoss, MSELoss, kd_loss, mse_loss
