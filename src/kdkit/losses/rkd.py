@@ -14,9 +14,17 @@ def _embeddings(x: Tensor) -> Tensor:
     return x.flatten(1).to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _differences(e: Tensor) -> Tensor:
-    """``d[i, j] = e[j] - e[i]``: ``(B, B, D)``."""
-    return e.unsqueeze(0) - e.unsqueeze(1)
+def _squared_distances(e: Tensor) -> tuple[Tensor, Tensor]:
+    """Gram matrix ``G = e eᵀ`` and squared distances ``|e_i - e_j|^2 = G_ii + G_jj - 2 G_ij`` ``(B, B)``.
+
+    Both come from the ``(B, B)`` Gram matrix instead of the ``(B, B, D)`` tensor of differences the
+    reference code builds: the same values in O(B^2 D) time and O(B^2) memory (``e`` is centred
+    first, which changes no distance or angle and keeps the cancellation small).
+    """
+    e = e - e.mean(dim=0, keepdim=True)
+    gram = e @ e.T
+    diag = gram.diagonal()
+    return gram, (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0)
 
 
 def _normalized_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
@@ -27,15 +35,26 @@ def _normalized_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
     """
     b = e.shape[0]
     off = ~torch.eye(b, dtype=torch.bool, device=e.device)
-    dist = _differences(e).pow(2).sum(-1).clamp_min(eps).sqrt() * off
+    dist = _squared_distances(e)[1].clamp_min(eps).sqrt() * off
     mean = dist.sum() / (b * (b - 1))
     return dist / mean.clamp_min(eps)
 
 
-def _angles(e: Tensor) -> Tensor:
-    """Cosines ``(B, B, B)``: ``cos[j, i, k] = <e_ij, e_kj>`` with ``e_ij`` the unit vector from ``e_j`` to ``e_i``."""
-    unit = F.normalize(_differences(e), p=2, dim=2)  # unit[j, i] = (e_i - e_j) / |e_i - e_j| (0 if i == j)
-    return torch.bmm(unit, unit.transpose(1, 2))
+def _angles(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosines ``(B, B, B)``: ``cos[j, i, k] = <e_ij, e_kj>`` with ``e_ij`` the unit vector from ``e_j`` to ``e_i``.
+
+    ``<e_i - e_j, e_k - e_j> = G_ik - G_ij - G_jk + G_jj``, divided by the two distances; entries with
+    ``i == j`` or ``k == j`` are 0 (the reference normalises a zero vector to 0).
+    """
+    gram, sq = _squared_distances(e)
+    b = e.shape[0]
+    norm = sq.clamp_min(eps).sqrt()  # norm[j, i] = |e_i - e_j|
+    diag = gram.diagonal()
+    inner = gram[None, :, :] - gram[:, :, None] - gram[:, None, :] + diag[:, None, None]
+    cos = inner / (norm[:, :, None] * norm[:, None, :])
+    eye = torch.eye(b, dtype=torch.bool, device=e.device)
+    degenerate = eye[:, :, None] | eye[:, None, :]  # i == j or k == j
+    return cos.masked_fill(degenerate, 0.0)
 
 
 def rkd_distance_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
