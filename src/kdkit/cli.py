@@ -125,6 +125,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`kdkit bench methods`: every method recipe on Fashion-MNIST, N seeds, table and plots."""
+    from kdkit.bench.methods import run_methods_bench
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    run_methods_bench(Path(args.out), seeds=args.seeds, methods=methods, quick=args.quick, overrides=args.overrides)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """`kdkit report RUN ...`: HTML + PNG comparison of run folders."""
     from kdkit.report import write_report
@@ -171,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
     demo.add_argument("--overwrite", action="store_true", help="retrain students even if their runs exist")
     demo.set_defaults(fn=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks: `bench methods` runs every method on Fashion-MNIST")
+    bench.add_argument("what", choices=["methods"])
+    bench.add_argument("overrides", nargs="*", help="key=value overrides for every student recipe")
+    bench.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    bench.add_argument("--methods", help="comma-separated recipe names (default: all of recipes/fashion_mnist)")
+    bench.add_argument("--out", default="runs/bench_methods", help="output folder")
+    bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
+    bench.set_defaults(fn=cmd_bench)
 
     rep = sub.add_parser("report", help="HTML + PNG report comparing run folders")
     rep.add_argument("runs", nargs="+", help="run folders")

@@ -130,6 +130,8 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "best_top1": result.best_top1, "best_epoch": result.best_epoch, "last_top1": result.last_top1,
         "last_top5": result.last_top5, "train_seconds": round(result.seconds, 2),
         "params": count_parameters(model), "bridge_params": count_parameters(built.student.bridges),
+        "loss_params": count_parameters(built.objective),
+        "epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / max(len(result.history), 1),
         "latency_ms": latency_ms(model, shape, device=built.device) if ctx.is_main else None,
         "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
         "world_size": ctx.world_size, "device": str(built.device), "kdkit": __version__,

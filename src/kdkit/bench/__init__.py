@@ -1,0 +1,1 @@
+"""Benchmarks that reuse the real training path (``kdkit bench ...``)."""

@@ -1,0 +1,118 @@
+"""``kdkit bench methods``: every distillation method on Fashion-MNIST with the same teacher and budget.
+
+Each method is a shipped recipe in ``recipes/fashion_mnist/`` (the labels-only student and every
+method on the same 3,000-image subset, 30 epochs, the same optimiser and schedule); the teacher is
+trained once (or reused). For N seeds per method it records best and last top-1 (mean +- std), time
+per epoch and the extra trainable parameters (bridges and loss heads), then writes ``results.md``,
+``results.json`` and an HTML/PNG report (bar plot of every method) to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdkit.checkpoint import atomic_write_text
+from kdkit.errors import KdkitError
+from kdkit.profile import machine_info
+from kdkit.recipe import find_recipe, load_recipe, recipes_root
+from kdkit.report import mean_std, write_report
+from kdkit.runner import run_recipe
+
+SUITE = "fashion_mnist"
+NOT_METHODS = {"teacher"}
+
+
+def method_recipes() -> list[str]:
+    """The method recipes of the benchmark suite: the labels-only baseline first, then alphabetical."""
+    names = sorted(p.stem for p in (recipes_root() / SUITE).glob("*.yaml") if p.stem not in NOT_METHODS)
+    return sorted(names, key=lambda n: (n != "student_ce", n != "kd", n))
+
+
+def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = None, quick: bool = False,
+                      overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the method benchmark and return its results (also written to ``out``).
+
+    Args:
+        out: Output folder (one run folder per method and seed, plus the report).
+        seeds: Seeds per method.
+        methods: Recipe names to run (default: all of :func:`method_recipes`).
+        quick: One epoch each, for smoke tests.
+        overrides: ``key=value`` overrides applied to every student recipe (e.g. ``train.epochs=10``).
+    """
+    available = method_recipes()
+    chosen = methods or available
+    unknown = [m for m in chosen if m not in available]
+    if unknown:
+        raise KdkitError(f"unknown method recipe {unknown[0]!r}", choices=available, bad=unknown[0],
+                         fix=f"pick recipes from recipes/{SUITE}/ (kdkit ls recipes)")
+    quick_over = ["train.epochs=1"] if quick else []
+    teacher = load_recipe(find_recipe(f"{SUITE}/teacher"), [*quick_over, f"output.dir={out}/teacher"])
+    run_recipe(teacher, reuse=True)
+    rows, folders, labels = [], [], []
+    for method in chosen:
+        summaries = []
+        for seed in range(seeds):
+            extra = []
+            base = load_recipe(find_recipe(f"{SUITE}/{method}"))
+            if base.teacher is not None:
+                extra = [f"teacher.checkpoint={out}/teacher", "teacher.recipe=null"]
+            recipe = load_recipe(find_recipe(f"{SUITE}/{method}"),
+                                 [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
+                                  f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
+            summary = run_recipe(recipe, reuse=True)
+            print(f"bench: {method} seed {seed}: best {summary['best_top1']:.2f} last {summary['last_top1']:.2f} "
+                  f"({summary['epoch_seconds']:.2f} s/epoch)", flush=True)
+            summaries.append(summary)
+            folders.append(recipe.run_dir)
+            labels.append(method)
+        rows.append(_row(method, summaries))
+    baseline = next((r for r in rows if r["method"] == "student_ce"), None)
+    kd = next((r for r in rows if r["method"] == "kd"), None)
+    for row in rows:
+        row["vs_labels_only"] = row["best_top1"] - baseline["best_top1"] if baseline else None
+        row["vs_kd"] = row["best_top1"] - kd["best_top1"] if kd else None
+    results = {"rows": rows, "seeds": seeds, "quick": quick, "overrides": overrides or [],
+               "machine": machine_info(), "command": " ".join(sys.argv)}
+    table = format_table(results)
+    atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    report = write_report(folders, out / "report", labels=labels, title="kdkit method benchmark (Fashion-MNIST)",
+                          preamble=f"<pre>{table}</pre>")
+    print(table)
+    print(f"report: {report}")
+    return results
+
+
+def _row(method: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    best = mean_std([s["best_top1"] for s in summaries])
+    last = mean_std([s["last_top1"] for s in summaries])
+    first = summaries[0]
+    recipe = load_recipe(find_recipe(f"{SUITE}/{method}"))
+    return {
+        "method": method, "description": recipe.description, "seeds": len(summaries),
+        "best_top1": best[0], "best_top1_std": best[1], "last_top1": last[0], "last_top1_std": last[1],
+        "epoch_seconds": sum(s["epoch_seconds"] for s in summaries) / len(summaries),
+        "extra_params": first["bridge_params"] + first.get("loss_params", 0),
+        "epochs": first["epochs"], "train_samples": first["train_samples"],
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table of the benchmark (what the README shows)."""
+    lines = ["| method | best top-1 (%) | last top-1 (%) | vs labels only | vs KD | s / epoch | extra params |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        delta = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
+        lines.append(f"| {r['method']} | {r['best_top1']:.2f} ± {r['best_top1_std']:.2f} | {r['last_top1']:.2f} ± "
+                     f"{r['last_top1_std']:.2f} | {delta(r['vs_labels_only'])} | {delta(r['vs_kd'])} | "
+                     f"{r['epoch_seconds']:.2f} | {r['extra_params']:,} |")
+    m = results["machine"]
+    first = results["rows"][0]
+    lines += ["", f"{results['seeds']} seeds per method; student cnn_student on {first['train_samples']:,} "
+              f"Fashion-MNIST images for {first['epochs']} epochs, teacher cnn_teacher on all 60,000.",
+              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+              f"python {m['python']}. Command: `{results['command']}`"]
+    return "\n".join(lines)
