@@ -125,6 +125,8 @@ def cifar100() -> None:
         preact = [f"{s}_preact" for s in stages] if teacher != "resnet32x4" or student != "shufflenetv2" else stages
         table = methods(stages, preact, "stage2", stages[-1], beta, review_weight, 20.0)
         table["kd"] = {"distill": [{"loss": "kd", "weight": 0.9, "temperature": 4.0}], "ce": 0.1}
+        if student == "shufflenetv2":  # official ReviewKD: weight 8, fused maps resized to the teacher's size
+            table["reviewkd"]["distill"][0].update({"weight": 8.0, "bridge_params": {"resize": True}})
         column = f"{teacher}>{student}"
         for name, spec in table.items():
             if name in ("multilabel_kd", "pcka", "pkd"):

@@ -9,6 +9,7 @@ or teacher files are warnings (the recipe itself is fine; the files belong to th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,106 +216,109 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         shape = DataShape(*KNOWN_SHAPES.get(recipe.data.dataset, (10, 3, 32)))
 
     # -- models --------------------------------------------------------------------------------------
-    torch.manual_seed(recipe.train.seed)
-    model = attempt(build_model, recipe.model.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
-                    image_size=shape.image_size, params=recipe.model.params, where="model.arch")
-    if model is not None and recipe.model.checkpoint is not None:
-        if training or Path(recipe.model.checkpoint).exists():
-            attempt(load_model_weights, model, recipe.model.checkpoint, where="model.checkpoint")
-        else:
-            warnings.append(f"model.checkpoint: {recipe.model.checkpoint!r} does not exist here")
-    teacher_model = None
-    if recipe.teacher is not None:
-        spec = recipe.teacher
-        teacher_model = attempt(build_model, spec.arch, num_classes=shape.num_classes,
-                                in_channels=shape.in_channels, image_size=shape.image_size, params=spec.params,
-                                where="teacher.arch")
-        if spec.recipe is not None:
-            attempt(teacher_run_recipe, spec, base)
-        if teacher_model is not None:
-            if training:
-                weights = attempt(teacher_weights, spec, base)
-                if weights is not None:
-                    attempt(load_model_weights, teacher_model, weights, where="teacher.checkpoint")
-            elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
-                warnings.append(f"teacher.checkpoint: {spec.checkpoint!r} does not exist here")
+    # Validation only needs names, paths and shapes: build on the meta device (no weights allocated or
+    # initialised), which makes `kdkit validate` on a 7M-parameter pair take milliseconds.
+    with torch.device("meta") if not training else contextlib.nullcontext():
+        torch.manual_seed(recipe.train.seed)
+        model = attempt(build_model, recipe.model.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                        image_size=shape.image_size, params=recipe.model.params, where="model.arch")
+        if model is not None and recipe.model.checkpoint is not None:
+            if training or Path(recipe.model.checkpoint).exists():
+                attempt(load_model_weights, model, recipe.model.checkpoint, where="model.checkpoint")
+            else:
+                warnings.append(f"model.checkpoint: {recipe.model.checkpoint!r} does not exist here")
+        teacher_model = None
+        if recipe.teacher is not None:
+            spec = recipe.teacher
+            teacher_model = attempt(build_model, spec.arch, num_classes=shape.num_classes,
+                                    in_channels=shape.in_channels, image_size=shape.image_size, params=spec.params,
+                                    where="teacher.arch")
+            if spec.recipe is not None:
+                attempt(teacher_run_recipe, spec, base)
+            if teacher_model is not None:
+                if training:
+                    weights = attempt(teacher_weights, spec, base)
+                    if weights is not None:
+                        attempt(load_model_weights, teacher_model, weights, where="teacher.checkpoint")
+                elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+                    warnings.append(f"teacher.checkpoint: {spec.checkpoint!r} does not exist here")
 
-    # -- terms: losses, taps, bridges ----------------------------------------------------------------
-    names = _term_names(recipe)
-    losses: dict[str, DistillLoss] = {}
-    student_taps: dict[str, Tap] = {}
-    teacher_taps: dict[str, Tap] = {}
-    reads: dict[str, tuple[TapSpec, TapSpec]] = {}
-    for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
-        where = f"distill.{i}"
-        loss_cls = attempt(LOSSES.get, term.loss, where=f"{where}.loss")
-        if loss_cls is None:
-            continue
-        params = attempt(check_params, loss_cls, term.params, where=where, what=f"loss {term.loss!r}")
-        if params is None:
-            continue
-        try:
-            losses[name] = loss_cls(**params)
-        except (ValueError, TypeError) as exc:
-            errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
-            continue
-        s_spec = _spec(term.student) or loss_cls.default_student_tap
-        t_spec = _spec(term.teacher) or loss_cls.default_teacher_tap
-        if len(as_specs(s_spec)) != len(as_specs(t_spec)):
-            errors.append(KdkitError(f"{len(as_specs(s_spec))} student tap(s) {list(as_specs(s_spec))} but "
-                                     f"{len(as_specs(t_spec))} teacher tap(s) {list(as_specs(t_spec))}",
-                                     fix="give as many teacher taps as student taps (they are paired in order)",
-                                     where=where))
-            continue
-        reads[name] = (s_spec, t_spec)
-        for side, net, spec, found in (("student", model, s_spec, student_taps),
-                                       ("teacher", teacher_model, t_spec, teacher_taps)):
-            if net is None:
-                continue
-            for one in as_specs(spec):
-                tap = attempt(resolve_tap, net, one, where=f"{where}.{side}")
-                if tap is not None:
-                    found[one] = tap
-        if term.bridge is not None:
-            attempt(BRIDGES.get, term.bridge, where=f"{where}.bridge")
-
-    # -- shapes and bridges (one probe forward per model) --------------------------------------------
-    bridges: dict[str, nn.Module] = {}
-    tap_shapes: dict[str, tuple[Any, Any]] = {}
-    if model is not None and teacher_model is not None and losses:
-        example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
-        s_shapes = attempt(probe_shapes, model, list(student_taps.values()), example) or {}
-        t_shapes = attempt(probe_shapes, teacher_model, list(teacher_taps.values()), example) or {}
+        # -- terms: losses, taps, bridges ----------------------------------------------------------------
+        names = _term_names(recipe)
+        losses: dict[str, DistillLoss] = {}
+        student_taps: dict[str, Tap] = {}
+        teacher_taps: dict[str, Tap] = {}
+        reads: dict[str, tuple[TapSpec, TapSpec]] = {}
         for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
-            if name not in losses or name not in reads:
-                continue
-            s_spec, t_spec = reads[name]
-            if not all(s in s_shapes for s in as_specs(s_spec)) or not all(t in t_shapes for t in as_specs(t_spec)):
-                continue
             where = f"distill.{i}"
-            s_shape, t_shape = _shape_of(s_shapes, s_spec), _shape_of(t_shapes, t_spec)
-            if term.bridge is not None and term.bridge in BRIDGES:
-                bridge = attempt(build_bridge, term.bridge, term.bridge_params, s_shape, t_shape, where)
-                if bridge is None:
+            loss_cls = attempt(LOSSES.get, term.loss, where=f"{where}.loss")
+            if loss_cls is None:
+                continue
+            params = attempt(check_params, loss_cls, term.params, where=where, what=f"loss {term.loss!r}")
+            if params is None:
+                continue
+            try:
+                losses[name] = loss_cls(**params)
+            except (ValueError, TypeError) as exc:
+                errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
+                continue
+            s_spec = _spec(term.student) or loss_cls.default_student_tap
+            t_spec = _spec(term.teacher) or loss_cls.default_teacher_tap
+            if len(as_specs(s_spec)) != len(as_specs(t_spec)):
+                errors.append(KdkitError(f"{len(as_specs(s_spec))} student tap(s) {list(as_specs(s_spec))} but "
+                                         f"{len(as_specs(t_spec))} teacher tap(s) {list(as_specs(t_spec))}",
+                                         fix="give as many teacher taps as student taps (they are paired in order)",
+                                         where=where))
+                continue
+            reads[name] = (s_spec, t_spec)
+            for side, net, spec, found in (("student", model, s_spec, student_taps),
+                                           ("teacher", teacher_model, t_spec, teacher_taps)):
+                if net is None:
                     continue
-                bridges[name] = bridge
-                s_shape = bridged_shape(bridge, s_shape)
-            tap_shapes[name] = (s_shape, t_shape)
-            loss = losses[name]
-            samples = len(data.train_labels) if data is not None else 50_000
-            attempt(loss.setup, s_shape, t_shape, samples)
-            pairs = list(zip(s_shape, t_shape, strict=True)) if isinstance(s_spec, tuple) and loss.pairwise \
-                else [(s_shape, t_shape)]
-            for j, (one_s, one_t) in enumerate(pairs):
-                problem = loss.check_shapes(one_s, one_t)
-                if problem:
-                    s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
-                    t_name = as_specs(t_spec)[j] if len(pairs) > 1 else t_spec
-                    hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
-                            if term.bridge is None else "choose another bridge or other taps")
-                    errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
-                                             f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
-                                             fix=hint, where=where))
+                for one in as_specs(spec):
+                    tap = attempt(resolve_tap, net, one, where=f"{where}.{side}")
+                    if tap is not None:
+                        found[one] = tap
+            if term.bridge is not None:
+                attempt(BRIDGES.get, term.bridge, where=f"{where}.bridge")
+
+        # -- shapes and bridges (one probe forward per model) --------------------------------------------
+        bridges: dict[str, nn.Module] = {}
+        tap_shapes: dict[str, tuple[Any, Any]] = {}
+        if model is not None and teacher_model is not None and losses:
+            example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
+            s_shapes = attempt(probe_shapes, model, list(student_taps.values()), example) or {}
+            t_shapes = attempt(probe_shapes, teacher_model, list(teacher_taps.values()), example) or {}
+            for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
+                if name not in losses or name not in reads:
+                    continue
+                s_spec, t_spec = reads[name]
+                if not all(s in s_shapes for s in as_specs(s_spec)) or not all(t in t_shapes for t in as_specs(t_spec)):
+                    continue
+                where = f"distill.{i}"
+                s_shape, t_shape = _shape_of(s_shapes, s_spec), _shape_of(t_shapes, t_spec)
+                if term.bridge is not None and term.bridge in BRIDGES:
+                    bridge = attempt(build_bridge, term.bridge, term.bridge_params, s_shape, t_shape, where)
+                    if bridge is None:
+                        continue
+                    bridges[name] = bridge
+                    s_shape = bridged_shape(bridge, s_shape)
+                tap_shapes[name] = (s_shape, t_shape)
+                loss = losses[name]
+                samples = len(data.train_labels) if data is not None else 50_000
+                attempt(loss.setup, s_shape, t_shape, samples)
+                pairs = list(zip(s_shape, t_shape, strict=True)) if isinstance(s_spec, tuple) and loss.pairwise \
+                    else [(s_shape, t_shape)]
+                for j, (one_s, one_t) in enumerate(pairs):
+                    problem = loss.check_shapes(one_s, one_t)
+                    if problem:
+                        s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
+                        t_name = as_specs(t_spec)[j] if len(pairs) > 1 else t_spec
+                        hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
+                                if term.bridge is None else "choose another bridge or other taps")
+                        errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
+                                                 f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
+                                                 fix=hint, where=where))
 
     if errors:
         raise RecipeErrors(errors, str(source) if source else recipe.name)
@@ -322,10 +326,11 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
 
     terms = [Term(name, losses[name], reads[name][0], reads[name][1], term.weight, term.warmup_epochs)
              for term, name in zip(recipe.distill, names, strict=True)]
+    dev = dev if training else torch.device("meta")  # validation built everything on the meta device
     student = Student(model, {n: reads[n][0] for n in losses}, bridges).to(dev)
     teacher = None
     if teacher_model is not None and recipe.teacher is not None:
         teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),
-                                channels_last=recipe.teacher.channels_last and dev.type != "mps")
+                                channels_last=recipe.teacher.channels_last and dev.type not in ("mps", "meta"))
     objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing).to(dev)
     return Plan(recipe, data, shape, student, objective, teacher, dev, warnings, tap_shapes)
