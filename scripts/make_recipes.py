@@ -62,6 +62,10 @@ def methods(stages: list[str], preact: list[str], hint: str, last: str, beta: fl
                              {"loss": "rcka", "weight": 1.0}], "ce": 1.0},
         "pcka": {"distill": [{"loss": "pcka", "student": last, "teacher": last, "bridge": "conv1x1", "weight": 1.0}],
                  "ce": 1.0},
+        # the pair: the weak and strong views of each image (TinyCLIP pairs image and text embeddings)
+        "affinity": {"distill": [{"loss": "affinity", "student": "penultimate", "teacher": "penultimate",
+                                  "pairs": "views", "scale": 10.0, "weight": 1.0}], "ce": 1.0,
+                     "data": {"views": 2}},
     }
 
 
@@ -78,6 +82,7 @@ DESCRIPTIONS = {
     "sp": "Similarity-preserving KD (Tung & Mori, ICCV 2019)",
     "rcka": "RCKA: feature CKA per stage + intra/inter logit CKA (Zhou et al., IJCAI 2024)",
     "pcka": "Patch-wise CKA on the last stage (Zhou et al., IJCAI 2024)",
+    "affinity": "Affinity mimicking between two views' embeddings (TinyCLIP, Wu et al., ICCV 2023)",
 }
 
 
@@ -129,8 +134,8 @@ def cifar100() -> None:
             table["reviewkd"]["distill"][0].update({"weight": 8.0, "bridge_params": {"resize": True}})
         column = f"{teacher}>{student}"
         for name, spec in table.items():
-            if name in ("multilabel_kd", "pcka", "pkd"):
-                continue  # multi-label / dense-prediction methods: no CIFAR-100 classification protocol
+            if name in ("multilabel_kd", "pcka", "pkd", "affinity"):
+                continue  # multi-label / dense / multimodal methods: no CIFAR-100 classification protocol
             published = PUBLISHED.get(name, [None] * 5)
             figure = published[COLUMNS.index(column)] if column in COLUMNS else None
             note = f"Published CIFAR-100 top-1: {figure}" if figure is not None else \

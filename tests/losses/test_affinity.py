@@ -123,3 +123,14 @@ def test_affinity_module_shapes_and_bad_params() -> None:
 
 def test_registered() -> None:
     assert "affinity" in LOSSES and LOSSES.get("affinity") is AffinityLoss
+
+
+def test_views_pairs_the_two_halves_of_a_two_view_batch() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(8, 5, 2, 2), torch.randn(8, 7)
+    loss = AffinityLoss(pairs="views", scale=10.0)
+    expected = affinity_loss(s[:4].flatten(1), s[4:].flatten(1), t[:4], t[4:], 10.0, 10.0)
+    assert loss(s, t, torch.zeros(8)).item() == pytest.approx(expected.item())
+    assert loss.check_shapes((5, 2, 2), (7,)) is None
+    with pytest.raises(ValueError, match=r"data\.views: 2"):
+        loss(s[:7], t[:7], torch.zeros(7))

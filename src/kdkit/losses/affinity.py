@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,16 +71,27 @@ class AffinityLoss(DistillLoss):
         distill:
           - {loss: affinity, student: pair_embed, teacher: pair_embed, weight: 1.0, scale: 100}
 
+    The pair can also be two augmented views of the same images (``pairs: views``): with
+    ``data: {views: 2}`` the batch is ``[weak; strong]``, and the embeddings of the first half are paired
+    with those of the second (any per-sample shape; flattened)::
+
+        data: {views: 2}
+        distill:
+          - {loss: affinity, student: penultimate, teacher: penultimate, pairs: views, scale: 10}
+
     Args:
         scale: Student logit scale (default 100, CLIP's trained ``exp(logit_scale)``). TinyCLIP learns the
             student's scale; here it is a fixed number.
         teacher_scale: Teacher logit scale; ``null`` (default) uses ``scale``.
+        pairs: ``stacked`` (default): taps of shape ``(B, 2, D)``; ``views``: the two halves of a
+            two-view batch ``(2B, ...)`` are the pair.
     """
 
     default_student_tap = "penultimate"
     default_teacher_tap = "penultimate"
 
-    def __init__(self, *, scale: float = 100.0, teacher_scale: float | None = None) -> None:
+    def __init__(self, *, scale: float = 100.0, teacher_scale: float | None = None,
+                 pairs: Literal["stacked", "views"] = "stacked") -> None:
         super().__init__()
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
@@ -86,9 +99,12 @@ class AffinityLoss(DistillLoss):
             raise ValueError(f"teacher_scale must be > 0 (or null to use scale), got {teacher_scale}")
         self.scale = scale
         self.teacher_scale = scale if teacher_scale is None else teacher_scale
+        self.pairs = pairs
 
     def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
-        """Both per-sample shapes must be ``(2, D)``; ``D`` may differ."""
+        """Both per-sample shapes must be ``(2, D)`` (``pairs: stacked``); ``D`` may differ."""
+        if self.pairs == "views":
+            return None
         for who, shape in (("student", student), ("teacher", teacher)):
             if len(shape) != 2 or shape[0] != 2:
                 return (f"affinity needs taps of per-sample shape (2, D) (two paired embeddings stacked on dim 1), "
@@ -97,5 +113,12 @@ class AffinityLoss(DistillLoss):
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
         """Affinity loss of ``(B, 2, D_s)`` and ``(B, 2, D_t)`` paired embeddings; labels are unused."""
+        if self.pairs == "views":
+            if student.shape[0] % 2:
+                raise ValueError(f"pairs: views needs a two-view batch (set data.views: 2); got {student.shape[0]} "
+                                 "rows")
+            s, t = student.flatten(1), teacher.flatten(1)
+            half = s.shape[0] // 2
+            return affinity_loss(s[:half], s[half:], t[:half], t[half:], self.scale, self.teacher_scale)
         return affinity_loss(student[:, 0], student[:, 1], teacher[:, 0], teacher[:, 1], self.scale,
                              self.teacher_scale)
