@@ -126,11 +126,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """`kdkit bench methods`: every method recipe on Fashion-MNIST, N seeds, table and plots."""
+    """`kdkit bench methods|speed`: every method on Fashion-MNIST, or ms per step vs hand-written loops."""
     from kdkit.bench.methods import run_methods_bench
 
+    if args.what == "speed":
+        from kdkit.bench.speed import run_speed_bench
+
+        names = [o for o in args.overrides if "=" not in o]
+        overrides = [o for o in args.overrides if "=" in o]
+        if len(names) > 1:
+            raise KdkitError(f"bench speed takes one recipe, got {names}", fix="kdkit bench speed fashion_mnist/kd")
+        steps = ["--quick"] if args.quick else []
+        run_speed_bench(names[0] if names else "fashion_mnist/kd", Path(args.out or "runs/bench_speed"),
+                        **({"steps": 4, "repeats": 2, "warmup": 1} if steps else {}), overrides=overrides)
+        return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    run_methods_bench(Path(args.out), seeds=args.seeds, methods=methods, quick=args.quick, overrides=args.overrides)
+    run_methods_bench(Path(args.out or "runs/bench_methods"), seeds=args.seeds, methods=methods, quick=args.quick,
+                      overrides=args.overrides)
     return 0
 
 
@@ -181,12 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="retrain students even if their runs exist")
     demo.set_defaults(fn=cmd_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks: `bench methods` runs every method on Fashion-MNIST")
-    bench.add_argument("what", choices=["methods"])
-    bench.add_argument("overrides", nargs="*", help="key=value overrides for every student recipe")
+    bench = sub.add_parser("bench", help="benchmarks: `bench methods` (every method on Fashion-MNIST), "
+                           "`bench speed [RECIPE]` (ms per step vs hand-written loops)")
+    bench.add_argument("what", choices=["methods", "speed"])
+    bench.add_argument("overrides", nargs="*", help="[RECIPE for speed] then key=value recipe overrides")
     bench.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     bench.add_argument("--methods", help="comma-separated recipe names (default: all of recipes/fashion_mnist)")
-    bench.add_argument("--out", default="runs/bench_methods", help="output folder")
+    bench.add_argument("--out", help="output folder (default runs/bench_methods or runs/bench_speed)")
     bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
     bench.set_defaults(fn=cmd_bench)
 

@@ -39,7 +39,7 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
         out: Output folder (one run folder per method and seed, plus the report).
         seeds: Seeds per method.
         methods: Recipe names to run (default: all of :func:`method_recipes`).
-        quick: One epoch each, for smoke tests.
+        quick: One epoch each (the teacher on 2,000 images), for smoke tests.
         overrides: ``key=value`` overrides applied to every student recipe (e.g. ``train.epochs=10``).
     """
     available = method_recipes()
@@ -49,7 +49,8 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
         raise KdkitError(f"unknown method recipe {unknown[0]!r}", choices=available, bad=unknown[0],
                          fix=f"pick recipes from recipes/{SUITE}/ (kdkit ls recipes)")
     quick_over = ["train.epochs=1"] if quick else []
-    teacher = load_recipe(find_recipe(f"{SUITE}/teacher"), [*quick_over, f"output.dir={out}/teacher"])
+    teacher_quick = [*quick_over, "data.subset=2000"] if quick else []
+    teacher = load_recipe(find_recipe(f"{SUITE}/teacher"), [*teacher_quick, f"output.dir={out}/teacher"])
     run_recipe(teacher, reuse=True)
     rows, folders, labels = [], [], []
     for method in chosen:

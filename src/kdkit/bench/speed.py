@@ -1,0 +1,181 @@
+"""``kdkit bench speed``: milliseconds per optimisation step of kdkit vs hand-written PyTorch loops.
+
+In one process, on the same pre-built batches, interleaved so machine noise cancels, it times
+
+* (a) a hand-written PyTorch loop training the student with cross-entropy only;
+* (b) a hand-written PyTorch KD loop (teacher in eval mode under ``torch.inference_mode``, channels-last,
+  the same loss as the recipe's ``kd`` term written inline);
+* (c) kdkit's step (``Engine._step``: teacher taps, student + bridges, objective, optimiser, schedule);
+
+and, separately, the batch loader's throughput. It prints the ratio c/b (the framework's overhead over
+the loop it replaces) and the machine, versions and batch size, and writes everything as JSON. The
+teacher's weights do not change the cost, so a recipe's teacher is built with random weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from kdkit.build import plan
+from kdkit.checkpoint import atomic_write_text
+from kdkit.data import AugmentConfig
+from kdkit.data.loader import make_loaders
+from kdkit.engine import Engine
+from kdkit.errors import KdkitError
+from kdkit.models import build_model
+from kdkit.profile import machine_info
+from kdkit.recipe import Recipe, find_recipe, load_recipe
+
+
+def _random_teacher(recipe: Recipe, folder: Path) -> Path:
+    assert recipe.teacher is not None
+    data_shape = plan_shape(recipe)
+    model = build_model(recipe.teacher.arch, **data_shape, params=recipe.teacher.params)
+    path = folder / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def plan_shape(recipe: Recipe) -> dict[str, int]:
+    """num_classes / in_channels / image_size of the recipe's data (loads it)."""
+    from kdkit.data import load_dataset
+
+    data = load_dataset(recipe.data.dataset, recipe.data.root, **recipe.data.params)
+    return {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size}
+
+
+def _timed(fn: Callable[[Any], None], batches: list[Any]) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        fn(batch)
+    return (time.perf_counter() - start) * 1000.0 / len(batches)
+
+
+def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: int = 7, warmup: int = 5,
+                    overrides: list[str] | None = None) -> dict[str, Any]:
+    """Time the three loops on ``recipe_name`` (a KD recipe) and write ``out/speed.json``.
+
+    Args:
+        recipe_name: A recipe path or shipped name with a teacher and a ``kd`` term.
+        out: Output folder.
+        steps: Steps per timed block.
+        repeats: Interleaved blocks per variant (the median is reported).
+        warmup: Untimed steps per variant first.
+        overrides: ``key=value`` recipe overrides (e.g. ``train.batch_size=256``).
+    """
+    source = find_recipe(recipe_name)
+    recipe = load_recipe(source, overrides)
+    kd_terms = [t for t in recipe.distill if t.loss == "kd"]
+    if recipe.teacher is None or not kd_terms:
+        raise KdkitError(f"bench speed compares KD loops; recipe {recipe.name!r} has no teacher or no kd term",
+                         fix="use a KD recipe, e.g. fashion_mnist/kd")
+    temperature = float(kd_terms[0].params.get("temperature", 4.0))
+    kd_weight, ce_weight = kd_terms[0].weight, recipe.train.ce_weight
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_file = _random_teacher(recipe, Path(tmp))
+        recipe = load_recipe(source, [*(overrides or []), f"teacher.checkpoint={teacher_file}", "teacher.recipe=null"])
+        built = plan(recipe, training=True, source=source)
+    data, spec, dev = built.data, recipe.train, built.device
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
+    train_loader, eval_loader = make_loaders(data, batch_size=spec.batch_size, augment=augment, device=dev,
+                                             seed=spec.seed, channels_last=spec.channels_last)
+    if spec.channels_last:
+        built.student.to(memory_format=torch.channels_last)
+    batches = [b for _, b in zip(range(steps), train_loader.epoch(0), strict=False)]
+    if len(batches) < steps:
+        batches = (batches * steps)[:steps]
+
+    # (c) kdkit
+    engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
+                    eval_loader=eval_loader, train=spec, run_dir=None, teacher=built.teacher, device=dev,
+                    progress=False)
+    engine.model.train()
+
+    def kdkit_step(batch: Any) -> None:
+        engine._step(*batch)
+
+    # (a) and (b): plain loops on copies of the same networks
+    plain_student = copy.deepcopy(built.student.model)
+    plain_teacher = copy.deepcopy(built.teacher.model).eval() if built.teacher else None
+    opt_a = torch.optim.SGD(plain_student.parameters(), lr=spec.optimizer.lr, momentum=spec.optimizer.momentum,
+                            weight_decay=spec.optimizer.weight_decay)
+    kd_student = copy.deepcopy(built.student.model)
+    opt_b = torch.optim.SGD(kd_student.parameters(), lr=spec.optimizer.lr, momentum=spec.optimizer.momentum,
+                            weight_decay=spec.optimizer.weight_decay)
+
+    def plain_ce(batch: Any) -> None:
+        x, y, _ = batch
+        loss = F.cross_entropy(plain_student(x), y)
+        opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_a.step()
+
+    def plain_kd(batch: Any) -> None:
+        x, y, _ = batch
+        with torch.inference_mode():
+            z_t = plain_teacher(x)
+        z_t = z_t.clone()  # an inference tensor cannot be saved for backward
+        z_s = kd_student(x)
+        kl = F.kl_div(F.log_softmax(z_s / temperature, 1), F.log_softmax(z_t / temperature, 1),
+                      reduction="batchmean", log_target=True)
+        loss = ce_weight * F.cross_entropy(z_s, y) + kd_weight * temperature**2 * kl
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_b.step()
+
+    variants = {"a_plain_ce": plain_ce, "b_plain_kd": plain_kd, "c_kdkit_kd": kdkit_step}
+    for fn in variants.values():
+        for batch in batches[:warmup]:
+            fn(batch)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(_timed(fn, batches))
+    loader_ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = sum(1 for _ in zip(range(steps), train_loader.epoch(1), strict=False))
+        loader_ms.append((time.perf_counter() - start) * 1000.0 / max(n, 1))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "recipe": recipe.name, "batch_size": spec.batch_size, "device": str(dev), "steps": steps,
+        "repeats": repeats, "ms_per_step": med, "ms_per_step_all": times,
+        "ratio_c_over_b": med["c_kdkit_kd"] / med["b_plain_kd"],
+        "loader_ms_per_batch": statistics.median(loader_ms),
+        "loader_images_per_s": spec.batch_size * 1000.0 / statistics.median(loader_ms),
+        "machine": machine_info(), "command": " ".join(sys.argv),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "speed.json", json.dumps(result, indent=1))
+    print(format_speed(result))
+    return result
+
+
+def format_speed(r: dict[str, Any]) -> str:
+    """The speed benchmark as a Markdown table with its provenance."""
+    m = r["ms_per_step"]
+    lines = ["| step | ms / step |", "|---|---:|",
+             f"| (a) hand-written loop, student CE only | {m['a_plain_ce']:.2f} |",
+             f"| (b) hand-written KD loop (teacher inference_mode, channels-last) | {m['b_plain_kd']:.2f} |",
+             f"| (c) kdkit KD step | {m['c_kdkit_kd']:.2f} |", "",
+             f"c/b = {r['ratio_c_over_b']:.3f}; batch loader: {r['loader_ms_per_batch']:.2f} ms / batch "
+             f"({r['loader_images_per_s']:,.0f} images/s, augmentation included).",
+             f"Recipe {r['recipe']}, batch {r['batch_size']}, device {r['device']}, medians of {r['repeats']} "
+             f"interleaved blocks of {r['steps']} steps.",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']} "
+             f"({r['machine']['torch_threads']} threads). Command: `{r['command']}`"]
+    return "\n".join(lines)

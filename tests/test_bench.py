@@ -1,0 +1,47 @@
+"""Benchmarks run end to end on a tiny budget (they reuse the real training path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdkit.bench.methods import method_recipes
+from kdkit.cli import main
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST idx files not installed")
+
+
+def test_every_method_recipe_is_in_the_suite() -> None:
+    names = method_recipes()
+    assert names[:2] == ["student_ce", "kd"] and "teacher" not in names
+    assert {"dkd", "dist", "mlkd", "fitnets", "at", "pkd", "reviewkd", "crd", "rkd", "sp", "rcka", "pcka",
+            "affinity", "kd_ls", "multilabel_kd"} <= set(names)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_methods_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "methods", "--quick", "--seeds", "1", "--methods", "student_ce,kd,reviewkd",
+                 "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["student_ce", "kd", "reviewkd"]
+    assert results["rows"][2]["extra_params"] > 0 and results["rows"][0]["vs_labels_only"] == 0
+    assert (tmp_path / "report" / "comparison.png").is_file()
+    assert "| reviewkd |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_speed_bench_quick(tmp_path: Path) -> None:
+    assert main(["bench", "speed", "fashion_mnist/kd", "train.batch_size=32", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert set(result["ms_per_step"]) == {"a_plain_ce", "b_plain_kd", "c_kdkit_kd"} and result["batch_size"] == 32
+    assert all(v > 0 for v in result["ms_per_step"].values()) and result["ratio_c_over_b"] > 0
+
+
+def test_speed_bench_needs_a_kd_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "speed", "fashion_mnist/student_ce"]) == 2
+    assert "no teacher or no kd term" in capsys.readouterr().err
