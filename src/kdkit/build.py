@@ -331,6 +331,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     teacher = None
     if teacher_model is not None and recipe.teacher is not None:
         teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),
-                                channels_last=recipe.teacher.channels_last and dev.type not in ("mps", "meta"))
+                                channels_last=recipe.teacher.channels_last and dev.type not in ("mps", "meta"),
+                                fold_bn=recipe.teacher.fold_bn and training)
     objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing).to(dev)
     return Plan(recipe, data, shape, student, objective, teacher, dev, warnings, tap_shapes)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.fold import fold_batchnorm
 from kdkit.losses.base import DistillLoss
 from kdkit.taps import LOGITS, Tap, TapRecorder, resolve_tap
 
@@ -54,9 +55,12 @@ class FrozenTeacher(nn.Module):
         taps: Tap specs (or resolved taps) to capture; ``"logits"`` is always returned.
         channels_last: Store weights and inputs in channels-last layout (faster convolutions on
             oneDNN and cuDNN; see ``shared/perf-notes.md``).
+        fold_bn: Fold BatchNorm layers into the preceding convolutions (:mod:`kdkit.fold`); the
+            outputs are unchanged up to float rounding.
     """
 
-    def __init__(self, model: nn.Module, taps: Sequence[str | Tap] = (), channels_last: bool = False) -> None:
+    def __init__(self, model: nn.Module, taps: Sequence[str | Tap] = (), channels_last: bool = False,
+                 fold_bn: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -64,6 +68,8 @@ class FrozenTeacher(nn.Module):
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.taps = [t if isinstance(t, Tap) else resolve_tap(model, t) for t in taps]
+        # Fold BN into the convolutions first (before hooks are attached to the modules that remain).
+        self.folded, self.fold_skipped = fold_batchnorm(self.model, self.taps) if fold_bn else (0, "disabled")
         self.recorder = TapRecorder(self.model, [t for t in self.taps if t.capture != "logits"])
 
     def train(self, mode: bool = True) -> FrozenTeacher:

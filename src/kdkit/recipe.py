@@ -38,6 +38,7 @@ class TeacherSpec(ModelSpec):
     recipe: str | None = Field(None, description="recipe (path or shipped name) that trains this teacher; "
                                "used, and its run reused, when no checkpoint is given")
     channels_last: bool = True
+    fold_bn: bool = Field(True, description="fold BatchNorm into the preceding convolutions (faster, same outputs)")
 
     @model_validator(mode="after")
     def _weights_from_somewhere(self) -> TeacherSpec:
