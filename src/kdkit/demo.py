@@ -80,7 +80,7 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
     print(f"kdkit demo: {data_note}; output in {out}")
 
     teacher = _recipe("teacher", [*budget["teacher"], *root, *quick_t, f"output.dir={out}/teacher"])
-    teacher_summary = run_recipe(teacher, reuse=True)
+    teacher_summary = run_recipe(teacher, reuse=True, overwrite=True)  # reuse an identical finished run
     runs: dict[str, list[dict[str, Any]]] = {"student (labels only)": [], "student + KD": []}
     folders: list[Path] = [teacher.run_dir]
     labels = ["teacher"]
@@ -89,7 +89,7 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
             extra = [f"teacher.checkpoint={out}/teacher", "teacher.recipe=null"] if name == "kd" else []
             recipe = _recipe(name, [*budget["student"], *root, *quick_s, *extra, f"train.seed={seed}",
                                     f"output.dir={out}/{name}_seed{seed}"])
-            runs[label].append(run_recipe(recipe, reuse=not overwrite, overwrite=overwrite))
+            runs[label].append(run_recipe(recipe, reuse=not overwrite, overwrite=True))
             folders.append(recipe.run_dir)
             labels.append(label)
     results = _results(teacher_summary, runs, data_note, seeds, quick)

@@ -51,7 +51,7 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     quick_over = ["train.epochs=1"] if quick else []
     teacher_quick = [*quick_over, "data.subset=2000"] if quick else []
     teacher = load_recipe(find_recipe(f"{SUITE}/teacher"), [*teacher_quick, f"output.dir={out}/teacher"])
-    run_recipe(teacher, reuse=True)
+    run_recipe(teacher, reuse=True, overwrite=True)  # reuse a finished identical run, else start over
     rows, folders, labels = [], [], []
     for method in chosen:
         summaries = []
@@ -63,7 +63,7 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
             recipe = load_recipe(find_recipe(f"{SUITE}/{method}"),
                                  [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
                                   f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
-            summary = run_recipe(recipe, reuse=True)
+            summary = run_recipe(recipe, reuse=True, overwrite=True)
             print(f"bench: {method} seed {seed}: best {summary['best_top1']:.2f} last {summary['last_top1']:.2f} "
                   f"({summary['epoch_seconds']:.2f} s/epoch)", flush=True)
             summaries.append(summary)
