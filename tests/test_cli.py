@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from conftest import write_recipe
 from kdkit.cli import main
 
 
@@ -28,3 +31,18 @@ def test_validate_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None
 def test_validate_reports_bad_recipe_and_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "fashion_mnist/kd", "model.arch=resnet3"]) == 2
     assert "unknown model 'resnet3'; valid choices: resnet32" in capsys.readouterr().err
+
+
+def test_report_compares_run_folders(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
+
+    folders = []
+    for seed in (0, 1):
+        recipe = {**tiny, "train": {**tiny["train"], "epochs": 1, "seed": seed},
+                  "output": {"dir": str(tmp_path / f"run{seed}"), "progress": False}}
+        assert main(["run", str(write_recipe(tmp_path / f"r{seed}.yaml", recipe))]) == 0
+        folders.append(str(tmp_path / f"run{seed}"))
+    assert main(["report", *folders, "--out", str(tmp_path / "report")]) == 0
+    assert "report:" in capsys.readouterr().out
+    assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "curves.png").is_file()
+    assert main(["report", str(tmp_path)]) == 2  # not a run folder
+    assert "not a kdkit run folder" in capsys.readouterr().err

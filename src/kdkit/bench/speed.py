@@ -65,7 +65,7 @@ def _timed(fn: Callable[[Any], None], batches: list[Any]) -> float:
 
 def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: int = 7, warmup: int = 5,
                     overrides: list[str] | None = None) -> dict[str, Any]:
-    """Time the three loops on ``recipe_name`` (a KD recipe) and write ``out/speed.json``.
+    """Time the three loops on ``recipe_name`` (a KD recipe); write ``out/speed.json`` and ``out/results.md``.
 
     Args:
         recipe_name: A recipe path or shipped name with a teacher and a ``kd`` term.
@@ -161,6 +161,7 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "speed.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "results.md", format_speed(result) + "\n")
     print(format_speed(result))
     return result
 
