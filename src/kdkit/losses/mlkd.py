@@ -36,6 +36,17 @@ def mlkd_instance_loss(student_logits: Tensor, teacher_logits: Tensor, temperatu
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
+def _relation_gap(student_logits: Tensor, teacher_logits: Tensor, temperature: float, over: str) -> Tensor:
+    """``||Q_t Q_tᵀ - Q_s Q_sᵀ||_F^2 / n`` with ``Q = P`` (``over="samples"``, n = B) or ``Q = Pᵀ``
+    (``over="classes"``, n = K), ``P = softmax(z / T)`` over classes."""
+    p_s = F.softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    if over == "classes":
+        p_s, p_t = p_s.T, p_t.T
+    diff = p_t @ p_t.T - p_s @ p_s.T
+    return diff.pow(2).sum() / p_s.shape[0]
+
+
 def mlkd_class_relation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     r"""Class-level alignment at one temperature: :math:`\|P_t^\top P_t - P_s^\top P_s\|_F^2 / K`.
 
@@ -49,10 +60,7 @@ def mlkd_class_relation_loss(student_logits: Tensor, teacher_logits: Tensor, tem
     Returns:
         Scalar (float32).
     """
-    p_s = F.softmax(student_logits / temperature, dim=1)
-    p_t = F.softmax(teacher_logits / temperature, dim=1)
-    diff = p_t.T @ p_t - p_s.T @ p_s
-    return diff.pow(2).sum() / student_logits.shape[1]
+    return _relation_gap(student_logits, teacher_logits, temperature, "classes")
 
 
 def mlkd_batch_relation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -68,10 +76,7 @@ def mlkd_batch_relation_loss(student_logits: Tensor, teacher_logits: Tensor, tem
     Returns:
         Scalar (float32).
     """
-    p_s = F.softmax(student_logits / temperature, dim=1)
-    p_t = F.softmax(teacher_logits / temperature, dim=1)
-    diff = p_t @ p_t.T - p_s @ p_s.T
-    return diff.pow(2).sum() / student_logits.shape[0]
+    return _relation_gap(student_logits, teacher_logits, temperature, "samples")
 
 
 @torch.no_grad()
