@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from kdkit import __version__
-from kdkit.build import plan, resolve_device, teacher_run_recipe
+from kdkit.build import Plan, plan, resolve_device, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed
 from kdkit.data import AugmentConfig
-from kdkit.data.loader import make_loaders
+from kdkit.data.loader import BatchLoader, make_loaders
 from kdkit.data.strong import StrongView
 from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback, Engine
@@ -37,6 +37,23 @@ def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("recipe_digest") == recipe.digest() else None
+
+
+def prepare_training(built: Plan, ctx: DistContext | None = None) -> tuple[BatchLoader, BatchLoader]:
+    """The recipe's training and test loaders (augmentation, strong view, DDP shard), with the student
+    switched to channels-last when the recipe asks for it. Shared by ``kdkit run`` and the benchmarks."""
+    recipe, data, ctx = built.recipe, built.data, ctx or DistContext()
+    assert data is not None
+    spec = recipe.train
+    augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
+    strong_spec = recipe.data.strong
+    strong = StrongView(strong_spec.n, strong_spec.m, strong_spec.groups) if recipe.data.views == 2 else None
+    loaders = make_loaders(data, batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size, augment=augment,
+                           device=built.device, seed=spec.seed, rank=ctx.rank, world_size=ctx.world_size,
+                           channels_last=spec.channels_last, strong=strong)
+    if spec.channels_last:
+        built.student.to(memory_format=torch.channels_last)
+    return loaders
 
 
 def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -90,15 +107,7 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     data = built.data
     assert data is not None
     spec = recipe.train
-    augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
-    views = recipe.data
-    strong = StrongView(views.strong.n, views.strong.m, views.strong.groups) if views.views == 2 else None
-    train_loader, eval_loader = make_loaders(data, batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
-                                             augment=augment, device=dev, seed=spec.seed, rank=ctx.rank,
-                                             world_size=ctx.world_size, channels_last=spec.channels_last,
-                                             strong=strong)
-    if spec.channels_last:
-        built.student.to(memory_format=torch.channels_last)
+    train_loader, eval_loader = prepare_training(built, ctx)
     engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
                     eval_loader=eval_loader, train=spec, run_dir=run_dir, teacher=built.teacher, device=dev, ctx=ctx,
                     recipe=recipe.to_dict(), arch=recipe.model.arch, keep_checkpoints=recipe.output.keep_checkpoints,

@@ -30,13 +30,12 @@ from safetensors.torch import save_file
 
 from kdkit.build import plan
 from kdkit.checkpoint import atomic_write_text
-from kdkit.data import AugmentConfig
-from kdkit.data.loader import make_loaders
 from kdkit.engine import Engine
 from kdkit.errors import KdkitError
 from kdkit.models import build_model
 from kdkit.profile import machine_info
 from kdkit.recipe import Recipe, find_recipe, load_recipe
+from kdkit.runner import prepare_training
 
 
 def _random_teacher(recipe: Recipe, folder: Path) -> Path:
@@ -87,14 +86,10 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
         teacher_file = _random_teacher(recipe, Path(tmp))
         recipe = load_recipe(source, [*(overrides or []), f"teacher.checkpoint={teacher_file}", "teacher.recipe=null"])
         built = plan(recipe, training=True, source=source)
-    data, spec, dev = built.data, recipe.train, built.device
+    spec, dev = recipe.train, built.device
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
-    train_loader, eval_loader = make_loaders(data, batch_size=spec.batch_size, augment=augment, device=dev,
-                                             seed=spec.seed, channels_last=spec.channels_last)
-    if spec.channels_last:
-        built.student.to(memory_format=torch.channels_last)
+    train_loader, eval_loader = prepare_training(built)
     batches = [b for _, b in zip(range(steps), train_loader.epoch(0), strict=False)]
     if len(batches) < steps:
         batches = (batches * steps)[:steps]
