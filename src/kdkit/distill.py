@@ -108,6 +108,10 @@ class Student(nn.Module):
         hooked = [t for t in taps.values() if t.capture != "logits"]
         self.recorder = TapRecorder(model, hooked) if hooked else None
 
+    def predict(self, x: Tensor) -> Tensor:
+        """The deployed model's logits ``(B, K)``: what evaluation, export and latency measure."""
+        return self.model(x)
+
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits ``(B, K)`` and, per term, the (bridged) student tensor it compares."""
         logits = self.model(x)

@@ -32,6 +32,9 @@ from kdkit.recipe import TrainSpec
 from kdkit.schedule import build_optimizer, build_schedule
 
 Callback = Callable[["Engine", str], None]
+#: ``transform(engine, x, y, index) -> (x, y, index)``: rewrites each training batch before the step
+#: (TST prepends its learned augmentation of the batch).
+BatchTransform = Callable[["Engine", Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 LOG_EVERY = 10  # steps between host syncs (progress bar, NaN check)
 
 
@@ -82,7 +85,9 @@ class Engine:
         keep_checkpoints: Epoch checkpoints kept besides the best one.
         tensorboard: Also log to TensorBoard.
         progress: Show a live progress bar.
-        callbacks: ``callback(engine, event)`` for events ``"step"``, ``"epoch"``.
+        callbacks: ``callback(engine, event)`` for events ``"epoch_start"`` (also when resuming in the
+            middle of an epoch: check ``engine.batch``), ``"step"``, ``"epoch"``.
+        batch_transform: Rewrites each training batch before the step (see :data:`BatchTransform`).
         label: Name shown in the progress bar.
     """
 
@@ -91,7 +96,7 @@ class Engine:
                  device: torch.device | str = "cpu", ctx: DistContext | None = None,
                  recipe: dict[str, Any] | None = None, arch: str = "", keep_checkpoints: int = 1,
                  tensorboard: bool = False, progress: bool = True, callbacks: list[Callback] | None = None,
-                 label: str = "train") -> None:
+                 batch_transform: BatchTransform | None = None, label: str = "train") -> None:
         self.student, self.objective, self.teacher = student, objective, teacher
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.spec = train
@@ -105,6 +110,7 @@ class Engine:
         self.tensorboard = tensorboard
         self.show_progress = progress and self.ctx.is_main
         self.callbacks = list(callbacks or [])
+        self.batch_transform = batch_transform
         self.label = label
         self.keys = objective_keys(objective)
         self.steps_per_epoch = len(train_loader)
@@ -152,6 +158,7 @@ class Engine:
         with self._signals(), self._progress() as bar:
             while self.epoch < self.spec.epochs:
                 epoch_start = time.perf_counter()
+                self._emit("epoch_start")
                 train_stats = self._train_epoch(bar)
                 eval_stats = self.evaluate()
                 row = {"epoch": self.epoch + 1, "step": self.global_step, **train_stats, **eval_stats,
@@ -177,15 +184,16 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
-        """Top-1, top-5 (%) and mean CE of the trained model on ``loader`` (default: the eval loader)."""
+        """Top-1, top-5 (%) and mean CE of the deployed model (:meth:`Student.predict`) on ``loader``
+        (default: the eval loader)."""
         loader = loader or self.eval_loader
-        net = self.student.model
+        net = self.student
         was_training = net.training
         net.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         with self._autocast():
             for x, y, _ in loader.epoch(0):
-                logits = net(x).float()
+                logits = net.predict(x).float()
                 top1, top5 = accuracy_counts(logits, y)
                 ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
                 totals += torch.stack([ce.double(), top1.double(), top5.double(),
@@ -208,6 +216,8 @@ class Engine:
         # so the culprit is named even when NaN has spread to every term by the next check.
         first_bad = torch.full((len(self.keys),), math.inf, device=self.device)
         for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
+            if self.batch_transform is not None:
+                x, y, index = self.batch_transform(self, x, y, index)
             comps, logits = self._step(x, y, index)
             hits = (logits.detach().argmax(1) == y).sum()
             values = torch.stack([comps[k].detach().float() for k in self.keys])
