@@ -1,4 +1,4 @@
-"""The ``kdkit`` command line: run, validate, ls, demo, report.
+"""The ``kdkit`` command line: run, validate, ls, demo, bench, cache, report.
 
 Exit codes: 0 success, 2 bad input (recipe, names, files), 3 training diverged, 130 interrupted
 (a checkpoint was saved; ``--resume`` continues).
@@ -146,6 +146,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`kdkit cache build RECIPE [key=value ...]` or `kdkit cache info FOLDER`."""
+    if args.what == "info":
+        from kdkit.cache import TeacherCache
+
+        if len(args.target) != 1:
+            raise KdkitError("cache info takes one cache folder", fix="kdkit cache info runs/cache/KEY")
+        cache = TeacherCache(Path(args.target[0]))
+        print(json.dumps({k: v for k, v in cache.manifest.items() if k != "taps_layout"}, indent=1))
+        print(f"{cache.nbytes() / 2**20:.2f} MiB of teacher outputs for {cache.num_samples} images x "
+              f"{cache.num_views} views")
+        return 0
+    from kdkit.build import plan, resolve_device
+    from kdkit.cache import open_cache
+    from kdkit.recipe import find_recipe, load_recipe
+    from kdkit.runner import train_teacher_first
+
+    names = [t for t in args.target if "=" not in t]
+    overrides = [t for t in args.target if "=" in t]
+    if len(names) != 1:
+        raise KdkitError(f"cache build takes one recipe, got {names or 'none'}",
+                         fix="kdkit cache build RECIPE [teacher.cache.views=K ...]")
+    source = find_recipe(names[0])
+    recipe = load_recipe(source, overrides)
+    if recipe.teacher is None:
+        raise KdkitError(f"recipe {recipe.name!r} has no teacher to cache", fix="use a distillation recipe")
+    if recipe.teacher.cache is None:  # building for a recipe that does not use a cache yet: default settings
+        recipe = load_recipe(source, [*overrides, "teacher.cache={}"])
+    train_teacher_first(recipe, source, device=args.device)
+    built = plan(recipe, training=True, source=source, device=resolve_device(args.device) if args.device else None)
+    cache, _, _ = open_cache(recipe, built, source, overwrite=args.overwrite, progress=not args.quiet)
+    m = cache.manifest
+    print(f"teacher cache: {cache.folder} ({cache.num_views} views x {cache.num_samples} images, taps "
+          f"{cache.specs}, {cache.nbytes() / 2**20:.2f} MiB, built in {m['build_seconds']} s)")
+    if recipe.teacher.cache.dir is None:
+        print("runs use it when the recipe has `teacher: {cache: {...}}` with the same settings "
+              "(the folder name is their hash)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """`kdkit report RUN ...`: HTML + PNG comparison of run folders."""
     from kdkit.report import write_report
@@ -203,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
     bench.set_defaults(fn=cmd_bench)
 
+    cache = sub.add_parser("cache", help="teacher-output cache: `cache build RECIPE` runs the teacher once over "
+                           "K stored views per image; `cache info FOLDER`")
+    cache.add_argument("what", choices=["build", "info"])
+    cache.add_argument("target", nargs="*", help="RECIPE then key=value overrides (build), or a cache folder (info)")
+    cache.add_argument("--overwrite", action="store_true", help="rebuild even if the cache folder exists")
+    cache.add_argument("--device", help="device for the teacher (default: the recipe's train.device)")
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.set_defaults(fn=cmd_cache)
+
     rep = sub.add_parser("report", help="HTML + PNG report comparing run folders")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", help="output folder (default: report/ next to the first run)")
@@ -217,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     # positional list at the first option, so the overrides after it come back as extras.
     args, extra = parser.parse_known_args(argv)
     strays = [e for e in extra if e.startswith("-") or "=" not in e]
-    if strays or (extra and not hasattr(args, "overrides") and not hasattr(args, "recipes")):
+    if strays or (extra and not any(hasattr(args, t) for t in ("overrides", "recipes", "target"))):
         parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
     if extra:
-        target = "overrides" if hasattr(args, "overrides") else "recipes"
+        target = next(t for t in ("overrides", "recipes", "target") if hasattr(args, t))
         setattr(args, target, [*getattr(args, target), *extra])
     from kdkit.engine import Interrupted
 

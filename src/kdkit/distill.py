@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.errors import KdkitError
 from kdkit.fold import fold_batchnorm
 from kdkit.losses.base import DistillLoss
 from kdkit.taps import LOGITS, Tap, TapRecorder, resolve_tap
@@ -77,8 +78,12 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Tapped tensors by spec (``"logits"`` is the output)."""
+    def forward(self, x: Tensor, index: Tensor | None = None, epoch: int = 0) -> dict[str, Tensor]:
+        """Tapped tensors by spec (``"logits"`` is the output).
+
+        ``index`` and ``epoch`` are not used: they are part of the teacher call so that a
+        :class:`kdkit.cache.CachedTeacher` can stand in for this one.
+        """
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.model(x)
@@ -107,23 +112,74 @@ class Student(nn.Module):
                 for term, specs in self.reads.items() for spec in as_specs(specs)}
         hooked = [t for t in taps.values() if t.capture != "logits"]
         self.recorder = TapRecorder(model, hooked) if hooked else None
+        self._taps = taps
+        # A bridge with ``deploys = True`` (FM-KT's flow chain) is part of the deployed model: it turns
+        # the student's tap into the logits that evaluation, export and latency measure.
+        deployed = [term for term, bridge in self.bridges.items() if getattr(bridge, "deploys", False)]
+        if len(deployed) > 1:
+            raise KdkitError(f"terms {deployed} each have a bridge that deploys its own prediction; only one can "
+                             "be the deployed head", fix="keep one flow bridge per recipe")
+        if deployed and not isinstance(self.reads[deployed[0]], str):
+            raise KdkitError(f"term {deployed[0]!r}: a deployed bridge reads one student tap, got "
+                             f"{list(as_specs(self.reads[deployed[0]]))}", fix="give one `student:` tap")
+        self.deploy_term: str | None = deployed[0] if deployed else None
 
     def predict(self, x: Tensor) -> Tensor:
-        """The deployed model's logits ``(B, K)``: what evaluation, export and latency measure."""
-        return self.model(x)
+        """The deployed model's logits ``(B, K)``: what evaluation, export and latency measure.
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits ``(B, K)`` and, per term, the (bridged) student tensor it compares."""
+        With a deploying bridge (FM-KT), the model runs only up to the bridge's tap (the layers after it
+        are not part of the deployed network) and the bridge's inference chain gives the logits; with
+        FM-KT^Theta the plain model is deployed.
+        """
+        term = self.deploy_term
+        if term is None or not self.bridges[term].runs_at_inference:
+            return self.model(x)
+        bridge = self.bridges[term]
+        return bridge.deploy(bridge(self._run_to(x, self._taps[self.reads[term]])), None)[0]
+
+    def _run_to(self, x: Tensor, tap: Tap) -> Tensor:
+        """The tensor of ``tap`` for input ``x``, stopping the forward there (the rest is not computed)."""
+        if tap.capture == "logits":
+            return self.model(x)
+        module = dict(self.model.named_modules())[tap.path]
+
+        def stop(value: Tensor) -> None:
+            raise _TapReached(value)
+
+        handle = (module.register_forward_hook(lambda _m, _i, out: stop(out)) if tap.capture == "output"
+                  else module.register_forward_pre_hook(lambda _m, inputs: stop(inputs[0])))
+        try:
+            self.model(x)
+        except _TapReached as reached:
+            return reached.value
+        finally:
+            handle.remove()
+        raise RuntimeError(f"tap {tap.spec!r} was not reached by the forward")  # pragma: no cover
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """Logits ``(B, K)`` of the deployed model and, per term, the (bridged) student tensor it compares."""
         logits = self.model(x)
         if not self.reads:
             return logits, {}
         captured = self.recorder.pop() if self.recorder is not None else {}
         captured[LOGITS] = logits
-        per_term = {}
+        per_term: dict[str, Any] = {}
         for term, spec in self.reads.items():
             value = pick(captured, spec)
-            per_term[term] = self.bridges[term](value) if term in self.bridges else value
+            if term in self.bridges:
+                value = self.bridges[term](value)
+                if term == self.deploy_term:
+                    logits, value = self.bridges[term].deploy(value, captured[LOGITS])
+            per_term[term] = value
         return logits, per_term
+
+
+class _TapReached(Exception):  # noqa: N818 - control flow, not an error
+    """Carries a tapped tensor out of a forward that :meth:`Student.predict` stops early."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = value
 
 
 @dataclass
@@ -134,7 +190,7 @@ class Term:
         name: Unique key used in logs (e.g. ``"kd"``; ``"mse@stage2"`` when a loss repeats).
         loss: The loss module.
         student_tap: Student tap spec the term reads.
-        teacher_tap: Teacher tap spec the term reads.
+        teacher_tap: Teacher tap spec the term reads (``None`` for losses that need no teacher, e.g. OFM-KT).
         weight: Multiplier of the loss in the total.
         warmup_epochs: Linear ramp of the weight from 0 over this many epochs (DKD uses 20).
     """
@@ -142,7 +198,7 @@ class Term:
     name: str
     loss: DistillLoss
     student_tap: TapSpec
-    teacher_tap: TapSpec
+    teacher_tap: TapSpec | None
     weight: float = 1.0
     warmup_epochs: float = 0.0
 
@@ -194,7 +250,8 @@ class Objective(nn.Module):
             out["ce"] = ce
             total = total + self.ce_weight * ce
         for term in self.terms:
-            value = term.loss.compute(student[term.name], pick(teacher, term.teacher_tap), labels, index)
+            target = pick(teacher, term.teacher_tap) if term.teacher_tap is not None else None
+            value = term.loss.compute(student[term.name], target, labels, index)
             out[term.name] = value
             weight = term.scale(epoch)
             if weight:

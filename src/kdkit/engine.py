@@ -24,7 +24,7 @@ from torch import Tensor
 from kdkit import __version__
 from kdkit.checkpoint import mark_best, pointed, prune, read_state, read_weights, save_checkpoint
 from kdkit.data.loader import BatchLoader
-from kdkit.distill import FrozenTeacher, Objective, Student
+from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.metrics import MetricsLog
@@ -77,7 +77,8 @@ class Engine:
         eval_loader: Test batches (sharded for DDP; results are all-reduced).
         train: The recipe's ``train`` section (optimiser, schedule, epochs, AMP, ...).
         run_dir: Where rank 0 writes checkpoints and metrics and every rank resumes from (``None``: no files).
-        teacher: The frozen teacher, or ``None`` to train from labels alone.
+        teacher: The frozen teacher (or a :class:`kdkit.cache.CachedTeacher`), or ``None`` to train from
+            labels alone; called as ``teacher(x, index, epoch)``.
         device: Device of the models and batches.
         ctx: Distributed context.
         recipe: Resolved recipe (plain data), stored in every checkpoint.
@@ -88,15 +89,19 @@ class Engine:
         callbacks: ``callback(engine, event)`` for events ``"epoch_start"`` (also when resuming in the
             middle of an epoch: check ``engine.batch``), ``"step"``, ``"epoch"``.
         batch_transform: Rewrites each training batch before the step (see :data:`BatchTransform`).
+        extra_modules: Method state saved in checkpoints (as ``extra.NAME.*``) and restored on resume,
+            but not trained by the engine's optimiser (e.g. TST's augmentation policy).
         label: Name shown in the progress bar.
     """
 
     def __init__(self, *, student: Student, objective: Objective, train_loader: BatchLoader,
-                 eval_loader: BatchLoader, train: TrainSpec, run_dir: Path | None, teacher: FrozenTeacher | None = None,
-                 device: torch.device | str = "cpu", ctx: DistContext | None = None,
+                 eval_loader: BatchLoader, train: TrainSpec, run_dir: Path | None,
+                 teacher: torch.nn.Module | None = None, device: torch.device | str = "cpu",
+                 ctx: DistContext | None = None,
                  recipe: dict[str, Any] | None = None, arch: str = "", keep_checkpoints: int = 1,
                  tensorboard: bool = False, progress: bool = True, callbacks: list[Callback] | None = None,
-                 batch_transform: BatchTransform | None = None, label: str = "train") -> None:
+                 batch_transform: BatchTransform | None = None, label: str = "train",
+                 extra_modules: dict[str, torch.nn.Module] | None = None) -> None:
         self.student, self.objective, self.teacher = student, objective, teacher
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.spec = train
@@ -111,6 +116,7 @@ class Engine:
         self.show_progress = progress and self.ctx.is_main
         self.callbacks = list(callbacks or [])
         self.batch_transform = batch_transform
+        self.extra_modules = dict(extra_modules or {})
         self.label = label
         self.keys = objective_keys(objective)
         self.steps_per_epoch = len(train_loader)
@@ -243,7 +249,8 @@ class Engine:
     def _step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         epoch_pos = self.epoch + self.batch / self.steps_per_epoch
         with self._autocast():
-            teacher_out = self.teacher(x) if self.teacher is not None else {}
+            # index/epoch let a cached teacher find the stored outputs of exactly these views
+            teacher_out = self.teacher(x, index, self.epoch) if self.teacher is not None else {}
             logits, per_term = self.model(x)
             comps = self.objective(logits, y, per_term, teacher_out, epoch_pos, index)
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,6 +295,8 @@ class Engine:
     def _weights(self) -> dict[str, Tensor]:
         weights = {k: v for k, v in self.student.state_dict().items()}
         weights.update({f"objective.{k}": v for k, v in self.objective.state_dict().items()})
+        for name, module in self.extra_modules.items():
+            weights.update({f"extra.{name}.{k}": v for k, v in module.state_dict().items()})
         return weights
 
     def _save(self, is_best: bool, mid_epoch: bool = False) -> Path | None:
@@ -312,9 +321,12 @@ class Engine:
                 print("resume: no checkpoint in the run folder yet; starting from scratch")
             return
         tensors, _ = read_weights(folder / "model.safetensors")
-        self.student.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("objective.")})
+        self.student.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("objective.", "extra."))})
         self.objective.load_state_dict({k[len("objective."):]: v for k, v in tensors.items()
                                         if k.startswith("objective.")})
+        for name, module in self.extra_modules.items():
+            module.load_state_dict({k[len(f"extra.{name}."):]: v for k, v in tensors.items()
+                                    if k.startswith(f"extra.{name}.")})
         state = read_state(folder)
         _check_same_recipe(state.get("recipe", {}), self.recipe, folder)
         self.optimizer.load_state_dict(state["optimizer"])

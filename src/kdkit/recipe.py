@@ -32,6 +32,25 @@ class ModelSpec(_Strict):
                                    ".safetensors or a torch state_dict file")
 
 
+class CacheSpec(_Strict):
+    """The teacher-output cache (FKD-style): the teacher runs once over ``views`` augmented views of every
+    training image; training replays those exact views and reads the stored outputs instead of running
+    the teacher (``kdkit cache build RECIPE``; ``kdkit run`` builds it when missing)."""
+
+    dir: str | None = Field(None, description="cache folder; default runs/cache/<key>, where the key hashes "
+                            "the teacher weights, data, augmentation and these settings (shared by every "
+                            "recipe that needs the same outputs)")
+    views: int = Field(10, ge=1, description="augmented views stored per training image; sample i reads view "
+                       "(epoch + r_i) mod views, so each view is used once every `views` epochs")
+    logits: Literal["full", "topk"] = Field("full", description="store all logits, or the top-k probabilities "
+                                            "plus the remaining mass (FKD's format, for many classes)")
+    topk: int = Field(5, ge=1, description="classes kept per view when logits: topk")
+    dtype: Literal["float16", "float32"] = "float16"
+    seed: int = Field(0, description="seed of the stored views (independent of train.seed, so every "
+                      "student seed shares one cache)")
+    batch_size: int = Field(512, gt=0, description="images per teacher forward while building")
+
+
 class TeacherSpec(ModelSpec):
     """The frozen teacher. ``recipe`` names the recipe that trains it when ``checkpoint`` is absent."""
 
@@ -39,6 +58,8 @@ class TeacherSpec(ModelSpec):
                                "used, and its run reused, when no checkpoint is given")
     channels_last: bool = True
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding convolutions (faster, same outputs)")
+    cache: CacheSpec | None = Field(None, description="replay stored teacher outputs instead of running the "
+                                    "teacher every step (see CacheSpec)")
 
     @model_validator(mode="after")
     def _weights_from_somewhere(self) -> TeacherSpec:
@@ -138,6 +159,40 @@ class OutputSpec(_Strict):
     progress: bool = True
 
 
+TstOp = Literal["brightness", "contrast", "color", "sharpness", "posterize", "solarize", "shear_x", "shear_y",
+                "translate_x", "translate_y", "rotate", "equalize", "invert", "cutout"]
+
+
+class TstSpec(_Strict):
+    """TST's learned augmentation (Shao et al., IJCAI 2023; :mod:`kdkit.tst`): at ``policy_epochs`` the
+    policy is trained to make samples the teacher gets right and the student gets wrong; every training
+    batch is ``[policy(x); x]`` (the distill terms and CE then average the two halves)."""
+
+    ops: list[TstOp] = Field(default_factory=lambda: list(TstOp.__args__),  # type: ignore[attr-defined]
+                             description="operations (color only for RGB data)")
+    num_ops: int = Field(4, ge=1, description="operations drawn per batch")
+    temperature: float = Field(0.05, gt=0, description="relaxed Bernoulli temperature of the probabilities")
+    policy_epochs: list[int] = Field(default_factory=lambda: [30, 90], description="epochs (0-based) at whose "
+                                     "start the policy is trained (teacher and student frozen)")
+    policy_passes: float = Field(30.0, gt=0, description="passes over the training set per policy phase")
+    lr: float = Field(0.01, gt=0, description="SGD learning rate of the policy (momentum 0.9)")
+    momentum: float = Field(0.9, ge=0)
+    grad_clip: float = Field(10.0, gt=0, description="gradient-norm clip of the policy's step")
+    random_sign: bool = Field(True, description="apply signed operations in a random direction per sample, as "
+                              "AutoAugment does")
+    cutout_size: float = Field(0.5, gt=0, le=1, description="cutout square side, as a fraction of the image side")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TstSpec:
+        if len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"tst.ops lists an operation twice: {self.ops}")
+        if self.num_ops > len(self.ops):
+            raise ValueError(f"tst.num_ops {self.num_ops} is more than the {len(self.ops)} operations in tst.ops")
+        if any(e < 0 for e in self.policy_epochs):
+            raise ValueError(f"tst.policy_epochs must be epoch numbers >= 0, got {self.policy_epochs}")
+        return self
+
+
 class Recipe(_Strict):
     """A whole experiment. ``model`` is the network this recipe trains; ``teacher`` (optional) is frozen."""
 
@@ -149,16 +204,48 @@ class Recipe(_Strict):
     distill: list[TermSpec] = Field(default_factory=list)
     train: TrainSpec
     output: OutputSpec = Field(default_factory=OutputSpec)
+    tst: TstSpec | None = Field(None, description="TST learned augmentation (needs a teacher)")
+
+    @model_validator(mode="after")
+    def _tst_needs_teacher(self) -> Recipe:
+        if self.tst is None:
+            return self
+        if self.teacher is None:
+            raise ValueError("`tst:` trains its augmentation against a teacher, but no `teacher:` is given")
+        if self.data.views != 1:
+            raise ValueError("`tst:` doubles each batch itself ([augmented; original]); it cannot be combined "
+                             "with data.views: 2")
+        late = [e for e in self.tst.policy_epochs if e >= self.train.epochs]
+        if late:
+            raise ValueError(f"tst.policy_epochs {late} are not before train.epochs {self.train.epochs} "
+                             "(epochs count from 0)")
+        return self
 
     @model_validator(mode="after")
     def _terms_need_teacher(self) -> Recipe:
-        if self.distill and self.teacher is None:
+        if self.teacher is None and any(_needs_teacher(term.loss) for term in self.distill):
             raise ValueError("`distill:` terms compare the model with a teacher, but no `teacher:` is given")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_replays_plain_views(self) -> Recipe:
+        # A cache holds the teacher's outputs on stored crop/flip views only; anything that feeds the
+        # teacher other images (a strong second view, a learned augmentation) cannot read it.
+        if self.teacher is not None and self.teacher.cache is not None:
+            if self.data.views != 1:
+                raise ValueError("teacher.cache stores outputs for the crop/flip views only; data.views: 2 needs "
+                                 "the teacher on the strong view too: remove teacher.cache or use data.views: 1")
+            if getattr(self, "tst", None) is not None:
+                raise ValueError("teacher.cache cannot be combined with tst: the learned augmentation makes new "
+                                 "images the teacher has to see; remove teacher.cache")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what is saved in run folders and checkpoints)."""
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if data.get("tst") is None:  # recipes without TST keep their digests (cached runs stay valid)
+            data.pop("tst", None)
+        return data
 
     def digest(self) -> str:
         """Short hash of the resolved recipe (used to reuse cached teacher runs)."""
@@ -169,6 +256,13 @@ class Recipe(_Strict):
     def run_dir(self) -> Path:
         """The run folder."""
         return Path(self.output.dir.format(name=self.name))
+
+
+def _needs_teacher(loss: str) -> bool:
+    """Unknown names count as needing one (they are reported by name); OFM-KT-like losses say False."""
+    from kdkit.losses import LOSSES  # lazy: the schema module stays importable on its own
+
+    return loss not in LOSSES or bool(getattr(LOSSES.get(loss), "needs_teacher", True))
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import yaml
 
 from kdkit import __version__
 from kdkit.build import Plan, plan, resolve_device, teacher_run_recipe
+from kdkit.cache import ViewReplay, open_cache
 from kdkit.checkpoint import atomic_write_text, pointed
 from kdkit.data import AugmentConfig
 from kdkit.data.loader import BatchLoader, make_loaders
@@ -39,9 +40,11 @@ def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
     return summary if summary.get("recipe_digest") == recipe.digest() else None
 
 
-def prepare_training(built: Plan, ctx: DistContext | None = None) -> tuple[BatchLoader, BatchLoader]:
+def prepare_training(built: Plan, ctx: DistContext | None = None,
+                     replay: ViewReplay | None = None) -> tuple[BatchLoader, BatchLoader]:
     """The recipe's training and test loaders (augmentation, strong view, DDP shard), with the student
-    switched to channels-last when the recipe asks for it. Shared by ``kdkit run`` and the benchmarks."""
+    switched to channels-last when the recipe asks for it. Shared by ``kdkit run`` and the benchmarks.
+    ``replay`` (teacher cache) replaces the random augmentation by the cache's stored views."""
     recipe, data, ctx = built.recipe, built.data, ctx or DistContext()
     assert data is not None
     spec = recipe.train
@@ -50,10 +53,23 @@ def prepare_training(built: Plan, ctx: DistContext | None = None) -> tuple[Batch
     strong = StrongView(strong_spec.n, strong_spec.m, strong_spec.groups) if recipe.data.views == 2 else None
     loaders = make_loaders(data, batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size, augment=augment,
                            device=built.device, seed=spec.seed, rank=ctx.rank, world_size=ctx.world_size,
-                           channels_last=spec.channels_last, strong=strong)
+                           channels_last=spec.channels_last, strong=strong, replay=replay)
     if spec.channels_last:
         built.student.to(memory_format=torch.channels_last)
     return loaders
+
+
+def train_teacher_first(recipe: Recipe, source: Path | None, *, device: str | None = None,
+                        progress: bool | None = None, announce: bool = True) -> None:
+    """Train the teacher from its recipe when ``teacher.recipe`` names one without a finished run."""
+    if recipe.teacher is None or recipe.teacher.checkpoint is not None:
+        return
+    teacher_recipe = teacher_run_recipe(recipe.teacher, source.parent if source else None)
+    assert teacher_recipe is not None
+    if finished_summary(teacher_recipe) is None:
+        if announce:
+            print(f"teacher: training {teacher_recipe.name} first (run folder {teacher_recipe.run_dir})")
+        run_recipe(teacher_recipe, resume=True, device=device, progress=progress)
 
 
 def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -83,13 +99,7 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
         torch.cuda.set_device(dev)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    if recipe.teacher is not None and recipe.teacher.checkpoint is None:
-        teacher_recipe = teacher_run_recipe(recipe.teacher, source.parent if source else None)
-        assert teacher_recipe is not None
-        if finished_summary(teacher_recipe) is None:
-            if ctx.is_main:
-                print(f"teacher: training {teacher_recipe.name} first (run folder {teacher_recipe.run_dir})")
-            run_recipe(teacher_recipe, resume=True, device=device, progress=progress)
+    train_teacher_first(recipe, source, device=device, progress=progress, announce=ctx.is_main)
     run_dir = recipe.run_dir
     has_ckpt = pointed(run_dir / "checkpoints", "latest") is not None
     if has_ckpt and not (resume or overwrite):
@@ -107,9 +117,20 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     data = built.data
     assert data is not None
     spec = recipe.train
-    train_loader, eval_loader = prepare_training(built, ctx)
+    teacher, replay, cache_info = built.teacher, None, None
+    if recipe.teacher is not None and recipe.teacher.cache is not None:
+        # Every rank opens the same folder; rank 0 builds it when missing while the others wait.
+        if not ctx.is_main:
+            barrier(ctx)
+        cache, replay, teacher = open_cache(recipe, built, source, build=ctx.is_main,
+                                            progress=progress is not False and recipe.output.progress)
+        if ctx.is_main:
+            barrier(ctx)
+        cache_info = {"dir": str(cache.folder), "views": cache.num_views, "key": cache.manifest["key"],
+                      "build_seconds": cache.manifest["build_seconds"], "megabytes": round(cache.nbytes() / 2**20, 2)}
+    train_loader, eval_loader = prepare_training(built, ctx, replay)
     engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
-                    eval_loader=eval_loader, train=spec, run_dir=run_dir, teacher=built.teacher, device=dev, ctx=ctx,
+                    eval_loader=eval_loader, train=spec, run_dir=run_dir, teacher=teacher, device=dev, ctx=ctx,
                     recipe=recipe.to_dict(), arch=recipe.model.arch, keep_checkpoints=recipe.output.keep_checkpoints,
                     tensorboard=recipe.output.tensorboard,
                     progress=recipe.output.progress if progress is None else progress, callbacks=callbacks,
@@ -121,6 +142,8 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
               f"test images), {spec.epochs} epochs, device {dev}" + (f" x{ctx.world_size}" if ctx.enabled else ""))
     result = engine.fit(resume=resume)
     summary = _summary(recipe, built, result, ctx)
+    if cache_info is not None:
+        summary["teacher_cache"] = cache_info
     if ctx.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)

@@ -10,7 +10,7 @@ reads a disjoint slice of the same permutation (global batch = ``batch_size * wo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -39,12 +39,15 @@ class BatchLoader:
         channels_last: Produce channels-last batches.
         strong: A second, strongly augmented view of the same images: batches become
             ``[weak; strong]`` with labels and indices repeated (two-view methods such as MLKD).
+        replay: Replaces ``augment``: ``replay(images, index, epoch)`` returns stored views of the
+            images (training from a teacher cache, :class:`kdkit.cache.ViewReplay`).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
                  shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, strong: StrongView | None = None) -> None:
+                 channels_last: bool = False, strong: StrongView | None = None,
+                 replay: Callable[[Tensor, Tensor, int], Tensor] | None = None) -> None:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -55,6 +58,7 @@ class BatchLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
         self.strong = strong
+        self.replay = replay
         n, step = len(self.labels), batch_size * world_size
         self._batches = n // step if drop_last else -(-n // step)
 
@@ -94,7 +98,9 @@ class BatchLoader:
             raw = self.images.index_select(0, idx)
             labels = self.labels.index_select(0, idx)
             batch_seed = (self.seed * 1_000_003 + epoch) * 100_003 + b
-            if self.augment is not None:
+            if self.replay is not None:
+                raw = self.replay(raw, idx, epoch)
+            elif self.augment is not None:
                 gen.manual_seed(batch_seed)
                 raw = self.augment.apply(raw, gen)
             if self.strong is not None:
@@ -109,7 +115,8 @@ class BatchLoader:
 def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 1000,
                  augment: AugmentConfig | None = None, device: torch.device | str = "cpu", seed: int = 0,
                  rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 strong: StrongView | None = None) -> tuple[BatchLoader, BatchLoader]:
+                 strong: StrongView | None = None,
+                 replay: Callable[[Tensor, Tensor, int], Tensor] | None = None) -> tuple[BatchLoader, BatchLoader]:
     """The training loader (shuffled, augmented, full batches) and the test loader of ``data``.
 
     Args:
@@ -123,10 +130,11 @@ def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 100
         world_size: Number of processes (DDP).
         channels_last: Produce channels-last batches (match a channels-last model).
         strong: Strong second view of each training batch (two-view methods).
+        replay: Stored views replacing ``augment`` (teacher cache).
     """
     train = BatchLoader(data.train_images, data.train_labels, batch_size=batch_size, mean=data.mean, std=data.std,
                         device=device, augment=augment, shuffle=True, drop_last=True, seed=seed, rank=rank,
-                        world_size=world_size, channels_last=channels_last, strong=strong)
+                        world_size=world_size, channels_last=channels_last, strong=strong, replay=replay)
     test = BatchLoader(data.test_images, data.test_labels, batch_size=eval_batch_size, mean=data.mean, std=data.std,
                        device=device, shuffle=False, drop_last=False, rank=rank, world_size=world_size,
                        channels_last=channels_last)

@@ -1,0 +1,251 @@
+"""The on-disk teacher-output cache: numpy memory maps plus a manifest, finalised atomically.
+
+Layout of a cache folder::
+
+    manifest.json        identity (teacher weights hash, data hash, augmentation, views, storage)
+                         + "complete": true + build statistics; written last
+    views.npy            int16 (N, K, 3): crop offsets and flip flag of view k of image i
+    tap0.npy, ...        per stored teacher tap, (N, K, *shape) float16/float32
+    tap0.topk_p.npy      with ``logits: topk``: (N, K, k) top-k probabilities ...
+    tap0.topk_i.npy      ... and their class indices (int32)
+
+A cache is built in a sibling folder ``<dir>.partial-<pid>`` and renamed into place only after every
+array is flushed and the manifest written, so a folder at ``<dir>`` is always complete. Arrays are
+opened as copy-on-write memory maps: a batch reads only its rows, and a cache larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdkit import __version__
+from kdkit.checkpoint import atomic_write_text
+from kdkit.errors import KdkitError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """Short content hash of a cache identity (the default folder name)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_sha256(*tensors: Tensor) -> str:
+    """SHA-256 of the raw bytes of CPU tensors (dataset fingerprints)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _differences(expected: Any, found: Any, prefix: str = "") -> list[str]:
+    if isinstance(expected, dict) and isinstance(found, dict):
+        out: list[str] = []
+        for key in sorted(set(expected) | set(found)):
+            out += _differences(expected.get(key), found.get(key), f"{prefix}{key}.")
+        return out
+    return [] if expected == found else [f"{prefix[:-1]}: cache has {found!r}, recipe needs {expected!r}"]
+
+
+@dataclass(frozen=True)
+class TapLayout:
+    """How one teacher tap is stored: its per-sample shape and ``full`` or ``topk`` storage."""
+
+    spec: str
+    shape: tuple[int, ...]
+    storage: str = "full"
+    k: int = 0
+
+    def files(self, i: int) -> list[str]:
+        """File names of the arrays of the ``i``-th tap."""
+        return [f"tap{i}.topk_p.npy", f"tap{i}.topk_i.npy"] if self.storage == "topk" else [f"tap{i}.npy"]
+
+
+class CacheWriter:
+    """Fill a new cache folder batch by batch, then :meth:`finalize` it atomically.
+
+    Args:
+        folder: Final cache folder (must not exist unless ``overwrite``).
+        identity: What the cache was built from (stored in the manifest, checked on open).
+        views: The ``(N, K, 3)`` view table.
+        taps: Layout of each stored tap.
+        dtype: ``"float16"`` or ``"float32"`` for stored values.
+    """
+
+    def __init__(self, folder: Path, identity: dict[str, Any], views: Tensor, taps: list[TapLayout],
+                 dtype: str) -> None:
+        self.folder = Path(folder)
+        self.identity = identity
+        self.taps = taps
+        self.partial = self.folder.with_name(f"{self.folder.name}.partial-{os.getpid()}")
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        n, k = views.shape[:2]
+        np.save(self.partial / "views.npy", views.numpy())
+        self.arrays: list[list[np.memmap]] = []
+        for i, tap in enumerate(taps):
+            names = tap.files(i)
+            if tap.storage == "topk":
+                self.arrays.append([
+                    np.lib.format.open_memmap(self.partial / names[0], "w+", _DTYPES[dtype], (n, k, tap.k)),
+                    np.lib.format.open_memmap(self.partial / names[1], "w+", np.int32, (n, k, tap.k))])
+            else:
+                self.arrays.append([np.lib.format.open_memmap(self.partial / names[0], "w+", _DTYPES[dtype],
+                                                              (n, k, *tap.shape))])
+        self.started = time.perf_counter()
+
+    def write(self, rows: slice, view: int, outputs: dict[str, Tensor]) -> None:
+        """Store the teacher's outputs for images ``rows`` seen through view ``view``."""
+        for tap, arrays in zip(self.taps, self.arrays, strict=True):
+            value = outputs[tap.spec].detach().float().cpu()
+            if tap.storage == "topk":
+                probs = value.softmax(dim=1)
+                top = probs.topk(tap.k, dim=1)
+                arrays[0][rows, view] = top.values.numpy()
+                arrays[1][rows, view] = top.indices.to(torch.int32).numpy()
+            else:
+                arrays[0][rows, view] = value.numpy()
+
+    def finalize(self, stats: dict[str, Any], overwrite: bool = False) -> Path:
+        """Flush every array, write the manifest, and move the folder into place."""
+        for arrays in self.arrays:
+            for array in arrays:
+                array.flush()
+        self.arrays = []
+        manifest = {**self.identity, "key": identity_key(self.identity), "complete": True,
+                    "taps_layout": [{"spec": t.spec, "shape": list(t.shape), "storage": t.storage, "k": t.k,
+                                     "files": t.files(i)} for i, t in enumerate(self.taps)],
+                    "kdkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "build_seconds": round(time.perf_counter() - self.started, 2), **stats}
+        atomic_write_text(self.partial / MANIFEST, json.dumps(manifest, indent=1))
+        if self.folder.exists():
+            if not overwrite:
+                raise KdkitError(f"cache folder {str(self.folder)!r} appeared while building",
+                                 fix="rebuild with --overwrite")
+            old = self.folder.with_name(f"{self.folder.name}.old-{os.getpid()}")
+            os.replace(self.folder, old)
+            os.replace(self.partial, self.folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.partial, self.folder)
+        return self.folder
+
+    def abort(self) -> None:
+        """Delete the partial folder (the final folder is never touched)."""
+        self.arrays = []
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a complete cache folder.
+
+    Raises:
+        KdkitError: No cache there, or an incomplete one (a partial folder is never used).
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        what = "an incomplete cache (no manifest)" if Path(folder).exists() else "no cache"
+        raise KdkitError(f"{what} at {str(folder)!r}", bad=str(folder),
+                         fix="build it with `kdkit cache build RECIPE` (add --overwrite to replace a folder)",
+                         where="teacher.cache.dir")
+    manifest = json.loads(path.read_text())
+    if not manifest.get("complete") or manifest.get("format") != FORMAT:
+        raise KdkitError(f"the cache at {str(folder)!r} is incomplete or of another format "
+                         f"({manifest.get('format')!r}, expected {FORMAT})",
+                         fix="rebuild it with `kdkit cache build RECIPE --overwrite`", where="teacher.cache.dir")
+    return manifest
+
+
+def check_identity(manifest: dict[str, Any], identity: dict[str, Any], folder: Path) -> None:
+    """Refuse a cache that was built from another teacher, data, augmentation or storage setting."""
+    found = {k: manifest.get(k) for k in identity}
+    problems = _differences(identity, found)
+    if problems:
+        raise KdkitError(f"the teacher cache at {str(folder)!r} does not match this recipe: " + "; ".join(problems[:4])
+                         + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
+                         fix="rebuild it with `kdkit cache build RECIPE --overwrite`, or point teacher.cache.dir "
+                             "at another folder", where="teacher.cache")
+
+
+class TeacherCache:
+    """An opened, checked cache: per-batch lookups of stored teacher outputs.
+
+    Args:
+        folder: A complete cache folder.
+        identity: The identity the recipe needs (checked against the manifest; ``None`` skips the check,
+            for inspection tools only).
+    """
+
+    def __init__(self, folder: Path, identity: dict[str, Any] | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if identity is not None:
+            check_identity(self.manifest, identity, self.folder)
+        # Copy-on-write maps are writable as far as torch is concerned, yet never change the files.
+        self.views = torch.from_numpy(np.load(self.folder / "views.npy", mmap_mode="c"))
+        self.layouts = [TapLayout(t["spec"], tuple(t["shape"]), t["storage"], t["k"])
+                        for t in self.manifest["taps_layout"]]
+        self.arrays = [[torch.from_numpy(np.load(self.folder / name, mmap_mode="c")) for name in t["files"]]
+                       for t in self.manifest["taps_layout"]]
+        self.num_samples, self.num_views = int(self.views.shape[0]), int(self.views.shape[1])
+        self.num_classes = int(self.manifest["data"]["num_classes"])
+
+    @property
+    def specs(self) -> list[str]:
+        """Stored teacher tap specs."""
+        return [t.spec for t in self.layouts]
+
+    def nbytes(self) -> int:
+        """Bytes of stored outputs."""
+        return sum(a.numel() * a.element_size() for arrays in self.arrays for a in arrays)
+
+    def to(self, device: torch.device) -> TeacherCache:
+        """Hold every array in memory on ``device`` (no per-batch host round-trip on a GPU)."""
+        self.views = self.views.to(device)
+        self.arrays = [[a.to(device) for a in arrays] for arrays in self.arrays]
+        return self
+
+    def lookup(self, index: Tensor, view: Tensor) -> dict[str, Tensor]:
+        """Stored outputs of images ``index`` (``(B,)``) seen through views ``view`` (``(B,)``), as float32.
+
+        ``topk`` logits come back as log-probabilities: the stored top-k ``log p`` and, for every other
+        class, ``log(remaining mass / (C - k))``. Their softmax is the stored distribution exactly; at a
+        temperature ``T != 1`` it is FKD's approximation of the teacher's softened distribution.
+        """
+        store = self.arrays[0][0].device
+        index_s, view_s = index.to(store), view.to(store)
+        out: dict[str, Tensor] = {}
+        for layout, arrays in zip(self.layouts, self.arrays, strict=True):
+            if layout.storage == "topk":
+                probs = arrays[0][index_s, view_s].to(index.device, torch.float32)
+                classes = arrays[1][index_s, view_s].to(index.device, torch.int64)
+                rest = (1.0 - probs.sum(1, keepdim=True)).clamp_min(1e-8) / max(self.num_classes - layout.k, 1)
+                logits = rest.log().expand(len(index), self.num_classes).clone()
+                out[layout.spec] = logits.scatter_(1, classes, probs.clamp_min(1e-8).log())
+            else:
+                out[layout.spec] = arrays[0][index_s, view_s].to(index.device, torch.float32)
+        return out

@@ -1,0 +1,238 @@
+"""The teacher-output cache: exact replay, manifest checks, atomic finalize, training from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_recipe
+from kdkit.build import plan
+from kdkit.cache import TeacherCache, open_cache
+from kdkit.cache import build as cache_build
+from kdkit.cache.store import CacheWriter
+from kdkit.cache.views import apply_views, draw_views, view_phase, view_schedule
+from kdkit.cli import main
+from kdkit.data.augment import AugmentConfig, normalize
+from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.recipe import recipe_from_dict
+from kdkit.runner import prepare_training, run_recipe
+
+
+@pytest.fixture
+def cached(tiny_kd: dict, tmp_path: Path) -> dict:
+    """The tiny KD recipe reading a 3-view cache in tmp_path/cache."""
+    tiny_kd["teacher"]["cache"] = {"views": 3, "dir": str(tmp_path / "cache")}
+    return tiny_kd
+
+
+def built_cache(recipe_dict: dict, overrides: list[str] | None = None):
+    recipe = recipe_from_dict(recipe_dict, overrides)
+    built = plan(recipe, training=True)
+    cache, replay, teacher = open_cache(recipe, built, progress=False)
+    return recipe, built, cache, replay, teacher
+
+
+# -- views ---------------------------------------------------------------------------------------
+
+
+def test_stored_views_are_the_per_sample_pad_crop_flip() -> None:
+    augment = AugmentConfig(crop_padding=2, hflip=True)
+    table = draw_views(50, 4, augment, seed=3)
+    assert table.shape == (50, 4, 3) and table.dtype == torch.int16
+    assert int(table[..., :2].min()) == 0 and int(table[..., :2].max()) == 4
+    assert set(table[..., 2].unique().tolist()) == {0, 1}
+    assert torch.equal(table, draw_views(50, 4, augment, seed=3))
+    images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    out = apply_views(images, table[:, 1], augment)
+    for i in range(50):  # reference: pad, slice, maybe flip, one image at a time
+        oy, ox, flip = table[i, 1].tolist()
+        ref = F.pad(images[i], [2, 2, 2, 2])[:, oy:oy + 8, ox:ox + 8]
+        ref = ref.flip(-1) if flip else ref
+        assert torch.equal(out[i], ref)
+
+
+def test_no_augmentation_means_identity_views() -> None:
+    augment = AugmentConfig()
+    table = draw_views(5, 2, augment, seed=0)
+    images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    assert not table.any() and torch.equal(apply_views(images, table[:, 0], augment), images)
+
+
+def test_each_view_is_read_once_every_k_epochs() -> None:
+    phase = view_phase(20, 5, seed=1)
+    index = torch.arange(20)
+    seen = torch.stack([view_schedule(phase, index, epoch, 5) for epoch in range(5)], dim=1)
+    assert all(sorted(row.tolist()) == [0, 1, 2, 3, 4] for row in seen)
+    assert len(set(seen[:, 0].tolist())) > 1  # phases spread one batch over several views
+
+
+# -- exactness -----------------------------------------------------------------------------------
+
+
+def test_cached_outputs_equal_the_live_teacher_on_the_replayed_views(cached: dict) -> None:
+    # a feature term as well, so a non-logit tap is stored and checked
+    cached["distill"].append({"loss": "mse", "student": "stage2", "teacher": "stage2", "bridge": "conv1x1",
+                              "weight": 0.1})
+    recipe, built, cache, replay, teacher = built_cache(cached)
+    assert cache.specs == ["logits", "stage2"] and cache.num_views == 3
+    train_loader, _ = prepare_training(built, replay=replay)
+    for epoch in (0, 4):
+        for step, (x, _, index) in enumerate(train_loader.epoch(epoch)):
+            stored = teacher(x, index, epoch)
+            live = built.teacher(x)
+            for spec in ("logits", "stage2"):
+                assert stored[spec].dtype == torch.float32 and stored[spec].shape == live[spec].shape
+                torch.testing.assert_close(stored[spec], live[spec], rtol=2e-3, atol=2e-3)  # float16 storage
+            if step == 1:
+                break
+    # and the loader really replays stored views: the raw images of a batch are the table's views
+    x, _, index = next(train_loader.epoch(2))
+    views = replay.views(index, 2)
+    raw = built.data.train_images[index]
+    expected = normalize(apply_views(raw, cache.views[index, views], replay.augment), built.data.mean,
+                         built.data.std)
+    torch.testing.assert_close(x, expected)
+
+
+def test_topk_storage_keeps_the_top_probabilities_and_the_remaining_mass(cached: dict) -> None:
+    cached["teacher"]["cache"].update({"logits": "topk", "topk": 3, "dtype": "float32"})
+    recipe, built, cache, replay, teacher = built_cache(cached)
+    train_loader, _ = prepare_training(built, replay=replay)
+    x, _, index = next(train_loader.epoch(0))
+    p_live = built.teacher(x)["logits"].softmax(1)
+    p_cached = teacher(x, index, 0)["logits"].softmax(1)
+    top = p_live.topk(3, dim=1)
+    torch.testing.assert_close(p_cached.gather(1, top.indices), top.values, rtol=1e-5, atol=1e-6)
+    rest = (1 - top.values.sum(1, keepdim=True)) / 7
+    others = p_cached.scatter(1, top.indices, float("nan"))
+    torch.testing.assert_close(others[~others.isnan()].view(-1, 7), rest.expand(-1, 7), rtol=1e-4, atol=1e-6)
+
+
+# -- manifest, atomicity -------------------------------------------------------------------------
+
+
+def test_a_cache_of_another_setting_or_teacher_is_refused(cached: dict, tmp_path: Path) -> None:
+    built_cache(cached)
+    with pytest.raises(KdkitError, match=r"does not match.*augment\.crop_padding") as info:
+        built_cache(cached, ["data.augment.crop_padding=2"])
+    assert "--overwrite" in info.value.render()
+    with pytest.raises(KdkitError, match=r"views: cache has 3, recipe needs 5"):
+        built_cache(cached, ["teacher.cache.views=5"])
+    torch.manual_seed(7)
+    other = tmp_path / "other_teacher.safetensors"
+    from safetensors.torch import save_file
+
+    from kdkit.models import build_model
+    model = build_model("cnn_teacher", num_classes=10, in_channels=1, image_size=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(other))
+    with pytest.raises(KdkitError, match=r"teacher\.weights_sha256"):
+        built_cache(cached, [f"teacher.checkpoint={other}"])
+    # --overwrite rebuilds it for the new setting
+    recipe = recipe_from_dict(cached, ["teacher.cache.views=5"])
+    cache, _, _ = open_cache(recipe, plan(recipe, training=True), overwrite=True, progress=False)
+    assert cache.num_views == 5
+
+
+def test_the_default_folder_is_the_identity_hash(cached: dict, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    monkeypatch.setattr(cache_build, "CACHE_ROOT", tmp_path / "cache_root")
+    del cached["teacher"]["cache"]["dir"]
+    _, _, a, _, _ = built_cache(cached)
+    _, _, b, _, _ = built_cache(cached, ["train.seed=5", "distill.0.temperature=2"])  # same teacher outputs
+    _, _, c, _, _ = built_cache(cached, ["teacher.cache.views=2"])
+    assert a.folder == b.folder != c.folder and a.folder.parent == tmp_path / "cache_root"
+    assert a.folder.name == a.manifest["key"]
+
+
+def test_an_interrupted_build_leaves_nothing_usable(cached: dict, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    calls = {"n": 0}
+    original = CacheWriter.write
+
+    def failing(self, rows, view, outputs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        original(self, rows, view, outputs)
+
+    monkeypatch.setattr(CacheWriter, "write", failing)
+    with pytest.raises(KeyboardInterrupt):
+        built_cache(cached)
+    assert not (tmp_path / "cache").exists()
+    assert not list(tmp_path.glob("cache.partial-*"))  # the partial folder is removed
+
+
+def test_a_folder_without_manifest_is_never_read(cached: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    np.save(folder / "views.npy", np.zeros((2, 1, 3), np.int16))
+    with pytest.raises(KdkitError, match="incomplete cache") as info:
+        built_cache(cached)
+    assert "kdkit cache build" in info.value.render()
+    with pytest.raises(KdkitError, match="no cache at"):
+        TeacherCache(tmp_path / "nowhere")
+
+
+def test_a_cache_cannot_serve_a_strong_view() -> None:
+    from conftest import TINY
+    recipe = {**TINY, "teacher": {"arch": "cnn_teacher", "checkpoint": "t.safetensors", "cache": {}},
+              "distill": [{"loss": "kd"}], "data": {**TINY["data"], "views": 2}}
+    with pytest.raises(RecipeErrors, match="strong view"):
+        recipe_from_dict(recipe)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def test_training_from_the_cache_never_runs_the_teacher(cached: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdkit.distill import FrozenTeacher
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran during training")
+
+    recipe = recipe_from_dict(cached)
+    built = plan(recipe, training=True)
+    open_cache(recipe, built, progress=False)  # built here (the teacher runs once)
+    monkeypatch.setattr(FrozenTeacher, "forward", no_teacher)
+    summary = run_recipe(recipe)
+    assert summary["teacher_cache"]["views"] == 3 and summary["best_top1"] > 0
+    rows = json.loads((recipe.run_dir / "metrics.json").read_text())
+    assert len(rows) == 2 and all(np.isfinite(r["train_kd"]) for r in rows)
+
+
+def test_cached_run_resumes_exactly(cached: dict, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from kdkit.engine import Interrupted
+    cached["train"]["epochs"] = 3
+    straight = recipe_from_dict(cached, [f"output.dir={tmp_path / 'a'}"])
+    run_recipe(straight)
+    broken = recipe_from_dict(cached, [f"output.dir={tmp_path / 'b'}"])
+
+    def interrupt(engine, event: str) -> None:
+        if event == "step" and engine.global_step == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_recipe(broken, callbacks=[interrupt])
+    run_recipe(broken, resume=True)
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
+
+
+def test_cli_cache_build_and_info(tiny_kd: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_recipe(tmp_path / "kd.yaml", tiny_kd)  # no cache section: built with the defaults
+    folder = tmp_path / "c"
+    assert main(["cache", "build", str(path), f"teacher.cache.dir={folder}", "--quiet"]) == 0
+    assert "10 views x 200 images" in capsys.readouterr().out
+    assert main(["cache", "info", str(folder)]) == 0
+    assert '"views": 10' in capsys.readouterr().out
+    assert main(["cache", "info", str(tmp_path / "missing")]) == 2
+    assert "no cache at" in capsys.readouterr().err
