@@ -38,8 +38,10 @@ def test_methods_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_speed_bench_quick(tmp_path: Path) -> None:
     assert main(["bench", "speed", "fashion_mnist/kd", "train.batch_size=32", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "speed.json").read_text())
-    assert set(result["ms_per_step"]) == {"a_plain_ce", "b_plain_kd", "c_kdkit_kd"} and result["batch_size"] == 32
-    assert all(v > 0 for v in result["ms_per_step"].values()) and result["ratio_c_over_b"] > 0
+    assert set(result["ms_per_step"]) == {"a_plain_ce", "b_plain_kd", "c_kdkit_kd", "d_kdkit_kd_cached"}
+    assert result["batch_size"] == 32 and all(v > 0 for v in result["ms_per_step"].values())
+    assert result["ratio_c_over_b"] > 0 and result["ratio_d_over_a"] > 0
+    assert "(d) kdkit KD step reading the teacher cache" in (tmp_path / "results.md").read_text()
 
 
 def test_speed_bench_needs_a_kd_recipe(capsys: pytest.CaptureFixture[str]) -> None:

@@ -78,7 +78,7 @@ def test_cached_outputs_equal_the_live_teacher_on_the_replayed_views(cached: dic
     # a feature term as well, so a non-logit tap is stored and checked
     cached["distill"].append({"loss": "mse", "student": "stage2", "teacher": "stage2", "bridge": "conv1x1",
                               "weight": 0.1})
-    recipe, built, cache, replay, teacher = built_cache(cached)
+    _recipe, built, cache, replay, teacher = built_cache(cached)
     assert cache.specs == ["logits", "stage2"] and cache.num_views == 3
     train_loader, _ = prepare_training(built, replay=replay)
     for epoch in (0, 4):
@@ -101,7 +101,7 @@ def test_cached_outputs_equal_the_live_teacher_on_the_replayed_views(cached: dic
 
 def test_topk_storage_keeps_the_top_probabilities_and_the_remaining_mass(cached: dict) -> None:
     cached["teacher"]["cache"].update({"logits": "topk", "topk": 3, "dtype": "float32"})
-    recipe, built, cache, replay, teacher = built_cache(cached)
+    _recipe, built, _cache, replay, teacher = built_cache(cached)
     train_loader, _ = prepare_training(built, replay=replay)
     x, _, index = next(train_loader.epoch(0))
     p_live = built.teacher(x)["logits"].softmax(1)

@@ -135,6 +135,9 @@ class Engine:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(student, device_ids=ids)
+        if train.compile:
+            # Compiled lazily on the first step; evaluation runs Student.predict uncompiled (shapes differ).
+            self.model = torch.compile(self.model)
         # progress state
         self.epoch = 0
         self.batch = 0

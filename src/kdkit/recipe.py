@@ -150,6 +150,8 @@ class TrainSpec(_Strict):
     channels_last: bool = Field(True, description="channels-last weights and batches: ~1.4x faster conv "
                                 "training on CPU (oneDNN) and with AMP on GPU")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU (default: torch's)")
+    compile: bool = Field(False, description="torch.compile the student and its bridges (the first steps "
+                          "compile, later ones run fused kernels; on CPU it needs a C++ compiler)")
 
 
 class OutputSpec(_Strict):

@@ -6,10 +6,12 @@ In one process, on the same pre-built batches, interleaved so machine noise canc
 * (b) a hand-written PyTorch KD loop (teacher in eval mode under ``torch.inference_mode``, channels-last,
   the same loss as the recipe's ``kd`` term written inline);
 * (c) kdkit's step (``Engine._step``: teacher taps, student + bridges, objective, optimiser, schedule);
+* (d) kdkit's step reading the teacher-output cache (:mod:`kdkit.cache`) instead of running the teacher;
 
-and, separately, the batch loader's throughput. It prints the ratio c/b (the framework's overhead over
-the loop it replaces) and the machine, versions and batch size, and writes everything as JSON. The
-teacher's weights do not change the cost, so a recipe's teacher is built with random weights.
+and, separately, the batch loader's throughput. It prints the ratios c/b (the framework's overhead over
+the loop it replaces) and d/a (a cached distillation step against training the student alone), the
+machine, versions and batch size, and writes everything as JSON. The teacher's weights do not change
+the cost, so a recipe's teacher is built with random weights.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kdkit.build import plan
+from kdkit.build import Plan, plan
+from kdkit.cache import CachedTeacher, ViewReplay, open_cache
 from kdkit.checkpoint import atomic_write_text
 from kdkit.engine import Engine
 from kdkit.errors import KdkitError
@@ -64,7 +67,7 @@ def _timed(fn: Callable[[Any], None], batches: list[Any]) -> float:
 
 def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: int = 7, warmup: int = 5,
                     overrides: list[str] | None = None) -> dict[str, Any]:
-    """Time the three loops on ``recipe_name`` (a KD recipe); write ``out/speed.json`` and ``out/results.md``.
+    """Time the four loops on ``recipe_name`` (a KD recipe); write ``out/speed.json`` and ``out/results.md``.
 
     Args:
         recipe_name: A recipe path or shipped name with a teacher and a ``kd`` term.
@@ -81,11 +84,24 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
         raise KdkitError(f"bench speed compares KD loops; recipe {recipe.name!r} has no teacher or no kd term",
                          fix="use a KD recipe, e.g. fashion_mnist/kd")
     temperature = float(kd_terms[0].params.get("temperature", 4.0))
-    kd_weight, ce_weight = kd_terms[0].weight, recipe.train.ce_weight
+    kd_weight = kd_terms[0].weight
     with tempfile.TemporaryDirectory() as tmp:
         teacher_file = _random_teacher(recipe, Path(tmp))
-        recipe = load_recipe(source, [*(overrides or []), f"teacher.checkpoint={teacher_file}", "teacher.recipe=null"])
+        fixed = [*(overrides or []), f"teacher.checkpoint={teacher_file}", "teacher.recipe=null"]
+        recipe = load_recipe(source, fixed)
         built = plan(recipe, training=True, source=source)
+        # (d) reads a cache of the same random teacher (2 views are enough to time a lookup)
+        cached_recipe = load_recipe(source, [*fixed, f"teacher.cache.dir={tmp}/cache", "teacher.cache.views=2"])
+        cached_built = plan(cached_recipe, training=True, source=source)
+        _, replay, cached_teacher = open_cache(cached_recipe, cached_built, source, progress=False)
+        return _time_steps(recipe, built, cached_built, replay, cached_teacher, out, steps=steps, repeats=repeats,
+                           warmup=warmup, temperature=temperature, kd_weight=kd_weight)
+
+
+def _time_steps(recipe: Recipe, built: Plan, cached_built: Plan, replay: ViewReplay, cached_teacher: CachedTeacher,
+                out: Path, *, steps: int, repeats: int, warmup: int, temperature: float,
+                kd_weight: float) -> dict[str, Any]:
+    ce_weight = recipe.train.ce_weight
     spec, dev = recipe.train, built.device
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -102,6 +118,19 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
 
     def kdkit_step(batch: Any) -> None:
         engine._step(*batch)
+
+    # (d) kdkit reading the cache: its own copy of the student, batches replayed from the cache
+    cached_train, cached_eval = prepare_training(cached_built, replay=replay)
+    cached_batches = [b for _, b in zip(range(steps), cached_train.epoch(0), strict=False)]
+    cached_batches = (cached_batches * steps)[:steps]
+    cached_engine = Engine(student=cached_built.student, objective=cached_built.objective, train_loader=cached_train,
+                           eval_loader=cached_eval, train=spec, run_dir=None, teacher=cached_teacher, device=dev,
+                           progress=False)
+    cached_engine.model.train()
+    cached_iter = iter(cached_batches * (warmup + repeats + 1))
+
+    def kdkit_cached_step(_batch: Any) -> None:
+        cached_engine._step(*next(cached_iter))  # the cache's own views (their indices pick the outputs)
 
     # (a) and (b): plain loops on copies of the same networks
     plain_student = copy.deepcopy(built.student.model)
@@ -132,7 +161,8 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
         loss.backward()
         opt_b.step()
 
-    variants = {"a_plain_ce": plain_ce, "b_plain_kd": plain_kd, "c_kdkit_kd": kdkit_step}
+    variants = {"a_plain_ce": plain_ce, "b_plain_kd": plain_kd, "c_kdkit_kd": kdkit_step,
+                "d_kdkit_kd_cached": kdkit_cached_step}
     for fn in variants.values():
         for batch in batches[:warmup]:
             fn(batch)
@@ -150,6 +180,7 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
         "recipe": recipe.name, "batch_size": spec.batch_size, "device": str(dev), "steps": steps,
         "repeats": repeats, "ms_per_step": med, "ms_per_step_all": times,
         "ratio_c_over_b": med["c_kdkit_kd"] / med["b_plain_kd"],
+        "ratio_d_over_a": med["d_kdkit_kd_cached"] / med["a_plain_ce"],
         "loader_ms_per_batch": statistics.median(loader_ms),
         "loader_images_per_s": spec.batch_size * 1000.0 / statistics.median(loader_ms),
         "machine": machine_info(), "command": " ".join(sys.argv),
@@ -167,8 +198,10 @@ def format_speed(r: dict[str, Any]) -> str:
     lines = ["| step | ms / step |", "|---|---:|",
              f"| (a) hand-written loop, student CE only | {m['a_plain_ce']:.2f} |",
              f"| (b) hand-written KD loop (teacher inference_mode, channels-last) | {m['b_plain_kd']:.2f} |",
-             f"| (c) kdkit KD step | {m['c_kdkit_kd']:.2f} |", "",
-             f"c/b = {r['ratio_c_over_b']:.3f}; batch loader: {r['loader_ms_per_batch']:.2f} ms / batch "
+             f"| (c) kdkit KD step | {m['c_kdkit_kd']:.2f} |",
+             f"| (d) kdkit KD step reading the teacher cache | {m['d_kdkit_kd_cached']:.2f} |", "",
+             f"c/b = {r['ratio_c_over_b']:.3f} (target <= 1.03); d/a = {r['ratio_d_over_a']:.3f} (target <= 1.10); "
+             f"batch loader: {r['loader_ms_per_batch']:.2f} ms / batch "
              f"({r['loader_images_per_s']:,.0f} images/s, augmentation included).",
              f"Recipe {r['recipe']}, batch {r['batch_size']}, device {r['device']}, medians of {r['repeats']} "
              f"interleaved blocks of {r['steps']} steps.",
