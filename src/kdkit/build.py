@@ -26,7 +26,7 @@ from kdkit.losses import LOSSES, DistillLoss
 from kdkit.models import build_model
 from kdkit.params import check_params
 from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
-from kdkit.taps import Tap, probe_shapes, resolve_tap
+from kdkit.taps import LOGITS, Tap, probe_shapes, resolve_tap
 
 # Shapes of datasets whose files may be absent when a recipe is only validated.
 KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -117,6 +117,8 @@ def build_bridge(name: str, params: dict[str, Any], s_shape: Any, t_shape: Any, 
 @torch.no_grad()
 def bridged_shape(bridge: nn.Module, shape: Any) -> Any:
     """Per-sample output shape(s) of ``bridge`` for input shape(s) ``shape`` (one probe in eval mode)."""
+    if hasattr(bridge, "output_shape"):  # bridges whose output is not one tensor (FM-KT's flow) say it
+        return bridge.output_shape(shape)
     was_training = bridge.training
     bridge.eval()
     if isinstance(shape, list):
@@ -125,6 +127,18 @@ def bridged_shape(bridge: nn.Module, shape: Any) -> Any:
         out = tuple(bridge(torch.zeros(2, *shape)).shape[1:])
     bridge.train(was_training)
     return out
+
+
+def needs_teacher(loss_cls: Any) -> bool:
+    """Whether a loss compares the student with a teacher tensor (all but e.g. OFM-KT, ``needs_teacher = False``)."""
+    return bool(getattr(loss_cls, "needs_teacher", True))
+
+
+def _located(exc: KdkitError, where: str) -> KdkitError:
+    """``exc`` with its location placed under the term's (``distill.0.metric``)."""
+    # no `bad=`: the choices are already ordered closest first and must keep that order
+    return KdkitError(exc.message, choices=exc.choices, fix=exc.fix,
+                      where=f"{where}.{exc.where}" if exc.where else where)
 
 
 def name_problems(data: dict[str, Any]) -> list[KdkitError]:
@@ -248,7 +262,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         losses: dict[str, DistillLoss] = {}
         student_taps: dict[str, Tap] = {}
         teacher_taps: dict[str, Tap] = {}
-        reads: dict[str, tuple[TapSpec, TapSpec]] = {}
+        reads: dict[str, tuple[TapSpec, TapSpec | None]] = {}
         for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
             where = f"distill.{i}"
             loss_cls = attempt(LOSSES.get, term.loss, where=f"{where}.loss")
@@ -259,12 +273,25 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                 continue
             try:
                 losses[name] = loss_cls(**params)
+            except RecipeErrors as exc:  # a loss wrapping another (FM-KT's metric) validates it like a term
+                errors.extend(_located(e, where) for e in exc.errors)
+                continue
+            except KdkitError as exc:
+                errors.append(_located(exc, where))
+                continue
             except (ValueError, TypeError) as exc:
                 errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
                 continue
             s_spec = _spec(term.student) or loss_cls.default_student_tap
-            t_spec = _spec(term.teacher) or loss_cls.default_teacher_tap
-            if len(as_specs(s_spec)) != len(as_specs(t_spec)):
+            # Teacher-less losses (OFM-KT) read no teacher tap: the term works without a `teacher:` section.
+            t_spec = (_spec(term.teacher) or loss_cls.default_teacher_tap) if needs_teacher(loss_cls) else None
+            required = getattr(loss_cls, "requires_bridge", None)
+            if required is not None and term.bridge != required:
+                errors.append(KdkitError(f"loss {term.loss!r} reads the output of the {required!r} bridge, got "
+                                         f"bridge {term.bridge!r}", choices=[required], bad=str(term.bridge),
+                                         fix=f"add `bridge: {required}` to the term", where=f"{where}.bridge"))
+                continue
+            if t_spec is not None and len(as_specs(s_spec)) != len(as_specs(t_spec)):
                 errors.append(KdkitError(f"{len(as_specs(s_spec))} student tap(s) {list(as_specs(s_spec))} but "
                                          f"{len(as_specs(t_spec))} teacher tap(s) {list(as_specs(t_spec))}",
                                          fix="give as many teacher taps as student taps (they are paired in order)",
@@ -273,7 +300,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
             reads[name] = (s_spec, t_spec)
             for side, net, spec, found in (("student", model, s_spec, student_taps),
                                            ("teacher", teacher_model, t_spec, teacher_taps)):
-                if net is None:
+                if net is None or spec is None:
                     continue
                 for one in as_specs(spec):
                     tap = attempt(resolve_tap, net, one, where=f"{where}.{side}")
@@ -285,18 +312,24 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         # -- shapes and bridges (one probe forward per model) --------------------------------------------
         bridges: dict[str, nn.Module] = {}
         tap_shapes: dict[str, tuple[Any, Any]] = {}
-        if model is not None and teacher_model is not None and losses:
+        if model is not None and (teacher_model is not None or recipe.teacher is None) and losses:
             example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
-            s_shapes = attempt(probe_shapes, model, list(student_taps.values()), example) or {}
-            t_shapes = attempt(probe_shapes, teacher_model, list(teacher_taps.values()), example) or {}
+            # the student's logits too: teacher-less terms map onto the student's own logit width
+            probe = [*student_taps.values(), Tap(LOGITS, "", "logits")]
+            s_shapes = attempt(probe_shapes, model, probe, example) or {}
+            t_shapes = attempt(probe_shapes, teacher_model, list(teacher_taps.values()), example) or {} \
+                if teacher_model is not None else {}
             for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
                 if name not in losses or name not in reads:
                     continue
                 s_spec, t_spec = reads[name]
-                if not all(s in s_shapes for s in as_specs(s_spec)) or not all(t in t_shapes for t in as_specs(t_spec)):
+                t_from = t_shapes if t_spec is not None else s_shapes
+                t_spec_or_own = t_spec if t_spec is not None else LOGITS
+                if not all(s in s_shapes for s in as_specs(s_spec)) or \
+                        not all(t in t_from for t in as_specs(t_spec_or_own)):
                     continue
                 where = f"distill.{i}"
-                s_shape, t_shape = _shape_of(s_shapes, s_spec), _shape_of(t_shapes, t_spec)
+                s_shape, t_shape = _shape_of(s_shapes, s_spec), _shape_of(t_from, t_spec_or_own)
                 if term.bridge is not None and term.bridge in BRIDGES:
                     bridge = attempt(build_bridge, term.bridge, term.bridge_params, s_shape, t_shape, where)
                     if bridge is None:
@@ -320,6 +353,11 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                                                  f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
                                                  fix=hint, where=where))
 
+    deploying = [f"distill.{i}" for i, name in enumerate(names) if getattr(bridges.get(name), "deploys", False)]
+    if len(deploying) > 1:
+        errors.append(KdkitError(f"terms {deploying} each have a bridge that deploys the prediction (flow); only one "
+                                 "can be the deployed head", fix="keep one flow bridge per recipe",
+                                 where=deploying[1]))
     if errors:
         raise RecipeErrors(errors, str(source) if source else recipe.name)
     assert model is not None

@@ -174,7 +174,7 @@ class Student(nn.Module):
         return logits, per_term
 
 
-class _TapReached(Exception):  # noqa: N818 - control flow, not an error
+class _TapReached(Exception):
     """Carries a tapped tensor out of a forward that :meth:`Student.predict` stops early."""
 
     def __init__(self, value: Tensor) -> None:

@@ -85,3 +85,4 @@ __all__ = ["BRIDGES", "conv1x1_bridge", "conv3x3_bridge", "linear_bridge", "regi
 
 # Bridges in their own modules register on import (after BRIDGES exists).
 from kdkit.bridges import abf, convreg  # noqa: E402, F401
+from kdkit.flow import bridge as _flow_bridge  # noqa: E402, F401 - FM-KT `flow` bridge

@@ -8,6 +8,7 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     dist,
     dkd,
     fitnets,
+    fmkt,
     mlkd,
     multilabel,
     pcka,
