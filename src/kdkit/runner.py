@@ -135,6 +135,12 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
                     tensorboard=recipe.output.tensorboard,
                     progress=recipe.output.progress if progress is None else progress, callbacks=callbacks,
                     label=recipe.name)
+    tst = None
+    if recipe.tst is not None:  # TST: learned augmentation trained against teacher and student (kdkit.tst)
+        from kdkit.tst.trainer import TstTrainer
+
+        tst = TstTrainer.from_plan(built, ctx)
+        tst.attach(engine)
     if ctx.is_main:
         kind = f"distilling {recipe.model.arch} from {recipe.teacher.arch}" if recipe.teacher else \
             f"training {recipe.model.arch}"
@@ -142,6 +148,8 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
               f"test images), {spec.epochs} epochs, device {dev}" + (f" x{ctx.world_size}" if ctx.enabled else ""))
     result = engine.fit(resume=resume)
     summary = _summary(recipe, built, result, ctx)
+    if tst is not None:
+        summary.update(tst.summary())  # policy-phase seconds, reported apart from the student's
     if cache_info is not None:
         summary["teacher_cache"] = cache_info
     if ctx.is_main:
