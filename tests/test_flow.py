@@ -219,3 +219,25 @@ def test_gradients_reach_the_meta_encoder_and_the_student() -> None:
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
         assert any(g.abs().sum() > 0 for g in grads), name
     assert student.model.fc.weight.grad is None  # the unused plain head gets nothing without Theta
+
+
+# -- cost of the deployed student ----------------------------------------------------------------------
+
+def test_flops_are_measured() -> None:
+    from kdkit.profile import count_flops
+
+    assert count_flops(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), (3, 2, 2)) == 2 * 12 * 5
+
+
+def test_flow_costs_count_the_chain_and_not_the_unused_classifier() -> None:
+    from kdkit.profile import flow_costs
+
+    student = flow_student().eval()
+    costs = flow_costs(student, (1, 8, 8), steps=(1, 2))
+    rows = costs["variants"]
+    model, bridge = student.model, student.bridges["fmkt"]
+    backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("fc."))
+    assert rows["fmkt_n1"]["params"] == backbone + sum(p.numel() for p in bridge.parameters())
+    assert rows["plain_theta"]["params"] == sum(p.numel() for p in model.parameters())  # fc runs here
+    assert rows["fmkt_n1"]["flops"] < rows["fmkt_n2"]["flops"]
+    assert costs["deployed"] == "fmkt_n2" and bridge.eval_steps == 2 and not bridge.theta  # restored

@@ -1,10 +1,11 @@
-"""Model cost measurements: parameter counts and inference latency."""
+"""Model cost measurements: parameter counts, FLOPs and inference latency (of the deployed network)."""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,3 +56,105 @@ def machine_info() -> dict[str, str]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "python": platform.python_version(), "torch": torch.__version__, "os": platform.platform(terse=True),
     }
+
+
+class Deployed(nn.Module):
+    """The deployed network of a :class:`~kdkit.distill.Student` as a module: ``forward = student.predict``.
+
+    For FM-KT this is the student up to the flow bridge's tap plus the bridge's inference chain; for
+    every other recipe it is the plain model.
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student.predict(x)
+
+
+@torch.inference_mode()
+def count_flops(model: nn.Module, input_shape: tuple[int, int, int], *, device: torch.device | str = "cpu") -> int:
+    """FLOPs of one forward of one image, measured by :class:`torch.utils.flop_counter.FlopCounterMode`
+    (matmuls and convolutions; a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@torch.inference_mode()
+def used_parameters(model: nn.Module, input_shape: tuple[int, int, int], *, device: torch.device | str = "cpu") -> int:
+    """Parameters of the modules that run in one forward: what deploying ``model`` needs (a classifier that
+    a deployed FM-KT student never reaches is not counted)."""
+    ran: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda mod, _inputs: ran.append(mod)) for m in model.modules()
+               if any(True for _ in m.parameters(recurse=False))]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    unique = {id(p): p for m in ran for p in m.parameters(recurse=False)}
+    return sum(p.numel() for p in unique.values())
+
+
+@torch.inference_mode()
+def top1(model: nn.Module, loader: Any) -> float:
+    """Top-1 accuracy (%) of ``model`` in eval mode over a :class:`~kdkit.data.loader.BatchLoader`'s batches."""
+    was_training = model.training
+    model.eval()
+    hits, total = 0, 0
+    for x, y, _ in loader.epoch(0):
+        hits += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * hits / max(total, 1)
+
+
+def flow_costs(student: nn.Module, input_shape: tuple[int, int, int], *, device: torch.device | str = "cpu",
+               loader: Any = None,
+               steps: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """Cost (and accuracy) of an FM-KT student's deployable variants: the chain with ``steps`` inference
+    steps, and the plain student (what FM-KT^Theta deploys).
+
+    Accuracy for the chain's variants is reported for analysis; the deployed ``eval_steps`` is fixed in the
+    recipe before training (never picked from these figures). The plain student's accuracy is only reported
+    with Theta, where its classifier is trained (without Theta it is never trained).
+
+    Returns:
+        ``{"deployed": name, "eval_steps": n, "variants": {name: {params, flops, latency_ms[, top1]}}}``.
+    """
+    term = student.deploy_term
+    bridge = student.bridges[term]
+    deployed = Deployed(student)
+    variants: dict[str, dict[str, Any]] = {}
+    saved = (bridge.eval_steps, bridge.theta)
+    try:
+        bridge.theta = False  # measure the chain even when Theta deploys the plain student
+        for n in steps:
+            bridge.eval_steps = n
+            variants[f"fmkt_n{n}"] = _variant(deployed, input_shape, device, loader)
+        variants["plain_theta"] = _variant(student.model, input_shape, device, loader if saved[1] else None)
+    finally:
+        bridge.eval_steps, bridge.theta = saved
+    return {"deployed": "plain_theta" if saved[1] else f"fmkt_n{saved[0]}", "eval_steps": saved[0],
+            "variants": variants}
+
+
+def _variant(model: nn.Module, shape: tuple[int, int, int], device: torch.device | str,
+             loader: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"params": used_parameters(model, shape, device=device),
+                           "flops": count_flops(model, shape, device=device),
+                           "latency_ms": round(latency_ms(model, shape, device=device), 4)}
+    if loader is not None:
+        row["top1"] = top1(model, loader)
+    return row

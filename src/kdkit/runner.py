@@ -27,7 +27,7 @@ from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback, Engine
 from kdkit.errors import KdkitError
 from kdkit.models import count_parameters
-from kdkit.profile import latency_ms, machine_info
+from kdkit.profile import Deployed, flow_costs, latency_ms, machine_info
 from kdkit.recipe import Recipe
 
 
@@ -172,11 +172,14 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "params": count_parameters(model), "bridge_params": count_parameters(built.student.bridges),
         "loss_params": count_parameters(built.objective),
         "epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / max(len(result.history), 1),
-        "latency_ms": latency_ms(model, shape, device=built.device) if ctx.is_main else None,
+        # the deployed network (Student.predict): for FM-KT, the student up to its tap + the flow chain
+        "latency_ms": latency_ms(Deployed(built.student), shape, device=built.device) if ctx.is_main else None,
         "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
         "world_size": ctx.world_size, "device": str(built.device), "kdkit": __version__,
         "machine": machine_info(), "command": " ".join(sys.argv),
     }
     if built.teacher is not None and ctx.is_main:
         summary["teacher_latency_ms"] = latency_ms(built.teacher.model, shape, device=built.device)
+    if getattr(built.student, "deploy_term", None) is not None and ctx.is_main:  # FM-KT: cost of N = 1, 2, 4, 8
+        summary["flow"] = flow_costs(built.student, shape, device=built.device, loader=prepare_training(built)[1])
     return summary
