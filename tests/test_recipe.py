@@ -68,3 +68,14 @@ def test_digest_changes_with_content(tiny: dict) -> None:
 def test_unknown_shipped_recipe_suggests_names() -> None:
     with pytest.raises(KdkitError, match="valid choices: fashion_mnist/kd"):
         load_recipe("fashion_mnist/kdd")
+
+
+def test_keys_added_later_do_not_change_old_digests() -> None:
+    from kdkit.recipe import load_recipe
+
+    plain = load_recipe("fashion_mnist/kd")
+    data = plain.to_dict()
+    assert "tst" not in data and "cache" not in data["teacher"] and "compile" not in data["train"]
+    cached = load_recipe("fashion_mnist/kd", ["teacher.cache.views=3", "train.compile=true"])
+    assert cached.to_dict()["teacher"]["cache"]["views"] == 3 and cached.to_dict()["train"]["compile"] is True
+    assert len({plain.digest(), cached.digest()}) == 2

@@ -195,6 +195,12 @@ class TstSpec(_Strict):
         return self
 
 
+#: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
+_LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("tst",), None), (("teacher", "cache"), None), (("train", "compile"), False),
+)
+
+
 class Recipe(_Strict):
     """A whole experiment. ``model`` is the network this recipe trains; ``teacher`` (optional) is frozen."""
 
@@ -245,8 +251,15 @@ class Recipe(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what is saved in run folders and checkpoints)."""
         data = self.model_dump(mode="json")
-        if data.get("tst") is None:  # recipes without TST keep their digests (cached runs stay valid)
-            data.pop("tst", None)
+        # Keys added after the first release are left out while unset, so a recipe that does not use
+        # them keeps the digest its finished runs were saved with (and those runs stay reusable).
+        for path, unset in _LATER_KEYS:
+            *parents, key = path
+            node = data
+            for part in parents:
+                node = node.get(part) or {}
+            if key in node and node[key] == unset:
+                del node[key]
         return data
 
     def digest(self) -> str:
