@@ -16,7 +16,8 @@ from typing import Any
 
 from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
-from kdkit.profile import machine_info
+from kdkit.models import build_model
+from kdkit.profile import count_flops, machine_info
 from kdkit.recipe import find_recipe, load_recipe, recipes_root
 from kdkit.report import mean_std, write_report
 from kdkit.runner import run_recipe
@@ -87,29 +88,69 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     return results
 
 
+def deployed_cost(summary: dict[str, Any], recipe: Any) -> dict[str, Any]:
+    """Parameters, FLOPs and latency (ms, batch 1) of the network a run deploys.
+
+    FM-KT runs report their deployed variant (the student up to its tap plus the flow chain, or the
+    plain student with Theta) in ``summary["flow"]``; every other method deploys the plain student,
+    whose FLOPs are measured here (older summaries do not record them).
+    """
+    flow = summary.get("flow")
+    if flow:
+        chosen = flow["variants"][flow["deployed"]]
+        return {"params": chosen["params"], "flops": chosen["flops"], "latency_ms": chosen["latency_ms"]}
+    shape = (1, 28, 28) if summary["dataset"].startswith(("fashion_mnist", "mnist")) else None
+    flops = None
+    if shape is not None:
+        model = build_model(recipe.model.arch, num_classes=10, in_channels=shape[0], image_size=shape[1],
+                            params=recipe.model.params)
+        flops = count_flops(model, shape)
+    return {"params": summary["params"], "flops": flops, "latency_ms": summary.get("latency_ms")}
+
+
 def _row(method: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
     best = mean_std([s["best_top1"] for s in summaries])
     last = mean_std([s["last_top1"] for s in summaries])
     first = summaries[0]
     recipe = load_recipe(find_recipe(f"{SUITE}/{method}"))
-    return {
+    cost = deployed_cost(first, recipe)
+    latencies = [s["latency_ms"] for s in summaries if s.get("latency_ms") is not None]
+    row = {
         "method": method, "description": recipe.description, "seeds": len(summaries),
         "best_top1": best[0], "best_top1_std": best[1], "last_top1": last[0], "last_top1_std": last[1],
         "epoch_seconds": sum(s["epoch_seconds"] for s in summaries) / len(summaries),
         "extra_params": first["bridge_params"] + first.get("loss_params", 0),
+        # student + bridges + loss heads; the deployed network may be smaller (FM-KT drops the unused classifier)
+        "trained_params": first["params"] + first["bridge_params"] + first.get("loss_params", 0),
+        "deployed_params": cost["params"], "deployed_flops": cost["flops"],
+        "latency_ms": cost["latency_ms"] if first.get("flow") else
+        (sorted(latencies)[len(latencies) // 2] if latencies else None),
         "epochs": first["epochs"], "train_samples": first["train_samples"],
     }
+    if any("tst_policy_seconds" in s for s in summaries):  # TST: its policy phases, apart from the student's time
+        row["tst_policy_seconds"] = sum(s.get("tst_policy_seconds", 0.0) for s in summaries) / len(summaries)
+        row["train_seconds"] = sum(s["train_seconds"] for s in summaries) / len(summaries)
+    return row
 
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table of the benchmark (what the README shows)."""
-    lines = ["| method | best top-1 (%) | last top-1 (%) | vs labels only | vs KD | s / epoch | extra params |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | best top-1 (%) | last top-1 (%) | vs labels only | vs KD | s / epoch | trained params "
+             "| deployed params | deployed MFLOPs | latency (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    delta = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
     for r in results["rows"]:
-        delta = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
+        flops = "–" if r.get("deployed_flops") is None else f"{r['deployed_flops'] / 1e6:.2f}"
+        latency = "–" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"
+        deployed = r.get("deployed_params")
         lines.append(f"| {r['method']} | {r['best_top1']:.2f} ± {r['best_top1_std']:.2f} | {r['last_top1']:.2f} ± "
                      f"{r['last_top1_std']:.2f} | {delta(r['vs_labels_only'])} | {delta(r['vs_kd'])} | "
-                     f"{r['epoch_seconds']:.2f} | {r['extra_params']:,} |")
+                     f"{r['epoch_seconds']:.2f} | {r['trained_params']:,} | "
+                     f"{'–' if deployed is None else f'{deployed:,}'} | {flops} | {latency} |")
+    tst = [r for r in results["rows"] if "tst_policy_seconds" in r]
+    for r in tst:
+        lines += ["", f"{r['method']}: policy phases took {r['tst_policy_seconds']:.1f} s of "
+                  f"{r['train_seconds']:.1f} s of training per run (included in s / epoch)."]
     m = results["machine"]
     first = results["rows"][0]
     lines += ["", f"{results['seeds']} seeds per method; student cnn_student on {first['train_samples']:,} "
