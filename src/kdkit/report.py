@@ -153,6 +153,48 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
     return "<table>" + head + "".join(body) + "</table>"
 
 
+def _flow_section(label: str, record: RunRecord) -> str:
+    """FM-KT: accuracy and cost of each deployable variant (N = 1, 2, 4, 8 inference steps, Theta)."""
+    flow = record.summary["flow"]
+    head = "<tr><th>variant</th><th>top-1 (%)</th><th>params</th><th>MFLOPs</th><th>latency (ms)</th></tr>"
+
+    def accuracy(variant: dict[str, Any]) -> str:
+        return "–" if variant.get("top1") is None else f"{variant['top1']:.2f}"
+
+    body = "".join(
+        f"<tr><td>{html.escape(name)}{' (deployed)' if name == flow['deployed'] else ''}</td>"
+        f"<td>{accuracy(v)}</td><td>{v['params']:,}</td><td>{v['flops'] / 1e6:.2f}</td>"
+        f"<td>{v['latency_ms']:.3f}</td></tr>" for name, v in flow["variants"].items())
+    return (f"<h3>{html.escape(label)}: FM-KT cost (<code>{html.escape(str(record.path))}</code>)</h3>"
+            f"<p>Inference steps fixed by the recipe: {flow['eval_steps']}; the other rows are for analysis, "
+            f"never used to choose it.</p><table>{head}{body}</table>")
+
+
+def _tst_section(label: str, record: RunRecord) -> str:
+    """TST: the learned policy over time and augmented samples next to their originals."""
+    parts = [f"<h3>{html.escape(label)}: TST policy (<code>{html.escape(str(record.path))}</code>)</h3>"]
+    seconds = record.summary.get("tst_policy_seconds")
+    if seconds is not None:
+        parts.append(f"<p>Policy phases: {record.summary.get('tst_policy_phases', '?')}, {seconds:.1f} s of "
+                     f"{record.summary.get('train_seconds', float('nan')):.1f} s of training.</p>")
+    for name in ("tst_policy.png", "tst_samples.png"):
+        if (record.path / name).is_file():
+            parts.append(_img(record.path / name))
+    return "".join(parts)
+
+
+def method_sections(groups: dict[str, list[RunRecord]]) -> str:
+    """Per-method extras, from the first run of each group: FM-KT's cost table, TST's policy plots."""
+    parts = []
+    for label, records in groups.items():
+        first = records[0]
+        if first.summary.get("flow"):
+            parts.append(_flow_section(label, first))
+        if (first.path / "tst_policy.png").is_file():
+            parts.append(_tst_section(label, first))
+    return "<h2>Method details</h2>" + "".join(parts) if parts else ""
+
+
 def write_report(runs: list[Path], out: Path | None = None, *, labels: list[str] | None = None,
                  title: str = "kdkit report", preamble: str = "") -> Path:
     """Write ``report.html`` with plots and a table comparing run folders.
@@ -186,7 +228,7 @@ def write_report(runs: list[Path], out: Path | None = None, *, labels: list[str]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{preamble}"
             f"{_html_table(rows)}<h2>Learning curves</h2>{_img(curves)}<h2>Comparison</h2>{_img(comparison)}"
-            f"<h2>Provenance</h2><p>Machine: {html.escape(machine_line)}</p><ul>"
+            f"{method_sections(groups)}<h2>Provenance</h2><p>Machine: {html.escape(machine_line)}</p><ul>"
             + "".join(f"<li><code>{html.escape(str(r.path))}</code>: {html.escape(r.summary.get('data_source', ''))}"
                       f"; command <code>{html.escape(r.summary.get('command', ''))}</code></li>" for r in records)
             + "</ul></body></html>")
