@@ -99,7 +99,9 @@ class Student(nn.Module):
         model: The network being trained (student, or a teacher being trained from scratch).
         reads: For each term name, the student tap spec it reads (``"logits"``, ``"stage2"``, a path), or a
             tuple of specs (several stages: the term then gets a list of tensors).
-        bridges: For each term name that has one, its bridge module (given the tensor, or the list).
+        bridges: For each term name that has one, its bridge module (given the tensor, or the list). A
+            bridge with ``rewrites = True`` is instead hooked onto its tap's module, whose activation it
+            replaces in every forward (training and :meth:`predict`); its term receives what it recorded.
     """
 
     def __init__(self, model: nn.Module, reads: dict[str, TapSpec] | None = None,
@@ -110,9 +112,16 @@ class Student(nn.Module):
         self.reads = dict(reads or {})
         taps = {spec: resolve_tap(model, spec, where=f"term {term!r}")
                 for term, specs in self.reads.items() for spec in as_specs(specs)}
-        hooked = [t for t in taps.values() if t.capture != "logits"]
+        # A bridge with ``rewrites = True`` (FM-KT's feature flow) replaces its tap's activation: it runs in a
+        # hook on the tapped module and records what its loss reads, so the recorder does not need that tap.
+        self.rewriting = self._rewriting_terms()
+        recorded = {spec for term, specs in self.reads.items() if term not in self.rewriting
+                    for spec in as_specs(specs)}
+        hooked = [t for spec, t in taps.items() if t.capture != "logits" and spec in recorded]
+        # The recorder's hooks are registered first, so other terms reading a rewritten tap see the student's own map.
         self.recorder = TapRecorder(model, hooked) if hooked else None
         self._taps = taps
+        self._rewrite_handles = [self._hook_rewrite(term, taps[self.reads[term]]) for term in self.rewriting]
         # A bridge with ``deploys = True`` (FM-KT's flow chain) is part of the deployed model: it turns
         # the student's tap into the logits that evaluation, export and latency measure.
         deployed = [term for term, bridge in self.bridges.items() if getattr(bridge, "deploys", False)]
@@ -124,18 +133,72 @@ class Student(nn.Module):
                              f"{list(as_specs(self.reads[deployed[0]]))}", fix="give one `student:` tap")
         self.deploy_term: str | None = deployed[0] if deployed else None
 
+    def _rewriting_terms(self) -> list[str]:
+        """Terms whose bridge rewrites its tap, checked: one tapped tensor each, never the logits, one per tap."""
+        terms, seen = [], {}
+        for term, bridge in self.bridges.items():
+            if not getattr(bridge, "rewrites", False):
+                if any(getattr(m, "rewrites", False) for m in bridge.modules()):
+                    raise KdkitError(f"term {term!r}: a rewriting bridge (flow_feature) reads one student tap, got "
+                                     f"{list(as_specs(self.reads[term]))}", fix="give one `student:` tap per term",
+                                     where=f"term {term!r}")
+                continue
+            spec = self.reads[term]
+            if not isinstance(spec, str) or spec == LOGITS:
+                raise KdkitError(f"term {term!r}: a rewriting bridge (flow_feature) needs one intermediate student "
+                                 f"tap, got {spec!r}", fix="tap a feature map, e.g. `student: stage1`",
+                                 where=f"term {term!r}")
+            tap = resolve_tap(self.model, spec, where=f"term {term!r}")
+            key = (tap.path, tap.capture)
+            if key in seen:
+                raise KdkitError(f"terms {seen[key]!r} and {term!r} both rewrite {tap.path}:{tap.capture}",
+                                 fix="flow each tap with one term", where=f"term {term!r}")
+            seen[key] = term
+            module = dict(self.model.named_modules())[tap.path]
+            # A hook left by an earlier Student on the same model would flow this tap twice (and feed that
+            # Student's bridge): refuse it. PyTorch has no public listing of hooks, hence the private dicts.
+            for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()):
+                if getattr(getattr(hook, "__self__", None), "rewrites", False):
+                    raise KdkitError(f"module {tap.path!r} is already rewritten by another Student's bridge",
+                                     fix="call remove_hooks() on the earlier Student, or build a fresh model",
+                                     where=f"term {term!r}")
+            terms.append(term)
+        return terms
+
+    def _hook_rewrite(self, term: str, tap: Tap) -> Any:
+        """Register the bridge of ``term`` as a hook on its tap's module; the hook returns the flowed map."""
+        bridge = self.bridges[term]
+        module = dict(self.model.named_modules())[tap.path]
+        # Bound methods (not closures): copy.deepcopy of the Student re-binds the hooks to the copied bridges.
+        if tap.capture == "output":
+            return module.register_forward_hook(bridge.rewrite_output)
+        return module.register_forward_pre_hook(bridge.rewrite_input)
+
+    def remove_hooks(self) -> None:
+        """Detach every hook this Student put on the model (tap recorder and rewriting bridges)."""
+        if self.recorder is not None:
+            self.recorder.remove()
+        for handle in self._rewrite_handles:
+            handle.remove()
+        self._rewrite_handles.clear()
+
     def predict(self, x: Tensor) -> Tensor:
         """The deployed model's logits ``(B, K)``: what evaluation, export and latency measure.
 
         With a deploying bridge (FM-KT), the model runs only up to the bridge's tap (the layers after it
         are not part of the deployed network) and the bridge's inference chain gives the logits; with
-        FM-KT^Theta the plain model is deployed.
+        FM-KT^Theta the plain model is deployed. Rewriting bridges (FM-KT's feature flow) run inside the model's
+        forward, through their hooks, with their inference step count.
         """
         term = self.deploy_term
-        if term is None or not self.bridges[term].runs_at_inference:
-            return self.model(x)
-        bridge = self.bridges[term]
-        return bridge.deploy(bridge(self._run_to(x, self._taps[self.reads[term]])), None)[0]
+        try:
+            if term is None or not self.bridges[term].runs_at_inference:
+                return self.model(x)
+            bridge = self.bridges[term]
+            return bridge.deploy(bridge(self._run_to(x, self._taps[self.reads[term]])), None)[0]
+        finally:
+            for name in self.rewriting:  # the rewriting hooks ran (their chains are part of the deployed model);
+                self.bridges[name].discard()  # no loss reads their records here
 
     def _run_to(self, x: Tensor, tap: Tap) -> Tensor:
         """The tensor of ``tap`` for input ``x``, stopping the forward there (the rest is not computed)."""
@@ -165,6 +228,9 @@ class Student(nn.Module):
         captured[LOGITS] = logits
         per_term: dict[str, Any] = {}
         for term, spec in self.reads.items():
+            if term in self.rewriting:  # its hook ran the chain during the forward above
+                per_term[term] = self.bridges[term].pop()
+                continue
             value = pick(captured, spec)
             if term in self.bridges:
                 value = self.bridges[term](value)

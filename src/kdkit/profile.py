@@ -120,33 +120,53 @@ def top1(model: nn.Module, loader: Any) -> float:
     return 100.0 * hits / max(total, 1)
 
 
+def has_flow(student: nn.Module) -> bool:
+    """Whether ``student`` deploys an FM-KT chain: a deploying bridge (logit variant) or a rewriting one
+    (feature variant, whose chain runs inside the model's forward)."""
+    return getattr(student, "deploy_term", None) is not None or bool(getattr(student, "rewriting", None))
+
+
 def flow_costs(student: nn.Module, input_shape: tuple[int, int, int], *, device: torch.device | str = "cpu",
                loader: Any = None,
                steps: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
-    """Cost (and accuracy) of an FM-KT student's deployable variants: the chain with ``steps`` inference
+    """Cost (and accuracy) of an FM-KT student's deployable variants: the chains with ``steps`` inference
     steps, and the plain student (what FM-KT^Theta deploys).
 
-    Accuracy for the chain's variants is reported for analysis; the deployed ``eval_steps`` is fixed in the
-    recipe before training (never picked from these figures). The plain student's accuracy is only reported
-    with Theta, where its classifier is trained (without Theta it is never trained).
+    Every chain of the student (the deploying ``flow`` bridge and the rewriting ``flow_feature`` bridges) is
+    run with the same step count ``n`` in variant ``fmkt_n{n}``. Accuracy for these variants is reported for
+    analysis; the deployed ``eval_steps`` is fixed in the recipe before training (never picked from these
+    figures). The plain student's accuracy is only reported with Theta, where its classifier is trained
+    (without Theta it is never trained); it includes any feature chains (they are inside the model's forward).
+    A student with feature chains only has no plain variant.
 
     Returns:
         ``{"deployed": name, "eval_steps": n, "variants": {name: {params, flops, latency_ms[, top1]}}}``.
     """
     term = student.deploy_term
-    bridge = student.bridges[term]
+    bridge = student.bridges[term] if term is not None else None
+    chains = ([bridge] if bridge is not None else []) + [student.bridges[t] for t in student.rewriting]
     deployed = Deployed(student)
     variants: dict[str, dict[str, Any]] = {}
-    saved = (bridge.eval_steps, bridge.theta)
+    saved_steps = [chain.eval_steps for chain in chains]
+    theta = bridge is not None and bridge.theta
     try:
-        bridge.theta = False  # measure the chain even when Theta deploys the plain student
+        if bridge is not None:
+            bridge.theta = False  # measure the chain even when Theta deploys the plain student
         for n in steps:
-            bridge.eval_steps = n
+            for chain in chains:
+                chain.eval_steps = n
             variants[f"fmkt_n{n}"] = _variant(deployed, input_shape, device, loader)
-        variants["plain_theta"] = _variant(student.model, input_shape, device, loader if saved[1] else None)
+        for chain, n in zip(chains, saved_steps, strict=True):
+            chain.eval_steps = n
+        if bridge is not None:  # the whole model (feature chains included, at their own eval_steps)
+            variants["plain_theta"] = _variant(student.model, input_shape, device, loader if theta else None)
     finally:
-        bridge.eval_steps, bridge.theta = saved
-    return {"deployed": "plain_theta" if saved[1] else f"fmkt_n{saved[0]}", "eval_steps": saved[0],
+        for chain, n in zip(chains, saved_steps, strict=True):
+            chain.eval_steps = n
+        if bridge is not None:
+            bridge.theta = theta
+    eval_steps = saved_steps[0]
+    return {"deployed": "plain_theta" if theta else f"fmkt_n{eval_steps}", "eval_steps": eval_steps,
             "variants": variants}
 
 

@@ -9,6 +9,7 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     dkd,
     fitnets,
     fmkt,
+    fmkt_feature,
     mlkd,
     multilabel,
     pcka,
