@@ -241,3 +241,17 @@ def test_flow_costs_count_the_chain_and_not_the_unused_classifier() -> None:
     assert rows["plain_theta"]["params"] == sum(p.numel() for p in model.parameters())  # fc runs here
     assert rows["fmkt_n1"]["flops"] < rows["fmkt_n2"]["flops"]
     assert costs["deployed"] == "fmkt_n2" and bridge.eval_steps == 2 and not bridge.theta  # restored
+
+
+def test_flatten_head_reads_the_whole_map() -> None:
+    bridge = BRIDGES.get("flow")((4, 3, 3), (10,), head="flatten", steps=2, eval_steps=2)
+    linear = bridge.head[-1]
+    assert linear.in_features == 4 * 3 * 3 and linear.out_features == 10
+    f_s = torch.randn(5, 4, 3, 3)
+    out = bridge(f_s).steps
+    assert out.shape == (2, 5, 10)
+    # unlike the pooled head, it tells apart maps with the same channel means
+    shuffled = f_s.flip(-1)
+    assert not torch.allclose(bridge.head(f_s), bridge.head(shuffled))
+    pooled = BRIDGES.get("flow")((4, 3, 3), (10,), head="pool")
+    assert torch.allclose(pooled.head(f_s), pooled.head(shuffled), atol=1e-6)

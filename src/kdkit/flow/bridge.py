@@ -9,9 +9,11 @@ student's pre-pool map :math:`f_s` is the chain's start :math:`Z_1`; at each ste
     \qquad x \leftarrow x - v / N
 
 with ``est`` the schedule's clean-target estimate (:meth:`~kdkit.flow.schedules.Schedule.estimate`) and
-``head`` a global average pool + linear layer onto the teacher's logits. Training and inference run this
-same chain (no teacher tensor ever enters it), training with ``steps`` and inference with
-``eval_steps``; the prediction is the mean of the per-step estimates (an implicit ensemble).
+``head`` a global average pool + linear layer onto the teacher's logits (``head: pool``, the paper's
+ResNets), or a flatten + linear layer (``head: flatten``, for students whose own classifier reads the
+flattened map, such as ``cnn_student``: pooling would discard the spatial layout that classifier uses).
+Training and inference run this same chain (no teacher tensor ever enters it), training with ``steps``
+and inference with ``eval_steps``; the prediction is the mean of the per-step estimates (an implicit ensemble).
 
 Paper vs released code: the released code estimates every step as ``f_s - v`` (from the chain's start);
 the general formula estimates from the current point, ``x - t v`` for rectified flow; both agree at the
@@ -68,6 +70,8 @@ class FlowBridge(nn.Module):
         anchor: ``z_t`` (the general formula) or ``student`` (the released code's ``f_s - v``).
         encoder_depth: Blocks of the mlp/transformer encoders.
         encoder_heads: Attention heads of the transformer encoder.
+        head: ``pool`` (global average pool + linear) or ``flatten`` (flatten + linear).
+        spatial: ``(H, W)`` of the tap (sizes the ``flatten`` head).
     """
 
     #: The bridge is part of the deployed model: :class:`kdkit.distill.Student` asks it for the logits.
@@ -75,7 +79,8 @@ class FlowBridge(nn.Module):
 
     def __init__(self, channels: int, out_features: int, *, steps: int = 8, eval_steps: int = 4,
                  encoder: EncoderName = "conv", schedule: str = "rectified", theta: bool = False,
-                 anchor: Literal["z_t", "student"] = "z_t", encoder_depth: int = 2, encoder_heads: int = 4) -> None:
+                 anchor: Literal["z_t", "student"] = "z_t", encoder_depth: int = 2, encoder_heads: int = 4,
+                 head: Literal["pool", "flatten"] = "pool", spatial: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         self.channels, self.out_features = channels, out_features
         self.steps, self.eval_steps = steps, eval_steps
@@ -83,7 +88,10 @@ class FlowBridge(nn.Module):
         self.theta, self.anchor = theta, anchor
         self.time = TimeEmbedding(channels)
         self.encoder = build_encoder(encoder, channels, depth=encoder_depth, heads=encoder_heads)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out_features))
+        if head == "flatten":
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * spatial[0] * spatial[1], out_features))
+        else:
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out_features))
 
     @property
     def runs_at_inference(self) -> bool:
@@ -142,7 +150,7 @@ def flow_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], 
                 eval_steps: int = 4, encoder: EncoderName = "conv",
                 schedule: Literal["rectified", "vp", "ve"] = "rectified", theta: bool = False,
                 anchor: Literal["z_t", "student"] = "z_t", encoder_depth: int = 2,
-                encoder_heads: int = 4) -> FlowBridge:
+                encoder_heads: int = 4, head: Literal["pool", "flatten"] = "pool") -> FlowBridge:
     """Build a :class:`FlowBridge` from the probed per-sample shapes (logit variant).
 
     Recipe (use with the ``fmkt`` loss; the outer CE is usually 0 since CE is applied at every step)::
@@ -162,6 +170,8 @@ def flow_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], 
         anchor: ``z_t`` (general estimate, default) or ``student`` (released code: ``f_s - v``).
         encoder_depth: Blocks of the mlp/transformer encoders.
         encoder_heads: Heads of the transformer encoder.
+        head: ``pool`` (default; global average pool + linear, as the paper's ResNets) or ``flatten``
+            (flatten + linear, for students whose classifier reads the flattened map).
 
     Raises:
         KdkitError: Shapes the logit variant cannot map, or non-positive step counts.
@@ -178,7 +188,8 @@ def flow_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], 
             raise KdkitError(f"bridge 'flow': {key} must be >= 1, got {value}", fix=f"set {key}: 8 (train) / 4 (eval)",
                              where=f"bridge_params.{key}")
     return FlowBridge(s[0], t[0], steps=steps, eval_steps=eval_steps, encoder=encoder, schedule=schedule,
-                      theta=theta, anchor=anchor, encoder_depth=encoder_depth, encoder_heads=encoder_heads)
+                      theta=theta, anchor=anchor, encoder_depth=encoder_depth, encoder_heads=encoder_heads,
+                      head=head, spatial=(s[1], s[2]) if len(s) == 3 else (1, 1))
 
 
 __all__ = ["FlowBridge", "FlowEstimates", "flow_bridge"]
