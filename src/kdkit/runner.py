@@ -27,7 +27,7 @@ from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback, Engine
 from kdkit.errors import KdkitError
 from kdkit.models import count_parameters
-from kdkit.profile import Deployed, flow_costs, latency_ms, machine_info
+from kdkit.profile import Deployed, flow_costs, has_flow, latency_ms, machine_info
 from kdkit.recipe import Recipe
 
 
@@ -180,6 +180,6 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
     }
     if built.teacher is not None and ctx.is_main:
         summary["teacher_latency_ms"] = latency_ms(built.teacher.model, shape, device=built.device)
-    if getattr(built.student, "deploy_term", None) is not None and ctx.is_main:  # FM-KT: cost of N = 1, 2, 4, 8
+    if has_flow(built.student) and ctx.is_main:  # FM-KT (logit or feature chains): cost of N = 1, 2, 4, 8
         summary["flow"] = flow_costs(built.student, shape, device=built.device, loader=prepare_training(built)[1])
     return summary
