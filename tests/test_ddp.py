@@ -45,3 +45,20 @@ def test_two_process_ddp_trains_and_matches_single_process_format(tmp_path: Path
     assert summary["world_size"] == 2
     # only rank 0 wrote: one set of checkpoints, no stray temp folders
     assert not list((tmp_path / "ddp" / "checkpoints").glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_reads_one_cache_built_by_rank_0(tmp_path: Path, tiny_kd: dict) -> None:
+    tiny_kd["train"].update({"epochs": 2, "batch_size": 16, "threads": 1})
+    tiny_kd["teacher"]["cache"] = {"views": 2, "dir": str(tmp_path / "cache")}
+    tiny_kd["output"]["dir"] = str(tmp_path / "ddp")
+    path = write_recipe(tmp_path / "ddp.yaml", tiny_kd)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kdkit", "run", str(path), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stderr.count("teacher cache: running the teacher") == 1  # built once, by rank 0
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["teacher_cache"]["views"] == 2
+    assert not list(tmp_path.glob("cache.partial-*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def test_fp16_on_cpu_is_refused_before_training(tiny: dict) -> None:
         run_recipe(recipe_from_dict(tiny, ["train.amp=fp16", "train.device=cpu"]))
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_student_trains_and_saves_plain_weights(tmp_path: Path, tiny_kd: dict) -> None:
     tiny_kd["train"].update({"epochs": 1, "compile": True})
     compiled = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'compiled'}"])
