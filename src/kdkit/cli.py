@@ -28,6 +28,11 @@ def _split_resume(overrides: list[str]) -> tuple[list[str], bool]:
     return rest, resume
 
 
+def _names_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split positional arguments into names (recipes, folders) and ``key=value`` overrides."""
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`kdkit run RECIPE [key=value ...]`: train what the recipe describes."""
     from kdkit.recipe import find_recipe, load_recipe
@@ -52,8 +57,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.schema:
         print(json.dumps(Recipe.model_json_schema(), indent=1))
         return 0
-    names = [a for a in args.recipes if "=" not in a]
-    overrides, _ = _split_resume([a for a in args.recipes if "=" in a])
+    names, given = _names_and_overrides(args.recipes)
+    overrides, _ = _split_resume(given)
     if not names:
         raise KdkitError("no recipe given", fix="kdkit validate RECIPE.yaml [key=value ...]")
     failed = 0
@@ -132,8 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "speed":
         from kdkit.bench.speed import run_speed_bench
 
-        names = [o for o in args.overrides if "=" not in o]
-        overrides = [o for o in args.overrides if "=" in o]
+        names, overrides = _names_and_overrides(args.overrides)
         if len(names) > 1:
             raise KdkitError(f"bench speed takes one recipe, got {names}", fix="kdkit bench speed fashion_mnist/kd")
         steps = ["--quick"] if args.quick else []
@@ -151,9 +155,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.what == "info":
         from kdkit.cache import TeacherCache
 
-        if len(args.target) != 1:
+        if len(args.overrides) != 1:
             raise KdkitError("cache info takes one cache folder", fix="kdkit cache info runs/cache/KEY")
-        cache = TeacherCache(Path(args.target[0]))
+        cache = TeacherCache(Path(args.overrides[0]))
         print(json.dumps({k: v for k, v in cache.manifest.items() if k != "taps_layout"}, indent=1))
         print(f"{cache.nbytes() / 2**20:.2f} MiB of teacher outputs for {cache.num_samples} images x "
               f"{cache.num_views} views")
@@ -163,8 +167,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from kdkit.recipe import find_recipe, load_recipe
     from kdkit.runner import train_teacher_first
 
-    names = [t for t in args.target if "=" not in t]
-    overrides = [t for t in args.target if "=" in t]
+    names, overrides = _names_and_overrides(args.overrides)
     if len(names) != 1:
         raise KdkitError(f"cache build takes one recipe, got {names or 'none'}",
                          fix="kdkit cache build RECIPE [teacher.cache.views=K ...]")
@@ -246,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="teacher-output cache: `cache build RECIPE` runs the teacher once over "
                            "K stored views per image; `cache info FOLDER`")
     cache.add_argument("what", choices=["build", "info"])
-    cache.add_argument("target", nargs="*", help="RECIPE then key=value overrides (build), or a cache folder (info)")
+    cache.add_argument("overrides", nargs="*", help="RECIPE then key=value overrides (build), or a cache folder "
+                       "(info)")
     cache.add_argument("--overwrite", action="store_true", help="rebuild even if the cache folder exists")
     cache.add_argument("--device", help="device for the teacher (default: the recipe's train.device)")
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -275,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     # positional list at the first option, so the overrides after it come back as extras.
     args, extra = parser.parse_known_args(argv)
     strays = [e for e in extra if e.startswith("-") or "=" not in e]
-    if strays or (extra and not any(hasattr(args, t) for t in ("overrides", "recipes", "target"))):
+    if strays or (extra and not hasattr(args, "overrides") and not hasattr(args, "recipes")):
         parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
     if extra:
-        target = next(t for t in ("overrides", "recipes", "target") if hasattr(args, t))
+        target = "overrides" if hasattr(args, "overrides") else "recipes"
         setattr(args, target, [*getattr(args, target), *extra])
     from kdkit.engine import Interrupted
 
