@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kdkit.build import KNOWN_SHAPES
 from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
 from kdkit.models import build_model
@@ -99,12 +100,12 @@ def deployed_cost(summary: dict[str, Any], recipe: Any) -> dict[str, Any]:
     if flow:
         chosen = flow["variants"][flow["deployed"]]
         return {"params": chosen["params"], "flops": chosen["flops"], "latency_ms": chosen["latency_ms"]}
-    shape = (1, 28, 28) if summary["dataset"].startswith(("fashion_mnist", "mnist")) else None
     flops = None
-    if shape is not None:
-        model = build_model(recipe.model.arch, num_classes=10, in_channels=shape[0], image_size=shape[1],
+    if recipe.data.dataset in KNOWN_SHAPES:
+        num_classes, channels, size = KNOWN_SHAPES[recipe.data.dataset]
+        model = build_model(recipe.model.arch, num_classes=num_classes, in_channels=channels, image_size=size,
                             params=recipe.model.params)
-        flops = count_flops(model, shape)
+        flops = count_flops(model, (channels, size, size))
     return {"params": summary["params"], "flops": flops, "latency_ms": summary.get("latency_ms")}
 
 

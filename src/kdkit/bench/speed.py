@@ -176,7 +176,6 @@ def _time_steps(recipe: Recipe, built: Plan, cached: tuple[Plan, ViewReplay, Cac
     variants["c_kdkit_kd"] = kdkit_step
     if cached is not None:
         variants["d_kdkit_kd_cached"] = kdkit_cached_step
-    variants = dict(sorted(variants.items()))
     for fn in variants.values():
         for batch in batches[:warmup]:
             fn(batch)
