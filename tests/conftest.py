@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +57,13 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     """Write a recipe dict as YAML and return the path."""
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def sigint_at_step(step: int) -> Callable[[Any, str], None]:
+    """An engine callback that sends this process SIGINT once ``engine.global_step`` reaches ``step``."""
+
+    def interrupt(engine: Any, event: str) -> None:
+        if event == "step" and engine.global_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return interrupt

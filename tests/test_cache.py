@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_recipe
+from conftest import sigint_at_step, write_recipe
 from kdkit.build import plan
 from kdkit.cache import TeacherCache, open_cache
 from kdkit.cache import build as cache_build
@@ -206,21 +206,15 @@ def test_training_from_the_cache_never_runs_the_teacher(cached: dict, monkeypatc
 
 
 def test_cached_run_resumes_exactly(cached: dict, tmp_path: Path) -> None:
-    import os
-    import signal
-
     from kdkit.engine import Interrupted
+
     cached["train"]["epochs"] = 3
     straight = recipe_from_dict(cached, [f"output.dir={tmp_path / 'a'}"])
     run_recipe(straight)
     broken = recipe_from_dict(cached, [f"output.dir={tmp_path / 'b'}"])
 
-    def interrupt(engine, event: str) -> None:
-        if event == "step" and engine.global_step == 8:
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(Interrupted):
-        run_recipe(broken, callbacks=[interrupt])
+        run_recipe(broken, callbacks=[sigint_at_step(8)])
     run_recipe(broken, resume=True)
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())

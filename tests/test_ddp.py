@@ -15,6 +15,17 @@ from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
 
 
+def torchrun_two(tmp_path: Path, recipe: dict) -> subprocess.CompletedProcess[str]:
+    """``kdkit run`` of ``recipe`` in two torchrun processes (one thread each); asserts it succeeded."""
+    path = write_recipe(tmp_path / "ddp.yaml", recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kdkit", "run", str(path), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_process_ddp_trains_and_matches_single_process_format(tmp_path: Path, tiny_kd: dict) -> None:
     tiny_kd["train"]["epochs"] = 4
@@ -22,12 +33,7 @@ def test_two_process_ddp_trains_and_matches_single_process_format(tmp_path: Path
     tiny_kd["train"]["batch_size"] = 16  # x2 processes = the single-process global batch of 32
     tiny_kd["train"]["threads"] = 1
     tiny_kd["output"]["dir"] = str(tmp_path / "ddp")
-    path = write_recipe(tmp_path / "ddp.yaml", tiny_kd)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kdkit", "run", str(path), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun_two(tmp_path, tiny_kd)
 
     single = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'single'}", "train.batch_size=32"])
     run_recipe(single)
@@ -52,12 +58,7 @@ def test_two_process_ddp_reads_one_cache_built_by_rank_0(tmp_path: Path, tiny_kd
     tiny_kd["train"].update({"epochs": 2, "batch_size": 16, "threads": 1})
     tiny_kd["teacher"]["cache"] = {"views": 2, "dir": str(tmp_path / "cache")}
     tiny_kd["output"]["dir"] = str(tmp_path / "ddp")
-    path = write_recipe(tmp_path / "ddp.yaml", tiny_kd)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kdkit", "run", str(path), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_two(tmp_path, tiny_kd)
     assert proc.stderr.count("teacher cache: running the teacher") == 1  # built once, by rank 0
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["teacher_cache"]["views"] == 2

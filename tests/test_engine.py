@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import write_recipe
+from conftest import sigint_at_step, write_recipe
 from kdkit.checkpoint import pointed, read_state
 from kdkit.cli import _split_resume, main
 from kdkit.engine import Interrupted
@@ -34,12 +33,8 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, tiny_kd: d
 
     broken = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'broken'}"])
 
-    def interrupt(engine, event: str) -> None:
-        if event == "step" and engine.global_step == 9:  # mid-way through epoch 2 (6 steps per epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted) as info:
-        run_recipe(broken, callbacks=[interrupt])
+    with pytest.raises(Interrupted) as info:  # mid-way through epoch 2 (6 steps per epoch)
+        run_recipe(broken, callbacks=[sigint_at_step(9)])
     assert info.value.checkpoint is not None and info.value.checkpoint.name == "epoch_0001_step_00003"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     summary = run_recipe(broken, resume=True)

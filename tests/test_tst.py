@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import sigint_at_step
 from kdkit.checkpoint import pointed
 from kdkit.data.loader import BatchLoader
 from kdkit.distill import FrozenTeacher, Student
@@ -234,13 +233,8 @@ def test_run_logs_policy_saves_it_and_resumes_to_identical_weights(tmp_path: Pat
     assert "extra.tst.policy.probability_logits" in weights
 
     broken = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'broken'}"])
-
-    def interrupt(engine, event: str) -> None:
-        if event == "step" and engine.global_step == 9:  # mid-way through epoch 2, after its policy phase
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_recipe(broken, callbacks=[interrupt])
+    with pytest.raises(Interrupted):  # mid-way through epoch 2, after its policy phase
+        run_recipe(broken, callbacks=[sigint_at_step(9)])
     resumed = run_recipe(broken, resume=True)
     other = load_file(str(pointed(tmp_path / "broken" / "checkpoints", "latest") / "model.safetensors"))
     timing = "extra.tst.policy_seconds"  # wall time, the one value that differs
