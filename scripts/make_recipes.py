@@ -289,7 +289,7 @@ def _cifar_train(lr: float, ce: float) -> dict[str, Any]:
             "schedule": {"name": "multistep", "milestones": [150, 180, 210], "gamma": 0.1}, "ce_weight": ce, "seed": 0}
 
 
-# TST (Shao et al., IJCAI 2023): KD on [policy(x); x] with a policy trained at set epochs (kdkit.tst).
+# TST (Shao et al., IJCAI 2023): KD on [policy(x); x] with a policy trained at set epochs (kdkit.methods.tst).
 TST_GREY_OPS = ["brightness", "contrast", "sharpness", "posterize", "solarize", "shear_x", "shear_y", "translate_x",
                 "translate_y", "rotate", "equalize", "invert", "cutout"]  # colour: nothing to saturate in grey
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import sigint_at_step, write_recipe
+from kdkit.assemble import prepare_training
 from kdkit.build import plan
 from kdkit.cache import TeacherCache, open_cache
 from kdkit.cache import build as cache_build
@@ -20,7 +21,7 @@ from kdkit.cli import main
 from kdkit.data.augment import AugmentConfig, normalize
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.recipe import recipe_from_dict
-from kdkit.runner import prepare_training, run_recipe
+from kdkit.runner import run_recipe
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ def test_checkpoint_holds_recipe_and_loads_without_code(tmp_path: Path, tiny: di
     run_recipe(recipe)
     folder = pointed(recipe.run_dir / "checkpoints", "latest")
     state = read_state(folder)  # torch.load(weights_only=True)
-    assert state["recipe"] == recipe.to_dict() and state["epoch"] == 2
+    assert state["run_info"] == recipe.to_dict() and state["epoch"] == 2
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["recipe"]) == recipe.to_dict()
     assert (recipe.run_dir / "recipe.yaml").is_file() and (recipe.run_dir / "metrics.csv").is_file()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from kdkit.bridges import BRIDGES
 from kdkit.distill import Student
 from kdkit.errors import KdkitError
-from kdkit.flow import SCHEDULES, FlowBridge, FlowEstimates, build_encoder, get_schedule, sinusoidal
+from kdkit.methods.fmkt import SCHEDULES, FlowBridge, FlowEstimates, build_encoder, get_schedule, sinusoidal
 from kdkit.models import build_model
 
 
@@ -230,7 +230,7 @@ def test_flops_are_measured() -> None:
 
 
 def test_flow_costs_count_the_chain_and_not_the_unused_classifier() -> None:
-    from kdkit.profile import flow_costs
+    from kdkit.methods.fmkt.costs import flow_costs
 
     student = flow_student().eval()
     costs = flow_costs(student, (1, 8, 8), steps=(1, 2))

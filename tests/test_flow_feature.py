@@ -15,9 +15,9 @@ from kdkit.bridges import BRIDGES
 from kdkit.build import plan
 from kdkit.distill import Student
 from kdkit.errors import KdkitError
-from kdkit.flow import FeatureFlow, FeatureFlowBridge
 from kdkit.losses import LOSSES
-from kdkit.losses.fmkt_feature import FMKTFeatureLoss, fmkt_feature_loss
+from kdkit.methods.fmkt import FeatureFlow, FeatureFlowBridge
+from kdkit.methods.fmkt.feature_loss import FMKTFeatureLoss, fmkt_feature_loss
 from kdkit.models import build_model
 from kdkit.recipe import Recipe
 
@@ -254,7 +254,7 @@ def test_plan_builds_the_term_and_requires_the_bridge(tiny: dict, teacher_file: 
 
 def test_flow_costs_include_the_feature_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     from kdkit import profile
-    from kdkit.profile import flow_costs, has_flow
+    from kdkit.methods.fmkt.costs import flow_costs, has_flow
 
     monkeypatch.setattr(profile, "latency_ms", lambda *a, **k: 0.0)  # timing is not under test (and slow on CPU)
 

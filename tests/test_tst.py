@@ -19,10 +19,11 @@ from kdkit.data.loader import BatchLoader
 from kdkit.distill import FrozenTeacher, Student
 from kdkit.engine import Interrupted
 from kdkit.errors import KdkitError
-from kdkit.recipe import TstSpec, recipe_from_dict
+from kdkit.methods.tst import OPS, AugmentPolicy, batch_generator
+from kdkit.methods.tst.spec import TstSpec
+from kdkit.methods.tst.trainer import TstTrainer, augmenter_objective
+from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
-from kdkit.tst import OPS, AugmentPolicy, batch_generator
-from kdkit.tst.trainer import TstTrainer, augmenter_objective
 
 RGB_MEAN, RGB_STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
 GREY_OPS = [name for name in OPS if name != "color"]
@@ -141,7 +142,7 @@ def phase_setup() -> tuple[TstTrainer, SimpleNamespace, Student]:
     policy = AugmentPolicy(list(OPS), num_ops=4, mean=RGB_MEAN, std=RGB_STD)
     trainer = TstTrainer(policy, teacher=teacher, seed=0, policy_epochs=[0], policy_passes=40, lr=2.0)
     engine = SimpleNamespace(student=student, train_loader=loader, device=torch.device("cpu"), epoch=0,
-                             ctx=trainer.ctx, show_progress=False, _autocast=contextlib.nullcontext)
+                             ctx=trainer.ctx, show_progress=False, autocast=contextlib.nullcontext)
     return trainer, engine, student
 
 

@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from kdkit.tst import ops
+from kdkit.methods.tst import ops
 
 
 def smooth_image(channels: int = 3, size: int = 24) -> torch.Tensor:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.bridges import BRIDGES
+from kdkit.bridges import BRIDGES, FUSING_BRIDGES
+from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
 from kdkit.data import ImageData, load_dataset, subset
 from kdkit.distill import FrozenTeacher, Objective, PerTap, Student, TapSpec, Term, as_specs
@@ -104,12 +105,12 @@ def _shape_of(shapes: dict[str, tuple[int, ...]], spec: TapSpec) -> Any:
 
 def build_bridge(name: str, params: dict[str, Any], s_shape: Any, t_shape: Any, where: str) -> nn.Module:
     """Build bridge ``name`` from probed shapes; a multi-tap term gets one bridge per tap unless the
-    bridge fuses all taps itself (factory attribute ``multi = True``, e.g. ReviewKD's ABF)."""
+    bridge fuses all taps itself (registered with ``fuses_taps=True``, e.g. ReviewKD's ABF)."""
     factory = BRIDGES.get(name, where=f"{where}.bridge")
     checked = check_params(factory, params, skip=("student_shape", "teacher_shape", "student_shapes",
                                                   "teacher_shapes"), where=f"{where}.bridge_params",
                            what=f"bridge {name!r}")
-    if isinstance(s_shape, list) and not getattr(factory, "multi", False):
+    if isinstance(s_shape, list) and name not in FUSING_BRIDGES:
         return PerTap([factory(s, t, **checked) for s, t in zip(s_shape, t_shape, strict=True)])
     return factory(s_shape, t_shape, **checked)
 
@@ -117,7 +118,7 @@ def build_bridge(name: str, params: dict[str, Any], s_shape: Any, t_shape: Any, 
 @torch.no_grad()
 def bridged_shape(bridge: nn.Module, shape: Any) -> Any:
     """Per-sample output shape(s) of ``bridge`` for input shape(s) ``shape`` (one probe in eval mode)."""
-    if hasattr(bridge, "output_shape"):  # bridges whose output is not one tensor (FM-KT's flow) say it
+    if isinstance(bridge, StructuredBridge):  # its output is not one tensor: it states the shape
         return bridge.output_shape(shape)
     was_training = bridge.training
     bridge.eval()
@@ -130,8 +131,8 @@ def bridged_shape(bridge: nn.Module, shape: Any) -> Any:
 
 
 def needs_teacher(loss_cls: Any) -> bool:
-    """Whether a loss compares the student with a teacher tensor (all but e.g. OFM-KT, ``needs_teacher = False``)."""
-    return bool(getattr(loss_cls, "needs_teacher", True))
+    """Whether a loss compares the student with a teacher tensor (``DistillLoss.needs_teacher``)."""
+    return loss_cls.needs_teacher
 
 
 def _located(exc: KdkitError, where: str) -> KdkitError:
@@ -273,7 +274,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                 continue
             try:
                 losses[name] = loss_cls(**params)
-            except RecipeErrors as exc:  # a loss wrapping another (FM-KT's metric) validates it like a term
+            except RecipeErrors as exc:  # a loss wrapping another (e.g. a per-step metric) validates it like a term
                 errors.extend(_located(e, where) for e in exc.errors)
                 continue
             except KdkitError as exc:
@@ -283,9 +284,9 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                 errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
                 continue
             s_spec = _spec(term.student) or loss_cls.default_student_tap
-            # Teacher-less losses (OFM-KT) read no teacher tap: the term works without a `teacher:` section.
+            # Teacher-less losses read no teacher tap: the term works without a `teacher:` section.
             t_spec = (_spec(term.teacher) or loss_cls.default_teacher_tap) if needs_teacher(loss_cls) else None
-            required = getattr(loss_cls, "requires_bridge", None)
+            required = loss_cls.requires_bridge
             if required is not None and term.bridge != required:
                 errors.append(KdkitError(f"loss {term.loss!r} reads the output of the {required!r} bridge, got "
                                          f"bridge {term.bridge!r}", choices=[required], bad=str(term.bridge),
@@ -353,10 +354,10 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                                                  f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
                                                  fix=hint, where=where))
 
-    deploying = [f"distill.{i}" for i, name in enumerate(names) if getattr(bridges.get(name), "deploys", False)]
+    deploying = [f"distill.{i}" for i, name in enumerate(names) if isinstance(bridges.get(name), DeployingBridge)]
     if len(deploying) > 1:
-        errors.append(KdkitError(f"terms {deploying} each have a bridge that deploys the prediction (flow); only one "
-                                 "can be the deployed head", fix="keep one flow bridge per recipe",
+        errors.append(KdkitError(f"terms {deploying} each have a bridge that deploys the prediction; only one "
+                                 "can be the deployed head", fix="keep one deploying bridge per recipe",
                                  where=deploying[1]))
     if errors:
         raise RecipeErrors(errors, str(source) if source else recipe.name)

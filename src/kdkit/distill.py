@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.bridges.roles import DeployingBridge, RewritingBridge
 from kdkit.errors import KdkitError
 from kdkit.fold import fold_batchnorm
 from kdkit.losses.base import DistillLoss
@@ -100,7 +101,7 @@ class Student(nn.Module):
         reads: For each term name, the student tap spec it reads (``"logits"``, ``"stage2"``, a path), or a
             tuple of specs (several stages: the term then gets a list of tensors).
         bridges: For each term name that has one, its bridge module (given the tensor, or the list). A
-            bridge with ``rewrites = True`` is instead hooked onto its tap's module, whose activation it
+            :class:`~kdkit.bridges.roles.RewritingBridge` is instead hooked onto its tap's module, whose activation it
             replaces in every forward (training and :meth:`predict`); its term receives what it recorded.
     """
 
@@ -112,8 +113,8 @@ class Student(nn.Module):
         self.reads = dict(reads or {})
         taps = {spec: resolve_tap(model, spec, where=f"term {term!r}")
                 for term, specs in self.reads.items() for spec in as_specs(specs)}
-        # A bridge with ``rewrites = True`` (FM-KT's feature flow) replaces its tap's activation: it runs in a
-        # hook on the tapped module and records what its loss reads, so the recorder does not need that tap.
+        # A RewritingBridge replaces its tap's activation: it runs in a hook on the tapped module and records
+        # what its loss reads, so the recorder does not need that tap.
         self.rewriting = self._rewriting_terms()
         recorded = {spec for term, specs in self.reads.items() if term not in self.rewriting
                     for spec in as_specs(specs)}
@@ -122,12 +123,12 @@ class Student(nn.Module):
         self.recorder = TapRecorder(model, hooked) if hooked else None
         self._taps = taps
         self._rewrite_handles = [self._hook_rewrite(term, taps[self.reads[term]]) for term in self.rewriting]
-        # A bridge with ``deploys = True`` (FM-KT's flow chain) is part of the deployed model: it turns
-        # the student's tap into the logits that evaluation, export and latency measure.
-        deployed = [term for term, bridge in self.bridges.items() if getattr(bridge, "deploys", False)]
+        # A DeployingBridge is part of the deployed model: it turns the student's tap into the logits that
+        # evaluation, export and latency measure.
+        deployed = [term for term, bridge in self.bridges.items() if isinstance(bridge, DeployingBridge)]
         if len(deployed) > 1:
             raise KdkitError(f"terms {deployed} each have a bridge that deploys its own prediction; only one can "
-                             "be the deployed head", fix="keep one flow bridge per recipe")
+                             "be the deployed head", fix="keep one deploying bridge per recipe")
         if deployed and not isinstance(self.reads[deployed[0]], str):
             raise KdkitError(f"term {deployed[0]!r}: a deployed bridge reads one student tap, got "
                              f"{list(as_specs(self.reads[deployed[0]]))}", fix="give one `student:` tap")
@@ -137,28 +138,28 @@ class Student(nn.Module):
         """Terms whose bridge rewrites its tap, checked: one tapped tensor each, never the logits, one per tap."""
         terms, seen = [], {}
         for term, bridge in self.bridges.items():
-            if not getattr(bridge, "rewrites", False):
-                if any(getattr(m, "rewrites", False) for m in bridge.modules()):
-                    raise KdkitError(f"term {term!r}: a rewriting bridge (flow_feature) reads one student tap, got "
+            if not isinstance(bridge, RewritingBridge):
+                if any(isinstance(m, RewritingBridge) for m in bridge.modules()):
+                    raise KdkitError(f"term {term!r}: a rewriting bridge reads one student tap, got "
                                      f"{list(as_specs(self.reads[term]))}", fix="give one `student:` tap per term",
                                      where=f"term {term!r}")
                 continue
             spec = self.reads[term]
             if not isinstance(spec, str) or spec == LOGITS:
-                raise KdkitError(f"term {term!r}: a rewriting bridge (flow_feature) needs one intermediate student "
+                raise KdkitError(f"term {term!r}: a rewriting bridge needs one intermediate student "
                                  f"tap, got {spec!r}", fix="tap a feature map, e.g. `student: stage1`",
                                  where=f"term {term!r}")
             tap = resolve_tap(self.model, spec, where=f"term {term!r}")
             key = (tap.path, tap.capture)
             if key in seen:
                 raise KdkitError(f"terms {seen[key]!r} and {term!r} both rewrite {tap.path}:{tap.capture}",
-                                 fix="flow each tap with one term", where=f"term {term!r}")
+                                 fix="rewrite each tap with one term", where=f"term {term!r}")
             seen[key] = term
             module = dict(self.model.named_modules())[tap.path]
-            # A hook left by an earlier Student on the same model would flow this tap twice (and feed that
+            # A hook left by an earlier Student on the same model would rewrite this tap twice (and feed that
             # Student's bridge): refuse it. PyTorch has no public listing of hooks, hence the private dicts.
             for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()):
-                if getattr(getattr(hook, "__self__", None), "rewrites", False):
+                if isinstance(getattr(hook, "__self__", None), RewritingBridge):
                     raise KdkitError(f"module {tap.path!r} is already rewritten by another Student's bridge",
                                      fix="call remove_hooks() on the earlier Student, or build a fresh model",
                                      where=f"term {term!r}")
@@ -166,7 +167,7 @@ class Student(nn.Module):
         return terms
 
     def _hook_rewrite(self, term: str, tap: Tap) -> Any:
-        """Register the bridge of ``term`` as a hook on its tap's module; the hook returns the flowed map."""
+        """Register the bridge of ``term`` as a hook on its tap's module; the hook returns the rewritten activation."""
         bridge = self.bridges[term]
         module = dict(self.model.named_modules())[tap.path]
         # Bound methods (not closures): copy.deepcopy of the Student re-binds the hooks to the copied bridges.
@@ -185,10 +186,10 @@ class Student(nn.Module):
     def predict(self, x: Tensor) -> Tensor:
         """The deployed model's logits ``(B, K)``: what evaluation, export and latency measure.
 
-        With a deploying bridge (FM-KT), the model runs only up to the bridge's tap (the layers after it
-        are not part of the deployed network) and the bridge's inference chain gives the logits; with
-        FM-KT^Theta the plain model is deployed. Rewriting bridges (FM-KT's feature flow) run inside the model's
-        forward, through their hooks, with their inference step count.
+        With a :class:`~kdkit.bridges.roles.DeployingBridge`, the model runs only up to the bridge's tap (the
+        layers after it are not part of the deployed network) and the bridge gives the logits, unless it says it
+        does not run at inference (the plain model is then deployed). Rewriting bridges run inside the model's
+        forward, through their hooks, in their inference configuration.
         """
         term = self.deploy_term
         try:
@@ -256,7 +257,7 @@ class Term:
         name: Unique key used in logs (e.g. ``"kd"``; ``"mse@stage2"`` when a loss repeats).
         loss: The loss module.
         student_tap: Student tap spec the term reads.
-        teacher_tap: Teacher tap spec the term reads (``None`` for losses that need no teacher, e.g. OFM-KT).
+        teacher_tap: Teacher tap spec the term reads (``None`` for losses that need no teacher).
         weight: Multiplier of the loss in the total.
         warmup_epochs: Linear ramp of the weight from 0 over this many epochs (DKD uses 20).
     """

@@ -1,19 +1,20 @@
 """One training loop for teachers and students: distillation is just an objective with terms.
 
-The engine owns the loop, evaluation, checkpoints, resume, signals, AMP and DDP. Everything a
-method needs arrives as objects (a :class:`~kdkit.distill.Student`, an optional
-:class:`~kdkit.distill.FrozenTeacher`, an :class:`~kdkit.distill.Objective`, loaders), so a new
-method never needs a new trainer. Callbacks (``callback(engine, event)``) hook in without subclassing.
+The engine owns the loop, evaluation, checkpoints, signals, AMP and DDP. Everything else arrives as
+plain objects -- a :class:`~kdkit.distill.Student`, an optional teacher, an
+:class:`~kdkit.distill.Objective`, loaders, an optimiser factory -- and as :class:`Hooks` that methods
+contribute (batch transforms, callbacks, phases that train something else, modules to checkpoint,
+extra parameter groups). The engine knows no recipe and no method; what may change between a
+checkpoint and its resume is its caller's decision (``check_resume``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,50 @@ from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.metrics import MetricsLog
-from kdkit.recipe import TrainSpec
-from kdkit.schedule import build_optimizer, build_schedule
 
 Callback = Callable[["Engine", str], None]
 #: ``transform(engine, x, y, index) -> (x, y, index)``: rewrites each training batch before the step
-#: (TST prepends its learned augmentation of the batch).
+#: (e.g. a learned augmentation that prepends augmented copies). Transforms chain in order.
 BatchTransform = Callable[["Engine", Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+#: ``make_optimizer(param_groups, steps_per_epoch) -> (optimizer, per-step lr scheduler)``.
+OptimizerFactory = Callable[[list[dict[str, Any]], int], tuple[torch.optim.Optimizer, Any]]
 LOG_EVERY = 10  # steps between host syncs (progress bar, NaN check)
+
+
+@dataclass
+class Phase:
+    """Something trained apart from the main step, at the start of the epochs where ``due(engine)`` holds.
+
+    Attributes:
+        name: Key of its statistics in :attr:`Engine.phase_stats`.
+        due: Whether the phase runs now (called at every epoch start, also when resuming mid-epoch:
+            check ``engine.batch``).
+        run: Trains it; returns statistics.
+    """
+
+    name: str
+    due: Callable[[Engine], bool]
+    run: Callable[[Engine], dict[str, Any]]
+
+
+@dataclass
+class Hooks:
+    """What a method adds to a run, without subclassing the engine.
+
+    Attributes:
+        batch_transforms: Applied in order to every training batch before the step.
+        callbacks: ``callback(engine, event)`` for ``"epoch_start"``, ``"step"``, ``"epoch"``.
+        phases: Trained at epoch starts (before that epoch's steps).
+        state: Modules saved in checkpoints (as ``extra.NAME.*``) and restored on resume, but not trained
+            by the engine's optimiser (e.g. a policy with its own optimiser).
+        param_groups: Extra parameter groups trained by the engine's optimiser with the student.
+    """
+
+    batch_transforms: list[BatchTransform] = field(default_factory=list)
+    callbacks: list[Callback] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
+    state: dict[str, torch.nn.Module] = field(default_factory=dict)
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Interrupted(RuntimeError):
@@ -75,36 +112,42 @@ class Engine:
         objective: CE + weighted terms.
         train_loader: Training batches (already sharded for DDP).
         eval_loader: Test batches (sharded for DDP; results are all-reduced).
-        train: The recipe's ``train`` section (optimiser, schedule, epochs, AMP, ...).
+        epochs: Epochs to train.
+        make_optimizer: Builds the optimiser and its per-step lr scheduler from the parameter groups
+            (student and objective first, then the hooks' groups) and the steps per epoch.
+        amp: ``"off"``, ``"bf16"`` or ``"fp16"`` autocast of the forward passes.
+        compile: ``torch.compile`` the trained module for the training forward.
         run_dir: Where rank 0 writes checkpoints and metrics and every rank resumes from (``None``: no files).
         teacher: The frozen teacher (or a :class:`kdkit.cache.CachedTeacher`), or ``None`` to train from
             labels alone; called as ``teacher(x, index, epoch)``.
         device: Device of the models and batches.
         ctx: Distributed context.
-        recipe: Resolved recipe (plain data), stored in every checkpoint.
-        arch: Architecture name, stored in checkpoint metadata.
+        run_info: Plain data describing the run (e.g. the resolved recipe), stored in every checkpoint
+            and handed to ``check_resume`` on resume.
+        header: String metadata of the weights files (e.g. the architecture).
+        check_resume: ``check_resume(saved_run_info, folder)`` raises when the checkpoint cannot be
+            continued by this run (the caller's resume policy); ``None`` accepts any.
         keep_checkpoints: Epoch checkpoints kept besides the best one.
         tensorboard: Also log to TensorBoard.
         progress: Show a live progress bar.
-        callbacks: ``callback(engine, event)`` for events ``"epoch_start"`` (also when resuming in the
-            middle of an epoch: check ``engine.batch``), ``"step"``, ``"epoch"``.
-        batch_transform: Rewrites each training batch before the step (see :data:`BatchTransform`).
-        extra_modules: Method state saved in checkpoints (as ``extra.NAME.*``) and restored on resume,
-            but not trained by the engine's optimiser (e.g. TST's augmentation policy).
+        hooks: What methods add (see :class:`Hooks`); several are chained in order.
         label: Name shown in the progress bar.
     """
 
     def __init__(self, *, student: Student, objective: Objective, train_loader: BatchLoader,
-                 eval_loader: BatchLoader, train: TrainSpec, run_dir: Path | None,
-                 teacher: torch.nn.Module | None = None, device: torch.device | str = "cpu",
-                 ctx: DistContext | None = None,
-                 recipe: dict[str, Any] | None = None, arch: str = "", keep_checkpoints: int = 1,
-                 tensorboard: bool = False, progress: bool = True, callbacks: list[Callback] | None = None,
-                 batch_transform: BatchTransform | None = None, label: str = "train",
-                 extra_modules: dict[str, torch.nn.Module] | None = None) -> None:
+                 eval_loader: BatchLoader, epochs: int, make_optimizer: OptimizerFactory, amp: str = "off",
+                 compile: bool = False, run_dir: Path | None = None, teacher: torch.nn.Module | None = None,
+                 device: torch.device | str = "cpu", ctx: DistContext | None = None,
+                 run_info: dict[str, Any] | None = None, header: dict[str, str] | None = None,
+                 check_resume: Callable[[dict[str, Any], Path], None] | None = None, keep_checkpoints: int = 1,
+                 tensorboard: bool = False, progress: bool = True, hooks: Sequence[Hooks] = (),
+                 label: str = "train") -> None:
+        if amp not in ("off", "bf16", "fp16"):
+            raise KdkitError(f"unknown autocast mode {amp!r}", choices=["off", "bf16", "fp16"], bad=amp,
+                             fix="use off, bf16 or fp16")
         self.student, self.objective, self.teacher = student, objective, teacher
         self.train_loader, self.eval_loader = train_loader, eval_loader
-        self.spec = train
+        self.epochs, self.amp = epochs, amp
         self.device = torch.device(device)
         # Denormal floats make CPU arithmetic ~25x slower, and distillation produces them (see
         # kdkit.cli.main, which flushes them before torch starts its worker threads; here only this
@@ -113,33 +156,40 @@ class Engine:
         self.ctx = ctx or DistContext()
         self.run_dir = run_dir
         self.writes = run_dir is not None and self.ctx.is_main  # only rank 0 writes files
-        self.recipe = recipe or {}
-        self.arch = arch
+        self.run_info = run_info or {}
+        self.header = dict(header or {})
+        self.check_resume = check_resume
         self.keep = keep_checkpoints
         self.tensorboard = tensorboard
         self.show_progress = progress and self.ctx.is_main
-        self.callbacks = list(callbacks or [])
-        self.batch_transform = batch_transform
-        self.extra_modules = dict(extra_modules or {})
+        self.batch_transforms = [t for h in hooks for t in h.batch_transforms]
+        self.callbacks = [c for h in hooks for c in h.callbacks]
+        self.phases = [p for h in hooks for p in h.phases]
+        self.state_modules: dict[str, torch.nn.Module] = {}
+        for h in hooks:
+            for name, module in h.state.items():
+                if name in self.state_modules:
+                    raise KdkitError(f"two methods checkpoint state under the same name {name!r}",
+                                     fix="give each method's state its own name")
+                self.state_modules[name] = module
+        self.phase_stats: dict[str, dict[str, Any]] = {}
         self.label = label
         self.keys = objective_keys(objective)
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
-            raise KdkitError(f"batch_size {train.batch_size} x {self.ctx.world_size} process(es) is larger than "
-                             f"the training set ({train_loader.num_samples} samples)",
-                             fix="lower train.batch_size or use more data", where="train.batch_size")
-        params = list(student.parameters()) + list(objective.parameters())
-        self.optimizer = build_optimizer(params, train.optimizer)
-        self.scheduler = build_schedule(self.optimizer, train.schedule, train.optimizer.lr, self.steps_per_epoch,
-                                        train.epochs)
-        self.scaler = torch.amp.GradScaler(self.device.type) if train.amp == "fp16" else None
+            raise KdkitError(f"the training loader yields no batch ({train_loader.num_samples} samples for "
+                             f"{self.ctx.world_size} process(es))", fix="use a smaller batch or more data")
+        groups = [{"params": list(student.parameters()) + list(objective.parameters())},
+                  *(g for h in hooks for g in h.param_groups)]
+        self.optimizer, self.scheduler = make_optimizer(groups, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.model: torch.nn.Module = student
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(student, device_ids=ids)
-        if train.compile:
+        if compile:
             # Compiled lazily on the first step; evaluation runs Student.predict uncompiled (shapes differ).
             self.model = torch.compile(self.model)
         # progress state
@@ -169,9 +219,12 @@ class Engine:
         spent = self._partial.get("seconds", self.history[-1]["seconds"] if self.history else 0.0)
         started = self._started = time.perf_counter() - float(spent)
         with self._signals(), self._progress() as bar:
-            while self.epoch < self.spec.epochs:
+            while self.epoch < self.epochs:
                 epoch_start = time.perf_counter()
                 self._emit("epoch_start")
+                for phase in self.phases:
+                    if phase.due(self):
+                        self.phase_stats[phase.name] = phase.run(self)
                 train_stats = self._train_epoch(bar)
                 eval_stats = self.evaluate()
                 row = {"epoch": self.epoch + 1, "step": self.global_step, **train_stats, **eval_stats,
@@ -204,7 +257,7 @@ class Engine:
         was_training = net.training
         net.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        with self._autocast():
+        with self.autocast():
             for x, y, _ in loader.epoch(0):
                 logits = net.predict(x).float()
                 top1, top5 = accuracy_counts(logits, y)
@@ -229,9 +282,7 @@ class Engine:
         # so the culprit is named even when NaN has spread to every term by the next check.
         first_bad = torch.full((len(self.keys),), math.inf, device=self.device)
         for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
-            if self.batch_transform is not None:
-                x, y, index = self.batch_transform(self, x, y, index)
-            comps, logits = self._step(x, y, index)
+            comps, logits, y = self.train_step(x, y, index)
             hits = (logits.detach().argmax(1) == y).sum()
             values = torch.stack([comps[k].detach().float() for k in self.keys])
             first_bad = torch.where(torch.isfinite(values) | torch.isfinite(first_bad), first_bad,
@@ -253,9 +304,19 @@ class Engine:
         stats["train_top1"] = 100.0 * float(totals[-3]) / max(float(totals[-2]), 1.0)
         return stats
 
-    def _step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def train_step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The batch transforms, then :meth:`step`. Returns the components, the logits and the labels the
+        step saw (a transform may change them)."""
+        for transform in self.batch_transforms:
+            x, y, index = transform(self, x, y, index)
+        comps, logits = self.step(x, y, index)
+        return comps, logits, y
+
+    def step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """One optimisation step on a (transformed) batch: teacher taps, student + bridges, objective,
+        backward, optimiser and lr schedule. Returns the loss components and the student's logits."""
         epoch_pos = self.epoch + self.batch / self.steps_per_epoch
-        with self._autocast():
+        with self.autocast():
             # index/epoch let a cached teacher find the stored outputs of exactly these views
             teacher_out = self.teacher(x, index, self.epoch) if self.teacher is not None else {}
             logits, per_term = self.model(x)
@@ -296,13 +357,13 @@ class Engine:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": self.history, "best": self.best, "partial": self._partial,
-            "recipe": self.recipe, "kdkit_version": __version__,
+            "run_info": self.run_info, "kdkit_version": __version__,
         }
 
     def _weights(self) -> dict[str, Tensor]:
         weights = {k: v for k, v in self.student.state_dict().items()}
         weights.update({f"objective.{k}": v for k, v in self.objective.state_dict().items()})
-        for name, module in self.extra_modules.items():
+        for name, module in self.state_modules.items():
             weights.update({f"extra.{name}.{k}": v for k, v in module.state_dict().items()})
         return weights
 
@@ -313,8 +374,7 @@ class Engine:
             return None
         root = self.run_dir / "checkpoints"
         name = f"epoch_{self.epoch:04d}" + (f"_step_{self.batch:05d}" if mid_epoch else "")
-        metadata = {"arch": self.arch, "recipe": json.dumps(self.recipe), "epoch": str(self.epoch),
-                    "kdkit_version": __version__}
+        metadata = {**self.header, "epoch": str(self.epoch), "kdkit_version": __version__}
         folder = save_checkpoint(root, name, self._weights(), self._state(), metadata)
         if is_best:
             mark_best(root, name, {"top1": self.best["top1"], "epoch": self.best["epoch"]})
@@ -331,11 +391,12 @@ class Engine:
         self.student.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("objective.", "extra."))})
         self.objective.load_state_dict({k[len("objective."):]: v for k, v in tensors.items()
                                         if k.startswith("objective.")})
-        for name, module in self.extra_modules.items():
+        for name, module in self.state_modules.items():
             module.load_state_dict({k[len(f"extra.{name}."):]: v for k, v in tensors.items()
                                     if k.startswith(f"extra.{name}.")})
         state = read_state(folder)
-        _check_same_recipe(state.get("recipe", {}), self.recipe, folder)
+        if self.check_resume is not None:
+            self.check_resume(state.get("run_info", {}), folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -354,10 +415,11 @@ class Engine:
         for callback in self.callbacks:
             callback(self, event)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.spec.amp == "off":
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of this run's forward passes (a no-op without AMP)."""
+        if self.amp == "off":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.spec.amp == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     @contextlib.contextmanager
@@ -391,7 +453,7 @@ class Engine:
             TimeRemainingColumn,
         )
 
-        total = self.spec.epochs * self.steps_per_epoch
+        total = self.epochs * self.steps_per_epoch
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
         with Progress(*columns, transient=True) as progress:
@@ -407,14 +469,14 @@ class Engine:
         progress, task = bar
         acc = 100.0 * values[-2] / max(values[-1], 1.0)
         best = f" best {self.best['top1']:.2f}%" if self.best["epoch"] > 0 else ""
-        status = f"ep {self.epoch + 1}/{self.spec.epochs} loss {means[0]:.4f} train {acc:.1f}%{best}"
+        status = f"ep {self.epoch + 1}/{self.epochs} loss {means[0]:.4f} train {acc:.1f}%{best}"
         progress.update(task, completed=self.global_step, status=status)
 
     def _announce(self, row: dict[str, Any], bar: Any) -> None:
         if not self.ctx.is_main or not self.show_progress:
             return
         terms = " ".join(f"{k} {row[f'train_{k}']:.4f}" for k in self.keys if k != "loss")
-        line = (f"{self.label} epoch {row['epoch']}/{self.spec.epochs}  loss {row['train_loss']:.4f} ({terms})  "
+        line = (f"{self.label} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f} ({terms})  "
                 f"train {row['train_top1']:.2f}%  test {row['test_top1']:.2f}% (top5 {row['test_top5']:.2f})  "
                 f"best {row['best_top1']:.2f}%  {row['epoch_seconds']:.1f}s")
         if bar is not None:
@@ -427,26 +489,3 @@ def objective_keys(objective: Objective) -> list[str]:
     if objective.ce_weight:
         keys.append("ce")
     return keys + [t.name for t in objective.terms]
-
-
-_RESUMABLE_CHANGES = {"train.epochs", "output.progress"}
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
-
-
-def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
-    if not saved or not current:
-        return
-    a, b = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES)
-    if changed:
-        raise KdkitError(f"cannot resume from {folder}: the recipe changed since it was written ({changed[:6]})",
-                         fix="resume with the same recipe (only train.epochs may grow), or start a new run with "
-                             "another output.dir")

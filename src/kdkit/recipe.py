@@ -17,13 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.schema import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """A network: registered name, ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``."""
 
     arch: str
@@ -32,7 +29,7 @@ class ModelSpec(_Strict):
                                    ".safetensors or a torch state_dict file")
 
 
-class CacheSpec(_Strict):
+class CacheSpec(Strict):
     """The teacher-output cache (FKD-style): the teacher runs once over ``views`` augmented views of every
     training image; training replays those exact views and reads the stored outputs instead of running
     the teacher (``kdkit cache build RECIPE``; ``kdkit run`` builds it when missing)."""
@@ -69,14 +66,14 @@ class TeacherSpec(ModelSpec):
         return self
 
 
-class AugmentSpec(_Strict):
+class AugmentSpec(Strict):
     """Batched augmentation of training images."""
 
     crop_padding: int = Field(0, ge=0, description="random crop after zero-padding by this many pixels")
     hflip: bool = False
 
 
-class StrongAugmentSpec(_Strict):
+class StrongAugmentSpec(Strict):
     """The strong view of two-view training (MLKD): RandAugment on top of the standard augmentation."""
 
     n: int = Field(2, ge=1, description="operations per image")
@@ -84,7 +81,7 @@ class StrongAugmentSpec(_Strict):
     groups: int = Field(8, ge=1, description="independent op draws per batch (kornia draws one per call)")
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     """Which data, where, and how much of the training split."""
 
     dataset: str
@@ -119,7 +116,7 @@ class TermSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class OptimizerSpec(_Strict):
+class OptimizerSpec(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0)
@@ -128,7 +125,7 @@ class OptimizerSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
 
 
-class ScheduleSpec(_Strict):
+class ScheduleSpec(Strict):
     name: Literal["multistep", "cosine", "constant"] = "cosine"
     milestones: list[int] = Field(default_factory=list, description="epochs at which lr *= gamma (multistep)")
     gamma: float = 0.1
@@ -136,7 +133,7 @@ class ScheduleSpec(_Strict):
     min_lr: float = Field(0.0, ge=0)
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     epochs: int = Field(..., gt=0)
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(1000, gt=0)
@@ -154,55 +151,22 @@ class TrainSpec(_Strict):
                           "compile, later ones run fused kernels; on CPU it needs a C++ compiler)")
 
 
-class OutputSpec(_Strict):
+class OutputSpec(Strict):
     dir: str = Field("runs/{name}", description="run folder; {name} is the recipe name")
     tensorboard: bool = False
     keep_checkpoints: int = Field(1, ge=1, description="epoch checkpoints kept besides 'best'")
     progress: bool = True
 
 
-TstOp = Literal["brightness", "contrast", "color", "sharpness", "posterize", "solarize", "shear_x", "shear_y",
-                "translate_x", "translate_y", "rotate", "equalize", "invert", "cutout"]
-
-
-class TstSpec(_Strict):
-    """TST's learned augmentation (Shao et al., IJCAI 2023; :mod:`kdkit.tst`): at ``policy_epochs`` the
-    policy is trained to make samples the teacher gets right and the student gets wrong; every training
-    batch is ``[policy(x); x]`` (the distill terms and CE then average the two halves)."""
-
-    ops: list[TstOp] = Field(default_factory=lambda: list(TstOp.__args__),  # type: ignore[attr-defined]
-                             description="operations (color only for RGB data)")
-    num_ops: int = Field(4, ge=1, description="operations drawn per batch")
-    temperature: float = Field(0.05, gt=0, description="relaxed Bernoulli temperature of the probabilities")
-    policy_epochs: list[int] = Field(default_factory=lambda: [30, 90], description="epochs (0-based) at whose "
-                                     "start the policy is trained (teacher and student frozen)")
-    policy_passes: float = Field(30.0, gt=0, description="passes over the training set per policy phase")
-    lr: float = Field(0.01, gt=0, description="SGD learning rate of the policy (momentum 0.9)")
-    momentum: float = Field(0.9, ge=0)
-    grad_clip: float = Field(10.0, gt=0, description="gradient-norm clip of the policy's step")
-    random_sign: bool = Field(True, description="apply signed operations in a random direction per sample, as "
-                              "AutoAugment does")
-    cutout_size: float = Field(0.5, gt=0, le=1, description="cutout square side, as a fraction of the image side")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TstSpec:
-        if len(set(self.ops)) != len(self.ops):
-            raise ValueError(f"tst.ops lists an operation twice: {self.ops}")
-        if self.num_ops > len(self.ops):
-            raise ValueError(f"tst.num_ops {self.num_ops} is more than the {len(self.ops)} operations in tst.ops")
-        if any(e < 0 for e in self.policy_epochs):
-            raise ValueError(f"tst.policy_epochs must be epoch numbers >= 0, got {self.policy_epochs}")
-        return self
-
-
 #: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
 _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
-    (("tst",), None), (("teacher", "cache"), None), (("train", "compile"), False),
+    (("teacher", "cache"), None), (("train", "compile"), False),
 )
 
 
-class Recipe(_Strict):
-    """A whole experiment. ``model`` is the network this recipe trains; ``teacher`` (optional) is frozen."""
+class RecipeCore(Strict):
+    """A whole experiment, without the method sections (see :data:`Recipe`). ``model`` is the network this
+    recipe trains; ``teacher`` (optional) is frozen."""
 
     name: str
     description: str = ""
@@ -212,40 +176,34 @@ class Recipe(_Strict):
     distill: list[TermSpec] = Field(default_factory=list)
     train: TrainSpec
     output: OutputSpec = Field(default_factory=OutputSpec)
-    tst: TstSpec | None = Field(None, description="TST learned augmentation (needs a teacher)")
 
     @model_validator(mode="after")
-    def _tst_needs_teacher(self) -> Recipe:
-        if self.tst is None:
-            return self
-        if self.teacher is None:
-            raise ValueError("`tst:` trains its augmentation against a teacher, but no `teacher:` is given")
-        if self.data.views != 1:
-            raise ValueError("`tst:` doubles each batch itself ([augmented; original]); it cannot be combined "
-                             "with data.views: 2")
-        late = [e for e in self.tst.policy_epochs if e >= self.train.epochs]
-        if late:
-            raise ValueError(f"tst.policy_epochs {late} are not before train.epochs {self.train.epochs} "
-                             "(epochs count from 0)")
-        return self
-
-    @model_validator(mode="after")
-    def _terms_need_teacher(self) -> Recipe:
+    def _terms_need_teacher(self) -> RecipeCore:
         if self.teacher is None and any(_needs_teacher(term.loss) for term in self.distill):
             raise ValueError("`distill:` terms compare the model with a teacher, but no `teacher:` is given")
         return self
 
     @model_validator(mode="after")
-    def _cache_replays_plain_views(self) -> Recipe:
+    def _cache_replays_plain_views(self) -> RecipeCore:
         # A cache holds the teacher's outputs on stored crop/flip views only; anything that feeds the
         # teacher other images (a strong second view, a learned augmentation) cannot read it.
-        if self.teacher is not None and self.teacher.cache is not None:
-            if self.data.views != 1:
-                raise ValueError("teacher.cache stores outputs for the crop/flip views only; data.views: 2 needs "
-                                 "the teacher on the strong view too: remove teacher.cache or use data.views: 1")
-            if getattr(self, "tst", None) is not None:
-                raise ValueError("teacher.cache cannot be combined with tst: the learned augmentation makes new "
-                                 "images the teacher has to see; remove teacher.cache")
+        if self.teacher is not None and self.teacher.cache is not None and self.data.views != 1:
+            raise ValueError("teacher.cache stores outputs for the crop/flip views only; data.views: 2 needs "
+                             "the teacher on the strong view too: remove teacher.cache or use data.views: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _methods_agree(self) -> RecipeCore:
+        from kdkit.method import active_methods
+
+        problems: list[str] = []
+        for method in active_methods(self):
+            if method.feeds_teacher_new_images and self.teacher is not None and self.teacher.cache is not None:
+                problems.append(f"teacher.cache cannot be combined with method {method.name!r}: it makes new images "
+                                "the teacher has to see; remove teacher.cache")
+            problems += method.check(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,7 +211,10 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         # Keys added after the first release are left out while unset, so a recipe that does not use
         # them keeps the digest its finished runs were saved with (and those runs stay reusable).
-        for path, unset in _LATER_KEYS:
+        from kdkit.method import method_sections
+
+        later = (*_LATER_KEYS, *(((section,), None) for section in method_sections()))
+        for path, unset in later:
             *parents, key = path
             node = data
             for part in parents:
@@ -273,11 +234,27 @@ class Recipe(_Strict):
         return Path(self.output.dir.format(name=self.name))
 
 
+def _with_method_sections() -> type[RecipeCore]:
+    """:class:`RecipeCore` plus one optional top-level section per registered method that declares one."""
+    from pydantic import create_model
+
+    from kdkit.method import method_sections
+
+    fields: dict[str, Any] = {
+        section: (method.spec | None, Field(None, description=f"method {method.name!r} (kdkit ls methods)"))
+        for section, method in method_sections().items()}
+    return create_model("Recipe", __base__=RecipeCore, __module__=__name__, **fields)
+
+
+#: The recipe schema: :class:`RecipeCore` and the registered methods' sections.
+Recipe = _with_method_sections()
+
+
 def _needs_teacher(loss: str) -> bool:
-    """Unknown names count as needing one (they are reported by name); OFM-KT-like losses say False."""
+    """Unknown names count as needing one (they are reported by name); teacher-less losses say False."""
     from kdkit.losses import LOSSES  # lazy: the schema module stays importable on its own
 
-    return loss not in LOSSES or bool(getattr(LOSSES.get(loss), "needs_teacher", True))
+    return loss not in LOSSES or LOSSES.get(loss).needs_teacher
 
 
 # -- loading -------------------------------------------------------------------------------------

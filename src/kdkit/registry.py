@@ -1,7 +1,13 @@
-"""Name -> factory registries (models, losses, bridges, datasets).
+"""Name -> factory registries (models, losses, bridges, datasets, methods, tasks).
 
 A miss raises :class:`~kdkit.errors.KdkitError` listing the closest names, so a typo in a
 recipe is caught before training with a suggestion.
+
+Plugins -- the built-in methods of :mod:`kdkit.methods` and any installed package that declares an
+entry point in the ``kdkit.plugins`` group -- are imported the first time any registry is read, so
+their losses, bridges and methods are registered wherever a name is looked up. They are found by name
+(like entry points), never imported by the layers below them: a method's folder is the only place
+that names it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,35 @@ from typing import Generic, TypeVar
 from kdkit.errors import KdkitError
 
 T = TypeVar("T")
+
+#: Packages whose import registers kdkit's own plugins (each method folder is one module of it).
+BUILTIN_PLUGINS = ("kdkit.methods",)
+#: Entry-point group through which installed packages register theirs (``module`` or ``module:object``).
+PLUGIN_GROUP = "kdkit.plugins"
+_discovery = {"state": "pending"}
+
+
+def load_plugins() -> None:
+    """Import the built-in plugin packages and every ``kdkit.plugins`` entry point, once.
+
+    Re-entrant calls (a plugin reading a registry while it is being imported) return at once: the
+    plugin registers what it defines itself, and the rest follows when the first call finishes.
+    """
+    if _discovery["state"] != "pending":
+        return
+    _discovery["state"] = "loading"
+    try:
+        import importlib
+        from importlib.metadata import entry_points
+
+        for name in BUILTIN_PLUGINS:
+            importlib.import_module(name)
+        for point in entry_points(group=PLUGIN_GROUP):
+            point.load()
+    except BaseException:
+        _discovery["state"] = "pending"  # a failed import is retried (and fails loudly) at the next lookup
+        raise
+    _discovery["state"] = "done"
 
 
 class Registry(Generic[T]):
@@ -53,6 +88,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str, where: str | None = None) -> T:
         """Return the entry for ``name`` or raise a :class:`KdkitError` with the closest names."""
+        load_plugins()
         try:
             return self._entries[name]
         except KeyError:
@@ -62,17 +98,21 @@ class Registry(Generic[T]):
 
     def describe(self, name: str) -> str:
         """One-line help for ``name``."""
+        load_plugins()
         return self._help.get(name, "")
 
     def names(self) -> list[str]:
         """All registered names, sorted."""
+        load_plugins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        load_plugins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        load_plugins()
         return len(self._entries)

@@ -7,7 +7,6 @@ the page is one self-contained file).
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import statistics
@@ -18,6 +17,7 @@ from typing import Any
 
 from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
+from kdkit.pages import embed_png
 
 
 @dataclass
@@ -134,11 +134,6 @@ def summary_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _img(file: Path) -> str:
-    data = base64.b64encode(file.read_bytes()).decode()
-    return f'<img alt="{html.escape(file.stem)}" src="data:image/png;base64,{data}">'
-
-
 def _html_table(rows: list[dict[str, Any]]) -> str:
     head = ("<tr><th>run</th><th>arch</th><th>params</th><th>latency / image</th><th>train images</th>"
             "<th>epochs</th><th>best top-1</th><th>last top-1</th><th>seeds</th><th>train time</th></tr>")
@@ -153,45 +148,16 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
     return "<table>" + head + "".join(body) + "</table>"
 
 
-def _flow_section(label: str, record: RunRecord) -> str:
-    """FM-KT: accuracy and cost of each deployable variant (N = 1, 2, 4, 8 inference steps, Theta)."""
-    flow = record.summary["flow"]
-    head = "<tr><th>variant</th><th>top-1 (%)</th><th>params</th><th>MFLOPs</th><th>latency (ms)</th></tr>"
-
-    def accuracy(variant: dict[str, Any]) -> str:
-        return "–" if variant.get("top1") is None else f"{variant['top1']:.2f}"
-
-    body = "".join(
-        f"<tr><td>{html.escape(name)}{' (deployed)' if name == flow['deployed'] else ''}</td>"
-        f"<td>{accuracy(v)}</td><td>{v['params']:,}</td><td>{v['flops'] / 1e6:.2f}</td>"
-        f"<td>{v['latency_ms']:.3f}</td></tr>" for name, v in flow["variants"].items())
-    return (f"<h3>{html.escape(label)}: FM-KT cost (<code>{html.escape(str(record.path))}</code>)</h3>"
-            f"<p>Inference steps fixed by the recipe: {flow['eval_steps']}; the other rows are for analysis, "
-            f"never used to choose it.</p><table>{head}{body}</table>")
-
-
-def _tst_section(label: str, record: RunRecord) -> str:
-    """TST: the learned policy over time and augmented samples next to their originals."""
-    parts = [f"<h3>{html.escape(label)}: TST policy (<code>{html.escape(str(record.path))}</code>)</h3>"]
-    seconds = record.summary.get("tst_policy_seconds")
-    if seconds is not None:
-        parts.append(f"<p>Policy phases: {record.summary.get('tst_policy_phases', '?')}, {seconds:.1f} s of "
-                     f"{record.summary.get('train_seconds', float('nan')):.1f} s of training.</p>")
-    for name in ("tst_policy.png", "tst_samples.png"):
-        if (record.path / name).is_file():
-            parts.append(_img(record.path / name))
-    return "".join(parts)
-
-
 def method_sections(groups: dict[str, list[RunRecord]]) -> str:
-    """Per-method extras, from the first run of each group: FM-KT's cost table, TST's policy plots."""
+    """Each registered method's section of the report, from the first run of each group."""
+    from kdkit.method import METHODS
+
     parts = []
     for label, records in groups.items():
         first = records[0]
-        if first.summary.get("flow"):
-            parts.append(_flow_section(label, first))
-        if (first.path / "tst_policy.png").is_file():
-            parts.append(_tst_section(label, first))
+        for name in METHODS.names():
+            parts.append(METHODS.get(name).report_section(label, first.summary, first.path))
+    parts = [p for p in parts if p]
     return "<h2>Method details</h2>" + "".join(parts) if parts else ""
 
 
@@ -227,7 +193,7 @@ def write_report(runs: list[Path], out: Path | None = None, *, labels: list[str]
              "img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{preamble}"
-            f"{_html_table(rows)}<h2>Learning curves</h2>{_img(curves)}<h2>Comparison</h2>{_img(comparison)}"
+            f"{_html_table(rows)}<h2>Learning curves</h2>{embed_png(curves)}<h2>Comparison</h2>{embed_png(comparison)}"
             f"{method_sections(groups)}<h2>Provenance</h2><p>Machine: {html.escape(machine_line)}</p><ul>"
             + "".join(f"<li><code>{html.escape(str(r.path))}</code>: {html.escape(r.summary.get('data_source', ''))}"
                       f"; command <code>{html.escape(r.summary.get('command', ''))}</code></li>" for r in records)

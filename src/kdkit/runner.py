@@ -17,17 +17,14 @@ import torch
 import yaml
 
 from kdkit import __version__
-from kdkit.build import Plan, plan, resolve_device, teacher_run_recipe
-from kdkit.cache import ViewReplay, open_cache
+from kdkit.assemble import assemble
+from kdkit.build import plan, resolve_device, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed
-from kdkit.data import AugmentConfig
-from kdkit.data.loader import BatchLoader, make_loaders
-from kdkit.data.strong import StrongView
 from kdkit.distributed import DistContext, barrier, init_distributed
-from kdkit.engine import Callback, Engine
+from kdkit.engine import Callback
 from kdkit.errors import KdkitError
 from kdkit.models import count_parameters
-from kdkit.profile import Deployed, flow_costs, has_flow, latency_ms, machine_info
+from kdkit.profile import Deployed, count_flops, latency_ms, machine_info, used_parameters
 from kdkit.recipe import Recipe
 
 
@@ -38,25 +35,6 @@ def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("recipe_digest") == recipe.digest() else None
-
-
-def prepare_training(built: Plan, ctx: DistContext | None = None,
-                     replay: ViewReplay | None = None) -> tuple[BatchLoader, BatchLoader]:
-    """The recipe's training and test loaders (augmentation, strong view, DDP shard), with the student
-    switched to channels-last when the recipe asks for it. Shared by ``kdkit run`` and the benchmarks.
-    ``replay`` (teacher cache) replaces the random augmentation by the cache's stored views."""
-    recipe, data, ctx = built.recipe, built.data, ctx or DistContext()
-    assert data is not None
-    spec = recipe.train
-    augment = AugmentConfig(crop_padding=recipe.data.augment.crop_padding, hflip=recipe.data.augment.hflip)
-    strong_spec = recipe.data.strong
-    strong = StrongView(strong_spec.n, strong_spec.m, strong_spec.groups) if recipe.data.views == 2 else None
-    loaders = make_loaders(data, batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size, augment=augment,
-                           device=built.device, seed=spec.seed, rank=ctx.rank, world_size=ctx.world_size,
-                           channels_last=spec.channels_last, strong=strong, replay=replay)
-    if spec.channels_last:
-        built.student.to(memory_format=torch.channels_last)
-    return loaders
 
 
 def train_teacher_first(recipe: Recipe, source: Path | None, *, device: str | None = None,
@@ -114,44 +92,24 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     barrier(ctx)
-    data = built.data
+    show = recipe.output.progress if progress is None else progress
+    run = assemble(recipe, source=source, ctx=ctx, run_dir=run_dir, progress=show, callbacks=callbacks, built=built)
+    data, spec = built.data, recipe.train
     assert data is not None
-    spec = recipe.train
-    teacher, replay, cache_info = built.teacher, None, None
-    if recipe.teacher is not None and recipe.teacher.cache is not None:
-        # Every rank opens the same folder; rank 0 builds it when missing while the others wait.
-        if not ctx.is_main:
-            barrier(ctx)
-        cache, replay, teacher = open_cache(recipe, built, source, build=ctx.is_main,
-                                            progress=progress is not False and recipe.output.progress)
-        if ctx.is_main:
-            barrier(ctx)
-        cache_info = {"dir": str(cache.folder), "views": cache.num_views, "key": cache.manifest["key"],
-                      "build_seconds": cache.manifest["build_seconds"], "megabytes": round(cache.nbytes() / 2**20, 2)}
-    train_loader, eval_loader = prepare_training(built, ctx, replay)
-    engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
-                    eval_loader=eval_loader, train=spec, run_dir=run_dir, teacher=teacher, device=dev, ctx=ctx,
-                    recipe=recipe.to_dict(), arch=recipe.model.arch, keep_checkpoints=recipe.output.keep_checkpoints,
-                    tensorboard=recipe.output.tensorboard,
-                    progress=recipe.output.progress if progress is None else progress, callbacks=callbacks,
-                    label=recipe.name)
-    tst = None
-    if recipe.tst is not None:  # TST: learned augmentation trained against teacher and student (kdkit.tst)
-        from kdkit.tst.trainer import TstTrainer
-
-        tst = TstTrainer.from_plan(built, ctx)
-        tst.attach(engine)
     if ctx.is_main:
         kind = f"distilling {recipe.model.arch} from {recipe.teacher.arch}" if recipe.teacher else \
             f"training {recipe.model.arch}"
+        methods = f", method {', '.join(m.name for m, _ in run.methods)}" if run.methods else ""
         print(f"{recipe.name}: {kind} on {data.source} ({len(data.train_labels)} train / {len(data.test_labels)} "
-              f"test images), {spec.epochs} epochs, device {dev}" + (f" x{ctx.world_size}" if ctx.enabled else ""))
-    result = engine.fit(resume=resume)
+              f"test images), {spec.epochs} epochs, device {dev}" + (f" x{ctx.world_size}" if ctx.enabled else "")
+              + methods)
+    result = run.engine.fit(resume=resume)
     summary = _summary(recipe, built, result, ctx)
-    if tst is not None:
-        summary.update(tst.summary())  # policy-phase seconds, reported apart from the student's
-    if cache_info is not None:
-        summary["teacher_cache"] = cache_info
+    if ctx.is_main:
+        for _, method_run in run.methods:
+            summary.update(method_run.summary(run.engine))
+    if run.cache_info is not None:
+        summary["teacher_cache"] = run.cache_info
     if ctx.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)
@@ -172,7 +130,7 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "params": count_parameters(model), "bridge_params": count_parameters(built.student.bridges),
         "loss_params": count_parameters(built.objective),
         "epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / max(len(result.history), 1),
-        # the deployed network (Student.predict): for FM-KT, the student up to its tap + the flow chain
+        # the deployed network (Student.predict): with a deploying bridge, the student up to its tap + the bridge
         "latency_ms": latency_ms(Deployed(built.student), shape, device=built.device) if ctx.is_main else None,
         "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
         "world_size": ctx.world_size, "device": str(built.device), "kdkit": __version__,
@@ -180,6 +138,9 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
     }
     if built.teacher is not None and ctx.is_main:
         summary["teacher_latency_ms"] = latency_ms(built.teacher.model, shape, device=built.device)
-    if has_flow(built.student) and ctx.is_main:  # FM-KT (logit or feature chains): cost of N = 1, 2, 4, 8
-        summary["flow"] = flow_costs(built.student, shape, device=built.device, loader=prepare_training(built)[1])
+    if ctx.is_main:
+        deployed = Deployed(built.student)
+        summary["deployed"] = {"params": used_parameters(deployed, shape, device=built.device),
+                               "flops": count_flops(deployed, shape, device=built.device),
+                               "latency_ms": summary["latency_ms"]}
     return summary

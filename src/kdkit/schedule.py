@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from kdkit.recipe import OptimizerSpec, ScheduleSpec
+from kdkit.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW."""
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
+                    spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW over parameters or parameter groups (frozen ones left out;
+    a group's own keys, e.g. ``lr``, override the spec's)."""
+    items = list(params)
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]] or [{"params": []}]
     if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
                                weight_decay=spec.weight_decay)
-    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+def optimizer_factory(train: TrainSpec) -> Callable[[list[dict[str, Any]], int],
+                                                   tuple[torch.optim.Optimizer, LambdaLR]]:
+    """The engine's ``make_optimizer`` for a recipe's ``train`` section: its optimiser and per-step schedule."""
+
+    def make(groups: list[dict[str, Any]], steps_per_epoch: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        optimizer = build_optimizer(groups, train.optimizer)
+        return optimizer, build_schedule(optimizer, train.schedule, train.optimizer.lr, steps_per_epoch, train.epochs)
+
+    return make
 
 
 def lr_factor(step: int, spec: ScheduleSpec, base_lr: float, steps_per_epoch: int, total_steps: int) -> float:

@@ -12,9 +12,9 @@ import torch
 from kdkit.build import plan
 from kdkit.distill import Objective, Term
 from kdkit.errors import RecipeErrors
-from kdkit.flow import FlowEstimates
 from kdkit.losses import LOSSES, KDLoss, kd_loss
-from kdkit.losses.fmkt import FMKTLoss, OFMKTLoss, dirac_shuffle, smoothed_ce
+from kdkit.methods.fmkt import FlowEstimates
+from kdkit.methods.fmkt.losses import FMKTLoss, OFMKTLoss, dirac_shuffle, smoothed_ce
 from kdkit.recipe import Recipe
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from kdkit.build import KNOWN_SHAPES
 from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
+from kdkit.method import METHODS, active_methods
 from kdkit.models import build_model
 from kdkit.profile import count_flops, machine_info
 from kdkit.recipe import find_recipe, load_recipe, recipes_root
@@ -90,16 +91,13 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
 
 
 def deployed_cost(summary: dict[str, Any], recipe: Any) -> dict[str, Any]:
-    """Parameters, FLOPs and latency (ms, batch 1) of the network a run deploys.
+    """Parameters, FLOPs and latency (ms, batch 1) of the network a run deploys (``summary["deployed"]``).
 
-    FM-KT runs report their deployed variant (the student up to its tap plus the flow chain, or the
-    plain student with Theta) in ``summary["flow"]``; every other method deploys the plain student,
-    whose FLOPs are measured here (older summaries do not record them).
+    Summaries written before that field existed deploy the plain student, whose FLOPs are measured here;
+    a method whose deployed network differs says so in its :meth:`~kdkit.method.Method.bench_fields`.
     """
-    flow = summary.get("flow")
-    if flow:
-        chosen = flow["variants"][flow["deployed"]]
-        return {"params": chosen["params"], "flops": chosen["flops"], "latency_ms": chosen["latency_ms"]}
+    if isinstance(summary.get("deployed"), dict):
+        return dict(summary["deployed"])
     flops = None
     if recipe.data.dataset in KNOWN_SHAPES:
         num_classes, channels, size = KNOWN_SHAPES[recipe.data.dataset]
@@ -124,13 +122,13 @@ def _row(method: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
         # student + bridges + loss heads; the deployed network may be smaller (FM-KT drops the unused classifier)
         "trained_params": first["params"] + first["bridge_params"] + first.get("loss_params", 0),
         "deployed_params": cost["params"], "deployed_flops": cost["flops"],
-        "latency_ms": cost["latency_ms"] if first.get("flow") else
-        (sorted(latencies)[len(latencies) // 2] if latencies else None),
+        # the median over seeds of each run's deployed latency
+        "latency_ms": sorted(latencies)[len(latencies) // 2] if latencies else cost["latency_ms"],
         "epochs": first["epochs"], "train_samples": first["train_samples"],
     }
-    if any("tst_policy_seconds" in s for s in summaries):  # TST: its policy phases, apart from the student's time
-        row["tst_policy_seconds"] = sum(s.get("tst_policy_seconds", 0.0) for s in summaries) / len(summaries)
-        row["train_seconds"] = sum(s["train_seconds"] for s in summaries) / len(summaries)
+    row["methods"] = [m.name for m in active_methods(recipe)]
+    for method in active_methods(recipe):
+        row.update(method.bench_fields(summaries))
     return row
 
 
@@ -148,10 +146,10 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{r['last_top1_std']:.2f} | {delta(r['vs_labels_only'])} | {delta(r['vs_kd'])} | "
                      f"{r['epoch_seconds']:.2f} | {r['trained_params']:,} | "
                      f"{'–' if deployed is None else f'{deployed:,}'} | {flops} | {latency} |")
-    tst = [r for r in results["rows"] if "tst_policy_seconds" in r]
-    for r in tst:
-        lines += ["", f"{r['method']}: policy phases took {r['tst_policy_seconds']:.1f} s of "
-                  f"{r['train_seconds']:.1f} s of training per run (included in s / epoch)."]
+    for r in results["rows"]:
+        for name in r.get("methods", []):
+            notes = METHODS.get(name).bench_notes(r)
+            lines += ["", *notes] if notes else []
     m = results["machine"]
     first = results["rows"][0]
     lines += ["", f"{results['seeds']} seeds per method; student cnn_student on {first['train_samples']:,} "

@@ -5,8 +5,9 @@ In one process, on the same pre-built batches, interleaved so machine noise canc
 * (a) a hand-written PyTorch loop training the student with cross-entropy only;
 * (b) a hand-written PyTorch KD loop (teacher in eval mode under ``torch.inference_mode``, channels-last,
   the same loss as the recipe's ``kd`` term written inline);
-* (c) kdkit's step (``Engine._step``: teacher taps, student + bridges, objective, optimiser, schedule);
-* (d) kdkit's step reading the teacher-output cache (:mod:`kdkit.cache`) instead of running the teacher;
+* (c) kdkit's training step as ``kdkit run`` assembles it (:func:`kdkit.assemble.assemble`; ``Engine.train_step``:
+  the methods' batch transforms, teacher taps, student + bridges, objective, optimiser, schedule);
+* (d) the same step reading the teacher-output cache (:mod:`kdkit.cache`) instead of running the teacher;
 
 and, separately, the batch loader's throughput. It prints the ratios c/b (the framework's overhead over
 the loop it replaces) and d/a (a cached distillation step against training the student alone), the
@@ -30,14 +31,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kdkit.build import Plan, plan
-from kdkit.cache import CachedTeacher, ViewReplay, open_cache
+from kdkit.assemble import Assembled, assemble
 from kdkit.checkpoint import atomic_write_text
-from kdkit.engine import Engine
+from kdkit.method import active_methods
 from kdkit.models import build_model
 from kdkit.profile import machine_info
 from kdkit.recipe import Recipe, find_recipe, load_recipe
-from kdkit.runner import prepare_training
 
 
 def _random_teacher(recipe: Recipe, folder: Path) -> Path:
@@ -69,8 +68,9 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
     """Time the loops on ``recipe_name``; write ``out/speed.json`` and ``out/results.md``.
 
     Any recipe works: (a) and (c) always run; (b) needs a ``kd`` term (it is KD written by hand) and (d)
-    a teacher whose outputs a cache can hold (one view, no TST); the ratios that need a missing variant
-    are reported as ``None``.
+    a teacher whose outputs a cache can hold (one view, no method that feeds the teacher new images); the
+    ratios that need a missing variant are reported as ``None``. (c) and (d) run the recipe's methods' batch
+    transforms (their phases, which run at epoch starts, are not part of a step).
 
     Args:
         recipe_name: A recipe path or shipped name (default benchmark: ``fashion_mnist/kd``).
@@ -92,52 +92,46 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
             base += [f"teacher.checkpoint={teacher_file}", "teacher.recipe=null"]
         # (c) runs the live teacher, even for a recipe that reads a cache
         recipe = load_recipe(source, [*base, "teacher.cache=null"] if recipe.teacher is not None else base)
-        built = plan(recipe, training=True, source=source)
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        run = assemble(recipe, source=source)
         cached = None
-        if recipe.teacher is not None and recipe.data.views == 1 and getattr(recipe, "tst", None) is None:
+        if recipe.teacher is not None and recipe.data.views == 1 and \
+                not any(m.feeds_teacher_new_images for m in active_methods(recipe)):
             # (d) reads a cache of the same random teacher (2 views are enough to time a lookup)
             cached_recipe = load_recipe(source, [*base, f"teacher.cache.dir={tmp}/cache", "teacher.cache.views=2"])
-            cached_built = plan(cached_recipe, training=True, source=source)
-            _, replay, cached_teacher = open_cache(cached_recipe, cached_built, source, progress=False)
-            cached = (cached_built, replay, cached_teacher)
-        return _time_steps(recipe, built, cached, out, steps=steps, repeats=repeats, warmup=warmup, kd=kd)
+            cached = assemble(cached_recipe, source=source)
+        return _time_steps(recipe, run, cached, out, steps=steps, repeats=repeats, warmup=warmup, kd=kd)
 
 
-def _time_steps(recipe: Recipe, built: Plan, cached: tuple[Plan, ViewReplay, CachedTeacher] | None, out: Path, *,
+def _time_steps(recipe: Recipe, run: Assembled, cached: Assembled | None, out: Path, *,
                 steps: int, repeats: int, warmup: int, kd: tuple[float, float] | None) -> dict[str, Any]:
     ce_weight = recipe.train.ce_weight
-    spec, dev = recipe.train, built.device
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    train_loader, eval_loader = prepare_training(built)
+    built, spec = run.built, recipe.train
+    dev = built.device
+    train_loader = run.train_loader
     batches = [b for _, b in zip(range(steps), train_loader.epoch(0), strict=False)]
     if len(batches) < steps:
         batches = (batches * steps)[:steps]
 
-    # (c) kdkit
-    engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
-                    eval_loader=eval_loader, train=spec, run_dir=None, teacher=built.teacher, device=dev,
-                    progress=False)
+    # (c) kdkit: the assembled engine's training step (the methods' batch transforms, then the step)
+    engine = run.engine
     engine.model.train()
 
     def kdkit_step(batch: Any) -> None:
-        engine._step(*batch)
+        engine.train_step(*batch)
 
     variants: dict[str, Callable[[Any], None]] = {}
     if cached is not None:
         # (d) kdkit reading the cache: its own copy of the student, batches replayed from the cache
-        cached_built, replay, cached_teacher = cached
-        cached_train, cached_eval = prepare_training(cached_built, replay=replay)
-        cached_batches = [b for _, b in zip(range(steps), cached_train.epoch(0), strict=False)]
+        cached_batches = [b for _, b in zip(range(steps), cached.train_loader.epoch(0), strict=False)]
         cached_batches = (cached_batches * steps)[:steps]
-        cached_engine = Engine(student=cached_built.student, objective=cached_built.objective,
-                               train_loader=cached_train, eval_loader=cached_eval, train=spec, run_dir=None,
-                               teacher=cached_teacher, device=dev, progress=False)
+        cached_engine = cached.engine
         cached_engine.model.train()
         cached_iter = iter(cached_batches * (warmup + repeats + 1))
 
         def kdkit_cached_step(_batch: Any) -> None:
-            cached_engine._step(*next(cached_iter))  # the cache's own views (their indices pick the outputs)
+            cached_engine.train_step(*next(cached_iter))  # the cache's own views (their indices pick the outputs)
 
     # (a) and (b): plain loops on copies of the same networks
     plain_student = copy.deepcopy(built.student.model)
@@ -195,6 +189,7 @@ def _time_steps(recipe: Recipe, built: Plan, cached: tuple[Plan, ViewReplay, Cac
         "ratio_c_over_b": med["c_kdkit_kd"] / med["b_plain_kd"] if "b_plain_kd" in med else None,
         "ratio_d_over_a": med["d_kdkit_kd_cached"] / med["a_plain_ce"] if "d_kdkit_kd_cached" in med else None,
         "kd_term": kd is not None, "teacher": recipe.teacher is not None,
+        "methods": [m.name for m, _ in run.methods],
         "loader_ms_per_batch": statistics.median(loader_ms),
         "loader_images_per_s": spec.batch_size * 1000.0 / statistics.median(loader_ms),
         "machine": machine_info(), "command": " ".join(sys.argv),
@@ -210,6 +205,8 @@ def format_speed(r: dict[str, Any]) -> str:
     """The speed benchmark as a Markdown table with its provenance."""
     m = r["ms_per_step"]
     what = "KD step" if r.get("kd_term", True) else "step (the recipe's objective)"
+    if r.get("methods"):
+        what += f" with method {', '.join(r['methods'])} (its batch transforms included)"
     labels = {"a_plain_ce": "(a) hand-written loop, student CE only",
               "b_plain_kd": "(b) hand-written KD loop (teacher inference_mode, channels-last)",
               "c_kdkit_kd": f"(c) kdkit {what}",

@@ -18,8 +18,22 @@ BridgeFactory = Callable[..., nn.Module]
 BRIDGES: Registry[BridgeFactory] = Registry("bridge", fix="run `kdkit ls bridges`")
 
 
-def register_bridge(name: str, help: str | None = None) -> Callable[[BridgeFactory], BridgeFactory]:
-    """Register a bridge factory ``(student_shape, teacher_shape, **params) -> nn.Module``."""
+#: Bridges that fuse all taps of a multi-tap term in one module (called once with the lists of shapes).
+FUSING_BRIDGES: set[str] = set()
+
+
+def register_bridge(name: str, help: str | None = None, *,
+                    fuses_taps: bool = False) -> Callable[[BridgeFactory], BridgeFactory]:
+    """Register a bridge factory ``(student_shape, teacher_shape, **params) -> nn.Module``.
+
+    Args:
+        name: Recipe name.
+        help: One line for ``kdkit ls bridges``.
+        fuses_taps: With a list of taps, call the factory once with the lists of shapes (ReviewKD's ABF)
+            instead of once per tap.
+    """
+    if fuses_taps:
+        FUSING_BRIDGES.add(name)
     return BRIDGES.register(name, help)
 
 
@@ -80,9 +94,8 @@ def conv3x3_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
     return _conv_bridge(student_shape, teacher_shape, 3, "conv3x3")
 
 
-__all__ = ["BRIDGES", "conv1x1_bridge", "conv3x3_bridge", "linear_bridge", "register_bridge"]
+__all__ = ["BRIDGES", "FUSING_BRIDGES", "conv1x1_bridge", "conv3x3_bridge", "linear_bridge", "register_bridge"]
 
 
 # Bridges in their own modules register on import (after BRIDGES exists).
 from kdkit.bridges import abf, convreg  # noqa: E402, F401
-from kdkit.flow import bridge as _flow_bridge  # noqa: E402, F401 - FM-KT `flow` bridge

@@ -150,12 +150,12 @@ def _as_shapes(value: Any, side: str) -> list[tuple[int, ...]]:
 
 
 @register_bridge("review", help="ReviewKD attention-based fusion (ABF) of all student stages, top-down, "
-                                "to the teacher stages' shapes (multi-tap)")
+                                "to the teacher stages' shapes (multi-tap)", fuses_taps=True)
 def review_bridge(student_shapes: list[tuple[int, ...]], teacher_shapes: list[tuple[int, ...]],
                   mid_channels: int | None = None, resize: bool = False) -> nn.Module:
     """ReviewKD's ABF fusion module, sized from the probed per-sample shapes of all the term's taps.
 
-    Called once per term with the lists of shapes (``multi = True``); the module maps the list of student
+    Called once per term with the lists of shapes (``fuses_taps=True``); the module maps the list of student
     stage tensors (shallow -> deep, as listed in the recipe) to a list of tensors with the teacher taps'
     shapes, processing deep -> shallow like the official ``ReviewKD.forward``.
 
@@ -193,6 +193,5 @@ def review_bridge(student_shapes: list[tuple[int, ...]], teacher_shapes: list[tu
     return ReviewFusion(students, teachers, mid_channels, resize)
 
 
-review_bridge.multi = True  # type: ignore[attr-defined]
 
 __all__ = ["ABF", "ReviewFusion", "review_bridge"]

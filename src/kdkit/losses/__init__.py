@@ -8,8 +8,6 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     dist,
     dkd,
     fitnets,
-    fmkt,
-    fmkt_feature,
     mlkd,
     multilabel,
     pcka,

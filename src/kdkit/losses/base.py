@@ -7,7 +7,7 @@ schedules are applied once, by :class:`kdkit.objective.Objective`, never inside 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,14 +25,18 @@ class DistillLoss(nn.Module):
         default_teacher_tap: Tap read from the teacher when a term gives no ``teacher:``.
     """
 
-    default_student_tap: str = "logits"
-    default_teacher_tap: str = "logits"
+    default_student_tap: ClassVar[str] = "logits"
+    default_teacher_tap: ClassVar[str] = "logits"
     #: With lists of taps (several stages), the loss is applied to each (student, teacher) pair and
     #: summed; a loss that needs all stages at once sets this False and receives the lists. (ReviewKD
     #: fuses the stages in its bridge, so its loss stays pairwise.)
-    pairwise: bool = True
+    pairwise: ClassVar[bool] = True
     #: The loss needs the dataset indices of the batch's samples (``index=`` keyword), e.g. CRD.
-    needs_index: bool = False
+    needs_index: ClassVar[bool] = False
+    #: The loss compares the student with a teacher tensor (False: it runs in recipes without a teacher).
+    needs_teacher: ClassVar[bool] = True
+    #: The registered bridge whose output the loss reads (``None``: any bridge or none).
+    requires_bridge: ClassVar[str | None] = None
 
     def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
         """Say why these per-sample shapes cannot be compared, or ``None`` when they can.

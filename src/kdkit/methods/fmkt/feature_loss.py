@@ -1,7 +1,7 @@
 r"""FM-KT, feature variant: per-step PKD between each velocity of a ``flow_feature`` chain and ``f_s - T(f_t)``.
 
 Shao et al., "Precise Knowledge Transfer via Flow Matching" (arXiv 2402.02012). The ``flow_feature``
-bridge (:mod:`kdkit.flow.feature`) unrolls N Euler steps on a student map :math:`f_s` and replaces the
+bridge (:mod:`kdkit.methods.fmkt.feature`) unrolls N Euler steps on a student map :math:`f_s` and replaces the
 map by the chain's end; this loss trains the velocities towards the rectified-flow velocity
 :math:`Z_1 - Z_0` with :math:`Z_1 = f_s` and :math:`Z_0 = T(f_t)`, the teacher map brought to the
 student's shape by a trainable BN + 1x1 convolution owned here.
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
-from kdkit.flow.feature import FeatureFlow
 from kdkit.losses.base import DistillLoss, register_loss
-from kdkit.losses.fmkt import dirac_shuffle
 from kdkit.losses.pkd import pkd_loss
+from kdkit.methods.fmkt.feature import FeatureFlow
+from kdkit.methods.fmkt.losses import dirac_shuffle
 
 
 def teacher_transform(teacher_channels: int, student_channels: int, stride: int) -> nn.Sequential:
@@ -75,7 +75,7 @@ class FMKTFeatureLoss(DistillLoss):
         dirac_ratio: :math:`\beta_d \in [0, 1]`: fraction of the batch keeping its own teacher map; the
             rest is shuffled within the batch on a copy (1 = no shuffle).
 
-    Shapes: student = :class:`~kdkit.flow.feature.FeatureFlow` (velocities ``(N, B, C, H, W)``, start
+    Shapes: student = :class:`~kdkit.methods.fmkt.feature.FeatureFlow` (velocities ``(N, B, C, H, W)``, start
     ``(B, C, H, W)``); teacher ``(B, C_t, H_t, W_t)``.
     """
 

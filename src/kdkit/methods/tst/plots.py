@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kdkit.tst.policy import AugmentPolicy, batch_generator
+from kdkit.methods.tst.policy import AugmentPolicy, batch_generator
 
 
 def read_policy_log(path: Path) -> list[dict]:

@@ -8,7 +8,7 @@ student's pre-pool map :math:`f_s` is the chain's start :math:`Z_1`; at each ste
     v = \mathrm{enc}(x + \mathrm{time}(t)), \qquad \hat Z_0^{(i)} = \mathrm{head}(\mathrm{est}(x, v, t)),
     \qquad x \leftarrow x - v / N
 
-with ``est`` the schedule's clean-target estimate (:meth:`~kdkit.flow.schedules.Schedule.estimate`) and
+with ``est`` the schedule's clean-target estimate (:meth:`~kdkit.methods.fmkt.schedules.Schedule.estimate`) and
 ``head`` a global average pool + linear layer onto the teacher's logits (``head: pool``, the paper's
 ResNets), or a flatten + linear layer (``head: flatten``, for students whose own classifier reads the
 flattened map, such as ``cnn_student``: pooling would discard the spatial layout that classifier uses).
@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.bridges import register_bridge
+from kdkit.bridges.roles import DeployingBridge
 from kdkit.errors import KdkitError
-from kdkit.flow.encoders import EncoderName, TimeEmbedding, build_encoder
-from kdkit.flow.schedules import get_schedule
+from kdkit.methods.fmkt.encoders import EncoderName, TimeEmbedding, build_encoder
+from kdkit.methods.fmkt.schedules import get_schedule
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class FlowEstimates:
         return self.steps.mean(0)
 
 
-class FlowBridge(nn.Module):
+class FlowBridge(DeployingBridge):
     """Meta-encoder + time embedding + pooled linear head, unrolled as an Euler chain (module docstring).
 
     Args:
@@ -73,9 +74,6 @@ class FlowBridge(nn.Module):
         head: ``pool`` (global average pool + linear) or ``flatten`` (flatten + linear).
         spatial: ``(H, W)`` of the tap (sizes the ``flatten`` head).
     """
-
-    #: The bridge is part of the deployed model: :class:`kdkit.distill.Student` asks it for the logits.
-    deploys = True
 
     def __init__(self, channels: int, out_features: int, *, steps: int = 8, eval_steps: int = 4,
                  encoder: EncoderName = "conv", schedule: str = "rectified", theta: bool = False,

@@ -1,7 +1,7 @@
 """TST's augmentation policy: learnable probabilities and magnitudes over differentiable operations.
 
 Shao et al., "Teaching What You Should Teach: A Data-Based Distillation Method" (IJCAI 2023). For the
-``K`` operations of :mod:`kdkit.tst.ops` the policy holds a probability logit ``a_k`` and, for those
+``K`` operations of :mod:`kdkit.methods.tst.ops` the policy holds a probability logit ``a_k`` and, for those
 with a magnitude, a magnitude logit ``b_k`` (magnitude ``m_k = sigmoid(b_k)``, a fraction of
 AutoAugment's largest magnitude). For a batch it draws ``num_ops`` operations ``S`` (one draw per
 batch, as the official code does) and, per sample ``i`` and operation ``k``, a relaxed Bernoulli
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
-from kdkit.tst.ops import COLOUR_ONLY, OPS, Op
+from kdkit.methods.tst.ops import COLOUR_ONLY, OPS, Op
 
 EPS = 1e-6
 
@@ -42,7 +42,7 @@ class AugmentPolicy(nn.Module):
     """Learnable augmentation ``x -> x_aug`` (see the module docstring for the formula).
 
     Args:
-        ops: Operation names (keys of :data:`kdkit.tst.ops.OPS`), in a fixed order.
+        ops: Operation names (keys of :data:`kdkit.methods.tst.ops.OPS`), in a fixed order.
         num_ops: Operations drawn per batch.
         temperature: Relaxed Bernoulli temperature ``tau`` (0.05 in the paper).
         mean: Per-channel mean of the normalisation of the inputs (in ``[0, 1]`` units).

@@ -1,7 +1,7 @@
 r"""FM-KT and OFM-KT: a registered metric loss applied at every step of a flow bridge's chain.
 
 Shao et al., "Precise Knowledge Transfer via Flow Matching" (arXiv 2402.02012). The ``flow`` bridge
-(:mod:`kdkit.flow.bridge`) unrolls N Euler steps from a student map and hands these losses the per-step
+(:mod:`kdkit.methods.fmkt.bridge`) unrolls N Euler steps from a student map and hands these losses the per-step
 estimates :math:`\hat z^{(1)}, \dots, \hat z^{(N)}` (``(N, B, K)``). The wrapped metric is any registered
 loss (``kd``, ``dkd``, ``dist``, ``mse``, ``cka`` ...), built and validated exactly like a recipe term.
 """
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdkit.errors import KdkitError
-from kdkit.flow.bridge import FlowEstimates
 from kdkit.losses.base import LOSSES, DistillLoss, register_loss
+from kdkit.methods.fmkt.bridge import FlowEstimates
 from kdkit.params import check_params
 
 FLOW_LOSSES = ("fmkt", "ofmkt")
@@ -33,7 +33,7 @@ def build_metric(metric: str, metric_params: dict[str, Any]) -> DistillLoss:
         raise KdkitError(f"{metric!r} cannot be the metric of a flow loss", bad=metric,
                          choices=[n for n in LOSSES.names() if n not in FLOW_LOSSES], fix="use kd, dkd, dist, mse ...",
                          where="metric")
-    if cls.needs_index or not getattr(cls, "needs_teacher", True):
+    if cls.needs_index or not cls.needs_teacher:
         raise KdkitError(f"loss {metric!r} needs sample indices or no teacher; it cannot compare two estimates",
                          bad=metric, choices=["kd", "dkd", "dist", "mse", "cka"], fix="use a logit/feature metric",
                          where="metric")
@@ -151,7 +151,7 @@ class FMKTLoss(_FlowLoss):
         dirac_ratio: :math:`\beta_d \in [0, 1]`: fraction of the batch keeping its own teacher target; the
             rest is shuffled within the batch (1 = no shuffle, the paper's default).
 
-    Shapes: student = :class:`~kdkit.flow.bridge.FlowEstimates` with ``steps (N, B, K)``; teacher ``(B, K)``.
+    Shapes: student = :class:`~kdkit.methods.fmkt.bridge.FlowEstimates` with ``steps (N, B, K)``; teacher ``(B, K)``.
     """
 
     default_student_tap = "penultimate"
@@ -199,7 +199,7 @@ class OFMKTLoss(_FlowLoss):
         metric_params: Its parameters.
         label_smoothing: :math:`\epsilon` (0.1 in the released code).
 
-    Shapes: student = :class:`~kdkit.flow.bridge.FlowEstimates` with ``steps (N, B, K)``; no teacher tensor.
+    Shapes: student = :class:`~kdkit.methods.fmkt.bridge.FlowEstimates` with ``steps (N, B, K)``; no teacher tensor.
     """
 
     default_student_tap = "penultimate"

@@ -4,7 +4,7 @@ Shao et al., IJCAI 2023. Two phases alternate:
 
 * **Policy phase** (at the start of each epoch in ``tst.policy_epochs``, for ``policy_passes`` passes
   over the training set): teacher and student are frozen, the student in eval mode, and the policy
-  ``A`` (:class:`~kdkit.tst.policy.AugmentPolicy`) minimises, over batches ``(x, y)``,
+  ``A`` (:class:`~kdkit.methods.tst.policy.AugmentPolicy`) minimises, over batches ``(x, y)``,
 
       L_A = mean_i [ -log p_T(y_i | A(x)_i) - log(1 - p_S(y_i | A(x)_i)) ]
 
@@ -15,7 +15,7 @@ Shao et al., IJCAI 2023. Two phases alternate:
   repeated (``A`` applied without gradients), and the recipe's objective (CE and any distill terms,
   batch means) is applied to it, which is the paper's ``1/2 L(A(x)) + 1/2 L(x)``.
 
-The policy is checkpointed with the run (``Engine.extra_modules``) together with the seconds spent in
+The policy is checkpointed with the run (the engine hooks' ``state``) together with the seconds spent in
 policy phases; all random draws are seeded from ``(train.seed, epoch, batch, rank)``, so a resumed run
 sees the same augmentation. Rank 0 appends the policy's probabilities and magnitudes to
 ``tst_policy.jsonl`` after every epoch (and to TensorBoard when enabled) and writes ``tst_policy.png``
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.errors import KdkitError
-from kdkit.tst.policy import AugmentPolicy, batch_generator
+from kdkit.methods.tst.policy import AugmentPolicy, batch_generator
 
 POLICY_ORDER_OFFSET = 1_000_000  # loader "epochs" used for the policy phases' batch order, never trained on
 LOG_FILE = "tst_policy.jsonl"
@@ -112,15 +112,6 @@ class TstTrainer:
                    policy_passes=spec.policy_passes, lr=spec.lr, momentum=spec.momentum, grad_clip=spec.grad_clip,
                    ctx=ctx)
 
-    def attach(self, engine: Any) -> None:
-        """Install the hooks on an :class:`~kdkit.engine.Engine` (before ``fit``)."""
-        if engine.batch_transform is not None:
-            raise KdkitError("TST needs the engine's batch transform, but another method already set one",
-                             fix="use TST on its own", where="tst")
-        engine.batch_transform = self.batch_transform
-        engine.callbacks.append(self.callback)
-        engine.extra_modules["tst"] = self.state
-
     # -- student phase -----------------------------------------------------------------------------
 
     def batch_transform(self, engine: Any, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,7 +150,7 @@ class TstTrainer:
                         break
                     gen = batch_generator(self.seed, engine.epoch, step, stream=2 * self.ctx.rank + 1)
                     augmented = self.policy(x, gen)
-                    with engine._autocast():
+                    with engine.autocast():
                         t_logits = self.teacher.model(augmented)
                         s_logits = student.model(augmented)
                     for recorder in (getattr(self.teacher, "recorder", None), student.recorder):
@@ -201,20 +192,17 @@ class TstTrainer:
     # -- engine events -----------------------------------------------------------------------------
 
     def callback(self, engine: Any, event: str) -> None:
-        """Train the policy at the start of the configured epochs; log it after every epoch."""
+        """Log the policy before training and after every epoch (the phase itself is an engine phase)."""
         if event == "epoch_start":
             if engine.epoch == 0 and engine.batch == 0:
                 self._log(engine, {"epoch": 0})
-            # engine.batch > 0: resumed in the middle of an epoch whose policy phase already ran
-            # (the checkpoint holds the trained policy)
-            if engine.batch == 0 and engine.epoch in self.policy_epochs:
-                self.last_phase = self.train_policy(engine)
         elif event == "epoch":
             row: dict[str, Any] = {"epoch": engine.epoch}
+            self.last_phase = engine.phase_stats.get("tst", self.last_phase)
             if self.last_phase is not None and self.last_phase["epoch"] == engine.epoch - 1:
                 row["phase"] = self.last_phase
             self._log(engine, row)
-            if engine.epoch >= engine.spec.epochs:
+            if engine.epoch >= engine.epochs:
                 self.finish(engine)
 
     def _log(self, engine: Any, row: dict[str, Any]) -> None:
@@ -240,7 +228,7 @@ class TstTrainer:
             self._tb = None
         if not engine.writes:
             return
-        from kdkit.tst.plots import plot_policy, plot_samples
+        from kdkit.methods.tst.plots import plot_policy, plot_samples
 
         run_dir = Path(engine.run_dir)
         plot_policy(run_dir / LOG_FILE, run_dir / "tst_policy.png", self.policy_epochs)

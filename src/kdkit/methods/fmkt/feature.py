@@ -8,10 +8,10 @@ student tap :math:`f_s` of shape ``(C, H, W)`` and runs, from :math:`x = f_s`, f
 
 The flowed :math:`x` **replaces** the tap's activation for the rest of the student's forward (the next
 stage reads it), in training and at inference alike, so the deployed student contains the chain. The
-loss (:class:`kdkit.losses.fmkt_feature.FMKTFeatureLoss`) compares each velocity with
+loss (:class:`kdkit.methods.fmkt.feature_loss.FMKTFeatureLoss`) compares each velocity with
 :math:`f_s - T(f_t)` (rectified flow: :math:`v = Z_1 - Z_0` with :math:`Z_1 = f_s`, :math:`Z_0 = T(f_t)`).
 
-How it plugs in: the bridge has ``rewrites = True``. :class:`kdkit.distill.Student` registers
+How it plugs in: the bridge is a :class:`~kdkit.bridges.roles.RewritingBridge`. :class:`kdkit.distill.Student` registers
 :meth:`FeatureFlowBridge.rewrite_output` (or ``rewrite_input`` for ``path:input`` taps) as a hook on the
 tapped module; the hook runs the chain, records a :class:`FeatureFlow` for the loss and returns the flowed
 map, which PyTorch substitutes for the module's output. The model's code is never edited.
@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.bridges import register_bridge
+from kdkit.bridges.roles import RewritingBridge
 from kdkit.errors import KdkitError
-from kdkit.flow.encoders import EncoderName, TimeEmbedding, build_encoder, sinusoidal
+from kdkit.methods.fmkt.encoders import EncoderName, TimeEmbedding, build_encoder, sinusoidal
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class LinearTime(nn.Module):
         return self.linear(features).to(like.dtype).view(1, self.channels, 1, 1)
 
 
-class FeatureFlowBridge(nn.Module):
+class FeatureFlowBridge(RewritingBridge):
     """Meta-encoder + time embedding unrolled as an Euler chain on a feature map (module docstring).
 
     Args:
@@ -79,9 +80,6 @@ class FeatureFlowBridge(nn.Module):
         encoder_depth: Blocks of the mlp/transformer encoders.
         encoder_heads: Attention heads of the transformer encoder.
     """
-
-    #: :class:`kdkit.distill.Student` hooks this bridge onto its tap: the flowed map replaces the activation.
-    rewrites = True
 
     def __init__(self, channels: int, *, steps: int = 8, eval_steps: int = 4, encoder: EncoderName = "conv",
                  time_embedding: Literal["linear", "mlp"] = "linear", random_steps: list[int] | None = None,
