@@ -139,6 +139,19 @@ def test_min_objects_and_single_object_canvases() -> None:
     assert (one.instances.flatten(1).max(1).values == 1).all()
 
 
+def test_dominant_ties_go_to_the_earliest_object() -> None:
+    # Two copies of one 8x8 square with different labels, never scaled: separate squares tie on area.
+    square = torch.zeros(28, 28, dtype=torch.uint8)
+    square[10:18, 10:18] = 200
+    objects, labels = square.expand(2, 28, 28).clone(), torch.tensor([3, 5])
+    sc = compose_scenes(objects, labels, 40, size=64, min_objects=2, max_objects=2, scale=(1.0, 1.0), seed=0)
+    check_scenes(sc, objects, labels, size=64, max_objects=2, scale=(1.0, 1.0))
+    tied = (sc.instances == 1).sum((1, 2)) == (sc.instances == 2).sum((1, 2))
+    assert tied.sum() >= 10
+    assert torch.equal(sc.dominant[tied], sc.box_labels[tied, 0])
+    assert set(sc.box_labels[tied, 0].tolist()) == {3, 5}  # both orders occur, so "earliest" is not "lowest"
+
+
 def test_deterministic_by_seed_without_global_rng() -> None:
     objects, labels = fake_split(seed=1)
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()
@@ -184,7 +197,7 @@ def test_compose_fails_clearly_when_nothing_is_visible() -> None:
 
 
 def test_reader_uses_split_objects_and_builds_image_data(tmp_path: Path) -> None:
-    root = make_fashion_dir(tmp_path / "fm")
+    root = make_fashion_dir(tmp_path / "fm", n_train=41, n_test=41)  # equal sizes: one seed would give equal draws
     params = {"size": 48, "train_scenes": 30, "test_scenes": 12, "max_objects": 3, "seed": 4,
               "cache_dir": tmp_path / "cache"}
     data = load_dataset("fashion_mnist_scenes", root=root, **params)
@@ -200,6 +213,9 @@ def test_reader_uses_split_objects_and_builds_image_data(tmp_path: Path) -> None
         objects, labels = getattr(source, f"{split}_images")[:, 0], getattr(source, f"{split}_labels")
         check_scenes(sc, objects, labels, size=48, max_objects=3)
         assert torch.equal(getattr(data, f"{split}_images"), sc.images)
+    # Train and test use different seeds derived from `seed`: with as many objects in each split, one
+    # shared seed would draw the same first object, scale and position for both.
+    assert not torch.equal(splits.train.placements[0, 0], splits.test.placements[0, 0])
     for split in ("train", "test"):
         targets = getattr(data, f"{split}_targets")
         assert set(targets) == {"multilabel", "semantic", "instances", "boxes", "box_labels"}
@@ -243,6 +259,10 @@ def test_cache_reused_keyed_rebuilt_and_atomic(tmp_path: Path, monkeypatch: pyte
     other = load_dataset("fashion_mnist_scenes", root=root, **{**params, "seed": 1})
     assert not torch.equal(other.train_images, first.train_images)
     assert len(cache_files(cache)) == 2 and name in cache_files(cache)
+    # A file under another parameter set's name (as a hash-prefix clash would be) is not trusted.
+    (other_name,) = set(cache_files(cache)) - {name}
+    (cache / other_name).write_bytes((cache / name).read_bytes())
+    assert same(load_dataset("fashion_mnist_scenes", root=root, **{**params, "seed": 1}), other)
 
     path = cache / name
     for damage in (path.read_bytes()[: path.stat().st_size // 2], b"", b"PK\x03\x04 not a zip", os.urandom(500)):
