@@ -1,12 +1,13 @@
 """Datasets held in memory as uint8 tensors, and batched tensor augmentation.
 
 Importing this package registers every reader: ``fashion_mnist``, ``mnist``, ``digits``, ``cifar10``,
-``cifar100`` and ``image_folder``. Load one with :func:`load_dataset`.
+``cifar100``, ``image_folder`` and ``fashion_mnist_scenes`` (:mod:`kdkit.data.scenes`: canvases of several
+real Fashion-MNIST objects with multi-label, mask and box targets). Load one with :func:`load_dataset`.
 """
 
 from __future__ import annotations
 
-from kdkit.data import cifar, digits, folder, idx  # noqa: F401 - imported to register the readers
+from kdkit.data import cifar, digits, folder, idx, scenes  # noqa: F401 - imported to register the readers
 from kdkit.data.augment import AugmentConfig, normalize, random_crop, random_hflip
 from kdkit.data.base import ImageData, subset
 from kdkit.data.idx import read_idx, write_idx

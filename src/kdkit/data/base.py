@@ -6,7 +6,7 @@ to float, normalisation and augmentation happen later on whole batches (see :mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -31,9 +31,14 @@ class ImageData:
         mean: Per-channel mean of the train images in ``[0, 1]`` units (computed, or the published values).
         std: Per-channel standard deviation in the same units.
         source: Human-readable origin, e.g. ``"/usr/share/datasets/fashion-mnist (idx)"``.
+        train_targets: Optional dense targets of the train images beyond the class label, by name (e.g.
+            ``"semantic"`` masks or ``"boxes"``); every tensor's first dimension is the train image count.
+            Empty for plain classification datasets.
+        test_targets: The same for the test images.
 
     Raises:
-        KdkitError: On a wrong dtype, shape, label range, or mean/std length.
+        KdkitError: On a wrong dtype, shape, label range, mean/std length, or a target whose length
+            differs from its split's.
     """
 
     name: str
@@ -45,6 +50,8 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    train_targets: dict[str, Tensor] = field(default_factory=dict)
+    test_targets: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check dtypes, shapes, label range and mean/std; make the images contiguous."""
@@ -93,6 +100,22 @@ class ImageData:
         if any(not s > 0 for s in self.std):
             raise KdkitError(f"std must be positive, got {self.std}", fix="give a positive std per channel",
                              where=where)
+        for split in ("train", "test"):
+            targets = getattr(self, f"{split}_targets")
+            n = getattr(self, f"{split}_images").shape[0]
+            if not isinstance(targets, dict):
+                raise KdkitError(f"{split}_targets must be a dict of tensors, got {type(targets).__name__}",
+                                 fix=fix, where=where)
+            for key, value in targets.items():
+                if not isinstance(key, str) or not isinstance(value, Tensor) or value.ndim == 0:
+                    got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                    raise KdkitError(f"{split}_targets[{key!r}] must be a tensor with a first (image) dimension "
+                                     f"under a str key, got {got}", fix=fix, where=where)
+                if value.shape[0] != n:
+                    raise KdkitError(f"{split}_targets[{key!r}] has {value.shape[0]} entries but the {split} split "
+                                     f"has {n} images", fix=fix, where=where)
+            # A private copy: the dataclass is frozen, so a caller's later edits to its dict must not leak in.
+            object.__setattr__(self, f"{split}_targets", dict(targets))
 
     @property
     def num_classes(self) -> int:
@@ -146,7 +169,8 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
     Each class gets ``n // num_classes`` images, and the remainder goes one each to randomly chosen
     classes. A class with too few images contributes all it has and the others make up the difference.
     The chosen images keep their original order. ``mean``/``std`` are kept from ``data`` (normalising
-    with the full set's statistics is what a subset run should do).
+    with the full set's statistics is what a subset run should do). Dense ``train_targets`` are indexed
+    like the images, so they stay aligned; ``test_targets`` are kept whole with the test split.
 
     Args:
         data: The dataset.
@@ -190,5 +214,7 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
         mean=data.mean,
         std=data.std,
         source=f"{data.source}; class-balanced train subset of {n}/{total} (seed {seed})",
+        train_targets={key: value[chosen].contiguous() for key, value in data.train_targets.items()},
+        test_targets=data.test_targets,
     )
 
