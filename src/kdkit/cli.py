@@ -84,10 +84,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from kdkit.bridges import BRIDGES
     from kdkit.data import DATASETS
     from kdkit.losses import LOSSES
+    from kdkit.method import METHODS
     from kdkit.models import MODELS
     from kdkit.recipe import shipped_recipes
 
-    registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES}
+    registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES, "methods": METHODS}
     if args.what == "recipes":
         for name in shipped_recipes():
             print(name)
@@ -118,6 +119,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{'timm:NAME':{width}s}  any timm model (pip install 'kdkit[zoo]'), random init or checkpoint")
         print(f"{'torchvision:NAME':{width}s}  any torchvision classification model, random init or checkpoint")
         print(f"{'pkg.module:factory':{width}s}  your own factory, imported by path")
+    if args.what == "methods":
+        sections = {m.name: m.section for m in (METHODS.get(n) for n in METHODS.names()) if m.section}
+        print("recipe sections: " + (", ".join(f"`{s}:` (method {n})" for n, s in sections.items()) or "none"))
     return 0
 
 
@@ -220,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--schema", action="store_true", help="print the recipe JSON schema")
     val.set_defaults(fn=cmd_validate)
 
-    ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, recipes, or a model's taps")
-    ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "recipes", "taps"])
+    ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, methods, recipes, or a model's taps")
+    ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "methods", "recipes", "taps"])
     ls.add_argument("name", nargs="?", help="model name (for `ls taps`)")
     ls.add_argument("--dataset", default="cifar100", help="input shape for `ls taps` (default cifar100)")
     ls.set_defaults(fn=cmd_ls)
@@ -269,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Flush denormal floats to zero before torch's intra-op worker threads exist: they copy this thread's
     # floating-point mode when they start, and cannot be switched later. Distillation produces denormals
-    # (a loss between nearly equal distributions, e.g. OFM-KT's steps vs their mean early in training,
+    # (a loss between nearly equal distributions, e.g. a model's per-step outputs vs their mean early in training,
     # back-propagates ~1e-39 gradients through every layer), and on a CPU each costs ~100x a normal
-    # float: measured 3.3 s per OFM-KT step with them, 0.13 s without. Values below 1.2e-38 are
+    # float: measured 3.3 s per step of such a loss with them, 0.13 s without. Values below 1.2e-38 are
     # nothing a float32 training step can resolve.
     torch.set_flush_denormal(True)
     parser = build_parser()

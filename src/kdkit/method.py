@@ -1,10 +1,10 @@
 """The contract of a distillation *method*: everything a method adds beyond losses and bridges.
 
 Most distillers are only terms (a loss, taps, maybe a bridge) and need no method. A method is what
-changes the run around the objective -- the training loop (TST's learned augmentation), the deployed
-network (FM-KT's flow chain), what a run reports. It lives in one folder under :mod:`kdkit.methods`
-(or in an installed package, through the ``kdkit.plugins`` entry-point group), registers one
-:class:`Method` in :data:`METHODS`, and declares there:
+changes the run around the objective -- the training loop (a learned augmentation trained in its own
+phases), the deployed network (a chain of bridges that becomes part of it), what a run reports. It
+lives in one folder under :mod:`kdkit.methods` (or in an installed package, through the ``kdkit.plugins``
+entry-point group), registers one :class:`Method` in :data:`METHODS`, and declares there:
 
 * its recipe section (:attr:`Method.section`, a pydantic :attr:`Method.spec`) and the checks that need
   the whole recipe (:meth:`Method.check`), including which combinations it refuses and why;

@@ -119,7 +119,7 @@ def _row(method: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "best_top1": best[0], "best_top1_std": best[1], "last_top1": last[0], "last_top1_std": last[1],
         "epoch_seconds": sum(s["epoch_seconds"] for s in summaries) / len(summaries),
         "extra_params": first["bridge_params"] + first.get("loss_params", 0),
-        # student + bridges + loss heads; the deployed network may be smaller (FM-KT drops the unused classifier)
+        # student + bridges + loss heads; the deployed network may be smaller (a deploying bridge skips the classifier)
         "trained_params": first["params"] + first["bridge_params"] + first.get("loss_params", 0),
         "deployed_params": cost["params"], "deployed_flops": cost["flops"],
         # the median over seeds of each run's deployed latency

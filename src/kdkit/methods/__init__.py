@@ -4,4 +4,6 @@ Importing this package registers them; :func:`kdkit.registry.load_plugins` does 
 lookup. Methods never import each other.
 """
 
-from kdkit.methods import fmkt, tst  # noqa: F401 - one registration line per method
+# one registration line per method (ruff's isort would merge them: keep them apart)
+from kdkit.methods import fmkt  # noqa: F401, I001
+from kdkit.methods import tst  # noqa: F401
