@@ -142,34 +142,6 @@ def _located(exc: KdkitError, where: str) -> KdkitError:
                       where=f"{where}.{exc.where}" if exc.where else where)
 
 
-def name_problems(data: dict[str, Any]) -> list[KdkitError]:
-    """Unknown model, dataset, loss and bridge names in a raw recipe.
-
-    Used when the schema check fails, so that ``kdkit validate`` still reports every problem at once.
-    """
-    from kdkit.bridges import BRIDGES
-    from kdkit.data import DATASETS
-    from kdkit.models import MODELS
-
-    problems: list[KdkitError] = []
-
-    def check(registry: Any, value: Any, where: str) -> None:
-        if isinstance(value, str) and ":" not in value and value not in registry:
-            problems.append(KdkitError(f"unknown {registry.kind} {value!r}", choices=registry.names(), bad=value,
-                                       fix=f"run `kdkit ls {registry.kind}s`", where=where))
-
-    for key in ("model", "teacher"):
-        if isinstance(data.get(key), dict):
-            check(MODELS, data[key].get("arch"), f"{key}.arch")
-    if isinstance(data.get("data"), dict):
-        check(DATASETS, data["data"].get("dataset"), "data.dataset")
-    for i, term in enumerate(data.get("distill") or []):
-        if isinstance(term, dict):
-            check(LOSSES, term.get("loss"), f"distill.{i}.loss")
-            check(BRIDGES, term.get("bridge"), f"distill.{i}.bridge")
-    return problems
-
-
 def _term_names(recipe: Recipe) -> list[str]:
     names: list[str] = []
     for i, term in enumerate(recipe.distill):

@@ -295,6 +295,35 @@ def _to_errors(exc: ValidationError, source: str | None) -> list[KdkitError]:
     return errors
 
 
+def name_problems(data: dict[str, Any]) -> list[KdkitError]:
+    """Unknown model, dataset, loss and bridge names in a raw recipe.
+
+    Used when the schema check fails, so that ``kdkit validate`` still reports every problem at once.
+    """
+    from kdkit.bridges import BRIDGES  # registries are heavy; import only when reporting
+    from kdkit.data import DATASETS
+    from kdkit.losses import LOSSES
+    from kdkit.models import MODELS
+
+    problems: list[KdkitError] = []
+
+    def check(registry: Any, value: Any, where: str) -> None:
+        if isinstance(value, str) and ":" not in value and value not in registry:
+            problems.append(KdkitError(f"unknown {registry.kind} {value!r}", choices=registry.names(), bad=value,
+                                       fix=f"run `kdkit ls {registry.kind}s`", where=where))
+
+    for key in ("model", "teacher"):
+        if isinstance(data.get(key), dict):
+            check(MODELS, data[key].get("arch"), f"{key}.arch")
+    if isinstance(data.get("data"), dict):
+        check(DATASETS, data["data"].get("dataset"), "data.dataset")
+    for i, term in enumerate(data.get("distill") or []):
+        if isinstance(term, dict):
+            check(LOSSES, term.get("loss"), f"distill.{i}.loss")
+            check(BRIDGES, term.get("bridge"), f"distill.{i}.bridge")
+    return problems
+
+
 def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``data[a][b][0][c] = value`` for ``dotted = "a.b.0.c"``, creating dicts on the way."""
     parts = dotted.split(".")
@@ -340,8 +369,6 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None, s
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        from kdkit.build import name_problems  # registries are heavy; import only when reporting
-
         raise RecipeErrors(_to_errors(exc, source) + name_problems(data), source) from None
 
 
