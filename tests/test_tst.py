@@ -20,7 +20,6 @@ from kdkit.distill import FrozenTeacher, Student
 from kdkit.engine import Interrupted
 from kdkit.errors import KdkitError
 from kdkit.methods.tst import OPS, AugmentPolicy, batch_generator
-from kdkit.methods.tst.spec import TstSpec
 from kdkit.methods.tst.trainer import TstTrainer, augmenter_objective
 from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
@@ -104,10 +103,6 @@ def test_frozen_policy_is_deterministic_under_a_seed(channels: int) -> None:
 def test_colour_only_operation_is_refused_on_grey_images() -> None:
     with pytest.raises(KdkitError, match="color"):
         AugmentPolicy(list(OPS), channels=1)
-
-
-def test_recipe_operation_names_are_the_registered_operations() -> None:
-    assert TstSpec().ops == list(OPS)
 
 
 def test_augmenter_objective_matches_a_plain_computation() -> None:
