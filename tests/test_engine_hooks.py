@@ -221,9 +221,6 @@ def test_check_resume_gets_the_saved_run_info_and_its_error_stops_the_resume(tmp
     assert pointed(tmp_path / "checkpoints", "latest") == folder  # and nothing was written
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: Engine._restore loads the checkpoint's weights before it calls check_resume, so a "
-                          "changed architecture fails in load_state_dict (size mismatch) instead of in the policy")
 def test_check_resume_decides_before_any_weight_is_loaded(tmp_path: Path) -> None:
     tiny_engine(epochs=1, run_dir=tmp_path, run_info={"width": 10}).fit()
 

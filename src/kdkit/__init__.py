@@ -11,8 +11,7 @@ The pieces, importable from here:
 * recipes: :func:`load_recipe`, :func:`run_recipe`
 """
 
-__version__ = "0.1.0"
-
+from kdkit._version import __version__
 from kdkit.bridges import BRIDGES
 from kdkit.checkpoint import load_model_weights
 from kdkit.data import AugmentConfig, ImageData, load_dataset, subset

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdkit import __version__
+from kdkit._version import __version__
 from kdkit.checkpoint import mark_best, pointed, prune, read_state, read_weights, save_checkpoint
 from kdkit.data.loader import BatchLoader
 from kdkit.distill import Objective, Student
@@ -387,6 +387,9 @@ class Engine:
             if self.ctx.is_main:
                 print("resume: no checkpoint in the run folder yet; starting from scratch")
             return
+        state = read_state(folder)
+        if self.check_resume is not None:  # before any weight is touched: a refused resume changes nothing
+            self.check_resume(state.get("run_info", {}), folder)
         tensors, _ = read_weights(folder / "model.safetensors")
         self.student.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("objective.", "extra."))})
         self.objective.load_state_dict({k[len("objective."):]: v for k, v in tensors.items()
@@ -394,9 +397,6 @@ class Engine:
         for name, module in self.state_modules.items():
             module.load_state_dict({k[len(f"extra.{name}."):]: v for k, v in tensors.items()
                                     if k.startswith(f"extra.{name}.")})
-        state = read_state(folder)
-        if self.check_resume is not None:
-            self.check_resume(state.get("run_info", {}), folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):

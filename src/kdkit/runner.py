@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from kdkit import __version__
+from kdkit._version import __version__
 from kdkit.assemble import assemble
 from kdkit.build import plan, resolve_device, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdkit import __version__
+from kdkit._version import __version__
 from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
 
