@@ -45,7 +45,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, tiny_kd: d
     rows_b = json.loads((tmp_path / "broken" / "metrics.json").read_text())
     keys = ["epoch", "step", "train_loss", "train_kd", "test_top1", "test_loss"]
     assert [[r[k] for k in keys] for r in rows_a] == [[r[k] for k in keys] for r in rows_b]
-    assert summary["best_top1"] == max(r["test_top1"] for r in rows_a)
+    assert summary["best_top1"] == max(r["test_top1"] for r in rows_a) and summary["metric"] == "top1"
 
 
 def test_checkpoint_holds_recipe_and_loads_without_code(tmp_path: Path, tiny: dict) -> None:

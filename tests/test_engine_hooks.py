@@ -46,8 +46,10 @@ def tiny_engine(*, hooks: Sequence[Hooks] = (), epochs: int = 2, run_dir: Path |
     test = BatchLoader(images, labels, batch_size=SAMPLES, shuffle=False, drop_last=False, **norm)
     student = kdkit.Student(nn.Sequential(nn.Flatten(), nn.Linear(16, CLASSES)))
     make_optimizer = kdkit.optimizer_factory(kdkit.TrainSpec(epochs=epochs, batch_size=BATCH))
+    task = kdkit.TASKS.get("classification").bind(None, "cpu")  # the labels are the targets: no data needed
     return Engine(student=student, objective=kdkit.Objective(), train_loader=train, eval_loader=test, epochs=epochs,
-                  make_optimizer=make_optimizer, run_dir=run_dir, progress=False, hooks=hooks, amp=amp, **kwargs)
+                  make_optimizer=make_optimizer, run_dir=run_dir, progress=False, hooks=hooks, amp=amp, task=task,
+                  **kwargs)
 
 
 def latest_weights(run_dir: Path) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@ The pieces, importable from here:
 * losses and bridges: :data:`LOSSES` (:mod:`kdkit.losses`), :data:`BRIDGES`
 * distillation: :class:`FrozenTeacher`, :class:`Student`, :class:`Term`, :class:`Objective`
 * data: :func:`load_dataset`, :func:`subset`, :func:`make_loaders`, :class:`AugmentConfig`
-* training: :class:`Engine` (:func:`optimizer_factory` of a :class:`TrainSpec`)
+* training: :class:`Engine` (:func:`optimizer_factory` of a :class:`TrainSpec`, a task from :data:`TASKS`)
 * recipes: :func:`load_recipe`, :func:`run_recipe`
 """
 
@@ -25,9 +25,10 @@ from kdkit.recipe import Recipe, TrainSpec, load_recipe, recipe_from_dict
 from kdkit.runner import run_recipe
 from kdkit.schedule import optimizer_factory
 from kdkit.taps import resolve_tap, tap_shapes
+from kdkit.task import TASKS
 
 __all__ = [
-    "BRIDGES", "LOSSES", "MODELS", "AugmentConfig", "BatchLoader", "Engine", "FitResult", "FrozenTeacher",
+    "BRIDGES", "LOSSES", "MODELS", "TASKS", "AugmentConfig", "BatchLoader", "Engine", "FitResult", "FrozenTeacher",
     "ImageData", "KdkitError", "Objective", "Recipe", "Student", "Term", "TrainSpec", "TrainingDiverged",
     "__version__", "build_model", "count_parameters", "load_dataset", "load_model_weights", "load_recipe",
     "make_loaders", "optimizer_factory", "recipe_from_dict", "resolve_tap", "run_recipe", "subset", "tap_shapes",

@@ -120,6 +120,7 @@ def assemble(recipe: Recipe, *, source: Path | None = None, device: torch.device
     """
     ctx = ctx or DistContext()
     built = built or plan(recipe, training=True, source=source, device=device)
+    assert built.task is not None  # a training plan always has its data
     teacher, replay, cache_info = built.teacher, None, None
     if recipe.teacher is not None and recipe.teacher.cache is not None:
         teacher, replay, cache_info = open_teacher_cache(recipe, built, source, ctx, progress)
@@ -134,5 +135,5 @@ def assemble(recipe: Recipe, *, source: Path | None = None, device: torch.device
                     run_info=run_info, header={"arch": recipe.model.arch, "recipe": json.dumps(run_info)},
                     check_resume=lambda saved, folder: check_same_recipe(saved, run_info, folder),
                     keep_checkpoints=recipe.output.keep_checkpoints, tensorboard=recipe.output.tensorboard,
-                    progress=progress, hooks=hooks, label=recipe.name)
+                    progress=progress, hooks=hooks, task=built.task, best_metric=spec.best_metric, label=recipe.name)
     return Assembled(recipe, built, engine, methods, train_loader, eval_loader, cache_info)

@@ -28,6 +28,7 @@ from kdkit.models import build_model
 from kdkit.params import check_params
 from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
 from kdkit.taps import LOGITS, Tap, probe_shapes, resolve_tap
+from kdkit.task import TASKS, BoundTask, tasks_serving
 
 # Shapes of datasets whose files may be absent when a recipe is only validated.
 KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -57,6 +58,7 @@ class Plan:
     device: torch.device
     warnings: list[str] = field(default_factory=list)
     tap_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    task: BoundTask | None = None  # None only when validating without the data files
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -197,6 +199,16 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
             warnings.append(f"data: {exc.render()}")
     if data is not None and recipe.data.subset is not None:
         data = attempt(subset, data, recipe.data.subset, recipe.data.subset_seed)
+    task = attempt(TASKS.get, recipe.task, where="task")
+    if task is not None and data is not None and (problem := task.check_data(data)) is not None:
+        errors.append(KdkitError(f"task {recipe.task!r} {problem}", choices=tasks_serving(data), bad=recipe.task,
+                                 fix=f"use a task dataset {data.name!r} serves, or a dataset with these targets "
+                                     "(`kdkit ls datasets`)", where="task"))
+    metric = recipe.train.best_metric
+    if task is not None and metric is not None and metric not in task.metrics:
+        errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r}", choices=list(task.metrics),
+                                 bad=metric, fix="pick the best epoch by one of the task's metrics",
+                                 where="train.best_metric"))
     if data is not None:
         shape = DataShape(data.num_classes, data.in_channels, data.image_size)
     else:
@@ -344,5 +356,11 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),
                                 channels_last=recipe.teacher.channels_last and dev.type not in ("mps", "meta"),
                                 fold_bn=recipe.teacher.fold_bn and training)
-    objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing).to(dev)
-    return Plan(recipe, data, shape, student, objective, teacher, dev, warnings, tap_shapes)
+    assert task is not None
+    bound = attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) if data is not None else None
+    if errors:
+        raise RecipeErrors(errors, str(source) if source else recipe.name)
+    objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing,
+                          supervised=bound.loss if bound is not None else None,
+                          supervised_name=task.loss_name).to(dev)
+    return Plan(recipe, data, shape, student, objective, teacher, dev, warnings, tap_shapes, bound)

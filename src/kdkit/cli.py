@@ -43,9 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(source, overrides)
     summary = run_recipe(recipe, source=source, resume=args.resume or resume, overwrite=args.overwrite,
                          device=args.device, progress=False if args.quiet else None)
-    if summary and "best_top1" in summary:
-        print(f"{recipe.name}: best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), last "
-              f"{summary['last_top1']:.2f}%  ->  {recipe.run_dir}")
+    metric = summary.get("metric", "top1") if summary else None
+    if summary and f"best_{metric}" in summary:
+        print(f"{recipe.name}: best {metric} {summary[f'best_{metric}']:.2f} (epoch {summary['best_epoch']}), last "
+              f"{summary[f'last_{metric}']:.2f}  ->  {recipe.run_dir}")
     return 0
 
 

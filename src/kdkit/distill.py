@@ -10,7 +10,7 @@ parameter in one forward; the teacher is a separate module that is never wrapped
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,23 +277,29 @@ class Term:
 
 
 class Objective(nn.Module):
-    """``loss = ce_weight * CE(z_s, y) + sum_i scale_i(epoch) * L_i(s_i, t_i, y)``.
+    """``loss = ce_weight * S(z_s, y) + sum_i scale_i(epoch) * L_i(s_i, t_i, y)``.
 
-    The only place where weights are applied. Returns every component (unweighted) plus the total,
-    so each term is logged; the engine checks each for NaN/inf and names the culprit.
+    ``S`` is the task's supervised loss (cross-entropy with the labels unless ``supervised`` is given) and
+    ``y`` the task's targets. The only place where weights are applied. Returns every component (unweighted)
+    plus the total, so each term is logged; the engine checks each for NaN/inf and names the culprit.
 
     Args:
         terms: The distillation terms (empty for plain training).
-        ce_weight: Weight of the cross-entropy with the hard labels.
-        label_smoothing: Label smoothing of that cross-entropy.
+        ce_weight: Weight of the supervised loss.
+        label_smoothing: Label smoothing of the default cross-entropy.
+        supervised: ``supervised(logits, targets) -> scalar``, the task's loss (e.g. BCE for multi-label).
+        supervised_name: Its key in the returned components and the logs.
     """
 
-    def __init__(self, terms: list[Term] | None = None, ce_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, terms: list[Term] | None = None, ce_weight: float = 1.0, label_smoothing: float = 0.0,
+                 supervised: Callable[[Tensor, Tensor], Tensor] | None = None, supervised_name: str = "ce") -> None:
         super().__init__()
         self.terms = list(terms or [])
         self.losses = nn.ModuleDict({t.name: t.loss for t in self.terms})
         self.ce_weight = ce_weight
         self.label_smoothing = label_smoothing
+        self.supervised = supervised
+        self.supervised_name = supervised_name
 
     def forward(self, logits: Tensor, labels: Tensor, student: dict[str, Any], teacher: dict[str, Tensor],
                 epoch: float = 0.0, index: Tensor | None = None) -> dict[str, Tensor]:
@@ -313,8 +319,9 @@ class Objective(nn.Module):
         out: dict[str, Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
         if self.ce_weight:
-            ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-            out["ce"] = ce
+            ce = self.supervised(logits, labels) if self.supervised is not None else \
+                F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            out[self.supervised_name] = ce
             total = total + self.ce_weight * ce
         for term in self.terms:
             target = pick(teacher, term.teacher_tap) if term.teacher_tap is not None else None

@@ -29,6 +29,7 @@ from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.metrics import MetricsLog
+from kdkit.task import BoundTask
 
 Callback = Callable[["Engine", str], None]
 #: ``transform(engine, x, y, index) -> (x, y, index)``: rewrites each training batch before the step
@@ -86,22 +87,24 @@ class Interrupted(RuntimeError):
 
 @dataclass
 class FitResult:
-    """What a finished run reports."""
+    """What a finished run reports.
+
+    Attributes:
+        run_dir: The run folder (``None`` without files).
+        metric: The metric that picked the best epoch.
+        best: Its best value; ``best_epoch`` the (1-based) epoch it was reached.
+        last: Every evaluation metric of the last epoch, by name.
+        seconds: Training wall time.
+        history: One row per epoch.
+    """
 
     run_dir: Path | None
-    best_top1: float
+    metric: str
+    best: float
     best_epoch: int
-    last_top1: float
-    last_top5: float
+    last: dict[str, float]
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def accuracy_counts(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
-    """Number of samples whose label is among the top-k logits, for each k (clipped to #classes)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return [hits[:, : min(k, logits.shape[1])].any(dim=1).sum() for k in ks]
 
 
 class Engine:
@@ -131,6 +134,8 @@ class Engine:
         tensorboard: Also log to TensorBoard.
         progress: Show a live progress bar.
         hooks: What methods add (see :class:`Hooks`); several are chained in order.
+        task: The task bound to this run's data (:mod:`kdkit.task`): targets, supervised score, metrics.
+        best_metric: The metric that picks the best epoch (default: the task's).
         label: Name shown in the progress bar.
     """
 
@@ -141,11 +146,15 @@ class Engine:
                  run_info: dict[str, Any] | None = None, header: dict[str, str] | None = None,
                  check_resume: Callable[[dict[str, Any], Path], None] | None = None, keep_checkpoints: int = 1,
                  tensorboard: bool = False, progress: bool = True, hooks: Sequence[Hooks] = (),
-                 label: str = "train") -> None:
+                 task: BoundTask, best_metric: str | None = None, label: str = "train") -> None:
         if amp not in ("off", "bf16", "fp16"):
             raise KdkitError(f"unknown autocast mode {amp!r}", choices=["off", "bf16", "fp16"], bad=amp,
                              fix="use off, bf16 or fp16")
-        self.student, self.objective, self.teacher = student, objective, teacher
+        self.student, self.objective, self.teacher, self.task = student, objective, teacher, task
+        self.metric = best_metric or task.task.best
+        if self.metric not in task.task.metrics:
+            raise KdkitError(f"task {task.task.name!r} has no metric {self.metric!r}", choices=task.task.metrics,
+                             bad=self.metric, fix="pick the best epoch by one of the task's metrics")
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.epochs, self.amp = epochs, amp
         self.device = torch.device(device)
@@ -197,7 +206,7 @@ class Engine:
         self.batch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {"top1": -1.0, "epoch": -1}
+        self.best: dict[str, Any] = {"metric": self.metric, "value": -math.inf, "epoch": -1}
         self._partial: dict[str, Any] = {}
         self._stop_signal: int | None = None
         self._started = time.perf_counter()
@@ -231,10 +240,11 @@ class Engine:
                        "lr": self.optimizer.param_groups[0]["lr"],
                        "epoch_seconds": round(time.perf_counter() - epoch_start, 3),
                        "seconds": round(time.perf_counter() - started, 3)}
-                is_best = eval_stats["test_top1"] > self.best["top1"]
+                is_best = eval_stats[f"test_{self.metric}"] > self.best["value"]
                 if is_best:
-                    self.best = {"top1": eval_stats["test_top1"], "epoch": self.epoch + 1}
-                row["best_top1"] = self.best["top1"]
+                    self.best = {"metric": self.metric, "value": eval_stats[f"test_{self.metric}"],
+                                 "epoch": self.epoch + 1}
+                row[f"best_{self.metric}"] = self.best["value"]
                 self.history.append(row)
                 self.epoch, self.batch, self._partial = self.epoch + 1, 0, {}
                 if log is not None:
@@ -244,31 +254,27 @@ class Engine:
                 self._emit("epoch")
         if log is not None:
             log.close()
-        last = self.history[-1] if self.history else {"test_top1": float("nan"), "test_top5": float("nan")}
-        return FitResult(self.run_dir, self.best["top1"], self.best["epoch"], last["test_top1"], last["test_top5"],
+        last_row = self.history[-1] if self.history else {}
+        last = {name: last_row.get(f"test_{name}", math.nan) for name in self.task.task.metrics}
+        return FitResult(self.run_dir, self.metric, self.best["value"], self.best["epoch"], last,
                          time.perf_counter() - started, list(self.history))
 
     @torch.no_grad()
     def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
-        """Top-1, top-5 (%) and mean CE of the deployed model (:meth:`Student.predict`) on ``loader``
+        """The task's metrics (``test_<name>``) of the deployed model (:meth:`Student.predict`) on ``loader``
         (default: the eval loader)."""
         loader = loader or self.eval_loader
         net = self.student
         was_training = net.training
         net.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        evaluator = self.task.evaluator(self.ctx)
         with self.autocast():
-            for x, y, _ in loader.epoch(0):
-                logits = net.predict(x).float()
-                top1, top5 = accuracy_counts(logits, y)
-                ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                totals += torch.stack([ce.double(), top1.double(), top5.double(),
-                                       torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+            for x, y, index in loader.epoch(0):
+                evaluator.update(net.predict(x).float(), self.task.targets(y, index, "test"))
         if self.student.recorder is not None:
             self.student.recorder.pop()  # do not keep eval activations alive
         net.train(was_training)
-        ce, top1, top5, n = all_reduce_sum(totals, self.ctx).tolist()
-        return {"test_loss": ce / n, "test_top1": 100.0 * top1 / n, "test_top5": 100.0 * top5 / n}
+        return {f"test_{name}": value for name, value in evaluator.compute().items()}
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -282,12 +288,12 @@ class Engine:
         # so the culprit is named even when NaN has spread to every term by the next check.
         first_bad = torch.full((len(self.keys),), math.inf, device=self.device)
         for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
-            comps, logits, y = self.train_step(x, y, index)
-            hits = (logits.detach().argmax(1) == y).sum()
+            comps, logits, targets = self.train_step(x, y, index)
+            score = self.task.train_score(logits, targets)
             values = torch.stack([comps[k].detach().float() for k in self.keys])
             first_bad = torch.where(torch.isfinite(values) | torch.isfinite(first_bad), first_bad,
                                     float(self.batch))
-            sums += torch.cat([values, torch.stack([hits.float(), values.new_tensor(float(len(y)))])])
+            sums += torch.cat([values, torch.stack([score.float(), values.new_tensor(float(len(targets)))])])
             count += 1
             self.batch += 1
             self.global_step += 1
@@ -301,21 +307,22 @@ class Engine:
         totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), self.ctx)  # every rank's batches
         steps = max(float(totals[-1]), 1.0)
         stats = {f"train_{k}": v / steps for k, v in zip(self.keys, totals[:-3].tolist(), strict=True)}
-        stats["train_top1"] = 100.0 * float(totals[-3]) / max(float(totals[-2]), 1.0)
+        stats[f"train_{self.task.task.train_metric}"] = 100.0 * float(totals[-3]) / max(float(totals[-2]), 1.0)
         return stats
 
     def train_step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """The batch transforms, then :meth:`step`. Returns the components, the logits and the labels the
-        step saw (a transform may change them)."""
+        """The batch transforms, then :meth:`step`. Returns the components, the logits and the targets the
+        step used (a transform may change the batch)."""
         for transform in self.batch_transforms:
             x, y, index = transform(self, x, y, index)
-        comps, logits = self.step(x, y, index)
-        return comps, logits, y
+        return self.step(x, y, index)
 
-    def step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """One optimisation step on a (transformed) batch: teacher taps, student + bridges, objective,
-        backward, optimiser and lr schedule. Returns the loss components and the student's logits."""
+    def step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One optimisation step on a (transformed) batch: the task's targets, teacher taps, student + bridges,
+        objective, backward, optimiser and lr schedule. Returns the loss components, the student's logits and
+        the targets."""
         epoch_pos = self.epoch + self.batch / self.steps_per_epoch
+        y = self.task.targets(y, index, "train")
         with self.autocast():
             # index/epoch let a cached teacher find the stored outputs of exactly these views
             teacher_out = self.teacher(x, index, self.epoch) if self.teacher is not None else {}
@@ -330,7 +337,7 @@ class Engine:
             comps["loss"].backward()
             self.optimizer.step()
         self.scheduler.step()
-        return comps, logits
+        return comps, logits, y
 
     def _check_finite(self, first_bad: Tensor) -> None:
         steps = first_bad.tolist()
@@ -377,7 +384,7 @@ class Engine:
         metadata = {**self.header, "epoch": str(self.epoch), "kdkit_version": __version__}
         folder = save_checkpoint(root, name, self._weights(), self._state(), metadata)
         if is_best:
-            mark_best(root, name, {"top1": self.best["top1"], "epoch": self.best["epoch"]})
+            mark_best(root, name, {"metric": self.metric, "value": self.best["value"], "epoch": self.best["epoch"]})
         prune(root, self.keep)
         return folder
 
@@ -467,9 +474,10 @@ class Engine:
         if bar is None:
             return
         progress, task = bar
-        acc = 100.0 * values[-2] / max(values[-1], 1.0)
-        best = f" best {self.best['top1']:.2f}%" if self.best["epoch"] > 0 else ""
-        status = f"ep {self.epoch + 1}/{self.epochs} loss {means[0]:.4f} train {acc:.1f}%{best}"
+        score = 100.0 * values[-2] / max(values[-1], 1.0)
+        best = f" best {self.metric} {self.best['value']:.2f}" if self.best["epoch"] > 0 else ""
+        status = f"ep {self.epoch + 1}/{self.epochs} loss {means[0]:.4f} train {self.task.task.train_metric} " \
+                 f"{score:.1f}{best}"
         progress.update(task, completed=self.global_step, status=status)
 
     def _announce(self, row: dict[str, Any], bar: Any) -> None:
@@ -477,8 +485,9 @@ class Engine:
             return
         terms = " ".join(f"{k} {row[f'train_{k}']:.4f}" for k in self.keys if k != "loss")
         line = (f"{self.label} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f} ({terms})  "
-                f"train {row['train_top1']:.2f}%  test {row['test_top1']:.2f}% (top5 {row['test_top5']:.2f})  "
-                f"best {row['best_top1']:.2f}%  {row['epoch_seconds']:.1f}s")
+                f"train {self.task.task.train_metric} {row[f'train_{self.task.task.train_metric}']:.2f}  test "
+                + " ".join(f"{k} {row[f'test_{k}']:.4g}" for k in self.task.task.metrics)
+                + f"  best {self.metric} {row[f'best_{self.metric}']:.2f}  {row['epoch_seconds']:.1f}s")
         if bar is not None:
             bar[0].console.print(line, highlight=False, soft_wrap=True)
 
@@ -487,5 +496,5 @@ def objective_keys(objective: Objective) -> list[str]:
     """Names of the components an objective returns, in logging order (``loss`` first)."""
     keys = ["loss"]
     if objective.ce_weight:
-        keys.append("ce")
+        keys.append(objective.supervised_name)
     return keys + [t.name for t in objective.terms]

@@ -139,7 +139,8 @@ class TrainSpec(Strict):
     eval_batch_size: int = Field(1000, gt=0)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    ce_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0, description="weight of the task's supervised loss (cross-entropy for "
+                             "classification, binary cross-entropy for multilabel)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
@@ -149,6 +150,8 @@ class TrainSpec(Strict):
     threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU (default: torch's)")
     compile: bool = Field(False, description="torch.compile the student and its bridges (the first steps "
                           "compile, later ones run fused kernels; on CPU it needs a C++ compiler)")
+    best_metric: str | None = Field(None, description="the task metric that picks the best epoch (default: the "
+                                    "task's, e.g. top1 for classification, map for multilabel)")
 
 
 class OutputSpec(Strict):
@@ -160,7 +163,8 @@ class OutputSpec(Strict):
 
 #: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
 _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
-    (("teacher", "cache"), None), (("train", "compile"), False),
+    (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
+    (("task",), "classification"),
 )
 
 
@@ -170,6 +174,8 @@ class RecipeCore(Strict):
 
     name: str
     description: str = ""
+    task: str = Field("classification", description="what is learnt and measured: targets, supervised loss, "
+                      "metrics (kdkit ls tasks)")
     model: ModelSpec
     teacher: TeacherSpec | None = None
     data: DataSpec

@@ -20,8 +20,8 @@ from kdkit.errors import KdkitError
 
 T = TypeVar("T")
 
-#: Packages whose import registers kdkit's own plugins (each method folder is one module of it).
-BUILTIN_PLUGINS = ("kdkit.methods",)
+#: Packages whose import registers kdkit's own plugins (one module per task, one folder per method).
+BUILTIN_PLUGINS = ("kdkit.tasks", "kdkit.methods")
 #: Entry-point group through which installed packages register theirs (``module`` or ``module:object``).
 PLUGIN_GROUP = "kdkit.plugins"
 _discovery = {"state": "pending"}

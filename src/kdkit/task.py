@@ -1,0 +1,111 @@
+"""The contract of a *task*: what a batch's targets are, the supervised loss, the metrics, and what picks "best".
+
+The engine, summaries, reports and benchmarks read a task's metrics by name; none of them knows top-1.
+A task lives in one module under :mod:`kdkit.tasks` (or an installed package, through the
+``kdkit.plugins`` entry-point group) and registers one :class:`Task` in :data:`TASKS`.
+
+A recipe picks one (``task: classification`` by default). Targets come from the dataset: the labels, or
+a named entry of :attr:`kdkit.data.ImageData.train_targets` read by the batch's sample indices, so the
+loaders, the teacher cache and every batch transform stay unchanged. How later tasks fit the same
+contract (they add files, not engine branches):
+
+* **detection / segmentation**: :attr:`Task.target` names the boxes or masks, :meth:`Task.bind` gives the
+  detector's loss and COCO-style mAP / mIoU evaluators; the deployed output is boxes or masks.
+* **generation** (a few-step diffusion student): the supervised loss is the denoising objective, the
+  evaluator samples with the deployed sampler and scores FID.
+* **dataset condensation**: what is trained is a synthetic dataset (a method's ``param_groups``); the
+  evaluator trains fresh students on it and reports their accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from torch import Tensor
+
+from kdkit.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from kdkit.data.base import ImageData
+    from kdkit.distributed import DistContext
+
+
+class Evaluator(Protocol):
+    """Accumulates a task's metrics over an evaluation pass (all processes' batches under DDP)."""
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        """Add one batch: the deployed network's outputs and the batch's targets."""
+
+    def compute(self) -> dict[str, float]:
+        """The metrics over every batch seen (reduced over processes), by name; higher is better except ``loss``."""
+
+
+class BoundTask(Protocol):
+    """A task bound to one run's data and device (what the engine calls)."""
+
+    task: Task
+
+    def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
+        """The targets of a batch of ``split`` (``"train"`` or ``"test"``) from its labels and sample indices."""
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The supervised loss (a batch mean, float32 or the logits' precision if higher)."""
+
+    def train_score(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Sum over the batch of the per-sample training score reported as ``train_<Task.train_metric>``
+        (a 0-dim tensor, kept on the device)."""
+
+    def evaluator(self, ctx: DistContext) -> Evaluator:
+        """A fresh evaluator of the task's metrics (reduced over the processes of ``ctx``)."""
+
+
+class Task:
+    """Base class of a registered task (one instance per task in :data:`TASKS`).
+
+    Attributes:
+        name: Registry name (``task:`` in a recipe).
+        target: Key of the dataset's per-sample targets (``ImageData.train_targets``), or ``None`` for its labels.
+        metrics: Names the evaluator reports (as ``test_<name>`` per epoch).
+        best: The metric that picks the best epoch by default (higher is better).
+        loss_name: Log key of the supervised loss.
+        train_metric: Name of the training score (``train_<name>``).
+        deployed_output: What the deployed network outputs, in words (for reports and exports).
+    """
+
+    name: ClassVar[str] = ""
+    target: ClassVar[str | None] = None
+    metrics: ClassVar[tuple[str, ...]] = ()
+    best: ClassVar[str] = ""
+    loss_name: ClassVar[str] = "loss"
+    train_metric: ClassVar[str] = ""
+    deployed_output: ClassVar[str] = ""
+
+    def check_data(self, data: ImageData) -> str | None:
+        """Why ``data`` cannot serve this task (``None`` when it can). Default: it has the :attr:`target`."""
+        if self.target is not None and self.target not in data.train_targets:
+            have = ", ".join(sorted(data.train_targets)) or "none"
+            return (f"needs per-sample {self.target!r} targets, which dataset {data.name!r} does not provide "
+                    f"(it has: {have})")
+        return None
+
+    def bind(self, data: ImageData, device: torch.device, *, label_smoothing: float = 0.0) -> BoundTask:
+        """The task for one run on ``data`` (targets moved to ``device`` once)."""
+        raise NotImplementedError
+
+
+TASKS: Registry[Task] = Registry("task", fix="run `kdkit ls tasks`")
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register one instance of a :class:`Task` subclass under ``cls.name``."""
+    if not cls.name or not cls.metrics or cls.best not in cls.metrics:
+        raise TypeError(f"{cls.__name__} needs a `name`, its `metrics` and a `best` metric among them")
+    TASKS.add(cls.name, cls(), (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
+    return cls
+
+
+def tasks_serving(data: ImageData) -> list[str]:
+    """The registered tasks whose targets ``data`` provides."""
+    return [name for name in TASKS.names() if TASKS.get(name).check_data(data) is None]
