@@ -150,8 +150,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         **({"steps": 4, "repeats": 2, "warmup": 1} if steps else {}), overrides=overrides)
         return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    run_methods_bench(Path(args.out or "runs/bench_methods"), seeds=args.seeds, methods=methods, quick=args.quick,
-                      overrides=args.overrides)
+    run_methods_bench(Path(args.out or f"runs/bench_{args.suite}" if args.suite != "fashion_mnist" else
+                           args.out or "runs/bench_methods"), seeds=args.seeds, methods=methods, quick=args.quick,
+                      overrides=args.overrides, suite=args.suite)
     return 0
 
 
@@ -246,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["methods", "speed"])
     bench.add_argument("overrides", nargs="*", help="[RECIPE for speed] then key=value recipe overrides")
     bench.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
-    bench.add_argument("--methods", help="comma-separated recipe names (default: all of recipes/fashion_mnist)")
+    bench.add_argument("--methods", help="comma-separated recipe names (default: every recipe of the suite)")
+    bench.add_argument("--suite", default="fashion_mnist", help="folder of shipped recipes to benchmark: "
+                       "fashion_mnist (classification, default) or scenes (multi-label)")
     bench.add_argument("--out", help="output folder (default runs/bench_methods or runs/bench_speed)")
     bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
     bench.set_defaults(fn=cmd_bench)

@@ -40,6 +40,22 @@ def load_run(path: Path, label: str | None = None) -> RunRecord:
     return RunRecord(path, label or summary.get("name", path.name), summary, json.loads(metrics_file.read_text()))
 
 
+def run_metric(run: RunRecord) -> str:
+    """The metric that picked the run's best epoch (its task's; runs from before tasks existed: top1)."""
+    return str(run.summary.get("metric", "top1"))
+
+
+def best_of(run: RunRecord) -> float:
+    """The run's best value of its metric (from the summary, else from its epochs)."""
+    metric = run_metric(run)
+    return float(run.summary.get(f"best_{metric}", max(m[f"test_{metric}"] for m in run.metrics)))
+
+
+def metric_label(groups: dict[str, list[RunRecord]]) -> str:
+    """The metric name(s) of the groups' runs, for axis labels and table headers."""
+    return " / ".join(dict.fromkeys(run_metric(r) for runs in groups.values() for r in runs))
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = list(values)
@@ -55,7 +71,7 @@ def group_runs(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
 
 
 def plot_curves(groups: dict[str, list[RunRecord]], file: Path) -> Path:
-    """Test top-1 and training loss per epoch, one colour per group (seeds as thin lines)."""
+    """Each run's test metric and training loss per epoch, one colour per group (seeds as thin lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,11 +82,11 @@ def plot_curves(groups: dict[str, list[RunRecord]], file: Path) -> Path:
         colour = f"C{i}"
         for j, run in enumerate(runs):
             epochs = [row["epoch"] for row in run.metrics]
-            ax_acc.plot(epochs, [row["test_top1"] for row in run.metrics], color=colour, lw=1.2, alpha=0.85,
-                        label=label if j == 0 else None)
+            values = [row[f"test_{run_metric(run)}"] for row in run.metrics]
+            ax_acc.plot(epochs, values, color=colour, lw=1.2, alpha=0.85, label=label if j == 0 else None)
             ax_loss.plot(epochs, [row["train_loss"] for row in run.metrics], color=colour, lw=1.2, alpha=0.85,
                          label=label if j == 0 else None)
-    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    ax_acc.set(xlabel="epoch", ylabel=f"test {metric_label(groups)}", title="test metric")
     ax_loss.set(xlabel="epoch", ylabel="training loss (objective)", title="training loss", yscale="log")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
@@ -82,16 +98,15 @@ def plot_curves(groups: dict[str, list[RunRecord]], file: Path) -> Path:
 
 
 def plot_comparison(groups: dict[str, list[RunRecord]], file: Path) -> Path:
-    """Best and last test top-1 per group (mean +- std over seeds), with parameter counts."""
+    """Best and last test metric per group (mean +- std over seeds), with parameter counts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(groups)
-    best = [mean_std([r.summary.get("best_top1", max(m["test_top1"] for m in r.metrics)) for r in groups[k]])
-            for k in labels]
-    last = [mean_std([r.metrics[-1]["test_top1"] for r in groups[k]]) for k in labels]
+    best = [mean_std([best_of(r) for r in groups[k]]) for k in labels]
+    last = [mean_std([r.metrics[-1][f"test_{run_metric(r)}"] for r in groups[k]]) for k in labels]
     xs = range(len(labels))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(labels) + 2), 4))
     width = 0.38
@@ -106,8 +121,9 @@ def plot_comparison(groups: dict[str, list[RunRecord]], file: Path) -> Path:
         params = groups[k][0].summary.get("params")
         names.append(f"{k}\n{params / 1000:.1f}k params" if params else k)
     ax.set_xticks(list(xs), names, fontsize=8)
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"accuracy (mean ± std over seeds; n = {', '.join(str(len(groups[k])) for k in labels)})")
+    ax.set_ylabel(f"test {metric_label(groups)}")
+    seeds = ", ".join(str(len(groups[k])) for k in labels)
+    ax.set_title(f"{metric_label(groups)} (mean ± std over seeds; n = {seeds})")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -117,17 +133,18 @@ def plot_comparison(groups: dict[str, list[RunRecord]], file: Path) -> Path:
 
 
 def summary_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, Any]]:
-    """One row per group: accuracy (mean/std over seeds), size, latency, seeds."""
+    """One row per group: its metric's best and last value (mean/std over seeds), size, latency, seeds."""
     rows = []
     for label, runs in groups.items():
-        best = mean_std([r.summary.get("best_top1", float("nan")) for r in runs])
-        last = mean_std([r.metrics[-1]["test_top1"] for r in runs])
+        best = mean_std([best_of(r) for r in runs])
+        last = mean_std([r.metrics[-1][f"test_{run_metric(r)}"] for r in runs])
         first = runs[0].summary
         latency = [r.summary["latency_ms"] for r in runs if r.summary.get("latency_ms") is not None]
         rows.append({
             "label": label, "arch": first.get("arch"), "seeds": [r.summary.get("seed") for r in runs],
-            "best_top1": best[0], "best_top1_std": best[1], "last_top1": last[0], "last_top1_std": last[1],
-            "params": first.get("params"), "latency_ms": statistics.median(latency) if latency else None,
+            "metric": run_metric(runs[0]), "best": best[0], "best_std": best[1], "last": last[0],
+            "last_std": last[1], "params": first.get("params"),
+            "latency_ms": statistics.median(latency) if latency else None,
             "train_samples": first.get("train_samples"), "epochs": first.get("epochs"),
             "train_seconds": statistics.fmean(r.summary.get("train_seconds", 0.0) for r in runs),
         })
@@ -136,15 +153,15 @@ def summary_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, Any]]:
 
 def _html_table(rows: list[dict[str, Any]]) -> str:
     head = ("<tr><th>run</th><th>arch</th><th>params</th><th>latency / image</th><th>train images</th>"
-            "<th>epochs</th><th>best top-1</th><th>last top-1</th><th>seeds</th><th>train time</th></tr>")
+            "<th>epochs</th><th>metric</th><th>best</th><th>last</th><th>seeds</th><th>train time</th></tr>")
     body = []
     for r in rows:
         latency = f"{r['latency_ms']:.3f} ms" if r["latency_ms"] is not None else "–"
         body.append(
             f"<tr><td>{html.escape(str(r['label']))}</td><td>{html.escape(str(r['arch']))}</td>"
             f"<td>{r['params']:,}</td><td>{latency}</td><td>{r['train_samples']:,}</td><td>{r['epochs']}</td>"
-            f"<td>{r['best_top1']:.2f} ± {r['best_top1_std']:.2f}</td><td>{r['last_top1']:.2f} ± "
-            f"{r['last_top1_std']:.2f}</td><td>{len(r['seeds'])}</td><td>{r['train_seconds']:.0f} s</td></tr>")
+            f"<td>{html.escape(r['metric'])}</td><td>{r['best']:.2f} ± {r['best_std']:.2f}</td><td>{r['last']:.2f} ± "
+            f"{r['last_std']:.2f}</td><td>{len(r['seeds'])}</td><td>{r['train_seconds']:.0f} s</td></tr>")
     return "<table>" + head + "".join(body) + "</table>"
 
 

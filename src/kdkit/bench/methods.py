@@ -26,16 +26,24 @@ from kdkit.runner import run_recipe
 
 SUITE = "fashion_mnist"
 NOT_METHODS = {"teacher"}
+#: How a metric is shown in the table's header.
+METRIC_HEADERS = {"top1": "top-1 (%)", "map": "mAP (%)"}
 
 
-def method_recipes() -> list[str]:
-    """The method recipes of the benchmark suite: the labels-only baseline first, then alphabetical."""
-    names = sorted(p.stem for p in (recipes_root() / SUITE).glob("*.yaml") if p.stem not in NOT_METHODS)
-    return sorted(names, key=lambda n: (n != "student_ce", n != "kd", n))
+def suites() -> list[str]:
+    """The benchmark suites: folders of shipped recipes with a ``teacher.yaml`` and a ``student_*`` baseline."""
+    return sorted(p.parent.name for p in recipes_root().glob("*/teacher.yaml")
+                  if any(p.parent.glob("student_*.yaml")))
+
+
+def method_recipes(suite: str = SUITE) -> list[str]:
+    """The method recipes of a suite: the labels-only baseline (``student_*``) first, then KD, then alphabetical."""
+    names = sorted(p.stem for p in (recipes_root() / suite).glob("*.yaml") if p.stem not in NOT_METHODS)
+    return sorted(names, key=lambda n: (not n.startswith("student_"), n != "kd", n))
 
 
 def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = None, quick: bool = False,
-                      overrides: list[str] | None = None) -> dict[str, Any]:
+                      overrides: list[str] | None = None, suite: str = SUITE) -> dict[str, Any]:
     """Run the method benchmark and return its results (also written to ``out``).
 
     Args:
@@ -44,46 +52,54 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
         methods: Recipe names to run (default: all of :func:`method_recipes`).
         quick: One epoch each (the teacher on 2,000 images), for smoke tests.
         overrides: ``key=value`` overrides applied to every student recipe (e.g. ``train.epochs=10``).
+        suite: The folder of shipped recipes (:func:`suites`), e.g. ``fashion_mnist`` or ``scenes``.
     """
-    available = method_recipes()
+    if suite not in suites():
+        raise KdkitError(f"unknown benchmark suite {suite!r}", choices=suites(), bad=suite,
+                         fix="pick a folder of recipes/ that holds a teacher.yaml and a student_* baseline")
+    available = method_recipes(suite)
     chosen = methods or available
     unknown = [m for m in chosen if m not in available]
     if unknown:
         raise KdkitError(f"unknown method recipe {unknown[0]!r}", choices=available, bad=unknown[0],
-                         fix=f"pick recipes from recipes/{SUITE}/ (kdkit ls recipes)")
+                         fix=f"pick recipes from recipes/{suite}/ (kdkit ls recipes)")
     quick_over = ["train.epochs=1"] if quick else []
     teacher_quick = [*quick_over, "data.subset=2000"] if quick else []
-    teacher = load_recipe(find_recipe(f"{SUITE}/teacher"), [*teacher_quick, f"output.dir={out}/teacher"])
+    teacher = load_recipe(find_recipe(f"{suite}/teacher"), [*teacher_quick, f"output.dir={out}/teacher"])
     run_recipe(teacher, reuse=True, overwrite=True)  # reuse a finished identical run, else start over
     rows, folders, labels = [], [], []
     for method in chosen:
         summaries = []
         for seed in range(seeds):
             extra = []
-            base = load_recipe(find_recipe(f"{SUITE}/{method}"))
+            base = load_recipe(find_recipe(f"{suite}/{method}"))
             if base.teacher is not None:
                 extra = [f"teacher.checkpoint={out}/teacher", "teacher.recipe=null"]
-            recipe = load_recipe(find_recipe(f"{SUITE}/{method}"),
+            recipe = load_recipe(find_recipe(f"{suite}/{method}"),
                                  [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
                                   f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
             summary = run_recipe(recipe, reuse=True, overwrite=True)
-            print(f"bench: {method} seed {seed}: best {summary['best_top1']:.2f} last {summary['last_top1']:.2f} "
+            metric = summary.get("metric", "top1")
+            print(f"bench: {method} seed {seed}: best {metric} {summary[f'best_{metric}']:.2f} last "
+                  f"{summary[f'last_{metric}']:.2f} "
                   f"({summary['epoch_seconds']:.2f} s/epoch)", flush=True)
             summaries.append(summary)
             folders.append(recipe.run_dir)
             labels.append(method)
-        rows.append(_row(method, summaries))
-    baseline = next((r for r in rows if r["method"] == "student_ce"), None)
+        rows.append(_row(f"{suite}/{method}", method, summaries))
+    baseline = next((r for r in rows if r["method"].startswith("student_")), None)
     kd = next((r for r in rows if r["method"] == "kd"), None)
     for row in rows:
-        row["vs_labels_only"] = row["best_top1"] - baseline["best_top1"] if baseline else None
-        row["vs_kd"] = row["best_top1"] - kd["best_top1"] if kd else None
-    results = {"rows": rows, "seeds": seeds, "quick": quick, "overrides": overrides or [],
+        row["vs_labels_only"] = row["best"] - baseline["best"] if baseline else None
+        row["vs_kd"] = row["best"] - kd["best"] if kd else None
+    teacher_summary = json.loads((teacher.run_dir / "summary.json").read_text())
+    results = {"suite": suite, "rows": rows, "seeds": seeds, "quick": quick, "overrides": overrides or [],
+               "teacher": {k: teacher_summary.get(k) for k in ("arch", "train_samples", "dataset")},
                "machine": machine_info(), "command": " ".join(sys.argv)}
     table = format_table(results)
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    report = write_report(folders, out / "report", labels=labels, title="kdkit method benchmark (Fashion-MNIST)",
+    report = write_report(folders, out / "report", labels=labels, title=f"kdkit method benchmark ({suite})",
                           preamble=f"<pre>{table}</pre>")
     print(table)
     print(f"report: {report}")
@@ -107,16 +123,18 @@ def deployed_cost(summary: dict[str, Any], recipe: Any) -> dict[str, Any]:
     return {"params": summary["params"], "flops": flops, "latency_ms": summary.get("latency_ms")}
 
 
-def _row(method: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    best = mean_std([s["best_top1"] for s in summaries])
-    last = mean_std([s["last_top1"] for s in summaries])
+def _row(name: str, method: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    metric = summaries[0].get("metric", "top1")
+    best = mean_std([s[f"best_{metric}"] for s in summaries])
+    last = mean_std([s[f"last_{metric}"] for s in summaries])
     first = summaries[0]
-    recipe = load_recipe(find_recipe(f"{SUITE}/{method}"))
+    recipe = load_recipe(find_recipe(name))
     cost = deployed_cost(first, recipe)
     latencies = [s["latency_ms"] for s in summaries if s.get("latency_ms") is not None]
     row = {
         "method": method, "description": recipe.description, "seeds": len(summaries),
-        "best_top1": best[0], "best_top1_std": best[1], "last_top1": last[0], "last_top1_std": last[1],
+        "metric": metric, "best": best[0], "best_std": best[1], "last": last[0], "last_std": last[1],
+        "arch": first.get("arch"), "dataset": first.get("dataset"),
         "epoch_seconds": sum(s["epoch_seconds"] for s in summaries) / len(summaries),
         "extra_params": first["bridge_params"] + first.get("loss_params", 0),
         # student + bridges + loss heads; the deployed network may be smaller (a deploying bridge skips the classifier)
@@ -134,7 +152,9 @@ def _row(method: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table of the benchmark (what the README shows)."""
-    lines = ["| method | best top-1 (%) | last top-1 (%) | vs labels only | vs KD | s / epoch | trained params "
+    metric = results["rows"][0]["metric"]
+    shown = METRIC_HEADERS.get(metric, metric)
+    lines = [f"| method | best {shown} | last {shown} | vs labels only | vs KD | s / epoch | trained params "
              "| deployed params | deployed MFLOPs | latency (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     delta = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
@@ -142,8 +162,8 @@ def format_table(results: dict[str, Any]) -> str:
         flops = "–" if r.get("deployed_flops") is None else f"{r['deployed_flops'] / 1e6:.2f}"
         latency = "–" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"
         deployed = r.get("deployed_params")
-        lines.append(f"| {r['method']} | {r['best_top1']:.2f} ± {r['best_top1_std']:.2f} | {r['last_top1']:.2f} ± "
-                     f"{r['last_top1_std']:.2f} | {delta(r['vs_labels_only'])} | {delta(r['vs_kd'])} | "
+        lines.append(f"| {r['method']} | {r['best']:.2f} ± {r['best_std']:.2f} | {r['last']:.2f} ± "
+                     f"{r['last_std']:.2f} | {delta(r['vs_labels_only'])} | {delta(r['vs_kd'])} | "
                      f"{r['epoch_seconds']:.2f} | {r['trained_params']:,} | "
                      f"{'–' if deployed is None else f'{deployed:,}'} | {flops} | {latency} |")
     for r in results["rows"]:
@@ -152,8 +172,10 @@ def format_table(results: dict[str, Any]) -> str:
             lines += ["", *notes] if notes else []
     m = results["machine"]
     first = results["rows"][0]
-    lines += ["", f"{results['seeds']} seeds per method; student cnn_student on {first['train_samples']:,} "
-              f"Fashion-MNIST images for {first['epochs']} epochs, teacher cnn_teacher on all 60,000.",
+    teacher = results.get("teacher") or {}
+    lines += ["", f"{results['seeds']} seeds per method; student {first.get('arch')} on {first['train_samples']:,} "
+              f"{first.get('dataset')} images for {first['epochs']} epochs, teacher {teacher.get('arch')} on "
+              f"{teacher.get('train_samples') or 0:,}.",
               f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
               f"python {m['python']}. Command: `{results['command']}`"]
     return "\n".join(lines)
