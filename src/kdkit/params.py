@@ -1,15 +1,253 @@
-"""Validate the keyword parameters a recipe passes to a factory, against the factory's signature."""
+"""Validate the keyword parameters a recipe passes to a factory, against the factory's signature.
+
+A parameter's valid range is declared where the parameter is, as typed bounds in the signature::
+
+    def __init__(self, *, temperature: Annotated[float, Gt(0)] = 4.0, resize: Literal["student", "smaller"] = ...)
+
+(``Gt``, ``Ge``, ``Lt``, ``Le``, ``Interval``, ``MinLen`` from :mod:`annotated_types`). :func:`check_params`
+checks recipe values against them with pydantic, and :func:`enforce_bounds` -- applied by ``register_loss``
+and ``register_bridge`` -- checks them when Python code constructs a loss or calls a bridge factory directly,
+so the bound is written once and both paths report it in the same words.
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, TypeVar
 
+from annotated_types import Ge, GroupedMetadata, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import ConfigDict, ValidationError, create_model
 
 from kdkit.errors import KdkitError, RecipeErrors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: pydantic error types that a declared bound (numeric range, choices, length) raises.
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error",
+                 "too_short", "too_long"}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range declared by ``Gt``/``Ge``/``Lt``/``Le``/``Interval`` metadata.
+
+    Attributes:
+        low: Lower bound, or ``None``.
+        low_open: The lower bound is excluded (``Gt``).
+        high: Upper bound, or ``None``.
+        high_open: The upper bound is excluded (``Lt``).
+    """
+
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"{'<' if self.high_open else '<='} {self.high}"
+
+
+def _arms(hint: Any) -> tuple[list[Any], bool]:
+    """The non-``None`` members of a union (or ``[hint]``) and whether ``None`` is allowed."""
+    if typing.get_origin(hint) in (typing.Union, UnionType):
+        args = typing.get_args(hint)
+        return [a for a in args if a is not NoneType], NoneType in args
+    return [hint], False
+
+
+def _metadata(hint: Any) -> tuple[Any, list[Any]]:
+    """``(inner type, flat list of Annotated metadata)``; grouped metadata (``Interval``) is expanded."""
+    if typing.get_origin(hint) is not Annotated:
+        return hint, []
+    flat: list[Any] = []
+    for item in hint.__metadata__:
+        flat.extend(item if isinstance(item, GroupedMetadata) else [item])
+    return hint.__origin__, flat
+
+
+def _element(hint: Any) -> Any:
+    """The item type of ``tuple[X, ...]`` or ``list[X]``, else ``None``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if (origin is list and args) or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        return args[0]
+    return None
+
+
+def value_range(hint: Any) -> Range | None:
+    """The numeric range a type hint declares (``Annotated[float, Gt(0)]`` -> ``> 0``), or ``None``.
+
+    ``Optional[...]`` hints are looked through (``None`` is then also valid).
+    """
+    arms, _ = _arms(hint)
+    if len(arms) != 1:
+        return None
+    low = high = None
+    low_open = high_open = False
+    for item in _metadata(arms[0])[1]:
+        if isinstance(item, Gt):
+            low, low_open = item.gt, True
+        elif isinstance(item, Ge):
+            low, low_open = item.ge, False
+        elif isinstance(item, Lt):
+            high, high_open = item.lt, True
+        elif isinstance(item, Le):
+            high, high_open = item.le, False
+    if low is None and high is None:
+        return None
+    return Range(low, low_open, high, high_open)  # type: ignore[arg-type]
+
+
+def bound_problem(name: str, hint: Any, value: Any) -> str | None:
+    """Why ``value`` breaks the bounds ``hint`` declares, naming ``name``, the bound and the value; else ``None``.
+
+    Checks numeric ranges, ``Literal`` choices, ``MinLen``/``MaxLen``, and the elements of ``tuple[X, ...]`` /
+    ``list[X]``. Values of another type are left to the type check (pydantic's, in :func:`check_params`).
+    """
+    arms, optional = _arms(hint)
+    if value is None or len(arms) != 1:  # None, or which member of a union applies, is a type question
+        return None
+    or_null = " (or null)" if optional else ""
+    inner, meta = _metadata(arms[0])
+    if typing.get_origin(inner) is Literal:
+        choices = typing.get_args(inner)
+        if value in choices:
+            return None
+        return f"{name} must be one of {', '.join(repr(c) for c in choices)}{or_null} (got {value!r})"
+    bounds = value_range(arms[0])
+    try:
+        if bounds is not None and not isinstance(value, bool) and value not in bounds:
+            return f"{name} must be {bounds}{or_null} (got {value!r})"
+        for item in meta:
+            if isinstance(item, MinLen) and len(value) < item.min_length:
+                return f"{name} must have at least {item.min_length} item(s) (got {list(value)!r})"
+            if isinstance(item, MaxLen) and len(value) > item.max_length:
+                return f"{name} must have at most {item.max_length} item(s) (got {list(value)!r})"
+    except TypeError:  # not comparable / not sized: a type error, reported by the type check
+        return None
+    element = _element(inner)
+    if element is not None and isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            problem = bound_problem(f"{name}[{i}]", element, item)
+            if problem:
+                return problem
+    return None
+
+
+@functools.cache
+def _type_hints(target: Callable[..., Any]) -> dict[str, Any]:
+    """``target``'s resolved type hints, ``Annotated`` metadata kept (cached: signatures do not change)."""
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # unresolvable annotations: validate types loosely rather than refuse the factory
+        return {}
+
+
+def describe_bounds(hint: Any) -> str | None:
+    """What the bounds of a type hint allow, as a phrase: ``a value > 0``, ``one of 'a', 'b'``,
+    ``a list of at least 1 item(s), each > 0`` (``, or null`` for an optional one); ``None`` without bounds."""
+    arms, optional = _arms(hint)
+    if len(arms) != 1:
+        return None
+    inner, meta = _metadata(arms[0])
+    bounds = value_range(arms[0])
+    text: str | None = None
+    if typing.get_origin(inner) is Literal:
+        text = "one of " + ", ".join(repr(c) for c in typing.get_args(inner))
+    elif bounds is not None:
+        text = f"a value {bounds}"
+    else:
+        sizes = [f"at least {m.min_length} item(s)" for m in meta if isinstance(m, MinLen)]
+        sizes += [f"at most {m.max_length} item(s)" for m in meta if isinstance(m, MaxLen)]
+        item_type = _element(inner)
+        element = describe_bounds(item_type) if item_type is not None else None
+        if sizes or element:
+            text = "a list" + (" of " + " and ".join(sizes) if sizes else "")
+            if element:
+                text += (", each " if sizes else " with each item ") + element.removeprefix("a value ")
+    return f"{text}, or null" if text and optional else text
+
+
+def _fix_for(name: str, hint: Any, default: Any) -> str:
+    """The fix of a bound violation: what the parameter allows, and its default as a recipe writes it."""
+    if default is inspect.Parameter.empty:
+        shown = ""
+    elif default is None:
+        shown = " (default null)"
+    else:
+        shown = f" (default {list(default) if isinstance(default, tuple) else default!r})"
+    allowed = describe_bounds(hint)
+    return f"set {name} to {allowed}{shown}" if allowed else f"see the docstring (`kdkit ls` lists names){shown}"
+
+
+def check_bounds(factory: Callable[..., Any], values: dict[str, Any], *, what: str, where: str | None = None) -> None:
+    """Check ``values`` against the bounds declared in ``factory``'s signature (the types are not checked).
+
+    Args:
+        factory: A function or class (its ``__init__``).
+        values: Parameter values by name (others in the signature are ignored).
+        what: Human name of the factory ("loss 'kd'").
+        where: Recipe location prefix for messages, if any.
+
+    Raises:
+        KdkitError: The first value out of its declared bounds (a ``ValueError``), naming the parameter, the
+            valid range and the value.
+    """
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = _type_hints(target)
+    for name, value in values.items():
+        problem = bound_problem(name, hints[name], value) if name in hints else None
+        if problem:
+            default = inspect.signature(target).parameters[name].default
+            raise KdkitError(f"{what}: {problem}", fix=_fix_for(name, hints[name], default),
+                             where=f"{where}.{name}" if where else None)
+
+
+def enforce_bounds(factory: F, what: str) -> F:
+    """Make ``factory`` check its declared bounds on every call (:func:`check_bounds`).
+
+    A class gets its ``__init__`` wrapped in place; a function is wrapped. The signature (and its type hints)
+    stay visible to :func:`check_params` through ``__wrapped__``.
+
+    Args:
+        factory: A loss class or a bridge factory.
+        what: Human name for messages ("loss 'kd'").
+
+    Returns:
+        ``factory`` (a class) or the checking wrapper (a function).
+    """
+    func = factory.__init__ if inspect.isclass(factory) else factory
+    if getattr(func, "__kdkit_bounds__", None) is not None:
+        return factory
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            arguments = signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            return func(*args, **kwargs)  # let the call raise Python's own message
+        check_bounds(func, arguments, what=what)
+        return func(*args, **kwargs)
+
+    checked.__kdkit_bounds__ = what  # type: ignore[attr-defined]
+    if inspect.isclass(factory):
+        factory.__init__ = checked  # type: ignore[misc]
+        return factory
+    return checked  # type: ignore[return-value]
 
 
 def accepted_params(factory: Callable[..., Any], skip: Iterable[str] = ()) -> dict[str, inspect.Parameter]:
@@ -24,7 +262,7 @@ def accepted_params(factory: Callable[..., Any], skip: Iterable[str] = ()) -> di
 
 def check_params(factory: Callable[..., Any], params: dict[str, Any], *, skip: Iterable[str] = (),
                  where: str, what: str) -> dict[str, Any]:
-    """Type-check ``params`` against ``factory``'s signature; unknown names are errors.
+    """Type-check ``params`` against ``factory``'s signature, bounds included; unknown names are errors.
 
     Args:
         factory: A function or class.
@@ -37,14 +275,12 @@ def check_params(factory: Callable[..., Any], params: dict[str, Any], *, skip: I
         The validated (coerced) parameters.
 
     Raises:
-        RecipeErrors: Every unknown or ill-typed parameter.
+        RecipeErrors: Every unknown, ill-typed or out-of-bounds parameter. A bound violation says the
+            parameter, its valid range or choices, the value given and the default.
     """
     accepted = accepted_params(factory, skip)
     target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:
-        hints = {}
+    hints = _type_hints(target)
     errors = [
         KdkitError(f"{what} has no parameter {key!r}", choices=list(accepted), bad=key,
                    fix="remove it or correct its spelling", where=f"{where}.{key}")
@@ -60,14 +296,29 @@ def check_params(factory: Callable[..., Any], params: dict[str, Any], *, skip: I
     try:
         validated = schema.model_validate(known)
     except ValidationError as exc:
+        reported: set[str] = set()
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
+            name = str(err["loc"][0]) if err["loc"] else key
+            if name in reported:  # a union (e.g. `float | None`) yields one error per member
+                continue
             if err["type"] == "missing":
                 errors.append(KdkitError(f"{what} needs parameter {key!r}", fix=f"add `{key}:`",
                                          where=f"{where}.{key}"))
-            else:
-                errors.append(KdkitError(f"{what}: {err['msg']} (got {err.get('input')!r})",
-                                         fix="see the docstring (`kdkit ls` lists names)", where=f"{where}.{key}"))
+                continue
+            default = accepted[name].default if name in accepted else inspect.Parameter.empty
+            # The declared bound, in the words direct construction uses (pydantic's message lacks the range).
+            problem = bound_problem(name, hints[name], known[name]) \
+                if err["type"] in _BOUND_ERRORS and name in hints and name in known else None
+            if problem:
+                reported.add(name)
+                errors.append(KdkitError(f"{what}: {problem}", fix=_fix_for(name, hints[name], default),
+                                         where=f"{where}.{name}"))
+                continue
+            msg = err["msg"]
+            msg = f"{key} should{msg[len('Input should'):]}" if msg.startswith("Input should") else f"{key}: {msg}"
+            errors.append(KdkitError(f"{what}: {msg} (got {err.get('input')!r})",
+                                     fix="see the docstring (`kdkit ls` lists names)", where=f"{where}.{key}"))
         validated = None
     if errors:
         raise RecipeErrors(errors) if len(errors) > 1 else errors[0]

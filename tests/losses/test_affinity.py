@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kdkit.losses.affinity import AffinityLoss, affinity_loss
-from kdkit.losses.base import LOSSES
 
 
 def unit(v: list[float]) -> list[float]:
@@ -119,10 +118,6 @@ def test_affinity_module_shapes_and_bad_params() -> None:
     for bad in ({"scale": 0.0}, {"teacher_scale": -1.0}):
         with pytest.raises(ValueError, match="scale"):
             AffinityLoss(**bad)  # type: ignore[arg-type]
-
-
-def test_registered() -> None:
-    assert "affinity" in LOSSES and LOSSES.get("affinity") is AffinityLoss
 
 
 def test_views_pairs_the_two_halves_of_a_two_view_batch() -> None:

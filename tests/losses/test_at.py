@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdkit.losses import LOSSES
 from kdkit.losses.at import ATLoss, at_loss, attention_map
 
 
@@ -103,7 +102,3 @@ def test_module_params_and_shape_check() -> None:
     assert "feature maps" in (loss.check_shapes((64,), (64, 4, 4)) or "")
     with pytest.raises(ValueError, match="feature maps"):
         at_loss(torch.randn(2, 3), torch.randn(2, 3))
-
-
-def test_registered() -> None:
-    assert LOSSES.get("at") is ATLoss

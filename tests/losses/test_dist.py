@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdkit.losses.base import LOSSES
 from kdkit.losses.dist import DISTLoss, dist_loss
 from kdkit.losses.standardize import standardize_logits
 
@@ -104,8 +103,3 @@ def test_dist_module_matches_function_and_rejects_bad_values() -> None:
         DISTLoss(gamma=-0.5)
     with pytest.raises(ValueError, match="one shape"):
         dist_loss(z_s, z_t[:, :3])
-
-
-def test_dist_registered() -> None:
-    assert "dist" in LOSSES
-    assert LOSSES.get("dist") is DISTLoss

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdkit.losses.base import LOSSES
 from kdkit.losses.dkd import DKDLoss, dkd_loss
 from kdkit.losses.standardize import standardize_logits
 
@@ -158,8 +157,3 @@ def test_dkd_module_matches_function_and_rejects_bad_values() -> None:
         module(z_s, z_t, torch.zeros(z_s.shape[0], z_s.shape[1]))
     with pytest.raises(ValueError, match="2 classes"):
         dkd_loss(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3, dtype=torch.long))
-
-
-def test_dkd_registered() -> None:
-    assert "dkd" in LOSSES
-    assert LOSSES.get("dkd") is DKDLoss

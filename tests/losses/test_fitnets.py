@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdkit.losses import LOSSES
 from kdkit.losses.fitnets import FitNetsLoss, fitnets_loss
 from kdkit.losses.kd import mse_loss
 
@@ -46,7 +45,3 @@ def test_module_defaults_and_shape_check() -> None:
     assert "convreg" in (loss.check_shapes((8, 8, 8), (16, 4, 4)) or "")
     with pytest.raises(TypeError):
         FitNetsLoss(temperature=4.0)  # type: ignore[call-arg]
-
-
-def test_registered() -> None:
-    assert LOSSES.get("fitnets") is FitNetsLoss

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from kdkit.losses.base import LOSSES
 from kdkit.losses.multilabel import LabelRelationLoss, MultiLabelKDLoss, label_relation_loss, mld_loss
 
 
@@ -217,9 +216,3 @@ def test_label_relation_module_shapes_and_bad_values() -> None:
         LabelRelationLoss(reduction="max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="equal B and K"):
         label_relation_loss(e_s, e_t[:, :2])
-
-
-def test_multilabel_losses_registered() -> None:
-    assert LOSSES.get("multilabel_kd") is MultiLabelKDLoss
-    assert LOSSES.get("label_relation") is LabelRelationLoss
-    assert MultiLabelKDLoss.default_student_tap == "logits"

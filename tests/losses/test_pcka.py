@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdkit.losses.base import LOSSES
 from kdkit.losses.pcka import PCKALoss, pcka_loss
 
 
@@ -120,7 +119,3 @@ def test_pcka_module_shapes_and_bad_params() -> None:
         PCKALoss(patch_size=0)
     with pytest.raises(ValueError, match="same shape"):
         pcka_loss(s, t[:, :2], 4)
-
-
-def test_registered() -> None:
-    assert "pcka" in LOSSES and LOSSES.get("pcka") is PCKALoss

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdkit.losses import LOSSES
 from kdkit.losses.pkd import PKDLoss, pkd_loss, standardize_channels
 
 
@@ -85,7 +84,3 @@ def test_module_and_shapes() -> None:
         pkd_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4))
     with pytest.raises(TypeError):
         PKDLoss(eps=1.0)  # type: ignore[call-arg]
-
-
-def test_registered() -> None:
-    assert LOSSES.get("pkd") is PKDLoss

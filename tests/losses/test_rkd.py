@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from kdkit.losses import LOSSES
 from kdkit.losses.rkd import RKDLoss, rkd_angle_loss, rkd_distance_loss, rkd_loss
 
 
@@ -109,7 +108,3 @@ def test_module_params_and_shapes() -> None:
         RKDLoss(distance_weight=0.0, angle_weight=0.0)
     assert RKDLoss().check_shapes((64,), (256, 2, 2)) is None
     assert RKDLoss.default_student_tap == RKDLoss.default_teacher_tap == "penultimate"
-
-
-def test_registered() -> None:
-    assert LOSSES.get("rkd") is RKDLoss

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from kdkit.losses import LOSSES
 from kdkit.losses.sp import SPLoss, similarity_matrix, sp_loss
 
 
@@ -68,7 +67,3 @@ def test_module_and_shapes() -> None:
     assert SPLoss.default_student_tap == SPLoss.default_teacher_tap == "penultimate"
     with pytest.raises(ValueError, match="same batch"):
         sp_loss(torch.randn(4, 3), torch.randn(5, 3))
-
-
-def test_registered() -> None:
-    assert LOSSES.get("sp") is SPLoss

@@ -28,10 +28,11 @@ choices:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor, nn
 
 from kdkit.bridges import register_bridge
@@ -150,9 +151,10 @@ def _as_shapes(value: Any, side: str) -> list[tuple[int, ...]]:
 
 
 @register_bridge("review", help="ReviewKD attention-based fusion (ABF) of all student stages, top-down, "
-                                "to the teacher stages' shapes (multi-tap)", fuses_taps=True)
+                                "to the teacher stages' shapes (multi-tap)", fuses_taps=True,
+                 example_shapes=([(4, 4, 4), (8, 2, 2), (8,)], [(6, 4, 4), (10, 2, 2), (10,)]))
 def review_bridge(student_shapes: list[tuple[int, ...]], teacher_shapes: list[tuple[int, ...]],
-                  mid_channels: int | None = None, resize: bool = False) -> nn.Module:
+                  mid_channels: Annotated[int, Ge(1)] | None = None, resize: bool = False) -> nn.Module:
     """ReviewKD's ABF fusion module, sized from the probed per-sample shapes of all the term's taps.
 
     Called once per term with the lists of shapes (``fuses_taps=True``); the module maps the list of student
@@ -169,7 +171,8 @@ def review_bridge(student_shapes: list[tuple[int, ...]], teacher_shapes: list[tu
             MobileNet students); by default the sizes must already match.
 
     Raises:
-        KdkitError: Not lists, unequal lengths, unsupported ranks, mismatched sizes, or ``mid_channels < 1``.
+        KdkitError: Not lists, unequal lengths, unsupported ranks, mismatched sizes, or ``mid_channels < 1``
+            (the declared bound, checked by registration).
     """
     students = _as_shapes(student_shapes, "student")
     teachers = _as_shapes(teacher_shapes, "teacher")
@@ -178,10 +181,6 @@ def review_bridge(student_shapes: list[tuple[int, ...]], teacher_shapes: list[tu
                          fix="list the same number (>= 1) of student and teacher taps; they are paired in order")
     if mid_channels is None:
         mid_channels = min(512, students[-1][0])
-    if mid_channels < 1:
-        raise KdkitError(f"bridge 'review': mid_channels must be >= 1, got {mid_channels}",
-                         fix="omit mid_channels (official rule min(512, deepest student channels)) or give a "
-                             "positive integer")
     if not resize:
         for i, (s, t) in enumerate(zip(students, teachers, strict=True)):
             if _spatial(s) != _spatial(t):

@@ -47,7 +47,7 @@ def _fix() -> str:
 
 
 @register_bridge("convreg", help="FitNets conv regressor (RepDistiller ConvReg): conv/deconv + BN (+ReLU), "
-                                 "matches channels and spatial size")
+                                 "matches channels and spatial size", example_shapes=((4, 6, 6), (6, 3, 3)))
 def convreg_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *, relu: bool = True,
                    same_size_kernel: Literal[1, 3] = 3) -> nn.Module:
     """The FitNets regressor, sized from the probed per-sample ``(C, H, W)`` shapes of the two taps.
@@ -79,15 +79,13 @@ def convreg_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
 
     Raises:
         KdkitError: The taps are not ``(C, H, W)`` maps, or the student map is smaller than the teacher's
-            (other than exactly half of it).
+            (other than exactly half of it); ``same_size_kernel`` not 1 or 3 (the declared choices, checked by
+            registration).
     """
     for side, shape in (("student", student_shape), ("teacher", teacher_shape)):
         if len(tuple(shape)) != 3:
             raise KdkitError(f"bridge 'convreg' needs a 3-d per-sample {side} tap (C, H, W), got shape "
                              f"{tuple(shape)}", fix="tap a convolutional feature map, or use the 'linear' bridge")
-    if same_size_kernel not in (1, 3):
-        raise KdkitError(f"bridge 'convreg': same_size_kernel must be 1 or 3, got {same_size_kernel!r}",
-                         choices=["1", "3"], fix="set `same_size_kernel: 3` (default) or `same_size_kernel: 1`")
     c_s, h_s, w_s = (int(v) for v in student_shape)
     c_t, h_t, w_t = (int(v) for v in teacher_shape)
     conv: nn.Module

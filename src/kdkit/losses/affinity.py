@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 from torch import Tensor
 
 from kdkit.losses.base import DistillLoss, register_loss
@@ -90,13 +91,14 @@ class AffinityLoss(DistillLoss):
     default_student_tap = "penultimate"
     default_teacher_tap = "penultimate"
 
-    def __init__(self, *, scale: float = 100.0, teacher_scale: float | None = None,
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Two stacked paired embeddings per sample; the widths differ."""
+        return (2, 6), (2, 8)
+
+    def __init__(self, *, scale: Annotated[float, Gt(0)] = 100.0, teacher_scale: Annotated[float, Gt(0)] | None = None,
                  pairs: Literal["stacked", "views"] = "stacked") -> None:
         super().__init__()
-        if scale <= 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        if teacher_scale is not None and teacher_scale <= 0:
-            raise ValueError(f"teacher_scale must be > 0 (or null to use scale), got {teacher_scale}")
         self.scale = scale
         self.teacher_scale = scale if teacher_scale is None else teacher_scale
         self.pairs = pairs

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 from torch import Tensor
 
 from kdkit.losses.base import DistillLoss, register_loss
@@ -103,12 +104,13 @@ class ATLoss(DistillLoss):
     default_student_tap = "stage2"
     default_teacher_tap = "stage2"
 
-    def __init__(self, *, p: float = 2.0, resize: Resize = "student") -> None:
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Feature maps of different channels and spatial sizes."""
+        return (4, 4, 4), (6, 2, 2)
+
+    def __init__(self, *, p: Annotated[float, Gt(0)] = 2.0, resize: Resize = "student") -> None:
         super().__init__()
-        if not p > 0:
-            raise ValueError(f"p must be > 0, got {p}")
-        if resize not in ("student", "smaller"):
-            raise ValueError(f"resize must be 'student' or 'smaller', got {resize!r}")
         self.p = p
         self.resize: Resize = resize
 

@@ -6,19 +6,40 @@ schedules are applied once, by :class:`kdkit.objective.Objective`, never inside 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from kdkit.params import enforce_bounds
 from kdkit.registry import Registry
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a loss computes in for these inputs: float64 if one is float64, else float32.
+
+    The precision rule of every loss: it computes in the precision it is given (float64 stays float64, so
+    gradient checks and reference comparisons are exact), but never below float32 (bfloat16 and float16
+    are upcast).
+    """
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+
+
+def widen(x: Tensor) -> Tensor:
+    """``x`` in :func:`compute_dtype`: half precisions upcast to float32, float32 and float64 kept."""
+    return x.to(compute_dtype(x))
 
 
 class DistillLoss(nn.Module):
     """Base class of the thin module that wraps each pure loss function.
 
-    Class attributes tell the recipe builder which taps a term reads when the recipe names none.
+    Class attributes tell the recipe builder which taps a term reads when the recipe names none. The
+    keyword-only ``__init__`` arguments are the recipe parameters; declare each one's valid range in its
+    type (``temperature: Annotated[float, Gt(0)] = 4.0``, ``Literal[...]`` for choices): the recipe check
+    reports it, and registration makes direct construction check it too. Every registered loss is run
+    through ``tests/test_contracts.py`` on the inputs :meth:`example_inputs` describes.
 
     Attributes:
         default_student_tap: Tap read from the student when a term gives no ``student:``.
@@ -37,6 +58,40 @@ class DistillLoss(nn.Module):
     needs_teacher: ClassVar[bool] = True
     #: The registered bridge whose output the loss reads (``None``: any bridge or none).
     requires_bridge: ClassVar[str | None] = None
+
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Per-sample ``(student_shape, teacher_shape)`` that the loss accepts with its default parameters.
+
+        What :meth:`setup` and :meth:`check_shapes` receive (after any bridge); a list of shapes for a loss
+        that reads several taps at once. The default is a pair of 10-class logits; losses reading feature
+        maps, embeddings or Gram-compatible widths override it.
+        """
+        return (10,), (10,)
+
+    @classmethod
+    def example_inputs(cls, batch: int, generator: torch.Generator | None = None) -> tuple[Any, Any, Tensor, Tensor]:
+        """Random ``(student, teacher, labels, index)`` that :meth:`compute` accepts, for ``batch`` samples.
+
+        The default draws standard-normal tensors of :meth:`example_shapes` (lists of tensors for lists of
+        shapes; ``teacher`` is ``None`` when the loss needs none), labels in ``[0, 10)`` and
+        ``index = arange(batch)``. Losses whose input is not a plain tensor (a bridge's structured output) or
+        whose labels mean something else (multi-hot, repeated views) override it.
+
+        Args:
+            batch: Number of samples.
+            generator: Source of randomness (``None``: the global one).
+        """
+        student_shape, teacher_shape = cls.example_shapes()
+
+        def draw(shape: Any) -> Any:
+            if isinstance(shape, list):
+                return [draw(one) for one in shape]
+            return torch.randn(batch, *shape, generator=generator)
+
+        teacher = draw(teacher_shape) if cls.needs_teacher else None
+        labels = torch.randint(0, 10, (batch,), generator=generator)
+        return draw(student_shape), teacher, labels, torch.arange(batch)
 
     def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
         """Say why these per-sample shapes cannot be compared, or ``None`` when they can.
@@ -67,7 +122,7 @@ class DistillLoss(nn.Module):
         extra = {"index": index} if self.needs_index else {}
         if isinstance(student, list) and self.pairwise:
             values = [self(s, t, labels, **extra) for s, t in zip(student, teacher, strict=True)]
-            return torch.stack([v.float() for v in values]).sum().to(values[0].dtype)
+            return torch.stack([widen(v) for v in values]).sum().to(values[0].dtype)
         return self(student, teacher, labels, **extra)
 
 
@@ -75,5 +130,13 @@ LOSSES: Registry[type[DistillLoss]] = Registry("loss", fix="run `kdkit ls losses
 
 
 def register_loss(name: str, help: str | None = None) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
-    """Register a :class:`DistillLoss` subclass; its keyword-only ``__init__`` args are the recipe params."""
-    return LOSSES.register(name, help)
+    """Register a :class:`DistillLoss` subclass; its keyword-only ``__init__`` args are the recipe params.
+
+    The bounds declared in the ``__init__`` signature are enforced from then on, also when Python code
+    constructs the loss (a :class:`~kdkit.errors.KdkitError`, i.e. a ``ValueError``).
+    """
+
+    def deco(cls: type[DistillLoss]) -> type[DistillLoss]:
+        return LOSSES.register(name, help)(enforce_bounds(cls, what=f"loss {name!r}"))
+
+    return deco

@@ -9,10 +9,11 @@ variant (PCKA) lives in :mod:`kdkit.losses.pcka`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt
 from torch import Tensor
 
 from kdkit.losses.base import DistillLoss, register_loss
@@ -154,6 +155,11 @@ class CKALoss(DistillLoss):
     default_student_tap = "stage2"
     default_teacher_tap = "stage2"
 
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Feature maps of different shapes (CKA compares batch relations)."""
+        return (4, 4, 4), (6, 3, 3)
+
     def __init__(self, *, centered: bool = True) -> None:
         super().__init__()
         self.centered = centered
@@ -279,15 +285,12 @@ class RCKALoss(DistillLoss):
         gram_row_norm: Row-normalised Grams (the classification code's ``with_l2_norm=True``).
     """
 
-    def __init__(self, *, intra_weight: float = 15.0, inter_weight: float = 15.0, centered: bool = True,
-                 temperature: float | None = None, code_compat: bool = False, gram_row_norm: bool = False) -> None:
+    def __init__(self, *, intra_weight: Annotated[float, Ge(0)] = 15.0, inter_weight: Annotated[float, Ge(0)] = 15.0,
+                 centered: bool = True, temperature: Annotated[float, Gt(0)] | None = None, code_compat: bool = False,
+                 gram_row_norm: bool = False) -> None:
         super().__init__()
-        if intra_weight < 0 or inter_weight < 0:
-            raise ValueError(f"intra_weight and inter_weight must be >= 0, got {intra_weight} and {inter_weight}")
         if intra_weight == 0 and inter_weight == 0:
             raise ValueError("intra_weight and inter_weight are both 0: the loss would be identically zero")
-        if temperature is not None and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (or null for raw logits), got {temperature}")
         self.intra_weight = intra_weight
         self.inter_weight = inter_weight
         self.centered = centered

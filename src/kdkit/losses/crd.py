@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, register_loss, widen
 
 
 def nce_loss(scores: Tensor, log_z: Tensor, temperature: float, num_samples: int) -> Tensor:
@@ -37,11 +38,16 @@ def nce_loss(scores: Tensor, log_z: Tensor, temperature: float, num_samples: int
         Scalar loss.
     """
     k = scores.shape[1] - 1
-    log_p = scores.float() / temperature - log_z
-    log_noise = torch.tensor(math.log(k / num_samples), device=scores.device)
+    log_p = widen(scores) / temperature - log_z
+    log_noise = torch.tensor(math.log(k / num_samples), dtype=log_p.dtype, device=scores.device)
     log_d1 = log_p[:, 0] - torch.logaddexp(log_p[:, 0], log_noise)
     log_d0 = log_noise - torch.logaddexp(log_p[:, 1:], log_noise)
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+def _embed(head: nn.Module, x: Tensor) -> Tensor:
+    """``head(flatten(x))``, the input cast to the head's precision (float32 heads upcast half inputs)."""
+    return head(x.flatten(1).to(head.weight.dtype))  # type: ignore[union-attr]
 
 
 @register_loss("crd", help="CRD: contrastive representation distillation, NCE over a queue of negatives (2020)")
@@ -79,11 +85,15 @@ class CRDLoss(DistillLoss):
     default_teacher_tap = "penultimate"
     needs_index = True
 
-    def __init__(self, *, feat_dim: int = 128, num_negatives: int = 16384, temperature: float = 0.07,
-                 momentum: float = 0.5, memory: Literal["queue", "bank"] = "queue") -> None:
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Pooled features of different widths (both are embedded to ``feat_dim``)."""
+        return (12,), (16,)
+
+    def __init__(self, *, feat_dim: Annotated[int, Ge(1)] = 128, num_negatives: Annotated[int, Ge(1)] = 16384,
+                 temperature: Annotated[float, Gt(0)] = 0.07, momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.5,
+                 memory: Literal["queue", "bank"] = "queue") -> None:
         super().__init__()
-        if feat_dim < 1 or num_negatives < 1 or temperature <= 0 or not 0 <= momentum < 1:
-            raise ValueError("need feat_dim >= 1, num_negatives >= 1, temperature > 0 and 0 <= momentum < 1")
         self.feat_dim, self.k, self.temperature = feat_dim, num_negatives, temperature
         self.momentum, self.memory = momentum, memory
         self.num_samples = 0
@@ -112,8 +122,8 @@ class CRDLoss(DistillLoss):
         """NCE loss of both anchor sides; ``index`` are the batch's dataset indices (bank memory)."""
         if self.num_samples == 0:
             raise RuntimeError("CRDLoss.setup() was not called (kdkit's recipe builder calls it)")
-        v_s = F.normalize(self.embed_s(student.float().flatten(1)), dim=1)
-        v_t = F.normalize(self.embed_t(teacher.float().flatten(1)), dim=1)
+        v_s = F.normalize(_embed(self.embed_s, student), dim=1)
+        v_t = F.normalize(_embed(self.embed_t, teacher), dim=1)
         if self.memory == "bank":
             assert index is not None, "CRD with memory: bank needs the samples' dataset indices"
             negatives = torch.randint(0, self.num_samples, (len(index), self.k), device=v_s.device)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from annotated_types import Ge, Gt
 from torch import Tensor
 
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
 from kdkit.losses.standardize import standardize_logits
 
 
@@ -58,7 +61,8 @@ def dist_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0,
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"dist needs (B, K) student and teacher logits of one shape, got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    z_s, z_t = student_logits.float(), teacher_logits.float()
+    dtype = compute_dtype(student_logits, teacher_logits)
+    z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
     if standardize:
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     y_s = (z_s / temperature).softmax(dim=1)
@@ -94,13 +98,9 @@ class DISTLoss(DistillLoss):
         standardize: Z-score teacher and student logits before softening.
     """
 
-    def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0,
-                 standardize: bool = False) -> None:
+    def __init__(self, *, beta: Annotated[float, Ge(0)] = 1.0, gamma: Annotated[float, Ge(0)] = 1.0,
+                 temperature: Annotated[float, Gt(0)] = 1.0, standardize: bool = False) -> None:
         super().__init__()
-        if beta < 0 or gamma < 0:
-            raise ValueError(f"beta and gamma must be >= 0, got beta={beta}, gamma={gamma}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.beta = beta
         self.gamma = gamma
         self.temperature = temperature

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt
 from torch import Tensor
 
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
 from kdkit.losses.standardize import standardize_logits
 
 
@@ -76,7 +79,8 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alp
         raise ValueError(f"dkd needs one integer class index per sample ({batch}), got labels of shape "
                          f"{tuple(labels.shape)} and dtype {labels.dtype}")
     labels = labels.long()
-    z_s, z_t = student_logits.float(), teacher_logits.float()
+    dtype = compute_dtype(student_logits, teacher_logits)
+    z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
     if standardize:
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     z_s, z_t = z_s / temperature, z_t / temperature
@@ -117,13 +121,9 @@ class DKDLoss(DistillLoss):
         standardize: Z-score teacher and student logits before softening.
     """
 
-    def __init__(self, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 standardize: bool = False) -> None:
+    def __init__(self, *, alpha: Annotated[float, Ge(0)] = 1.0, beta: Annotated[float, Ge(0)] = 8.0,
+                 temperature: Annotated[float, Gt(0)] = 4.0, standardize: bool = False) -> None:
         super().__init__()
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from kdkit.losses.base import DistillLoss, register_loss
@@ -47,6 +49,11 @@ class FitNetsLoss(DistillLoss):
 
     default_student_tap = "stage2"
     default_teacher_tap = "stage2"
+
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """A bridged student map with the teacher's shape."""
+        return (4, 4, 4), (4, 4, 4)
 
     def __init__(self) -> None:
         super().__init__()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
+from annotated_types import Gt
 from torch import Tensor
 
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
 from kdkit.losses.standardize import standardize_logits
 
 
@@ -28,7 +31,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     Returns:
         Scalar loss (mean over the batch), in the student's dtype.
     """
-    z_s, z_t = student_logits.float(), teacher_logits.float()
+    dtype = compute_dtype(student_logits, teacher_logits)
+    z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
     if standardize:
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     log_p_s = F.log_softmax(z_s / temperature, dim=1)
@@ -56,10 +60,8 @@ class KDLoss(DistillLoss):
         standardize: Z-score teacher and student logits before softening.
     """
 
-    def __init__(self, *, temperature: float = 4.0, standardize: bool = False) -> None:
+    def __init__(self, *, temperature: Annotated[float, Gt(0)] = 4.0, standardize: bool = False) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.standardize = standardize
 
@@ -79,7 +81,8 @@ def mse_loss(student: Tensor, teacher: Tensor) -> Tensor:
         student: ``(B, ...)`` student tensor (after any bridge).
         teacher: ``(B, ...)`` teacher tensor of the same shape.
     """
-    return F.mse_loss(student.float(), teacher.float()).to(student.dtype)
+    dtype = compute_dtype(student, teacher)
+    return F.mse_loss(student.to(dtype), teacher.to(dtype)).to(student.dtype)
 
 
 @register_loss("mse", help="mean squared error between a (bridged) student tap and a teacher tap")

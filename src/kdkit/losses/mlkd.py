@@ -4,16 +4,19 @@ temperatures, on a weak and a strong view of each image."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt, Interval, MinLen
 from torch import Tensor
 
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss, widen
 from kdkit.losses.standardize import standardize_logits
 
 Variant = Literal["official", "paper"]
+#: A non-empty list of temperatures, each > 0.
+Temperatures = Annotated[tuple[Annotated[float, Gt(0)], ...], MinLen(1)]
 
 DEFAULT_TEMPERATURES: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
 #: Temperatures at which the official code's strong-view instance term reads the weak-view logits.
@@ -98,11 +101,11 @@ def mlkd_confidence_fractions(teacher_logits: Tensor, quantile: float = 0.5) -> 
     Returns:
         ``(f_sample, f_class)``: scalar float32 tensors in ``(0, 1]``, without gradient.
     """
-    p_t = F.softmax(teacher_logits.float(), dim=1)
+    p_t = F.softmax(widen(teacher_logits), dim=1)
     conf = p_t.max(dim=1).values
     class_conf = p_t.sum(dim=0)
-    f_sample = (conf <= torch.quantile(conf, quantile)).float().mean()
-    f_class = (class_conf <= torch.quantile(class_conf, quantile)).float().mean()
+    f_sample = (conf <= torch.quantile(conf, quantile)).to(p_t.dtype).mean()
+    f_class = (class_conf <= torch.quantile(class_conf, quantile)).to(p_t.dtype).mean()
     return f_sample, f_class
 
 
@@ -197,7 +200,8 @@ def mlkd_loss(student_logits: Tensor, teacher_logits: Tensor,
     if rows == 0 or rows % views:
         raise ValueError(f"mlkd with views={views} needs a non-empty batch of [weak; strong] halves, got {rows} rows "
                          "(odd: is data.views set to 2?)")
-    z_s, z_t = student_logits.float(), teacher_logits.float()
+    dtype = compute_dtype(student_logits, teacher_logits)
+    z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
     s_w, s_s = z_s.chunk(2) if views == 2 else (z_s, z_s)
     t_w, t_s = z_t.chunk(2) if views == 2 else (z_t, z_t)
 
@@ -267,20 +271,12 @@ class MLKDLoss(DistillLoss):
             view, as in the official code (default 2, 6; ``[]`` removes the slip).
     """
 
-    def __init__(self, *, temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES, views: int = 2,
-                 standardize: bool = False, standardize_relations: bool = False, confidence_quantile: float = 0.5,
-                 variant: Variant = "official",
+    def __init__(self, *, temperatures: Temperatures = DEFAULT_TEMPERATURES, views: Literal[1, 2] = 2,
+                 standardize: bool = False, standardize_relations: bool = False,
+                 confidence_quantile: Annotated[float, Interval(ge=0, le=1)] = 0.5, variant: Variant = "official",
                  slip_temperatures: tuple[float, ...] = OFFICIAL_SLIP_TEMPERATURES) -> None:
         super().__init__()
         temperatures = tuple(float(t) for t in temperatures)
-        if not temperatures or min(temperatures) <= 0:
-            raise ValueError(f"temperatures must be a non-empty list of values > 0, got {list(temperatures)}")
-        if views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {views}")
-        if not 0.0 <= confidence_quantile <= 1.0:
-            raise ValueError(f"confidence_quantile must be in [0, 1], got {confidence_quantile}")
-        if variant not in ("official", "paper"):
-            raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}")
         if standardize_relations and not standardize:
             raise ValueError("standardize_relations needs standardize: true")
         self.temperatures = temperatures
@@ -290,6 +286,13 @@ class MLKDLoss(DistillLoss):
         self.confidence_quantile = confidence_quantile
         self.variant: Variant = variant
         self.slip_temperatures = tuple(float(t) for t in slip_temperatures)
+
+    @classmethod
+    def example_inputs(cls, batch: int, generator: torch.Generator | None = None) -> tuple[Any, Any, Tensor, Tensor]:
+        """Logits of ``[weak; strong]`` views (the default ``views=2``): the labels of the two halves repeat."""
+        student, teacher, labels, index = super().example_inputs(batch, generator)
+        half = labels[: (batch + 1) // 2]
+        return student, teacher, torch.cat([half, half])[:batch], index
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
         """MLKD loss of ``(views·B, K)`` logits; with ``views=2`` the two halves' labels must agree."""

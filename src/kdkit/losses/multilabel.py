@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor
 
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
 
 _PAPER = 'Yang, Xie, Zong, Feng, Niu, Sugiyama, Huang, "Multi-Label Knowledge Distillation", ICCV 2023'
 
@@ -56,8 +57,9 @@ def mld_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     if student_logits.shape != teacher_logits.shape or student_logits.dim() < 2:
         raise ValueError(f"multilabel_kd needs (B, K) student and teacher logits of one shape, got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    z_s = student_logits.float() / temperature
-    z_t = teacher_logits.float() / temperature
+    dtype = compute_dtype(student_logits, teacher_logits)
+    z_s = student_logits.to(dtype) / temperature
+    z_t = teacher_logits.to(dtype) / temperature
     if clamp_eps > 0:
         bound = math.log((1 - clamp_eps) / clamp_eps)
         z_s, z_t = z_s.clamp(-bound, bound), z_t.clamp(-bound, bound)
@@ -77,7 +79,7 @@ def _relation_term(student: Tensor, teacher: Tensor, member: Tensor, reduction: 
     """
     n = student.shape[1]
     pairs = member.unsqueeze(2) & member.unsqueeze(1) & ~torch.eye(n, dtype=torch.bool, device=student.device)
-    pairs_f = pairs.float()
+    pairs_f = pairs.to(student.dtype)
     n_pairs = pairs_f.sum(dim=(1, 2))
 
     def normalised_distances(e: Tensor) -> Tensor:
@@ -149,7 +151,8 @@ def label_relation_loss(student_emb: Tensor, teacher_emb: Tensor, labels: Tensor
             raise ValueError(f"label_relation needs multi-hot labels of shape ({batch}, {classes}), got "
                              f"{tuple(labels.shape)}; for single-label data set use_labels: false")
         member = labels > 0.5
-    e_s, e_t = student_emb.float(), teacher_emb.float()
+    dtype = compute_dtype(student_emb, teacher_emb)
+    e_s, e_t = student_emb.to(dtype), teacher_emb.to(dtype)
     loss = e_s.new_zeros(())
     if class_weight:
         cd = _relation_term(e_s.transpose(0, 1), e_t.transpose(0, 1), member.t(), reduction, eps)
@@ -174,12 +177,9 @@ class MultiLabelKDLoss(DistillLoss):
         clamp_eps: Clamp probabilities to ``[eps, 1 - eps]`` (0: exact; ``1e-8``: the official code).
     """
 
-    def __init__(self, *, temperature: float = 1.0, clamp_eps: float = 0.0) -> None:
+    def __init__(self, *, temperature: Annotated[float, Gt(0)] = 1.0,
+                 clamp_eps: Annotated[float, Interval(ge=0, lt=0.5)] = 0.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0 <= clamp_eps < 0.5:
-            raise ValueError(f"clamp_eps must be in [0, 0.5), got {clamp_eps}")
         self.temperature = temperature
         self.clamp_eps = clamp_eps
 
@@ -215,15 +215,23 @@ class LabelRelationLoss(DistillLoss):
     default_student_tap = "label_embeddings"
     default_teacher_tap = "label_embeddings"
 
-    def __init__(self, *, class_weight: float = 1.0, instance_weight: float = 10.0,
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Five label-wise embeddings per sample, of different widths."""
+        return (5, 6), (5, 8)
+
+    @classmethod
+    def example_inputs(cls, batch: int, generator: torch.Generator | None = None) -> tuple[Any, Any, Tensor, Tensor]:
+        """Multi-hot ``(B, K)`` labels (each sample and label positive with probability 1/2)."""
+        student, teacher, _, index = super().example_inputs(batch, generator)
+        classes = cls.example_shapes()[0][0]
+        return student, teacher, (torch.rand(batch, classes, generator=generator) < 0.5).float(), index
+
+    def __init__(self, *, class_weight: Annotated[float, Ge(0)] = 1.0, instance_weight: Annotated[float, Ge(0)] = 10.0,
                  reduction: Literal["sum", "mean"] = "sum", use_labels: bool = True) -> None:
         super().__init__()
-        if class_weight < 0 or instance_weight < 0:
-            raise ValueError(f"class_weight and instance_weight must be >= 0, got {class_weight}, {instance_weight}")
         if class_weight == 0 and instance_weight == 0:
             raise ValueError("class_weight and instance_weight are both 0: the loss would always be 0")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.class_weight = class_weight
         self.instance_weight = instance_weight
         self.reduction = reduction

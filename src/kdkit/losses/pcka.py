@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated, Any
 
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor
 
 from kdkit.losses.base import DistillLoss, register_loss
@@ -109,10 +111,13 @@ class PCKALoss(DistillLoss):
     default_student_tap = "stage2"
     default_teacher_tap = "stage2"
 
-    def __init__(self, *, patch_size: int = 16, centered: bool = True) -> None:
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Equal maps large enough for 2x2 patches of the default size 16."""
+        return (2, 32, 32), (2, 32, 32)
+
+    def __init__(self, *, patch_size: Annotated[int, Ge(1)] = 16, centered: bool = True) -> None:
         super().__init__()
-        if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.patch_size = patch_size
         self.centered = centered
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
 
 #: Pooled pyramid levels of the official ``hcl`` (a level is used only when smaller than the map's height).
 HCL_LEVELS: tuple[int, ...] = (4, 2, 1)
@@ -39,7 +41,8 @@ def hcl_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     Returns:
         Scalar loss, in the student's dtype.
     """
-    fs, ft = student_feat.float(), teacher_feat.float()
+    dtype = compute_dtype(student_feat, teacher_feat)
+    fs, ft = student_feat.to(dtype), teacher_feat.to(dtype)
     loss = F.mse_loss(fs, ft)
     if fs.dim() == 4:
         height = fs.shape[2]
@@ -80,6 +83,11 @@ class ReviewKDLoss(DistillLoss):
     default_student_tap = "stage2"
     default_teacher_tap = "stage2"
     pairwise = True
+
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """One fused stage pair, large enough for every pyramid level (4, 2, 1)."""
+        return (4, 8, 8), (4, 8, 8)
 
     def __init__(self) -> None:
         super().__init__()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor
 
 from kdkit.losses.base import DistillLoss, register_loss
@@ -138,11 +141,14 @@ class RKDLoss(DistillLoss):
     default_student_tap = "penultimate"
     default_teacher_tap = "penultimate"
 
-    def __init__(self, *, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Embeddings of different widths (RKD compares batch relations)."""
+        return (12,), (16,)
+
+    def __init__(self, *, distance_weight: Annotated[float, Ge(0)] = 25.0,
+                 angle_weight: Annotated[float, Ge(0)] = 50.0) -> None:
         super().__init__()
-        if distance_weight < 0 or angle_weight < 0:
-            raise ValueError(f"distance_weight and angle_weight must be >= 0, got {distance_weight} and "
-                             f"{angle_weight}")
         if distance_weight == 0 and angle_weight == 0:
             raise ValueError("distance_weight and angle_weight are both 0: the loss would be constant")
         self.distance_weight = distance_weight

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,6 +72,11 @@ class SPLoss(DistillLoss):
 
     default_student_tap = "penultimate"
     default_teacher_tap = "penultimate"
+
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Features of different shapes (SP compares batch similarities)."""
+        return (4, 4, 4), (6, 2, 2)
 
     def __init__(self) -> None:
         super().__init__()

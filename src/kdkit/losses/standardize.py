@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kdkit.losses.base import widen
+
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
     r"""Z-score each sample's logits (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024).
@@ -20,7 +22,7 @@ def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
         eps: Added to the std (guards constant logits).
 
     Returns:
-        ``(B, K)`` standardised logits, in float32.
+        ``(B, K)`` standardised logits, in float32 (float64 for float64 logits).
     """
-    z = logits.float()
+    z = widen(logits)
     return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)

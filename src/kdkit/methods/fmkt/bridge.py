@@ -27,9 +27,10 @@ the detached ensemble by the ``fmkt`` loss, and the chain is a training-time aid
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge
 from torch import Tensor, nn
 
 from kdkit.bridges import register_bridge
@@ -143,12 +144,12 @@ class FlowBridge(DeployingBridge):
 
 
 @register_bridge("flow", help="FM-KT flow bridge: meta-encoder unrolled in N Euler steps from a student map to "
-                              "the teacher's logits (Shao et al., 2024)")
-def flow_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *, steps: int = 8,
-                eval_steps: int = 4, encoder: EncoderName = "conv",
+                              "the teacher's logits (Shao et al., 2024)", example_shapes=((4, 3, 3), (10,)))
+def flow_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *, steps: Annotated[int, Ge(1)] = 8,
+                eval_steps: Annotated[int, Ge(1)] = 4, encoder: EncoderName = "conv",
                 schedule: Literal["rectified", "vp", "ve"] = "rectified", theta: bool = False,
-                anchor: Literal["z_t", "student"] = "z_t", encoder_depth: int = 2,
-                encoder_heads: int = 4, head: Literal["pool", "flatten"] = "pool") -> FlowBridge:
+                anchor: Literal["z_t", "student"] = "z_t", encoder_depth: Annotated[int, Ge(1)] = 2,
+                encoder_heads: Annotated[int, Ge(1)] = 4, head: Literal["pool", "flatten"] = "pool") -> FlowBridge:
     """Build a :class:`FlowBridge` from the probed per-sample shapes (logit variant).
 
     Recipe (use with the ``fmkt`` loss; the outer CE is usually 0 since CE is applied at every step)::
@@ -172,7 +173,8 @@ def flow_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], 
             (flatten + linear, for students whose classifier reads the flattened map).
 
     Raises:
-        KdkitError: Shapes the logit variant cannot map, or non-positive step counts.
+        KdkitError: Shapes the logit variant cannot map, or values outside the declared bounds (checked by
+            registration, e.g. non-positive step counts).
     """
     s, t = tuple(int(v) for v in student_shape), tuple(int(v) for v in teacher_shape or ())
     if len(s) not in (1, 3):
@@ -181,10 +183,6 @@ def flow_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], 
     if len(t) != 1:
         raise KdkitError(f"bridge 'flow' maps onto logits: the teacher tap must be (K,), got shape {t}",
                          fix="use `teacher: logits`")
-    for key, value in (("steps", steps), ("eval_steps", eval_steps)):
-        if value < 1:
-            raise KdkitError(f"bridge 'flow': {key} must be >= 1, got {value}", fix=f"set {key}: 8 (train) / 4 (eval)",
-                             where=f"bridge_params.{key}")
     return FlowBridge(s[0], t[0], steps=steps, eval_steps=eval_steps, encoder=encoder, schedule=schedule,
                       theta=theta, anchor=anchor, encoder_depth=encoder_depth, encoder_heads=encoder_heads,
                       head=head, spatial=(s[1], s[2]) if len(s) == 3 else (1, 1))

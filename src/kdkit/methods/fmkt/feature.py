@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge
 from torch import Tensor, nn
 
 from kdkit.bridges import register_bridge
@@ -154,11 +155,14 @@ class FeatureFlowBridge(RewritingBridge):
 
 
 @register_bridge("flow_feature", help="FM-KT feature variant: meta-encoder unrolled in N Euler steps on a student map; "
-                                      "the flowed map replaces the activation (Shao et al., 2024)")
-def flow_feature_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...] | None, *, steps: int = 8,
-                        eval_steps: int = 4, encoder: EncoderName = "conv",
-                        time_embedding: Literal["linear", "mlp"] = "linear", random_steps: list[int] | None = None,
-                        encoder_depth: int = 2, encoder_heads: int = 4) -> FeatureFlowBridge:
+                                      "the flowed map replaces the activation (Shao et al., 2024)",
+                 example_shapes=((4, 3, 3), (8, 6, 6)))
+def flow_feature_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...] | None, *,
+                        steps: Annotated[int, Ge(1)] = 8, eval_steps: Annotated[int, Ge(1)] = 4,
+                        encoder: EncoderName = "conv", time_embedding: Literal["linear", "mlp"] = "linear",
+                        random_steps: list[Annotated[int, Ge(1)]] | None = None,
+                        encoder_depth: Annotated[int, Ge(1)] = 2,
+                        encoder_heads: Annotated[int, Ge(1)] = 4) -> FeatureFlowBridge:
     """Build a :class:`FeatureFlowBridge` on a ``(C, H, W)`` student tap (use with the ``fmkt_feature`` loss).
 
     Recipe::
@@ -179,18 +183,13 @@ def flow_feature_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int
         encoder_heads: Heads of the transformer encoder.
 
     Raises:
-        KdkitError: A tap that is not a ``(C, H, W)`` map, or non-positive step counts.
+        KdkitError: A tap that is not a ``(C, H, W)`` map, or values outside the declared bounds (checked by
+            registration, e.g. non-positive step counts).
     """
     s = tuple(int(v) for v in student_shape)
     if len(s) != 3:
         raise KdkitError(f"bridge 'flow_feature' flows a (C, H, W) feature map, got student shape {s}",
                          fix="tap a convolutional stage (e.g. `student: stage1` for cnn_student)")
-    counts = [("steps", steps), ("eval_steps", eval_steps), *(("random_steps", v) for v in random_steps or [])]
-    for key, value in counts:
-        if value < 1:
-            raise KdkitError(f"bridge 'flow_feature': {key} must be >= 1, got {value}",
-                             fix="use positive step counts (paper: 8 in training, 4 at inference)",
-                             where=f"bridge_params.{key}")
     return FeatureFlowBridge(s[0], steps=steps, eval_steps=eval_steps, encoder=encoder, time_embedding=time_embedding,
                              random_steps=random_steps, encoder_depth=encoder_depth, encoder_heads=encoder_heads)
 

@@ -9,14 +9,16 @@ student's shape by a trainable BN + 1x1 convolution owned here.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval
 from torch import Tensor, nn
 
+from kdkit.bridges import BRIDGES
 from kdkit.errors import KdkitError
-from kdkit.losses.base import DistillLoss, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
 from kdkit.losses.pkd import pkd_loss
 from kdkit.methods.fmkt.feature import FeatureFlow
 from kdkit.methods.fmkt.losses import dirac_shuffle
@@ -46,10 +48,11 @@ def fmkt_feature_loss(velocities: Tensor, start: Tensor, target: Tensor, metric:
         detach_start: Stop the gradient through :math:`f_s` in the target (the released code does not).
     """
     goal = (start.detach() if detach_start else start) - target
-    total = velocities.new_zeros((), dtype=torch.float32)
+    dtype = compute_dtype(velocities, goal)
+    total = velocities.new_zeros((), dtype=dtype)
     for velocity in velocities.unbind(0):
-        value = pkd_loss(velocity, goal) if metric == "pkd" else F.mse_loss(velocity.float(), goal.float())
-        total = total + value.float()
+        value = pkd_loss(velocity, goal) if metric == "pkd" else F.mse_loss(velocity.to(dtype), goal.to(dtype))
+        total = total + value.to(dtype)
     return total / velocities.shape[0]
 
 
@@ -85,12 +88,25 @@ class FMKTFeatureLoss(DistillLoss):
     requires_bridge = "flow_feature"
 
     def __init__(self, *, metric: Literal["pkd", "mse"] = "pkd", detach_student: bool = False,
-                 dirac_ratio: float = 1.0) -> None:
-        if not 0.0 <= dirac_ratio <= 1.0:
-            raise ValueError(f"dirac_ratio must be in [0, 1], got {dirac_ratio}")
+                 dirac_ratio: Annotated[float, Interval(ge=0, le=1)] = 1.0) -> None:
         super().__init__()
         self.metric, self.detach_student, self.dirac_ratio = metric, detach_student, dirac_ratio
         self.transform: nn.Module | None = None
+
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """A student map and a teacher map twice its size (the transform's 1x1 conv then has stride 2)."""
+        return (4, 3, 3), (8, 6, 6)
+
+    @classmethod
+    def example_inputs(cls, batch: int, generator: torch.Generator | None = None) -> tuple[Any, Any, Tensor, Tensor]:
+        """The registered ``flow_feature`` bridge's :class:`FeatureFlow` on a random student map, and a teacher map."""
+        student_shape, teacher_shape = cls.example_shapes()
+        _, teacher, labels, index = super().example_inputs(batch, generator)
+        bridge = BRIDGES.get(cls.requires_bridge)(student_shape, teacher_shape)
+        with torch.no_grad():
+            flow = bridge(torch.randn(batch, *student_shape, generator=generator))
+        return flow, teacher, labels, index
 
     @staticmethod
     def stride_for(student: tuple[int, ...], teacher: tuple[int, ...]) -> int | str:
@@ -127,7 +143,9 @@ class FMKTFeatureLoss(DistillLoss):
             raise TypeError("fmkt_feature reads the output of the 'flow_feature' bridge; add `bridge: flow_feature`")
         if self.transform is None:
             raise RuntimeError("fmkt_feature: setup() was not called (build.plan calls it with the probed shapes)")
-        target = self.transform(dirac_shuffle(teacher, self.dirac_ratio))
+        # the teacher map in T's precision (a bfloat16 map meets float32 weights outside autocast)
+        weight = next(self.transform.parameters())
+        target = self.transform(dirac_shuffle(teacher, self.dirac_ratio).to(weight.dtype))
         return fmkt_feature_loss(student.velocities, student.start, target, self.metric, self.detach_student)
 
     def extra_repr(self) -> str:

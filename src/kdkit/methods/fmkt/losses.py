@@ -8,14 +8,16 @@ loss (``kd``, ``dkd``, ``dist``, ``mse``, ``cka`` ...), built and validated exac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Interval
 from torch import Tensor
 
+from kdkit.bridges import BRIDGES
 from kdkit.errors import KdkitError
-from kdkit.losses.base import LOSSES, DistillLoss, register_loss
+from kdkit.losses.base import LOSSES, DistillLoss, compute_dtype, register_loss, widen
 from kdkit.methods.fmkt.bridge import FlowEstimates
 from kdkit.params import check_params
 
@@ -66,7 +68,7 @@ def smoothed_ce(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
 
     (PyTorch's ``label_smoothing`` instead spreads :math:`\epsilon/K` over every class.)
     """
-    log_p = F.log_softmax(logits.float(), dim=1)
+    log_p = F.log_softmax(widen(logits), dim=1)
     k = logits.shape[1]
     off = smoothing / (k - 1) if k > 1 else 0.0
     q = torch.full_like(log_p, off).scatter(1, labels[:, None], 1.0 - smoothing)
@@ -86,11 +88,12 @@ def fmkt_loss(steps: Tensor, target: Tensor, labels: Tensor, metric: DistillLoss
         metric: The wrapped loss :math:`\mathcal{M}`.
         ce_weight: :math:`w_{ce}` (1 in the paper).
     """
-    total = steps.new_zeros((), dtype=torch.float32)
+    dtype = compute_dtype(steps, target)
+    total = steps.new_zeros((), dtype=dtype)
     for estimate in steps.unbind(0):
-        total = total + metric(estimate, target, labels).float()
+        total = total + metric(estimate, target, labels).to(dtype)
         if ce_weight:
-            total = total + ce_weight * F.cross_entropy(estimate.float(), labels)
+            total = total + ce_weight * F.cross_entropy(estimate.to(dtype), labels)
     return total / steps.shape[0]
 
 
@@ -99,11 +102,23 @@ class _FlowLoss(DistillLoss):
 
     #: build.plan checks that the term uses this bridge.
     requires_bridge = "flow"
+    #: Per-sample student tap the example inputs flow from (a small pre-pool map).
+    example_tap: ClassVar[tuple[int, ...]] = (4, 3, 3)
 
     def __init__(self, metric: str, metric_params: dict[str, Any]) -> None:
         super().__init__()
         self.metric_name = metric
         self.metric = build_metric(metric, metric_params)
+
+    @classmethod
+    def example_inputs(cls, batch: int, generator: torch.Generator | None = None) -> tuple[Any, Any, Tensor, Tensor]:
+        """The registered ``flow`` bridge's :class:`FlowEstimates` on a random student map, with the default
+        teacher logits and labels (:meth:`example_shapes` is one estimate's ``(K,)`` against the teacher's)."""
+        _, teacher, labels, index = super().example_inputs(batch, generator)
+        bridge = BRIDGES.get(cls.requires_bridge)(cls.example_tap, cls.example_shapes()[1])
+        with torch.no_grad():
+            estimates = bridge(torch.randn(batch, *cls.example_tap, generator=generator))
+        return estimates, teacher, labels, index
 
     def setup(self, student_shape: Any, teacher_shape: Any, num_samples: int) -> None:
         """Forward to the wrapped metric (it sees one estimate against the target)."""
@@ -123,7 +138,7 @@ class _FlowLoss(DistillLoss):
         """FM-KT^Theta: the plain student's logits learn the detached ensemble (and the labels)."""
         if out.plain is None:
             return None
-        return self.metric(out.plain, out.ensemble().detach(), labels).float() + ce(out.plain, labels)
+        return widen(self.metric(out.plain, out.ensemble().detach(), labels)) + ce(out.plain, labels)
 
     def extra_repr(self) -> str:
         return f"metric={self.metric_name}"
@@ -157,12 +172,9 @@ class FMKTLoss(_FlowLoss):
     default_student_tap = "penultimate"
     default_teacher_tap = "logits"
 
-    def __init__(self, *, metric: str = "kd", metric_params: dict[str, Any] | None = None, ce_weight: float = 1.0,
-                 dirac_ratio: float = 1.0) -> None:
-        if not 0.0 <= dirac_ratio <= 1.0:
-            raise ValueError(f"dirac_ratio must be in [0, 1], got {dirac_ratio}")
-        if ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
+    def __init__(self, *, metric: str = "kd", metric_params: dict[str, Any] | None = None,
+                 ce_weight: Annotated[float, Ge(0)] = 1.0,
+                 dirac_ratio: Annotated[float, Interval(ge=0, le=1)] = 1.0) -> None:
         super().__init__(metric, dict(metric_params or {}))
         self.ce_weight, self.dirac_ratio = ce_weight, dirac_ratio
 
@@ -171,7 +183,7 @@ class FMKTLoss(_FlowLoss):
         out = self._estimates(student)
         target = dirac_shuffle(teacher, self.dirac_ratio)
         loss = fmkt_loss(out.steps, target, labels, self.metric, self.ce_weight)
-        theta = self._theta(out, labels, lambda z, y: self.ce_weight * F.cross_entropy(z.float(), y))
+        theta = self._theta(out, labels, lambda z, y: self.ce_weight * F.cross_entropy(widen(z), y))
         return loss if theta is None else loss + theta
 
 
@@ -207,9 +219,7 @@ class OFMKTLoss(_FlowLoss):
     needs_teacher = False
 
     def __init__(self, *, metric: str = "kd", metric_params: dict[str, Any] | None = None,
-                 label_smoothing: float = 0.1) -> None:
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+                 label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.1) -> None:
         super().__init__(metric, dict(metric_params or {}))
         self.label_smoothing = label_smoothing
 
@@ -218,10 +228,10 @@ class OFMKTLoss(_FlowLoss):
         out = self._estimates(student)
         steps = out.steps
         ensemble = out.ensemble().detach()
-        total = steps.new_zeros((), dtype=torch.float32)
+        total = steps.new_zeros((), dtype=compute_dtype(steps))
         for estimate in steps.unbind(0):
             total = total + smoothed_ce(estimate, labels, self.label_smoothing)
-            total = total + self.metric(estimate, ensemble, labels).float()
+            total = total + self.metric(estimate, ensemble, labels).to(total.dtype)
         total = total / steps.shape[0]
         theta = self._theta(out, labels, lambda z, y: smoothed_ce(z, y, self.label_smoothing))
         return total if theta is None else total + theta

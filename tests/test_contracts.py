@@ -1,0 +1,255 @@
+"""One contract, checked on every registered loss and bridge (plugins included): new registrations are covered.
+
+Each component describes the inputs it accepts with its default parameters -- a loss through
+``DistillLoss.example_shapes`` / ``example_inputs``, a bridge through ``register_bridge(example_shapes=...)`` --
+and its valid parameter ranges through the types of its signature. This file runs the same checks on all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from conftest import write_recipe
+from kdkit.bridges import BRIDGES, FUSING_BRIDGES, example_shapes
+from kdkit.bridges.roles import StructuredBridge
+from kdkit.cli import main
+from kdkit.errors import KdkitError
+from kdkit.losses import LOSSES, DistillLoss
+from kdkit.params import Range, accepted_params, check_params, value_range
+
+LOSS_NAMES = LOSSES.names()
+BRIDGE_NAMES = BRIDGES.names()
+BRIDGE_SHAPE_PARAMS = ("student_shape", "teacher_shape", "student_shapes", "teacher_shapes")
+BATCH = 8
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+
+def tree_map(fn: Callable[[Tensor], Any], x: Any) -> Any:
+    """``fn`` applied to every tensor of ``x`` (tensors, lists, tuples, dataclasses such as FlowEstimates)."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(tree_map(fn, v) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: tree_map(fn, getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return x
+
+
+def tensors(x: Any) -> list[Tensor]:
+    """Every tensor in ``x``."""
+    found: list[Tensor] = []
+    tree_map(found.append, x)
+    return found
+
+
+def as_dtype(x: Any, dtype: torch.dtype, grad: bool = False) -> Any:
+    """Fresh leaves of ``dtype`` for the floating tensors of ``x`` (integer labels are kept)."""
+    return tree_map(lambda t: t.detach().to(dtype).requires_grad_(grad) if t.is_floating_point() else t, x)
+
+
+def bounded_params(factory: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, Range]:
+    """The parameters whose type declares a numeric range (``Annotated[float, Gt(0)]`` ...), from the signature."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = typing.get_type_hints(target, include_extras=True)
+    found = {name: value_range(hints.get(name)) for name in accepted_params(factory, skip)}
+    return {name: bounds for name, bounds in found.items() if bounds is not None}
+
+
+def outside(bounds: Range) -> float:
+    """A value just outside ``bounds`` (below the lower bound if there is one)."""
+    assert bounds.low is not None or bounds.high is not None
+    return bounds.low - 1 if bounds.low is not None else bounds.high + 1  # type: ignore[operator]
+
+
+@dataclasses.dataclass
+class Case:
+    """A loss built with its defaults and set up on its example shapes, with a batch of its example inputs."""
+
+    cls: type[DistillLoss]
+    params: dict[str, Any]
+    loss: DistillLoss
+    student: Any
+    teacher: Any
+    labels: Tensor
+    index: Tensor
+
+    def fresh(self) -> DistillLoss:
+        """Another instance built and set up the same way (its own random state)."""
+        loss = self.cls(**self.params)
+        loss.setup(*self.cls.example_shapes(), num_samples=64)
+        return loss
+
+    def compute(self, loss: DistillLoss | None = None, dtype: torch.dtype = torch.float32,
+                grad: bool = False) -> tuple[Tensor, Any]:
+        """The loss value on the example inputs in ``dtype`` (student leaves with ``requires_grad`` if ``grad``)."""
+        student = as_dtype(self.student, dtype, grad)
+        teacher = as_dtype(self.teacher, dtype)
+        torch.manual_seed(1)  # same draws for every call (e.g. CRD's bank negatives)
+        return (loss or self.loss).compute(student, teacher, self.labels, self.index), student
+
+
+def build_case(name: str) -> Case:
+    torch.manual_seed(0)
+    cls = LOSSES.get(name)
+    params = check_params(cls, {}, where="distill.0", what=f"loss {name!r}")
+    loss = cls(**params)
+    loss.setup(*cls.example_shapes(), num_samples=64)
+    student, teacher, labels, index = cls.example_inputs(BATCH, torch.Generator().manual_seed(0))
+    return Case(cls, params, loss, student, teacher, labels, index)
+
+
+# -- losses ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_accepts_its_example_and_gives_a_finite_scalar(name: str) -> None:
+    case = build_case(name)
+    s_shape, t_shape = case.cls.example_shapes()
+    pairs = list(zip(s_shape, t_shape, strict=True)) if isinstance(s_shape, list) and case.loss.pairwise \
+        else [(s_shape, t_shape)]
+    for s, t in pairs:
+        assert case.loss.check_shapes(s, t) is None
+    value, _ = case.compute()
+    assert value.dim() == 0 and torch.isfinite(value), value
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_gradients_are_finite(name: str) -> None:
+    case = build_case(name)
+    value, student = case.compute(grad=True)
+    value.backward()
+    grads = [t.grad for t in tensors(student) if t.grad is not None]
+    assert grads, "no gradient reaches the student input"
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert all(torch.isfinite(p.grad).all() for p in case.loss.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_computes_in_float64_when_given_float64(name: str) -> None:
+    case = build_case(name)
+    loss64 = copy.deepcopy(case.loss).double()  # the same state, in float64 (as `model.double()` would make it)
+    value32, _ = case.compute()
+    value64, _ = case.compute(loss64, torch.float64)
+    assert value64.dtype == torch.float64
+    # A float64 result that is exactly a float32 number was computed in float32 (else the odds are 2^-29).
+    assert value64.item() != value64.float().item(), f"{name} computed in float32: {value64.item()!r}"
+    torch.testing.assert_close(value64.float(), value32.float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_is_finite_on_bfloat16(name: str) -> None:
+    case = build_case(name)
+    value, _ = case.compute(dtype=torch.bfloat16)
+    assert value.dim() == 0 and torch.isfinite(value.float()), value
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_state_round_trips(name: str) -> None:
+    case = build_case(name)
+    case.compute()  # a training step first: state that changes (CRD's memory, BatchNorm statistics) has changed
+    other = case.fresh()
+    other.load_state_dict(case.loss.state_dict(), strict=True)
+    case.loss.eval()
+    other.eval()
+    torch.testing.assert_close(case.compute(other)[0], case.compute()[0], rtol=0, atol=0)
+
+
+BOUNDED_LOSS_PARAMS = [(name, param) for name in LOSS_NAMES for param in bounded_params(LOSSES.get(name))]
+
+
+@pytest.mark.parametrize(("name", "param"), BOUNDED_LOSS_PARAMS)
+def test_loss_parameter_out_of_bounds_fails_validation_naming_the_bound(
+        name: str, param: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bounds = bounded_params(LOSSES.get(name))[param]
+    bad = outside(bounds)
+    recipe = {"name": "bounds", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits"},
+              "teacher": {"arch": "cnn_teacher", "checkpoint": str(tmp_path / "teacher.safetensors")},
+              "distill": [{"loss": name, param: bad}], "train": {"epochs": 1},
+              "output": {"dir": str(tmp_path / "run")}}
+    assert main(["validate", str(write_recipe(tmp_path / "recipe.yaml", recipe))]) == 2
+    err = capsys.readouterr().err
+    expected = f"distill.0.{param}: loss {name!r}: {param} must be {bounds}"
+    assert expected in err and f"(got {bad!r})" in err and "fix: set" in err, err
+    with pytest.raises(KdkitError, match=f"{param} must be"):  # direct construction checks the same bound
+        LOSSES.get(name)(**{param: bad})
+
+
+# -- bridges ---------------------------------------------------------------------------------------------------------
+
+def build_bridge(name: str) -> tuple[torch.nn.Module, Any, Any]:
+    torch.manual_seed(0)
+    factory = BRIDGES.get(name)
+    s_shape, t_shape = example_shapes(name)
+    params = check_params(factory, {}, skip=BRIDGE_SHAPE_PARAMS, where="distill.0.bridge_params",
+                          what=f"bridge {name!r}")
+    return factory(s_shape, t_shape, **params), s_shape, t_shape
+
+
+def bridge_input(s_shape: Any, batch: int = 4) -> Any:
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(s_shape, list):
+        return [torch.randn(batch, *s, generator=gen, requires_grad=True) for s in s_shape]
+    return torch.randn(batch, *s_shape, generator=gen, requires_grad=True)
+
+
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_bridge_maps_its_example_to_the_expected_shape_with_finite_gradients(name: str) -> None:
+    bridge, s_shape, t_shape = build_bridge(name)
+    x = bridge_input(s_shape)
+    out = bridge(x)
+    if isinstance(bridge, StructuredBridge):
+        # a structure: every tensor holds per-sample `output_shape` items (after any leading step dimension)
+        expected = tuple(bridge.output_shape(s_shape))
+        found = tensors(out)
+        assert found and all(t.shape[-len(expected) - 1:] == (4, *expected) for t in found), \
+            [tuple(t.shape) for t in found]
+    elif name in FUSING_BRIDGES:
+        assert [tuple(o.shape) for o in out] == [(4, *t) for t in t_shape]
+    else:
+        assert tuple(out.shape) == (4, *t_shape)
+    sum(t.float().square().mean() for t in tensors(out)).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in tensors(x))
+    # every parameter is trained (an unused one would also stall DistributedDataParallel)
+    unused = [n for n, p in bridge.named_parameters() if p.grad is None]
+    assert not unused, unused
+    assert all(torch.isfinite(p.grad).all() for p in bridge.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", BRIDGE_NAMES)
+def test_bridge_state_round_trips(name: str) -> None:
+    bridge, s_shape, t_shape = build_bridge(name)
+    x = tree_map(lambda t: t.detach(), bridge_input(s_shape))
+    bridge(x)  # a training forward first (BatchNorm statistics change)
+    other = BRIDGES.get(name)(s_shape, t_shape)
+    other.load_state_dict(bridge.state_dict(), strict=True)
+    bridge.eval()
+    other.eval()
+    with torch.no_grad():
+        for a, b in zip(tensors(bridge(x)), tensors(other(x)), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in BRIDGE_NAMES if bounded_params(BRIDGES.get(n), BRIDGE_SHAPE_PARAMS)])
+def test_bridge_parameter_out_of_bounds_is_refused_naming_the_bound(name: str) -> None:
+    factory = BRIDGES.get(name)
+    s_shape, t_shape = example_shapes(name)
+    for param, bounds in bounded_params(factory, BRIDGE_SHAPE_PARAMS).items():
+        bad = outside(bounds)
+        with pytest.raises(KdkitError) as info:
+            check_params(factory, {param: bad}, skip=BRIDGE_SHAPE_PARAMS, where="distill.0.bridge_params",
+                         what=f"bridge {name!r}")
+        text = str(info.value)
+        assert f"distill.0.bridge_params.{param}: bridge {name!r}: {param} must be {bounds}" in text, text
+        assert f"(got {bad!r})" in text and "fix: set" in text, text
+        with pytest.raises(KdkitError, match=f"{param} must be"):  # a direct call checks the same bound
+            factory(s_shape, t_shape, **{param: bad})
