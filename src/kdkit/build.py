@@ -21,7 +21,7 @@ from kdkit.bridges import BRIDGES, FUSING_BRIDGES
 from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
 from kdkit.data import ImageData, load_dataset, subset
-from kdkit.distill import FrozenTeacher, Objective, PerTap, Student, TapSpec, Term, as_specs
+from kdkit.distill import FrozenTeacher, Objective, PerTap, Student, TapSpec, TeacherEnsemble, Term, as_specs
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.losses import LOSSES, DistillLoss
 from kdkit.models import build_model
@@ -226,21 +226,26 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                 attempt(load_model_weights, model, recipe.model.checkpoint, where="model.checkpoint")
             else:
                 warnings.append(f"model.checkpoint: {recipe.model.checkpoint!r} does not exist here")
-        teacher_model = None
-        if recipe.teacher is not None:
-            spec = recipe.teacher
-            teacher_model = attempt(build_model, spec.arch, num_classes=shape.num_classes,
-                                    in_channels=shape.in_channels, image_size=shape.image_size, params=spec.params,
-                                    where="teacher.arch")
+        teacher_models: dict[str, nn.Module | None] = {}
+        for member, spec in recipe.frozen_teachers().items():
+            at = "teacher" if recipe.teachers is None else f"teachers.{member}"
+            teacher_models[member] = built_teacher = attempt(
+                build_model, spec.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                image_size=shape.image_size, params=spec.params, where=f"{at}.arch")
             if spec.recipe is not None:
                 attempt(teacher_run_recipe, spec, base)
-            if teacher_model is not None:
+            if built_teacher is not None:
                 if training:
                     weights = attempt(teacher_weights, spec, base)
                     if weights is not None:
-                        attempt(load_model_weights, teacher_model, weights, where="teacher.checkpoint")
+                        attempt(load_model_weights, built_teacher, weights, where=f"{at}.checkpoint")
                 elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
-                    warnings.append(f"teacher.checkpoint: {spec.checkpoint!r} does not exist here")
+                    warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
+        teacher_model: nn.Module | None = None
+        if recipe.teachers is not None and all(m is not None for m in teacher_models.values()):
+            teacher_model = TeacherEnsemble(teacher_models)  # type: ignore[arg-type]
+        elif recipe.teacher is not None:
+            teacher_model = teacher_models["teacher"]
 
         # -- terms: losses, taps, bridges ----------------------------------------------------------------
         names = _term_names(recipe)
@@ -276,7 +281,12 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                                          f"bridge {term.bridge!r}", choices=[required], bad=str(term.bridge),
                                          fix=f"add `bridge: {required}` to the term", where=f"{where}.bridge"))
                 continue
-            if t_spec is not None and len(as_specs(s_spec)) != len(as_specs(t_spec)):
+            if loss_cls.teacher_list and not isinstance(s_spec, str):
+                errors.append(KdkitError(f"loss {term.loss!r} compares one student tap with a list of teacher taps, "
+                                         f"got student taps {list(as_specs(s_spec))}",
+                                         fix="give one `student:` tap", where=f"{where}.student"))
+                continue
+            if t_spec is not None and not loss_cls.teacher_list and len(as_specs(s_spec)) != len(as_specs(t_spec)):
                 errors.append(KdkitError(f"{len(as_specs(s_spec))} student tap(s) {list(as_specs(s_spec))} but "
                                          f"{len(as_specs(t_spec))} teacher tap(s) {list(as_specs(t_spec))}",
                                          fix="give as many teacher taps as student taps (they are paired in order)",
@@ -297,7 +307,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         # -- shapes and bridges (one probe forward per model) --------------------------------------------
         bridges: dict[str, nn.Module] = {}
         tap_shapes: dict[str, tuple[Any, Any]] = {}
-        if model is not None and (teacher_model is not None or recipe.teacher is None) and losses:
+        if model is not None and (teacher_model is not None or not recipe.has_teacher) and losses:
             example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
             # the student's logits too: teacher-less terms map onto the student's own logit width
             probe = [*student_taps.values(), Tap(LOGITS, "", "logits")]
@@ -352,10 +362,11 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     dev = dev if training else torch.device("meta")  # validation built everything on the meta device
     student = Student(model, {n: reads[n][0] for n in losses}, bridges).to(dev)
     teacher = None
-    if teacher_model is not None and recipe.teacher is not None:
+    if teacher_model is not None:
+        specs = list(recipe.frozen_teachers().values())  # an ensemble's layout: every member must allow it
         teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),
-                                channels_last=recipe.teacher.channels_last and dev.type not in ("mps", "meta"),
-                                fold_bn=recipe.teacher.fold_bn and training)
+                                channels_last=all(s.channels_last for s in specs) and dev.type not in ("mps", "meta"),
+                                fold_bn=all(s.fold_bn for s in specs) and training)
     assert task is not None
     bound = attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) if data is not None else None
     if errors:

@@ -73,7 +73,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"FAIL {name}\n{exc.render()}", file=sys.stderr)
             continue
         terms = ", ".join(f"{n} {s}->{t}" for n, (s, t) in built.tap_shapes.items())
-        print(f"ok   {name}: {recipe.model.arch}" + (f" <- {recipe.teacher.arch}" if recipe.teacher else "")
+        teachers = ", ".join(spec.arch for spec in recipe.frozen_teachers().values())
+        print(f"ok   {name}: {recipe.model.arch}" + (f" <- {teachers}" if teachers else "")
               + f" on {recipe.data.dataset}" + (f" [{terms}]" if terms else ""))
         for warning in built.warnings:
             print(f"     warning: {warning}")
@@ -180,7 +181,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     source = find_recipe(names[0])
     recipe = load_recipe(source, overrides)
     if recipe.teacher is None:
-        raise KdkitError(f"recipe {recipe.name!r} has no teacher to cache", fix="use a distillation recipe")
+        what = "several teachers (`teachers:`); a cache holds one teacher's outputs" if recipe.has_teacher else \
+            "no teacher to cache"
+        raise KdkitError(f"recipe {recipe.name!r} has {what}", fix="use a recipe with one `teacher:`")
     if recipe.teacher.cache is None:  # building for a recipe that does not use a cache yet: default settings
         recipe = load_recipe(source, [*overrides, "teacher.cache={}"])
     train_teacher_first(recipe, source, device=args.device)

@@ -93,6 +93,35 @@ class FrozenTeacher(nn.Module):
         return out
 
 
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers as one network, so taps, probing, BN folding and the teacher call stay unchanged.
+
+    Each member is a submodule named after it: a tap ``NAME.stage2`` is member ``NAME``'s ``stage2`` (friendly
+    names and module paths alike), ``NAME.logits`` its output, and the ensemble's own ``logits`` the mean of
+    the members' logits.
+
+    Args:
+        members: Name -> network (at least one; names are Python identifiers).
+    """
+
+    def __init__(self, members: dict[str, nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise KdkitError("a teacher ensemble needs at least one member", fix="list teachers under `teachers:`")
+        self.names = list(members)
+        self.feature_taps: dict[str, str] = {}
+        for name, model in members.items():
+            self.add_module(name, model)
+            self.feature_taps[f"{name}.{LOGITS}"] = name
+            for friendly, target in (getattr(model, "feature_taps", {}) or {}).items():
+                self.feature_taps[f"{name}.{friendly}"] = f"{name}.{target}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The mean of the members' logits ``(B, K)``."""
+        outputs = [getattr(self, name)(x) for name in self.names]
+        return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+
+
 class Student(nn.Module):
     """The trained model with its bridges.
 

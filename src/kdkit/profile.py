@@ -80,11 +80,19 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int], *, device: 
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    # FlopCounterMode's module tracker hooks the gradients of module inputs that require grad; a view of a
+    # parameter taken in inference mode (e.g. learned queries) requires grad without a grad_fn and breaks it.
+    model.requires_grad_(False)
     model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, *input_shape, device=device))
-    model.train(was_training)
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for param, flag in zip(model.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
     return int(counter.get_total_flops())
 
 

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.schema import Strict
 
+LOGITS_NAME = "logits"  # the tap every network has (kdkit.taps.LOGITS)
+
 
 class ModelSpec(Strict):
     """A network: registered name, ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``."""
@@ -164,7 +166,7 @@ class OutputSpec(Strict):
 #: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
 _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
-    (("task",), "classification"),
+    (("task",), "classification"), (("teachers",), None),
 )
 
 
@@ -178,6 +180,9 @@ class RecipeCore(Strict):
                       "metrics (kdkit ls tasks)")
     model: ModelSpec
     teacher: TeacherSpec | None = None
+    teachers: dict[str, TeacherSpec] | None = Field(
+        None, description="several frozen teachers by name (instead of `teacher:`): terms read `NAME.TAP` (e.g. "
+        "t1.logits, t2.stage2); a term's `logits` is the mean of the teachers' logits")
     data: DataSpec
     distill: list[TermSpec] = Field(default_factory=list)
     train: TrainSpec
@@ -185,9 +190,38 @@ class RecipeCore(Strict):
 
     @model_validator(mode="after")
     def _terms_need_teacher(self) -> RecipeCore:
-        if self.teacher is None and any(_needs_teacher(term.loss) for term in self.distill):
+        if self.teacher is None and self.teachers is None and any(_needs_teacher(term.loss) for term in self.distill):
             raise ValueError("`distill:` terms compare the model with a teacher, but no `teacher:` is given")
         return self
+
+    @model_validator(mode="after")
+    def _one_way_to_name_teachers(self) -> RecipeCore:
+        if self.teachers is None:
+            return self
+        if self.teacher is not None:
+            raise ValueError("give either `teacher:` (one teacher) or `teachers:` (several, by name), not both")
+        if not self.teachers:
+            raise ValueError("`teachers:` is empty: name at least one teacher, or use `teacher:`")
+        bad = [name for name in self.teachers if not name.isidentifier() or name == LOGITS_NAME]
+        if bad:
+            raise ValueError(f"teacher names {bad} must be identifiers other than 'logits' (they prefix taps: "
+                             "NAME.stage2)")
+        cached = [name for name, spec in self.teachers.items() if spec.cache is not None]
+        if cached:
+            raise ValueError(f"teachers {cached} ask for a teacher cache, which holds one teacher's outputs; remove "
+                             f"teachers.{cached[0]}.cache")
+        return self
+
+    def frozen_teachers(self) -> dict[str, TeacherSpec]:
+        """The frozen teachers by name (``teacher:`` is the one named ``teacher``)."""
+        if self.teachers is not None:
+            return dict(self.teachers)
+        return {"teacher": self.teacher} if self.teacher is not None else {}
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether the recipe distils from at least one frozen teacher."""
+        return self.teacher is not None or self.teachers is not None
 
     @model_validator(mode="after")
     def _cache_replays_plain_views(self) -> RecipeCore:

@@ -40,14 +40,15 @@ def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
 def train_teacher_first(recipe: Recipe, source: Path | None, *, device: str | None = None,
                         progress: bool | None = None, announce: bool = True) -> None:
     """Train the teacher from its recipe when ``teacher.recipe`` names one without a finished run."""
-    if recipe.teacher is None or recipe.teacher.checkpoint is not None:
-        return
-    teacher_recipe = teacher_run_recipe(recipe.teacher, source.parent if source else None)
-    assert teacher_recipe is not None
-    if finished_summary(teacher_recipe) is None:
-        if announce:
-            print(f"teacher: training {teacher_recipe.name} first (run folder {teacher_recipe.run_dir})")
-        run_recipe(teacher_recipe, resume=True, device=device, progress=progress)
+    for spec in recipe.frozen_teachers().values():
+        if spec.checkpoint is not None:
+            continue
+        teacher_recipe = teacher_run_recipe(spec, source.parent if source else None)
+        assert teacher_recipe is not None
+        if finished_summary(teacher_recipe) is None:
+            if announce:
+                print(f"teacher: training {teacher_recipe.name} first (run folder {teacher_recipe.run_dir})")
+            run_recipe(teacher_recipe, resume=True, device=device, progress=progress)
 
 
 def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -97,7 +98,7 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     data, spec = built.data, recipe.train
     assert data is not None
     if ctx.is_main:
-        kind = f"distilling {recipe.model.arch} from {recipe.teacher.arch}" if recipe.teacher else \
+        kind = f"distilling {recipe.model.arch} from {_teacher_arch(recipe)}" if recipe.has_teacher else \
             f"training {recipe.model.arch}"
         methods = f", method {', '.join(m.name for m, _ in run.methods)}" if run.methods else ""
         print(f"{recipe.name}: {kind} on {data.source} ({len(data.train_labels)} train / {len(data.test_labels)} "
@@ -116,13 +117,20 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     return summary
 
 
+def _teacher_arch(recipe: Recipe) -> str:
+    """The teacher's architecture, or ``NAME:arch + ...`` for several teachers."""
+    if recipe.teacher is not None:
+        return recipe.teacher.arch
+    return " + ".join(f"{name}:{spec.arch}" for name, spec in recipe.frozen_teachers().items())
+
+
 def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[str, Any]:
     data = built.data
     model = built.student.model
     shape = (data.in_channels, data.image_size, data.image_size)
     summary: dict[str, Any] = {
         "name": recipe.name, "recipe_digest": recipe.digest(), "arch": recipe.model.arch,
-        "teacher_arch": recipe.teacher.arch if recipe.teacher else None,
+        "teacher_arch": _teacher_arch(recipe) if recipe.has_teacher else None,
         "dataset": data.name, "data_source": data.source, "train_samples": len(data.train_labels),
         "test_samples": len(data.test_labels), "epochs": recipe.train.epochs, "seed": recipe.train.seed,
         "task": recipe.task, "metric": result.metric, f"best_{result.metric}": result.best,

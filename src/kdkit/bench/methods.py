@@ -71,10 +71,11 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     for method in chosen:
         summaries = []
         for seed in range(seeds):
-            extra = []
             base = load_recipe(find_recipe(f"{suite}/{method}"))
-            if base.teacher is not None:
-                extra = [f"teacher.checkpoint={out}/teacher", "teacher.recipe=null"]
+            # the suite's teacher is trained once, into the benchmark folder; other teachers by their own recipes
+            suite_teacher = [key for key, spec in _teacher_keys(base) if spec.recipe == "teacher.yaml"]
+            extra = [item for key in suite_teacher
+                     for item in (f"{key}.checkpoint={out}/teacher", f"{key}.recipe=null")]
             recipe = load_recipe(find_recipe(f"{suite}/{method}"),
                                  [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
                                   f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
@@ -104,6 +105,13 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     print(table)
     print(f"report: {report}")
     return results
+
+
+def _teacher_keys(recipe: Any) -> list[tuple[str, Any]]:
+    """(recipe key, spec) of every frozen teacher: ``teacher`` or ``teachers.NAME``."""
+    if recipe.teacher is not None:
+        return [("teacher", recipe.teacher)]
+    return [(f"teachers.{name}", spec) for name, spec in (recipe.teachers or {}).items()]
 
 
 def deployed_cost(summary: dict[str, Any], recipe: Any) -> dict[str, Any]:

@@ -39,13 +39,17 @@ from kdkit.profile import machine_info
 from kdkit.recipe import Recipe, find_recipe, load_recipe
 
 
-def _random_teacher(recipe: Recipe, folder: Path) -> Path:
-    assert recipe.teacher is not None
+def _random_teachers(recipe: Recipe, folder: Path) -> list[str]:
+    """Overrides pointing every frozen teacher of ``recipe`` at randomly initialised weights (same cost)."""
     data_shape = plan_shape(recipe)
-    model = build_model(recipe.teacher.arch, **data_shape, params=recipe.teacher.params)
-    path = folder / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    overrides = []
+    for name, spec in recipe.frozen_teachers().items():
+        model = build_model(spec.arch, **data_shape, params=spec.params)
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        key = "teacher" if recipe.teacher is not None else f"teachers.{name}"
+        overrides += [f"{key}.checkpoint={path}", f"{key}.recipe=null"]
+    return overrides
 
 
 def plan_shape(recipe: Recipe) -> dict[str, int]:
@@ -87,9 +91,7 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 20, repeats: in
         else None
     with tempfile.TemporaryDirectory() as tmp:
         base = list(overrides or [])
-        if recipe.teacher is not None:
-            teacher_file = _random_teacher(recipe, Path(tmp))
-            base += [f"teacher.checkpoint={teacher_file}", "teacher.recipe=null"]
+        base += _random_teachers(recipe, Path(tmp))
         # (c) runs the live teacher, even for a recipe that reads a cache
         recipe = load_recipe(source, [*base, "teacher.cache=null"] if recipe.teacher is not None else base)
         if recipe.train.threads:
@@ -188,7 +190,7 @@ def _time_steps(recipe: Recipe, run: Assembled, cached: Assembled | None, out: P
         "repeats": repeats, "ms_per_step": med, "ms_per_step_all": times,
         "ratio_c_over_b": med["c_kdkit_kd"] / med["b_plain_kd"] if "b_plain_kd" in med else None,
         "ratio_d_over_a": med["d_kdkit_kd_cached"] / med["a_plain_ce"] if "d_kdkit_kd_cached" in med else None,
-        "kd_term": kd is not None, "teacher": recipe.teacher is not None,
+        "kd_term": kd is not None, "teacher": recipe.has_teacher,
         "methods": [m.name for m, _ in run.methods],
         "loader_ms_per_batch": statistics.median(loader_ms),
         "loader_images_per_s": spec.batch_size * 1000.0 / statistics.median(loader_ms),

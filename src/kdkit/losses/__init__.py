@@ -9,6 +9,7 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     dkd,
     fitnets,
     mlkd,
+    multi_teacher,
     multilabel,
     pcka,
     pkd,

@@ -56,6 +56,9 @@ class DistillLoss(nn.Module):
     needs_index: ClassVar[bool] = False
     #: The loss compares the student with a teacher tensor (False: it runs in recipes without a teacher).
     needs_teacher: ClassVar[bool] = True
+    #: The loss compares one student tap with a list of teacher taps (e.g. one per teacher of an ensemble)
+    #: instead of pairing the lists.
+    teacher_list: ClassVar[bool] = False
     #: The registered bridge whose output the loss reads (``None``: any bridge or none).
     requires_bridge: ClassVar[str | None] = None
 

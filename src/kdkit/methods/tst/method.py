@@ -41,7 +41,7 @@ class TstMethod(Method):
     def check(self, recipe: Any) -> list[str]:
         spec: TstSpec = recipe.tst
         problems = []
-        if recipe.teacher is None:
+        if not recipe.has_teacher:
             problems.append("`tst:` trains its augmentation against a teacher, but no `teacher:` is given")
         if recipe.data.views != 1:
             problems.append("`tst:` doubles each batch itself ([augmented; original]); it cannot be combined "
