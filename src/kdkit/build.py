@@ -21,7 +21,18 @@ from kdkit.bridges import BRIDGES, FUSING_BRIDGES
 from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
 from kdkit.data import ImageData, load_dataset, subset
-from kdkit.distill import FrozenTeacher, Objective, PerTap, Student, TapSpec, TeacherEnsemble, Term, as_specs
+from kdkit.distill import (
+    FrozenTeacher,
+    Objective,
+    PeerGroup,
+    PerTap,
+    Student,
+    SupervisedLoss,
+    TapSpec,
+    TeacherEnsemble,
+    Term,
+    as_specs,
+)
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.losses import LOSSES, DistillLoss
 from kdkit.models import build_model
@@ -144,6 +155,14 @@ def _located(exc: KdkitError, where: str) -> KdkitError:
                       where=f"{where}.{exc.where}" if exc.where else where)
 
 
+def _reads_peer(recipe: Recipe, spec: TapSpec) -> bool:
+    """Whether a term's teacher side names a trained network (``model.X`` or ``PEER.X``) instead of a teacher."""
+    if recipe.peers is None:
+        return False
+    trained = set(recipe.trained_members())
+    return all(one.split(".", 1)[0] in trained for one in as_specs(spec))
+
+
 def _term_names(recipe: Recipe) -> list[str]:
     names: list[str] = []
     for i, term in enumerate(recipe.distill):
@@ -205,8 +224,9 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                                  fix=f"use a task dataset {data.name!r} serves, or a dataset with these targets "
                                      "(`kdkit ls datasets`)", where="task"))
     metric = recipe.train.best_metric
-    if task is not None and metric is not None and metric not in task.metrics:
-        errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r}", choices=list(task.metrics),
+    if task is not None and metric is not None and metric not in task.selectable():
+        errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by",
+                                 choices=task.selectable(),
                                  bad=metric, fix="pick the best epoch by one of the task's metrics",
                                  where="train.best_metric"))
     if data is not None:
@@ -219,13 +239,20 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     # initialised), which makes `kdkit validate` on a 7M-parameter pair take milliseconds.
     with torch.device("meta") if not training else contextlib.nullcontext():
         torch.manual_seed(recipe.train.seed)
-        model = attempt(build_model, recipe.model.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
-                        image_size=shape.image_size, params=recipe.model.params, where="model.arch")
-        if model is not None and recipe.model.checkpoint is not None:
-            if training or Path(recipe.model.checkpoint).exists():
-                attempt(load_model_weights, model, recipe.model.checkpoint, where="model.checkpoint")
-            else:
-                warnings.append(f"model.checkpoint: {recipe.model.checkpoint!r} does not exist here")
+        members: dict[str, nn.Module | None] = {}
+        for member, member_spec in recipe.trained_members().items():
+            at = "model" if member == "model" else f"peers.{member}"
+            members[member] = built_member = attempt(
+                build_model, member_spec.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                image_size=shape.image_size, params=member_spec.params, where=f"{at}.arch")
+            if built_member is not None and member_spec.checkpoint is not None:
+                if training or Path(member_spec.checkpoint).exists():
+                    attempt(load_model_weights, built_member, member_spec.checkpoint, where=f"{at}.checkpoint")
+                else:
+                    warnings.append(f"{at}.checkpoint: {member_spec.checkpoint!r} does not exist here")
+        model: nn.Module | None = members["model"]
+        if recipe.peers is not None:  # trained together: one module, so taps, DDP and checkpoints see them all
+            model = PeerGroup(members, recipe.deploy) if all(m is not None for m in members.values()) else None  # type: ignore[arg-type]
         teacher_models: dict[str, nn.Module | None] = {}
         for member, spec in recipe.frozen_teachers().items():
             at = "teacher" if recipe.teachers is None else f"teachers.{member}"
@@ -253,6 +280,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         student_taps: dict[str, Tap] = {}
         teacher_taps: dict[str, Tap] = {}
         reads: dict[str, tuple[TapSpec, TapSpec | None]] = {}
+        peer_teacher: set[str] = set()  # terms whose teacher side is a trained peer (deep mutual learning)
         for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
             where = f"distill.{i}"
             loss_cls = attempt(LOSSES.get, term.loss, where=f"{where}.loss")
@@ -293,8 +321,11 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                                          where=where))
                 continue
             reads[name] = (s_spec, t_spec)
+            if t_spec is not None and _reads_peer(recipe, t_spec):
+                peer_teacher.add(name)
             for side, net, spec, found in (("student", model, s_spec, student_taps),
-                                           ("teacher", teacher_model, t_spec, teacher_taps)):
+                                           ("teacher", model if name in peer_teacher else teacher_model, t_spec,
+                                            student_taps if name in peer_teacher else teacher_taps)):
                 if net is None or spec is None:
                     continue
                 for one in as_specs(spec):
@@ -318,7 +349,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                 if name not in losses or name not in reads:
                     continue
                 s_spec, t_spec = reads[name]
-                t_from = t_shapes if t_spec is not None else s_shapes
+                t_from = t_shapes if t_spec is not None and name not in peer_teacher else s_shapes
                 t_spec_or_own = t_spec if t_spec is not None else LOGITS
                 if not all(s in s_shapes for s in as_specs(s_spec)) or \
                         not all(t in t_from for t in as_specs(t_spec_or_own)):
@@ -357,20 +388,28 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         raise RecipeErrors(errors, str(source) if source else recipe.name)
     assert model is not None
 
-    terms = [Term(name, losses[name], reads[name][0], reads[name][1], term.weight, term.warmup_epochs)
+    terms = [Term(name, losses[name], reads[name][0], reads[name][1], term.weight, term.warmup_epochs,
+                  teacher_is_peer=name in peer_teacher)
              for term, name in zip(recipe.distill, names, strict=True)]
     dev = dev if training else torch.device("meta")  # validation built everything on the meta device
-    student = Student(model, {n: reads[n][0] for n in losses}, bridges).to(dev)
+    assert task is not None
+    bound = attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) if data is not None else None
+    if errors:
+        raise RecipeErrors(errors, str(source) if source else recipe.name)
+    if bound is not None and recipe.train.ce_weight:
+        # every trained network learns from the labels: the deployed one through the objective's own term,
+        # the others through one term each
+        terms += [Term(f"{task.loss_name}@{member}", SupervisedLoss(bound.loss), f"{member}.{LOGITS}", None,
+                       recipe.train.ce_weight) for member in recipe.trained_members()
+                  if recipe.peers is not None and member != recipe.deploy]
+    student = Student(model, {t.name: t.student_tap for t in terms}, bridges,
+                      peer_targets={t.name: t.teacher_tap for t in terms if t.teacher_is_peer}).to(dev)
     teacher = None
     if teacher_model is not None:
         specs = list(recipe.frozen_teachers().values())  # an ensemble's layout: every member must allow it
         teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),
                                 channels_last=all(s.channels_last for s in specs) and dev.type not in ("mps", "meta"),
                                 fold_bn=all(s.fold_bn for s in specs) and training)
-    assert task is not None
-    bound = attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) if data is not None else None
-    if errors:
-        raise RecipeErrors(errors, str(source) if source else recipe.name)
     objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing,
                           supervised=bound.loss if bound is not None else None,
                           supervised_name=task.loss_name).to(dev)

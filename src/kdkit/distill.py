@@ -122,6 +122,61 @@ class TeacherEnsemble(nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
 
 
+class SupervisedLoss(DistillLoss):
+    """The task's supervised loss on a trained peer's logits (each network of a group learns from the labels)."""
+
+    needs_teacher = False
+
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, student: Tensor, teacher: Tensor | None, labels: Tensor) -> Tensor:
+        """``loss(peer_logits, targets)``."""
+        return self.loss(student, labels)
+
+
+class PeerGroup(nn.Module):
+    """Several trainable networks (peers) trained together as one module, one of them deployed.
+
+    Each member is a submodule named after it; a tap ``NAME.stage2`` is that member's, ``NAME.logits`` its
+    output, and an unprefixed tap (``logits``, ``stage2``, a module path) the deployed member's, so terms of
+    the short form keep reading the main network. The forward runs every member (their taps are recorded
+    for the terms) and returns the deployed member's logits; :meth:`deployed_forward` runs that member only
+    (what evaluation, latency and export measure).
+
+    Args:
+        members: Name -> network (names are Python identifiers).
+        deploy: The member that is deployed.
+    """
+
+    def __init__(self, members: dict[str, nn.Module], deploy: str) -> None:
+        super().__init__()
+        if deploy not in members:
+            raise KdkitError(f"deployed member {deploy!r} is not one of the peers", choices=list(members), bad=deploy,
+                             fix="set `deploy:` to a member name", where="deploy")
+        self.names, self.deploy = list(members), deploy
+        for name, model in members.items():
+            self.add_module(name, model)
+        main = members[deploy]
+        self.feature_taps: dict[str, str] = {path: f"{deploy}.{path}" for path, _ in main.named_modules() if path}
+        for friendly, target in (getattr(main, "feature_taps", {}) or {}).items():
+            self.feature_taps[friendly] = f"{deploy}.{target}"
+        for name, model in members.items():
+            self.feature_taps[f"{name}.{LOGITS}"] = name
+            for friendly, target in (getattr(model, "feature_taps", {}) or {}).items():
+                self.feature_taps[f"{name}.{friendly}"] = f"{name}.{target}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run every member; return the deployed member's logits ``(B, K)``."""
+        outputs = {name: getattr(self, name)(x) for name in self.names}
+        return outputs[self.deploy]
+
+    def deployed_forward(self, x: Tensor) -> Tensor:
+        """The deployed member alone."""
+        return getattr(self, self.deploy)(x)
+
+
 class Student(nn.Module):
     """The trained model with its bridges.
 
@@ -135,18 +190,21 @@ class Student(nn.Module):
     """
 
     def __init__(self, model: nn.Module, reads: dict[str, TapSpec] | None = None,
-                 bridges: dict[str, nn.Module] | None = None) -> None:
+                 bridges: dict[str, nn.Module] | None = None, peer_targets: dict[str, TapSpec] | None = None) -> None:
         super().__init__()
         self.model = model
         self.bridges = nn.ModuleDict(bridges or {})
         self.reads = dict(reads or {})
+        # terms whose teacher side is a trainable peer: the peer's tap, detached, handed over as `TERM:teacher`
+        self.peer_targets = dict(peer_targets or {})
         taps = {spec: resolve_tap(model, spec, where=f"term {term!r}")
-                for term, specs in self.reads.items() for spec in as_specs(specs)}
+                for term, specs in (*self.reads.items(), *self.peer_targets.items()) for spec in as_specs(specs)}
         # A RewritingBridge replaces its tap's activation: it runs in a hook on the tapped module and records
         # what its loss reads, so the recorder does not need that tap.
         self.rewriting = self._rewriting_terms()
         recorded = {spec for term, specs in self.reads.items() if term not in self.rewriting
                     for spec in as_specs(specs)}
+        recorded |= {spec for specs in self.peer_targets.values() for spec in as_specs(specs)}
         hooked = [t for spec, t in taps.items() if t.capture != "logits" and spec in recorded]
         # The recorder's hooks are registered first, so other terms reading a rewritten tap see the student's own map.
         self.recorder = TapRecorder(model, hooked) if hooked else None
@@ -223,7 +281,7 @@ class Student(nn.Module):
         term = self.deploy_term
         try:
             if term is None or not self.bridges[term].runs_at_inference:
-                return self.model(x)
+                return self.model.deployed_forward(x) if isinstance(self.model, PeerGroup) else self.model(x)
             bridge = self.bridges[term]
             return bridge.deploy(bridge(self._run_to(x, self._taps[self.reads[term]])), None)[0]
         finally:
@@ -252,7 +310,7 @@ class Student(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Logits ``(B, K)`` of the deployed model and, per term, the (bridged) student tensor it compares."""
         logits = self.model(x)
-        if not self.reads:
+        if not self.reads and not self.peer_targets:
             return logits, {}
         captured = self.recorder.pop() if self.recorder is not None else {}
         captured[LOGITS] = logits
@@ -267,6 +325,9 @@ class Student(nn.Module):
                 if term == self.deploy_term:
                     logits, value = self.bridges[term].deploy(value, captured[LOGITS])
             per_term[term] = value
+        for term, spec in self.peer_targets.items():  # a peer teaches: its tensor is a target, not trained here
+            target = pick(captured, spec)
+            per_term[f"{term}:teacher"] = [t.detach() for t in target] if isinstance(target, list) else target.detach()
         return logits, per_term
 
 
@@ -289,6 +350,8 @@ class Term:
         teacher_tap: Teacher tap spec the term reads (``None`` for losses that need no teacher).
         weight: Multiplier of the loss in the total.
         warmup_epochs: Linear ramp of the weight from 0 over this many epochs (DKD uses 20).
+        teacher_is_peer: The teacher side is a trainable peer's tap (deep mutual learning): the Student hands it
+            over, detached, as ``TERM:teacher``.
     """
 
     name: str
@@ -297,6 +360,7 @@ class Term:
     teacher_tap: TapSpec | None
     weight: float = 1.0
     warmup_epochs: float = 0.0
+    teacher_is_peer: bool = False
 
     def scale(self, epoch: float) -> float:
         """The weight in effect at (fractional) ``epoch``."""
@@ -353,7 +417,10 @@ class Objective(nn.Module):
             out[self.supervised_name] = ce
             total = total + self.ce_weight * ce
         for term in self.terms:
-            target = pick(teacher, term.teacher_tap) if term.teacher_tap is not None else None
+            if term.teacher_is_peer:
+                target = student[f"{term.name}:teacher"]
+            else:
+                target = pick(teacher, term.teacher_tap) if term.teacher_tap is not None else None
             value = term.loss.compute(student[term.name], target, labels, index)
             out[term.name] = value
             weight = term.scale(epoch)

@@ -152,8 +152,9 @@ class Engine:
                              fix="use off, bf16 or fp16")
         self.student, self.objective, self.teacher, self.task = student, objective, teacher, task
         self.metric = best_metric or task.task.best
-        if self.metric not in task.task.metrics:
-            raise KdkitError(f"task {task.task.name!r} has no metric {self.metric!r}", choices=task.task.metrics,
+        if self.metric not in task.task.selectable():
+            raise KdkitError(f"task {task.task.name!r} has no metric {self.metric!r} to pick the best epoch by",
+                             choices=task.task.selectable(),
                              bad=self.metric, fix="pick the best epoch by one of the task's metrics")
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.epochs, self.amp = epochs, amp

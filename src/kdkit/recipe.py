@@ -166,7 +166,7 @@ class OutputSpec(Strict):
 #: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
 _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
-    (("task",), "classification"), (("teachers",), None),
+    (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
 )
 
 
@@ -179,6 +179,11 @@ class RecipeCore(Strict):
     task: str = Field("classification", description="what is learnt and measured: targets, supervised loss, "
                       "metrics (kdkit ls tasks)")
     model: ModelSpec
+    peers: dict[str, ModelSpec] | None = Field(
+        None, description="more trainable networks, trained with `model` (named `model`); terms read `NAME.TAP` on "
+        "either side (a peer on the teacher side is a detached target, deep mutual learning); each learns from "
+        "the labels with train.ce_weight")
+    deploy: str = Field("model", description="the trained network that is deployed and evaluated: `model` or a peer")
     teacher: TeacherSpec | None = None
     teachers: dict[str, TeacherSpec] | None = Field(
         None, description="several frozen teachers by name (instead of `teacher:`): terms read `NAME.TAP` (e.g. "
@@ -190,7 +195,14 @@ class RecipeCore(Strict):
 
     @model_validator(mode="after")
     def _terms_need_teacher(self) -> RecipeCore:
-        if self.teacher is None and self.teachers is None and any(_needs_teacher(term.loss) for term in self.distill):
+        trained = {"model", *(self.peers or {})} if self.peers else set()
+
+        def from_peer(term: TermSpec) -> bool:  # deep mutual learning: the teacher side is a trained peer
+            specs = [term.teacher] if isinstance(term.teacher, str) else list(term.teacher or [])
+            return bool(specs) and all(s.split(".", 1)[0] in trained for s in specs)
+
+        if self.teacher is None and self.teachers is None and any(
+                _needs_teacher(term.loss) and not from_peer(term) for term in self.distill):
             raise ValueError("`distill:` terms compare the model with a teacher, but no `teacher:` is given")
         return self
 
@@ -211,6 +223,24 @@ class RecipeCore(Strict):
             raise ValueError(f"teachers {cached} ask for a teacher cache, which holds one teacher's outputs; remove "
                              f"teachers.{cached[0]}.cache")
         return self
+
+    @model_validator(mode="after")
+    def _peers_are_named(self) -> RecipeCore:
+        names = ["model", *(self.peers or {})]
+        if self.deploy not in names:
+            raise ValueError(f"deploy: {self.deploy!r} is not a trained network; choices: {names}")
+        bad = [name for name in self.peers or {} if not name.isidentifier() or name in ("model", LOGITS_NAME)]
+        if bad:
+            raise ValueError(f"peer names {bad} must be identifiers other than 'model' and 'logits' (they prefix "
+                             "taps: NAME.logits)")
+        clash = sorted(set(self.peers or {}) & set(self.teachers or {}))
+        if clash:
+            raise ValueError(f"names {clash} are both peers and teachers; a tap NAME.X must name one network")
+        return self
+
+    def trained_members(self) -> dict[str, ModelSpec]:
+        """The trained networks by name: ``model`` and the peers."""
+        return {"model": self.model, **(self.peers or {})}
 
     def frozen_teachers(self) -> dict[str, TeacherSpec]:
         """The frozen teachers by name (``teacher:`` is the one named ``teacher``)."""

@@ -100,6 +100,9 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     if ctx.is_main:
         kind = f"distilling {recipe.model.arch} from {_teacher_arch(recipe)}" if recipe.has_teacher else \
             f"training {recipe.model.arch}"
+        if recipe.peers:
+            kind += " with peers " + ", ".join(f"{n}:{s.arch}" for n, s in recipe.peers.items()) + \
+                f" (deployed: {recipe.deploy})"
         methods = f", method {', '.join(m.name for m, _ in run.methods)}" if run.methods else ""
         print(f"{recipe.name}: {kind} on {data.source} ({len(data.train_labels)} train / {len(data.test_labels)} "
               f"test images), {spec.epochs} epochs, device {dev}" + (f" x{ctx.world_size}" if ctx.enabled else "")

@@ -56,10 +56,13 @@ def resolve_tap(model: nn.Module, spec: str, where: str | None = None) -> Tap:
     """
     if spec == LOGITS:
         return Tap(spec, "", "logits")
-    target = (getattr(model, "feature_taps", {}) or {}).get(spec, spec)
+    friendly = getattr(model, "feature_taps", {}) or {}
+    target = friendly.get(spec, spec)
     path, _, capture = target.partition(":")
     capture = capture or "output"
     modules = dict(model.named_modules())
+    if path not in modules and path in friendly and ":" not in friendly[path]:
+        path = friendly[path]  # a model that forwards module paths (a group reading its deployed member's paths)
     if capture not in ("output", "input"):
         raise KdkitError(f"tap {spec!r} has an unknown capture {capture!r}", choices=["output", "input"],
                          bad=capture, fix="write 'path' for a module's output or 'path:input' for its input",

@@ -82,6 +82,10 @@ class Task:
     train_metric: ClassVar[str] = ""
     deployed_output: ClassVar[str] = ""
 
+    def selectable(self) -> list[str]:
+        """The metrics that can pick the best epoch (higher is better: every metric but ``loss``)."""
+        return [m for m in self.metrics if m != "loss"]
+
     def check_data(self, data: ImageData) -> str | None:
         """Why ``data`` cannot serve this task (``None`` when it can). Default: it has the :attr:`target`."""
         if self.target is not None and self.target not in data.train_targets:

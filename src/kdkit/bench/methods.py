@@ -38,7 +38,8 @@ def suites() -> list[str]:
 
 def method_recipes(suite: str = SUITE) -> list[str]:
     """The method recipes of a suite: the labels-only baseline (``student_*``) first, then KD, then alphabetical."""
-    names = sorted(p.stem for p in (recipes_root() / suite).glob("*.yaml") if p.stem not in NOT_METHODS)
+    names = sorted(p.stem for p in (recipes_root() / suite).glob("*.yaml")
+                   if p.stem not in NOT_METHODS and not p.stem.startswith("teacher_"))  # teacher_*: more teachers
     return sorted(names, key=lambda n: (not n.startswith("student_"), n != "kd", n))
 
 

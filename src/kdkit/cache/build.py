@@ -40,7 +40,7 @@ def stored_taps(built: Plan) -> list[str]:
     """Teacher tap specs the recipe's terms read, in first-use order."""
     specs: list[str] = []
     for term in built.objective.terms:
-        if term.teacher_tap is None:  # a term that needs no teacher
+        if term.teacher_tap is None or term.teacher_is_peer:  # no frozen teacher behind it
             continue
         for spec in as_specs(term.teacher_tap):
             if spec not in specs:

@@ -1,0 +1,135 @@
+"""Tasks: what a batch's targets are, the supervised loss, the metrics (by name) and what picks the best epoch."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, f1_score
+
+from conftest import write_recipe
+from kdkit.cli import main
+from kdkit.data import DATASETS, ImageData, load_dataset
+from kdkit.distributed import DistContext
+from kdkit.models import build_model
+from kdkit.recipe import recipe_from_dict
+from kdkit.runner import run_recipe
+from kdkit.task import TASKS
+
+
+def multilabel_digits(root: object = None) -> ImageData:
+    """Digits with multi-hot targets: the digit, plus the next digit for every other image (1-2 labels)."""
+    data = load_dataset("digits")
+
+    def hot(labels: torch.Tensor) -> torch.Tensor:
+        targets = torch.nn.functional.one_hot(labels, 10).to(torch.uint8)
+        extra = torch.nn.functional.one_hot((labels + 1) % 10, 10).to(torch.uint8)
+        targets[::2] |= extra[::2]
+        return targets
+
+    return ImageData("digits_multilabel", data.train_images, data.train_labels, data.test_images, data.test_labels,
+                     data.classes, data.mean, data.std, "digits + multi-hot targets (test)",
+                     train_targets={"multilabel": hot(data.train_labels)},
+                     test_targets={"multilabel": hot(data.test_labels)})
+
+
+@pytest.fixture
+def multilabel(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setitem(DATASETS._entries, "digits_multilabel", multilabel_digits)  # a test-only dataset
+    torch.manual_seed(5)
+    teacher = build_model("cnn_teacher", num_classes=10, in_channels=1, image_size=8, params={"head": "queries"})
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    tiny["task"] = "multilabel"
+    tiny["data"]["dataset"] = "digits_multilabel"
+    tiny["model"]["params"] = {"head": "queries"}
+    tiny["teacher"] = {"arch": "cnn_teacher", "params": {"head": "queries"},
+                       "checkpoint": str(tmp_path / "t.safetensors")}
+    tiny["distill"] = [{"loss": "multilabel_kd", "weight": 10.0}, {"loss": "label_relation", "weight": 1.0}]
+    return tiny
+
+
+def test_multilabel_distillation_runs_in_its_setting(multilabel: dict) -> None:
+    summary = run_recipe(recipe_from_dict(multilabel))
+    assert summary["task"] == "multilabel" and summary["metric"] == "map"
+    rows = json.loads((Path(multilabel["output"]["dir"]) / "metrics.json").read_text())
+    assert summary["best_map"] == max(r["test_map"] for r in rows)
+    assert {"train_bce", "train_multilabel_kd", "train_label_relation", "train_label_acc", "test_f1"} <= set(rows[-1])
+    assert "test_top1" not in rows[-1]  # the engine knows no top-1: it reports the task's metrics
+
+
+def test_multilabel_targets_are_the_multi_hot_rows_of_the_batch(multilabel: dict) -> None:
+    data = multilabel_digits()
+    bound = TASKS.get("multilabel").bind(data, "cpu")
+    index = torch.tensor([3, 0, 7])
+    targets = bound.targets(data.train_labels[index], index, "train")
+    assert torch.equal(targets, data.train_targets["multilabel"][index].float())
+    assert torch.equal(bound.targets(data.test_labels[:2], torch.arange(2), "test"),
+                       data.test_targets["multilabel"][:2].float())
+
+
+def test_multilabel_metrics_match_scikit_learn() -> None:
+    gen = torch.Generator().manual_seed(0)
+    targets = (torch.rand(64, 10, generator=gen) < 0.3).float()
+    targets[0] = 1.0  # every label has a positive
+    logits = torch.randn(64, 10, generator=gen) + 2 * targets
+    bound = TASKS.get("multilabel").bind(multilabel_digits(), "cpu")
+    evaluator = bound.evaluator(DistContext())
+    for part in (slice(0, 30), slice(30, 64)):  # accumulated over batches
+        evaluator.update(logits[part], targets[part])
+    metrics = evaluator.compute()
+    y, scores = targets.numpy().astype(int), logits.numpy()
+    assert metrics["map"] == pytest.approx(100 * average_precision_score(y, scores, average="macro"), abs=1e-4)
+    predicted = (1 / (1 + np.exp(-scores)) > 0.5).astype(int)
+    assert metrics["f1"] == pytest.approx(100 * f1_score(y, predicted, average="macro", zero_division=0), abs=1e-4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert metrics["loss"] == pytest.approx(float(bce), rel=1e-6)
+
+
+def test_classification_metrics_are_counted_exactly() -> None:
+    bound = TASKS.get("classification").bind(None, "cpu")
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    evaluator = bound.evaluator(DistContext())
+    evaluator.update(logits, torch.tensor([1, 5]))  # second best for the first, best for the second
+    metrics = evaluator.compute()
+    assert metrics["top1"] == 50.0 and metrics["top5"] == 100.0
+    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor([1, 5]))))
+
+
+def test_a_task_the_data_cannot_serve_fails_before_training(tiny: dict, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    tiny["task"] = "multilabel"
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", tiny))]) == 2
+    err = capsys.readouterr().err
+    assert "'multilabel'" in err and "does not provide" in err and "classification" in err
+    tiny["task"] = "multilabell"
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", tiny))]) == 2
+    assert "multilabel" in capsys.readouterr().err  # the closest registered task
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.best_metric=top3", "top1"),          # no such metric: the choices are listed
+    ("train.best_metric=loss", "top1"),          # lower is better: not a way to pick the best epoch
+])
+def test_the_best_metric_is_one_the_task_reports(tiny: dict, tmp_path: Path, override: str, expected: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", tiny)), override]) == 2
+    err = capsys.readouterr().err
+    assert "train.best_metric" in err and expected in err
+
+
+def test_best_metric_picks_the_best_epoch(tiny: dict) -> None:
+    summary = run_recipe(recipe_from_dict(copy.deepcopy(tiny), ["train.best_metric=top5"]))
+    assert summary["metric"] == "top5" and "best_top5" in summary
+
+
+def test_label_smoothing_is_refused_for_multilabel(multilabel: dict) -> None:
+    from kdkit.errors import KdkitError
+
+    with pytest.raises(KdkitError, match="label_smoothing"):
+        run_recipe(recipe_from_dict(multilabel, ["train.label_smoothing=0.1"]))
