@@ -89,8 +89,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from kdkit.method import METHODS
     from kdkit.models import MODELS
     from kdkit.recipe import shipped_recipes
+    from kdkit.task import TASKS
 
-    registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES, "methods": METHODS}
+    registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES, "methods": METHODS,
+                  "tasks": TASKS}
     if args.what == "recipes":
         for name in shipped_recipes():
             print(name)
@@ -121,6 +123,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{'timm:NAME':{width}s}  any timm model (pip install 'kdkit[zoo]'), random init or checkpoint")
         print(f"{'torchvision:NAME':{width}s}  any torchvision classification model, random init or checkpoint")
         print(f"{'pkg.module:factory':{width}s}  your own factory, imported by path")
+    if args.what == "tasks":
+        for name in TASKS.names():
+            task = TASKS.get(name)
+            print(f"  {name}: metrics {', '.join(task.metrics)} (best by {task.best}); targets: "
+                  f"{task.target or 'the labels'}; deploys {task.deployed_output}")
     if args.what == "methods":
         sections = {m.name: m.section for m in (METHODS.get(n) for n in METHODS.names()) if m.section}
         print("recipe sections: " + (", ".join(f"`{s}:` (method {n})" for n, s in sections.items()) or "none"))
@@ -229,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--schema", action="store_true", help="print the recipe JSON schema")
     val.set_defaults(fn=cmd_validate)
 
-    ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, methods, recipes, or a model's taps")
-    ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "methods", "recipes", "taps"])
+    ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, methods, tasks, recipes, or a model's taps")
+    ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "methods", "tasks", "recipes", "taps"])
     ls.add_argument("name", nargs="?", help="model name (for `ls taps`)")
     ls.add_argument("--dataset", default="cifar100", help="input shape for `ls taps` (default cifar100)")
     ls.set_defaults(fn=cmd_ls)
