@@ -39,7 +39,7 @@ from kdkit.models import build_model
 from kdkit.params import check_params
 from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
 from kdkit.taps import LOGITS, Tap, probe_shapes, resolve_tap
-from kdkit.task import TASKS, BoundTask, tasks_serving
+from kdkit.task import TASKS, BoundTask, Task, tasks_serving
 
 # Shapes of datasets whose files may be absent when a recipe is only validated.
 KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -175,8 +175,262 @@ def _term_names(recipe: Recipe) -> list[str]:
     return names
 
 
+@dataclass
+class _Terms:
+    """The terms of a recipe as far as they could be built: losses, what each side reads, the taps to record."""
+
+    names: list[str]
+    losses: dict[str, DistillLoss] = field(default_factory=dict)
+    reads: dict[str, tuple[TapSpec, TapSpec | None]] = field(default_factory=dict)
+    student_taps: dict[str, Tap] = field(default_factory=dict)
+    teacher_taps: dict[str, Tap] = field(default_factory=dict)
+    peer_teacher: set[str] = field(default_factory=set)  # terms whose teacher side is a trained peer
+
+
+class _Planner:
+    """The stages of :func:`plan`; every stage adds what it finds wrong to one list, so all problems are
+    reported at once (a stage skips what an earlier problem made impossible to check)."""
+
+    def __init__(self, recipe: Recipe, training: bool, source: Path | None) -> None:
+        self.recipe, self.training, self.source = recipe, training, source
+        self.base = source.parent if source is not None else None
+        self.errors: list[KdkitError] = []
+        self.warnings: list[str] = []
+
+    def attempt(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, or ``None`` with its problems recorded."""
+        try:
+            return fn(*args, **kwargs)
+        except RecipeErrors as exc:
+            self.errors.extend(exc.errors)
+        except KdkitError as exc:
+            self.errors.append(exc)
+        return None
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise RecipeErrors(self.errors, str(self.source) if self.source else self.recipe.name)
+
+    # -- stage 1: device, data, task ------------------------------------------------------------------
+    def device(self, override: torch.device | None) -> torch.device:
+        recipe = self.recipe
+        dev = override or self.attempt(resolve_device, recipe.train.device) or torch.device("cpu")
+        if recipe.train.amp == "fp16" and dev.type != "cuda":
+            self.errors.append(KdkitError("fp16 AMP needs a CUDA device", choices=["off", "bf16"], bad="fp16",
+                                          fix="use train.amp=bf16 on CPU", where="train.amp"))
+        return dev
+
+    def data(self) -> tuple[ImageData | None, DataShape]:
+        recipe = self.recipe
+        data = None
+        try:
+            data = load_dataset(recipe.data.dataset, recipe.data.root, **recipe.data.params)
+        except KdkitError as exc:
+            known = recipe.data.dataset in KNOWN_SHAPES and "unknown dataset" not in exc.message
+            if self.training or not known:
+                self.errors.append(exc if exc.where else KdkitError(exc.message, fix=exc.fix, where="data"))
+            else:
+                self.warnings.append(f"data: {exc.render()}")
+        if data is not None and recipe.data.subset is not None:
+            data = self.attempt(subset, data, recipe.data.subset, recipe.data.subset_seed)
+        if data is not None:
+            return data, DataShape(data.num_classes, data.in_channels, data.image_size)
+        return None, DataShape(*KNOWN_SHAPES.get(recipe.data.dataset, (10, 3, 32)))
+
+    def task(self, data: ImageData | None) -> Task | None:
+        recipe = self.recipe
+        task = self.attempt(TASKS.get, recipe.task, where="task")
+        if task is not None and data is not None and (problem := task.check_data(data)) is not None:
+            self.errors.append(KdkitError(f"task {recipe.task!r} {problem}", choices=tasks_serving(data),
+                                          bad=recipe.task, fix=f"use a task dataset {data.name!r} serves, or a "
+                                          "dataset with these targets (`kdkit ls datasets`)", where="task"))
+        metric = recipe.train.best_metric
+        if task is not None and metric is not None and metric not in task.selectable():
+            self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by",
+                                          choices=task.selectable(), bad=metric,
+                                          fix="pick the best epoch by one of the task's metrics",
+                                          where="train.best_metric"))
+        return task
+
+    # -- stage 2: the networks ------------------------------------------------------------------------
+    def network(self, spec: Any, shape: DataShape, at: str) -> nn.Module | None:
+        return self.attempt(build_model, spec.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                            image_size=shape.image_size, params=spec.params, where=f"{at}.arch")
+
+    def trained(self, shape: DataShape) -> nn.Module | None:
+        """The trained network: ``model``, or one :class:`PeerGroup` of it and its peers."""
+        recipe = self.recipe
+        members: dict[str, nn.Module | None] = {}
+        for member, spec in recipe.trained_members().items():
+            at = "model" if member == "model" else f"peers.{member}"
+            members[member] = built = self.network(spec, shape, at)
+            if built is not None and spec.checkpoint is not None:
+                if self.training or Path(spec.checkpoint).exists():
+                    self.attempt(load_model_weights, built, spec.checkpoint, where=f"{at}.checkpoint")
+                else:
+                    self.warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
+        if recipe.peers is None:
+            return members["model"]
+        if any(m is None for m in members.values()):
+            return None
+        return PeerGroup(members, recipe.deploy)  # type: ignore[arg-type]  # one module: taps, DDP, checkpoints
+
+    def frozen(self, shape: DataShape) -> nn.Module | None:
+        """The frozen teacher, or one :class:`TeacherEnsemble` of the named teachers (weights loaded)."""
+        recipe = self.recipe
+        models: dict[str, nn.Module | None] = {}
+        for member, spec in recipe.frozen_teachers().items():
+            at = "teacher" if recipe.teachers is None else f"teachers.{member}"
+            models[member] = built = self.network(spec, shape, at)
+            if spec.recipe is not None:
+                self.attempt(teacher_run_recipe, spec, self.base)
+            if built is None:
+                continue
+            if self.training:
+                weights = self.attempt(teacher_weights, spec, self.base)
+                if weights is not None:
+                    self.attempt(load_model_weights, built, weights, where=f"{at}.checkpoint")
+            elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+                self.warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
+        if recipe.teachers is not None:
+            return TeacherEnsemble(models) if all(m is not None for m in models.values()) else None  # type: ignore[arg-type]
+        return models.get("teacher")
+
+    # -- stage 3: the terms ---------------------------------------------------------------------------
+    def terms(self, model: nn.Module | None, teacher_model: nn.Module | None) -> _Terms:
+        """Each term's loss (parameters checked), taps (resolved on their network) and bridge name."""
+        recipe = self.recipe
+        found = _Terms(_term_names(recipe))
+        for i, (term, name) in enumerate(zip(recipe.distill, found.names, strict=True)):
+            where = f"distill.{i}"
+            loss = self.loss(term, where)
+            if loss is None:
+                continue
+            loss_cls = type(loss)
+            s_spec = _spec(term.student) or loss_cls.default_student_tap
+            # Teacher-less losses read no teacher tap: the term works without a `teacher:` section.
+            t_spec = (_spec(term.teacher) or loss_cls.default_teacher_tap) if needs_teacher(loss_cls) else None
+            if not self.sides_fit(term, loss_cls, s_spec, t_spec, where):
+                continue
+            found.losses[name] = loss
+            found.reads[name] = (s_spec, t_spec)
+            peer = t_spec is not None and _reads_peer(recipe, t_spec)
+            if peer:
+                found.peer_teacher.add(name)
+            for side, net, spec, taps in (("student", model, s_spec, found.student_taps),
+                                          ("teacher", model if peer else teacher_model, t_spec,
+                                           found.student_taps if peer else found.teacher_taps)):
+                if net is None or spec is None:
+                    continue
+                for one in as_specs(spec):
+                    tap = self.attempt(resolve_tap, net, one, where=f"{where}.{side}")
+                    if tap is not None:
+                        taps[one] = tap
+            if term.bridge is not None:
+                self.attempt(BRIDGES.get, term.bridge, where=f"{where}.bridge")
+        return found
+
+    def loss(self, term: Any, where: str) -> DistillLoss | None:
+        loss_cls = self.attempt(LOSSES.get, term.loss, where=f"{where}.loss")
+        if loss_cls is None:
+            return None
+        params = self.attempt(check_params, loss_cls, term.params, where=where, what=f"loss {term.loss!r}")
+        if params is None:
+            return None
+        try:
+            return loss_cls(**params)
+        except RecipeErrors as exc:  # a loss wrapping another (e.g. a per-step metric) validates it like a term
+            self.errors.extend(_located(e, where) for e in exc.errors)
+        except KdkitError as exc:
+            self.errors.append(_located(exc, where))
+        except (ValueError, TypeError) as exc:
+            self.errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
+        return None
+
+    def sides_fit(self, term: Any, loss_cls: type[DistillLoss], s_spec: TapSpec, t_spec: TapSpec | None,
+                  where: str) -> bool:
+        """Whether the term's bridge and tap counts are what its loss reads (recording why not)."""
+        required = loss_cls.requires_bridge
+        if required is not None and term.bridge != required:
+            self.errors.append(KdkitError(f"loss {term.loss!r} reads the output of the {required!r} bridge, got "
+                                          f"bridge {term.bridge!r}", choices=[required], bad=str(term.bridge),
+                                          fix=f"add `bridge: {required}` to the term", where=f"{where}.bridge"))
+            return False
+        if loss_cls.teacher_list and not isinstance(s_spec, str):
+            self.errors.append(KdkitError(f"loss {term.loss!r} compares one student tap with a list of teacher "
+                                          f"taps, got student taps {list(as_specs(s_spec))}",
+                                          fix="give one `student:` tap", where=f"{where}.student"))
+            return False
+        if t_spec is not None and not loss_cls.teacher_list and len(as_specs(s_spec)) != len(as_specs(t_spec)):
+            self.errors.append(KdkitError(f"{len(as_specs(s_spec))} student tap(s) {list(as_specs(s_spec))} but "
+                                          f"{len(as_specs(t_spec))} teacher tap(s) {list(as_specs(t_spec))}",
+                                          fix="give as many teacher taps as student taps (they are paired in order)",
+                                          where=where))
+            return False
+        return True
+
+    # -- stage 4: shapes and bridges (one probe forward per network) ---------------------------------
+    def bridges(self, found: _Terms, model: nn.Module | None, teacher_model: nn.Module | None, shape: DataShape,
+                num_samples: int) -> tuple[dict[str, nn.Module], dict[str, tuple[Any, Any]]]:
+        recipe = self.recipe
+        bridges: dict[str, nn.Module] = {}
+        tap_shapes: dict[str, tuple[Any, Any]] = {}
+        if model is None or (teacher_model is None and recipe.has_teacher) or not found.losses:
+            return bridges, tap_shapes
+        example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
+        # the student's logits too: teacher-less terms map onto the student's own logit width
+        probe = [*found.student_taps.values(), Tap(LOGITS, "", "logits")]
+        s_shapes = self.attempt(probe_shapes, model, probe, example) or {}
+        t_shapes = (self.attempt(probe_shapes, teacher_model, list(found.teacher_taps.values()), example) or {}
+                    if teacher_model is not None else {})
+        for i, (term, name) in enumerate(zip(recipe.distill, found.names, strict=True)):
+            if name not in found.losses:
+                continue
+            s_spec, t_spec = found.reads[name]
+            t_from = t_shapes if t_spec is not None and name not in found.peer_teacher else s_shapes
+            t_spec_or_own = t_spec if t_spec is not None else LOGITS
+            if not all(s in s_shapes for s in as_specs(s_spec)) or \
+                    not all(t in t_from for t in as_specs(t_spec_or_own)):
+                continue
+            where = f"distill.{i}"
+            s_shape, t_shape = _shape_of(s_shapes, s_spec), _shape_of(t_from, t_spec_or_own)
+            if term.bridge is not None and term.bridge in BRIDGES:
+                bridge = self.attempt(build_bridge, term.bridge, term.bridge_params, s_shape, t_shape, where)
+                if bridge is None:
+                    continue
+                bridges[name] = bridge
+                s_shape = bridged_shape(bridge, s_shape)
+            tap_shapes[name] = (s_shape, t_shape)
+            loss = found.losses[name]
+            self.attempt(loss.setup, s_shape, t_shape, num_samples)
+            self.check_shapes(term, loss, s_spec, t_spec, s_shape, t_shape, where)
+        deploying = [f"distill.{i}" for i, name in enumerate(found.names)
+                     if isinstance(bridges.get(name), DeployingBridge)]
+        if len(deploying) > 1:
+            self.errors.append(KdkitError(f"terms {deploying} each have a bridge that deploys the prediction; only "
+                                          "one can be the deployed head", fix="keep one deploying bridge per recipe",
+                                          where=deploying[1]))
+        return bridges, tap_shapes
+
+    def check_shapes(self, term: Any, loss: DistillLoss, s_spec: TapSpec, t_spec: TapSpec | None, s_shape: Any,
+                     t_shape: Any, where: str) -> None:
+        pairs = list(zip(s_shape, t_shape, strict=True)) if isinstance(s_spec, tuple) and loss.pairwise \
+            else [(s_shape, t_shape)]
+        for j, (one_s, one_t) in enumerate(pairs):
+            problem = loss.check_shapes(one_s, one_t)
+            if problem:
+                s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
+                t_name = as_specs(t_spec)[j] if len(pairs) > 1 and t_spec is not None else t_spec
+                hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
+                        if term.bridge is None else "choose another bridge or other taps")
+                self.errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
+                                              f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
+                                              fix=hint, where=where))
+
+
 def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: torch.device | None = None) -> Plan:
-    """Build and check every object of ``recipe``.
+    """Build and check every object of ``recipe``, in stages: device, data and task; the networks; the terms;
+    shapes and bridges; then the student, teacher and objective.
 
     Args:
         recipe: A schema-valid recipe.
@@ -188,229 +442,42 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     Raises:
         RecipeErrors: Every problem found, each with its recipe location, choices and fix.
     """
-    errors: list[KdkitError] = []
-    warnings: list[str] = []
-    base = source.parent if source is not None else None
-
-    def attempt(fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RecipeErrors as exc:
-            errors.extend(exc.errors)
-        except KdkitError as exc:
-            errors.append(exc)
-        return None
-
-    dev = device or attempt(resolve_device, recipe.train.device) or torch.device("cpu")
-    if recipe.train.amp == "fp16" and dev.type != "cuda":
-        errors.append(KdkitError("fp16 AMP needs a CUDA device", choices=["off", "bf16"], bad="fp16",
-                                 fix="use train.amp=bf16 on CPU", where="train.amp"))
-
-    # -- data ----------------------------------------------------------------------------------------
-    data = None
-    try:
-        data = load_dataset(recipe.data.dataset, recipe.data.root, **recipe.data.params)
-    except KdkitError as exc:
-        known = recipe.data.dataset in KNOWN_SHAPES and "unknown dataset" not in exc.message
-        if training or not known:
-            errors.append(exc if exc.where else KdkitError(exc.message, fix=exc.fix, where="data"))
-        else:
-            warnings.append(f"data: {exc.render()}")
-    if data is not None and recipe.data.subset is not None:
-        data = attempt(subset, data, recipe.data.subset, recipe.data.subset_seed)
-    task = attempt(TASKS.get, recipe.task, where="task")
-    if task is not None and data is not None and (problem := task.check_data(data)) is not None:
-        errors.append(KdkitError(f"task {recipe.task!r} {problem}", choices=tasks_serving(data), bad=recipe.task,
-                                 fix=f"use a task dataset {data.name!r} serves, or a dataset with these targets "
-                                     "(`kdkit ls datasets`)", where="task"))
-    metric = recipe.train.best_metric
-    if task is not None and metric is not None and metric not in task.selectable():
-        errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by",
-                                 choices=task.selectable(),
-                                 bad=metric, fix="pick the best epoch by one of the task's metrics",
-                                 where="train.best_metric"))
-    if data is not None:
-        shape = DataShape(data.num_classes, data.in_channels, data.image_size)
-    else:
-        shape = DataShape(*KNOWN_SHAPES.get(recipe.data.dataset, (10, 3, 32)))
-
-    # -- models --------------------------------------------------------------------------------------
+    stage = _Planner(recipe, training, source)
+    dev = stage.device(device)
+    data, shape = stage.data()
+    task = stage.task(data)
     # Validation only needs names, paths and shapes: build on the meta device (no weights allocated or
     # initialised), which makes `kdkit validate` on a 7M-parameter pair take milliseconds.
     with torch.device("meta") if not training else contextlib.nullcontext():
         torch.manual_seed(recipe.train.seed)
-        members: dict[str, nn.Module | None] = {}
-        for member, member_spec in recipe.trained_members().items():
-            at = "model" if member == "model" else f"peers.{member}"
-            members[member] = built_member = attempt(
-                build_model, member_spec.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
-                image_size=shape.image_size, params=member_spec.params, where=f"{at}.arch")
-            if built_member is not None and member_spec.checkpoint is not None:
-                if training or Path(member_spec.checkpoint).exists():
-                    attempt(load_model_weights, built_member, member_spec.checkpoint, where=f"{at}.checkpoint")
-                else:
-                    warnings.append(f"{at}.checkpoint: {member_spec.checkpoint!r} does not exist here")
-        model: nn.Module | None = members["model"]
-        if recipe.peers is not None:  # trained together: one module, so taps, DDP and checkpoints see them all
-            model = PeerGroup(members, recipe.deploy) if all(m is not None for m in members.values()) else None  # type: ignore[arg-type]
-        teacher_models: dict[str, nn.Module | None] = {}
-        for member, spec in recipe.frozen_teachers().items():
-            at = "teacher" if recipe.teachers is None else f"teachers.{member}"
-            teacher_models[member] = built_teacher = attempt(
-                build_model, spec.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
-                image_size=shape.image_size, params=spec.params, where=f"{at}.arch")
-            if spec.recipe is not None:
-                attempt(teacher_run_recipe, spec, base)
-            if built_teacher is not None:
-                if training:
-                    weights = attempt(teacher_weights, spec, base)
-                    if weights is not None:
-                        attempt(load_model_weights, built_teacher, weights, where=f"{at}.checkpoint")
-                elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
-                    warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
-        teacher_model: nn.Module | None = None
-        if recipe.teachers is not None and all(m is not None for m in teacher_models.values()):
-            teacher_model = TeacherEnsemble(teacher_models)  # type: ignore[arg-type]
-        elif recipe.teacher is not None:
-            teacher_model = teacher_models["teacher"]
-
-        # -- terms: losses, taps, bridges ----------------------------------------------------------------
-        names = _term_names(recipe)
-        losses: dict[str, DistillLoss] = {}
-        student_taps: dict[str, Tap] = {}
-        teacher_taps: dict[str, Tap] = {}
-        reads: dict[str, tuple[TapSpec, TapSpec | None]] = {}
-        peer_teacher: set[str] = set()  # terms whose teacher side is a trained peer (deep mutual learning)
-        for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
-            where = f"distill.{i}"
-            loss_cls = attempt(LOSSES.get, term.loss, where=f"{where}.loss")
-            if loss_cls is None:
-                continue
-            params = attempt(check_params, loss_cls, term.params, where=where, what=f"loss {term.loss!r}")
-            if params is None:
-                continue
-            try:
-                losses[name] = loss_cls(**params)
-            except RecipeErrors as exc:  # a loss wrapping another (e.g. a per-step metric) validates it like a term
-                errors.extend(_located(e, where) for e in exc.errors)
-                continue
-            except KdkitError as exc:
-                errors.append(_located(exc, where))
-                continue
-            except (ValueError, TypeError) as exc:
-                errors.append(KdkitError(f"loss {term.loss!r}: {exc}", fix="see `kdkit ls losses`", where=where))
-                continue
-            s_spec = _spec(term.student) or loss_cls.default_student_tap
-            # Teacher-less losses read no teacher tap: the term works without a `teacher:` section.
-            t_spec = (_spec(term.teacher) or loss_cls.default_teacher_tap) if needs_teacher(loss_cls) else None
-            required = loss_cls.requires_bridge
-            if required is not None and term.bridge != required:
-                errors.append(KdkitError(f"loss {term.loss!r} reads the output of the {required!r} bridge, got "
-                                         f"bridge {term.bridge!r}", choices=[required], bad=str(term.bridge),
-                                         fix=f"add `bridge: {required}` to the term", where=f"{where}.bridge"))
-                continue
-            if loss_cls.teacher_list and not isinstance(s_spec, str):
-                errors.append(KdkitError(f"loss {term.loss!r} compares one student tap with a list of teacher taps, "
-                                         f"got student taps {list(as_specs(s_spec))}",
-                                         fix="give one `student:` tap", where=f"{where}.student"))
-                continue
-            if t_spec is not None and not loss_cls.teacher_list and len(as_specs(s_spec)) != len(as_specs(t_spec)):
-                errors.append(KdkitError(f"{len(as_specs(s_spec))} student tap(s) {list(as_specs(s_spec))} but "
-                                         f"{len(as_specs(t_spec))} teacher tap(s) {list(as_specs(t_spec))}",
-                                         fix="give as many teacher taps as student taps (they are paired in order)",
-                                         where=where))
-                continue
-            reads[name] = (s_spec, t_spec)
-            if t_spec is not None and _reads_peer(recipe, t_spec):
-                peer_teacher.add(name)
-            for side, net, spec, found in (("student", model, s_spec, student_taps),
-                                           ("teacher", model if name in peer_teacher else teacher_model, t_spec,
-                                            student_taps if name in peer_teacher else teacher_taps)):
-                if net is None or spec is None:
-                    continue
-                for one in as_specs(spec):
-                    tap = attempt(resolve_tap, net, one, where=f"{where}.{side}")
-                    if tap is not None:
-                        found[one] = tap
-            if term.bridge is not None:
-                attempt(BRIDGES.get, term.bridge, where=f"{where}.bridge")
-
-        # -- shapes and bridges (one probe forward per model) --------------------------------------------
-        bridges: dict[str, nn.Module] = {}
-        tap_shapes: dict[str, tuple[Any, Any]] = {}
-        if model is not None and (teacher_model is not None or not recipe.has_teacher) and losses:
-            example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
-            # the student's logits too: teacher-less terms map onto the student's own logit width
-            probe = [*student_taps.values(), Tap(LOGITS, "", "logits")]
-            s_shapes = attempt(probe_shapes, model, probe, example) or {}
-            t_shapes = attempt(probe_shapes, teacher_model, list(teacher_taps.values()), example) or {} \
-                if teacher_model is not None else {}
-            for i, (term, name) in enumerate(zip(recipe.distill, names, strict=True)):
-                if name not in losses or name not in reads:
-                    continue
-                s_spec, t_spec = reads[name]
-                t_from = t_shapes if t_spec is not None and name not in peer_teacher else s_shapes
-                t_spec_or_own = t_spec if t_spec is not None else LOGITS
-                if not all(s in s_shapes for s in as_specs(s_spec)) or \
-                        not all(t in t_from for t in as_specs(t_spec_or_own)):
-                    continue
-                where = f"distill.{i}"
-                s_shape, t_shape = _shape_of(s_shapes, s_spec), _shape_of(t_from, t_spec_or_own)
-                if term.bridge is not None and term.bridge in BRIDGES:
-                    bridge = attempt(build_bridge, term.bridge, term.bridge_params, s_shape, t_shape, where)
-                    if bridge is None:
-                        continue
-                    bridges[name] = bridge
-                    s_shape = bridged_shape(bridge, s_shape)
-                tap_shapes[name] = (s_shape, t_shape)
-                loss = losses[name]
-                samples = len(data.train_labels) if data is not None else 50_000
-                attempt(loss.setup, s_shape, t_shape, samples)
-                pairs = list(zip(s_shape, t_shape, strict=True)) if isinstance(s_spec, tuple) and loss.pairwise \
-                    else [(s_shape, t_shape)]
-                for j, (one_s, one_t) in enumerate(pairs):
-                    problem = loss.check_shapes(one_s, one_t)
-                    if problem:
-                        s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
-                        t_name = as_specs(t_spec)[j] if len(pairs) > 1 else t_spec
-                        hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
-                                if term.bridge is None else "choose another bridge or other taps")
-                        errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
-                                                 f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
-                                                 fix=hint, where=where))
-
-    deploying = [f"distill.{i}" for i, name in enumerate(names) if isinstance(bridges.get(name), DeployingBridge)]
-    if len(deploying) > 1:
-        errors.append(KdkitError(f"terms {deploying} each have a bridge that deploys the prediction; only one "
-                                 "can be the deployed head", fix="keep one deploying bridge per recipe",
-                                 where=deploying[1]))
-    if errors:
-        raise RecipeErrors(errors, str(source) if source else recipe.name)
-    assert model is not None
-
-    terms = [Term(name, losses[name], reads[name][0], reads[name][1], term.weight, term.warmup_epochs,
-                  teacher_is_peer=name in peer_teacher)
-             for term, name in zip(recipe.distill, names, strict=True)]
+        model = stage.trained(shape)
+        teacher_model = stage.frozen(shape)
+        found = stage.terms(model, teacher_model)
+        bridges, tap_shapes = stage.bridges(found, model, teacher_model, shape,
+                                            len(data.train_labels) if data is not None else 50_000)
+    stage.raise_errors()
+    assert model is not None and task is not None
     dev = dev if training else torch.device("meta")  # validation built everything on the meta device
-    assert task is not None
-    bound = attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) if data is not None else None
-    if errors:
-        raise RecipeErrors(errors, str(source) if source else recipe.name)
-    if bound is not None and recipe.train.ce_weight:
+    bound = stage.attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) \
+        if data is not None else None
+    stage.raise_errors()
+    terms = [Term(name, found.losses[name], found.reads[name][0], found.reads[name][1], term.weight,
+                  term.warmup_epochs, teacher_is_peer=name in found.peer_teacher)
+             for term, name in zip(recipe.distill, found.names, strict=True)]
+    if bound is not None and recipe.train.ce_weight and recipe.peers is not None:
         # every trained network learns from the labels: the deployed one through the objective's own term,
         # the others through one term each
         terms += [Term(f"{task.loss_name}@{member}", SupervisedLoss(bound.loss), f"{member}.{LOGITS}", None,
-                       recipe.train.ce_weight) for member in recipe.trained_members()
-                  if recipe.peers is not None and member != recipe.deploy]
+                       recipe.train.ce_weight) for member in recipe.trained_members() if member != recipe.deploy]
     student = Student(model, {t.name: t.student_tap for t in terms}, bridges,
                       peer_targets={t.name: t.teacher_tap for t in terms if t.teacher_is_peer}).to(dev)
     teacher = None
     if teacher_model is not None:
         specs = list(recipe.frozen_teachers().values())  # an ensemble's layout: every member must allow it
-        teacher = FrozenTeacher(teacher_model.to(dev), list(teacher_taps.values()),
+        teacher = FrozenTeacher(teacher_model.to(dev), list(found.teacher_taps.values()),
                                 channels_last=all(s.channels_last for s in specs) and dev.type not in ("mps", "meta"),
                                 fold_bn=all(s.fold_bn for s in specs) and training)
     objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing,
                           supervised=bound.loss if bound is not None else None,
                           supervised_name=task.loss_name).to(dev)
-    return Plan(recipe, data, shape, student, objective, teacher, dev, warnings, tap_shapes, bound)
+    return Plan(recipe, data, shape, student, objective, teacher, dev, stage.warnings, tap_shapes, bound)
