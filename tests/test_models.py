@@ -33,7 +33,8 @@ def test_torchvision_model_by_name() -> None:
         build_model("torchvision:resnet18", num_classes=5, in_channels=1)
 
 
-def test_import_path_model() -> None:
+def test_import_path_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDKIT_TRUST_CODE", "1")
     model = build_model("torch.nn:Flatten", num_classes=3)
     assert isinstance(model, torch.nn.Flatten)
     with pytest.raises(KdkitError, match="has no attribute 'Flaten'"):

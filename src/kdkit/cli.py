@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -216,7 +217,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation toolkit.")
+    parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation toolkit.",
+                                     epilog="--trust-code (anywhere on the line): let recipes import the code they "
+                                            "name (model: {arch: package.module:factory}); off by default")
     from kdkit import __version__
 
     parser.add_argument("--version", action="version", version=f"kdkit {__version__}")
@@ -292,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     # float: measured 3.3 s per step of such a loss with them, 0.13 s without. Values below 1.2e-38 are
     # nothing a float32 training step can resolve.
     torch.set_flush_denormal(True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--trust-code" in argv:  # a global switch, accepted anywhere on the line
+        argv = [a for a in argv if a != "--trust-code"]
+        from kdkit.models import TRUST_CODE_ENV
+
+        os.environ[TRUST_CODE_ENV] = "1"
     parser = build_parser()
     # Options may follow key=value overrides (`kdkit run R a=1 --resume b=2`): argparse stops the
     # positional list at the first option, so the overrides after it come back as extras.

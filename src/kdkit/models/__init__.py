@@ -2,12 +2,18 @@
 
 ``build_model("resnet8x4", num_classes=100)``; ``build_model("timm:resnet18", ...)``;
 ``build_model("torchvision:mobilenet_v3_small", ...)``; ``build_model("my_pkg.nets:make", ...)``.
+
+An import path runs code that a recipe names, so it is refused unless the user trusts the recipe's code
+(``kdkit --trust-code ...`` or ``KDKIT_TRUST_CODE=1``): loading or validating a recipe never imports or
+calls anything otherwise. The way to ship a model without that switch is to register it from an installed
+package through the ``kdkit.plugins`` entry-point group (``register_model``), which installing is the opt-in to.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from typing import Any
 
 from torch import nn
@@ -21,6 +27,13 @@ from kdkit.models.registry import MODELS, register_model
 from kdkit.params import check_params
 
 _FIXED = ("num_classes", "in_channels", "image_size")
+#: Environment variable that lets recipes name code to import (``--trust-code`` sets it).
+TRUST_CODE_ENV = "KDKIT_TRUST_CODE"
+
+
+def code_trusted() -> bool:
+    """Whether the user allowed recipes to import and call the code they name (``package.module:factory``)."""
+    return os.environ.get(TRUST_CODE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _external(prefix: str, name: str, num_classes: int, in_channels: int, params: dict[str, Any],
@@ -48,6 +61,11 @@ def _external(prefix: str, name: str, num_classes: int, in_channels: int, params
 
 
 def _import_path(path: str, where: str | None) -> Any:
+    if not code_trusted():  # before any import: importing a module already runs its code
+        raise KdkitError(f"model {path!r} names code to import and call, which kdkit does only when you trust the "
+                         "recipe's code", bad=path, where=where,
+                         fix="run with --trust-code (or KDKIT_TRUST_CODE=1) if you trust it, or register the model "
+                             "from an installed package (`kdkit.plugins` entry point)")
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -58,7 +76,12 @@ def _import_path(path: str, where: str | None) -> Any:
         public = [n for n in dir(module) if not n.startswith("_")]
         raise KdkitError(f"module {module_name!r} has no attribute {attr!r}", choices=public, bad=attr,
                          fix="name a function or class that returns an nn.Module", where=where)
-    return getattr(module, attr)
+    factory = getattr(module, attr)
+    # a model factory is a Python function or an nn.Module class, never e.g. a builtin such as os:system
+    if not (inspect.isfunction(factory) or (inspect.isclass(factory) and issubclass(factory, nn.Module))):
+        raise KdkitError(f"{path!r} is a {type(factory).__name__}, not a model factory", bad=path, where=where,
+                         fix="name a Python function that returns an nn.Module, or an nn.Module class")
+    return factory
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32,
@@ -104,4 +127,4 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["MODELS", "build_model", "count_parameters", "register_model"]
+__all__ = ["MODELS", "TRUST_CODE_ENV", "build_model", "code_trusted", "count_parameters", "register_model"]
