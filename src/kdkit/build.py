@@ -10,6 +10,7 @@ or teacher files are warnings (the recipe itself is fine; the files belong to th
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,18 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def teacher_run_recipe(spec: TeacherSpec, base: Path | None) -> Recipe | None:
-    """The recipe that trains the teacher, when the teacher spec names one."""
+    """The recipe that trains the teacher, when the teacher spec names one (parsed once per file version)."""
     if spec.recipe is None:
         return None
-    return load_recipe(find_recipe(spec.recipe, relative_to=base))
+    file = find_recipe(spec.recipe, relative_to=base).resolve()
+    return _parsed_recipe(file, file.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_recipe(file: Path, version: int) -> Recipe:
+    """``load_recipe(file)``, kept while the file is unchanged (a run asks for its teacher's recipe to train it
+    first, to find its weights and to key its cache); recipes are immutable, so sharing one is safe."""
+    return load_recipe(file)
 
 
 def teacher_weights(spec: TeacherSpec, base: Path | None) -> Path:
