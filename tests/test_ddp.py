@@ -63,3 +63,26 @@ def test_two_process_ddp_reads_one_cache_built_by_rank_0(tmp_path: Path, tiny_kd
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["teacher_cache"]["views"] == 2
     assert not list(tmp_path.glob("cache.partial-*"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_every_peer(tmp_path: Path, tiny: dict) -> None:
+    # deep mutual learning under DDP: one wrapped module holds both peers, so both are trained and saved
+    tiny["peers"] = {"peer": {"arch": "cnn_student", "params": {"width": 4}}}
+    tiny["distill"] = [{"loss": "kd", "teacher": "peer.logits", "temperature": 1},
+                       {"loss": "kd", "name": "kd_peer", "student": "peer.logits", "teacher": "model.logits",
+                        "temperature": 1}]
+    tiny["train"].update({"epochs": 2, "batch_size": 16, "threads": 1})
+    tiny["output"]["dir"] = str(tmp_path / "ddp")
+    torchrun_two(tmp_path, tiny)
+    from safetensors.torch import load_file
+
+    from kdkit.checkpoint import pointed
+    from kdkit.models import build_model
+
+    weights = load_file(str(pointed(tmp_path / "ddp" / "checkpoints", "latest") / "model.safetensors"))
+    fresh = build_model("cnn_student", num_classes=10, in_channels=1, image_size=8, params={"width": 4})
+    trained = {k.removeprefix("model.peer."): v for k, v in weights.items() if k.startswith("model.peer.")}
+    assert trained.keys() == fresh.state_dict().keys()
+    rows = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert "train_ce@peer" in rows[-1] and "train_kd_peer" in rows[-1]
