@@ -123,7 +123,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "models":
         print(f"{'timm:NAME':{width}s}  any timm model (pip install 'kdkit[zoo]'), random init or checkpoint")
         print(f"{'torchvision:NAME':{width}s}  any torchvision classification model, random init or checkpoint")
-        print(f"{'pkg.module:factory':{width}s}  your own factory, imported by path")
+        print(f"{'pkg.module:factory':{width}s}  your own factory, imported by path (only with --trust-code)")
     if args.what == "tasks":
         for name in TASKS.names():
             task = TASKS.get(name)

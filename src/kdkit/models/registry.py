@@ -11,7 +11,8 @@ from kdkit.registry import Registry
 ModelFactory = Callable[..., nn.Module]
 
 MODELS: Registry[ModelFactory] = Registry("model", fix="run `kdkit ls models`, or use 'timm:NAME', "
-                                          "'torchvision:NAME' or an import path 'package.module:factory'")
+                                          "'torchvision:NAME' or, with --trust-code, an import path "
+                                          "'package.module:factory'")
 
 
 def register_model(name: str, help: str | None = None) -> Callable[[ModelFactory], ModelFactory]:
