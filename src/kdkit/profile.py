@@ -102,7 +102,7 @@ def used_parameters(model: nn.Module, input_shape: tuple[int, int, int], *, devi
     a deployed network never reaches is not counted)."""
     ran: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda mod, _inputs: ran.append(mod)) for m in model.modules()
-               if any(True for _ in m.parameters(recurse=False))]
+               if any(True for _ in m.parameters())]
     was_training = model.training
     model.eval()
     try:
@@ -111,7 +111,10 @@ def used_parameters(model: nn.Module, input_shape: tuple[int, int, int], *, devi
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    unique = {id(p): p for m in ran for p in m.parameters(recurse=False)}
+    # A module of torch.nn that runs uses all its parameters, also those of children it calls functionally
+    # (MultiheadAttention's out_proj never runs as a module); a user's module may hold unused children.
+    unique = {id(p): p for m in ran
+              for p in m.parameters(recurse=type(m).__module__.startswith("torch.nn.modules."))}
     return sum(p.numel() for p in unique.values())
 
 
