@@ -59,6 +59,22 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
+def straight_and_resumed(recipe: dict[str, Any], tmp_path: Path, step: int) -> tuple[Path, Path]:
+    """Run ``recipe`` once uninterrupted and once interrupted (SIGINT) at global ``step`` then resumed; return the
+    two run folders, for tests that compare them."""
+    from kdkit.engine import Interrupted
+    from kdkit.recipe import recipe_from_dict
+    from kdkit.runner import run_recipe
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_recipe(recipe_from_dict(recipe, [f"output.dir={straight}"]))
+    interrupted = recipe_from_dict(recipe, [f"output.dir={broken}"])
+    with pytest.raises(Interrupted):
+        run_recipe(interrupted, callbacks=[sigint_at_step(step)])
+    run_recipe(interrupted, resume=True)
+    return straight, broken
+
+
 def sigint_at_step(step: int) -> Callable[[Any, str], None]:
     """An engine callback that sends this process SIGINT once ``engine.global_step`` reaches ``step``."""
 

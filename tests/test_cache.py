@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sigint_at_step, write_recipe
+from conftest import straight_and_resumed, write_recipe
 from kdkit.assemble import prepare_training
 from kdkit.build import plan
 from kdkit.cache import TeacherCache, open_cache
@@ -207,18 +207,10 @@ def test_training_from_the_cache_never_runs_the_teacher(cached: dict, monkeypatc
 
 
 def test_cached_run_resumes_exactly(cached: dict, tmp_path: Path) -> None:
-    from kdkit.engine import Interrupted
-
     cached["train"]["epochs"] = 3
-    straight = recipe_from_dict(cached, [f"output.dir={tmp_path / 'a'}"])
-    run_recipe(straight)
-    broken = recipe_from_dict(cached, [f"output.dir={tmp_path / 'b'}"])
-
-    with pytest.raises(Interrupted):
-        run_recipe(broken, callbacks=[sigint_at_step(8)])
-    run_recipe(broken, resume=True)
-    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    straight, broken = straight_and_resumed(cached, tmp_path, 8)
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((broken / "metrics.json").read_text())
     assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
 
 

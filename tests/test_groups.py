@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import sigint_at_step, write_recipe
+from conftest import straight_and_resumed, write_recipe
 from kdkit.build import plan
 from kdkit.checkpoint import pointed
 from kdkit.cli import main
 from kdkit.distill import PeerGroup, TeacherEnsemble
-from kdkit.engine import Interrupted
 from kdkit.errors import KdkitError
 from kdkit.losses.kd import kd_loss
 from kdkit.losses.multi_teacher import multi_teacher_kd_loss
@@ -157,14 +156,8 @@ def test_peer_names_and_deploy_are_checked(tiny: dict) -> None:
 
 
 def test_dml_run_resumes_to_identical_weights(tiny: dict, tmp_path: Path) -> None:
-    with_peer(tiny)
-    straight = recipe_from_dict(tiny, [f"output.dir={tmp_path / 'straight'}"])
-    run_recipe(straight)
-    broken = recipe_from_dict(tiny, [f"output.dir={tmp_path / 'broken'}"])
-    with pytest.raises(Interrupted):
-        run_recipe(broken, callbacks=[sigint_at_step(9)])
-    run_recipe(broken, resume=True)
-    a = load_file(str(pointed(tmp_path / "straight" / "checkpoints", "latest") / "model.safetensors"))
-    b = load_file(str(pointed(tmp_path / "broken" / "checkpoints", "latest") / "model.safetensors"))
+    straight, broken = straight_and_resumed(with_peer(tiny), tmp_path, 9)
+    a = load_file(str(pointed(straight / "checkpoints", "latest") / "model.safetensors"))
+    b = load_file(str(pointed(broken / "checkpoints", "latest") / "model.safetensors"))
     assert any(k.startswith("model.peer.") for k in a)  # every member is checkpointed
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
