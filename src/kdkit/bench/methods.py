@@ -77,10 +77,10 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
             suite_teacher = [key for key, spec in _teacher_keys(base) if spec.recipe == "teacher.yaml"]
             extra = [item for key in suite_teacher
                      for item in (f"{key}.checkpoint={out}/teacher", f"{key}.recipe=null")]
-            recipe = load_recipe(find_recipe(f"{suite}/{method}"),
-                                 [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
-                                  f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
-            summary = run_recipe(recipe, reuse=True, overwrite=True)
+            source = find_recipe(f"{suite}/{method}")  # its other teachers' recipes are relative to it
+            recipe = load_recipe(source, [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
+                                          f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
+            summary = run_recipe(recipe, source=source, reuse=True, overwrite=True)
             metric = summary.get("metric", "top1")
             print(f"bench: {method} seed {seed}: best {metric} {summary[f'best_{metric}']:.2f} last "
                   f"{summary[f'last_{metric}']:.2f} "
