@@ -164,14 +164,6 @@ def _located(exc: KdkitError, where: str) -> KdkitError:
                       where=f"{where}.{exc.where}" if exc.where else where)
 
 
-def _reads_peer(recipe: Recipe, spec: TapSpec) -> bool:
-    """Whether a term's teacher side names a trained network (``model.X`` or ``PEER.X``) instead of a teacher."""
-    if recipe.peers is None:
-        return False
-    trained = set(recipe.trained_members())
-    return all(one.split(".", 1)[0] in trained for one in as_specs(spec))
-
-
 def _term_names(recipe: Recipe) -> list[str]:
     names: list[str] = []
     for i, term in enumerate(recipe.distill):
@@ -323,7 +315,7 @@ class _Planner:
                 continue
             found.losses[name] = loss
             found.reads[name] = (s_spec, t_spec)
-            peer = t_spec is not None and _reads_peer(recipe, t_spec)
+            peer = recipe.reads_peer(t_spec)
             if peer:
                 found.peer_teacher.add(name)
             for side, net, spec, taps in (("student", model, s_spec, found.student_taps),

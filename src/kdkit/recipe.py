@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,14 +196,8 @@ class RecipeCore(Strict):
 
     @model_validator(mode="after")
     def _terms_need_teacher(self) -> RecipeCore:
-        trained = {"model", *(self.peers or {})} if self.peers else set()
-
-        def from_peer(term: TermSpec) -> bool:  # deep mutual learning: the teacher side is a trained peer
-            specs = [term.teacher] if isinstance(term.teacher, str) else list(term.teacher or [])
-            return bool(specs) and all(s.split(".", 1)[0] in trained for s in specs)
-
         if self.teacher is None and self.teachers is None and any(
-                _needs_teacher(term.loss) and not from_peer(term) for term in self.distill):
+                _needs_teacher(term.loss) and not self.reads_peer(term.teacher) for term in self.distill):
             raise ValueError("`distill:` terms compare the model with a teacher, but no `teacher:` is given")
         return self
 
@@ -241,6 +236,15 @@ class RecipeCore(Strict):
     def trained_members(self) -> dict[str, ModelSpec]:
         """The trained networks by name: ``model`` and the peers."""
         return {"model": self.model, **(self.peers or {})}
+
+    def reads_peer(self, teacher_taps: str | Sequence[str] | None) -> bool:
+        """Whether a term's teacher side names trained networks (``model.X``, ``PEER.X``) instead of a teacher:
+        deep mutual learning, where a peer's output is the target."""
+        if self.peers is None or not teacher_taps:
+            return False
+        trained = self.trained_members()
+        specs = [teacher_taps] if isinstance(teacher_taps, str) else teacher_taps
+        return all(spec.split(".", 1)[0] in trained for spec in specs)
 
     def frozen_teachers(self) -> dict[str, TeacherSpec]:
         """The frozen teachers by name (``teacher:`` is the one named ``teacher``)."""
