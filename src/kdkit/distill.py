@@ -93,6 +93,17 @@ class FrozenTeacher(nn.Module):
         return out
 
 
+def member_taps(members: dict[str, nn.Module]) -> dict[str, str]:
+    """Friendly taps of a group whose members are submodules named after them: ``NAME.logits`` is member
+    ``NAME``'s output and ``NAME.stage2`` its own friendly tap (module paths ``NAME.path`` resolve as they are)."""
+    taps: dict[str, str] = {}
+    for name, model in members.items():
+        taps[f"{name}.{LOGITS}"] = name
+        for friendly, target in (getattr(model, "feature_taps", {}) or {}).items():
+            taps[f"{name}.{friendly}"] = f"{name}.{target}"
+    return taps
+
+
 class TeacherEnsemble(nn.Module):
     """Several frozen teachers as one network, so taps, probing, BN folding and the teacher call stay unchanged.
 
@@ -109,12 +120,9 @@ class TeacherEnsemble(nn.Module):
         if not members:
             raise KdkitError("a teacher ensemble needs at least one member", fix="list teachers under `teachers:`")
         self.names = list(members)
-        self.feature_taps: dict[str, str] = {}
         for name, model in members.items():
             self.add_module(name, model)
-            self.feature_taps[f"{name}.{LOGITS}"] = name
-            for friendly, target in (getattr(model, "feature_taps", {}) or {}).items():
-                self.feature_taps[f"{name}.{friendly}"] = f"{name}.{target}"
+        self.feature_taps = member_taps(members)
 
     def forward(self, x: Tensor) -> Tensor:
         """The mean of the members' logits ``(B, K)``."""
@@ -158,14 +166,11 @@ class PeerGroup(nn.Module):
         self.names, self.deploy = list(members), deploy
         for name, model in members.items():
             self.add_module(name, model)
-        main = members[deploy]
-        self.feature_taps: dict[str, str] = {path: f"{deploy}.{path}" for path, _ in main.named_modules() if path}
-        for friendly, target in (getattr(main, "feature_taps", {}) or {}).items():
-            self.feature_taps[friendly] = f"{deploy}.{target}"
-        for name, model in members.items():
-            self.feature_taps[f"{name}.{LOGITS}"] = name
-            for friendly, target in (getattr(model, "feature_taps", {}) or {}).items():
-                self.feature_taps[f"{name}.{friendly}"] = f"{name}.{target}"
+        main = members[deploy]  # unprefixed taps: the deployed member's module paths and friendly names
+        self.feature_taps = {path: f"{deploy}.{path}" for path, _ in main.named_modules() if path}
+        self.feature_taps |= {friendly: f"{deploy}.{target}"
+                              for friendly, target in (getattr(main, "feature_taps", {}) or {}).items()}
+        self.feature_taps |= member_taps(members)
 
     def forward(self, x: Tensor) -> Tensor:
         """Run every member; return the deployed member's logits ``(B, K)``."""
