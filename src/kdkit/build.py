@@ -281,7 +281,7 @@ class _Planner:
         recipe = self.recipe
         models: dict[str, nn.Module | None] = {}
         for member, spec in recipe.frozen_teachers().items():
-            at = "teacher" if recipe.teachers is None else f"teachers.{member}"
+            at = recipe.teacher_key(member)
             models[member] = built = self.network(spec, shape, at)
             if spec.recipe is not None:
                 self.attempt(teacher_run_recipe, spec, self.base)

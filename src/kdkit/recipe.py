@@ -252,6 +252,11 @@ class RecipeCore(Strict):
             return dict(self.teachers)
         return {"teacher": self.teacher} if self.teacher is not None else {}
 
+    def teacher_key(self, name: str) -> str:
+        """The recipe location of frozen teacher ``name`` (``teacher``, or ``teachers.NAME``), for overrides and
+        messages."""
+        return "teacher" if self.teachers is None else f"teachers.{name}"
+
     @property
     def has_teacher(self) -> bool:
         """Whether the recipe distils from at least one frozen teacher."""

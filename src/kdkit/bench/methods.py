@@ -72,12 +72,13 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     for method in chosen:
         summaries = []
         for seed in range(seeds):
-            base = load_recipe(find_recipe(f"{suite}/{method}"))
+            source = find_recipe(f"{suite}/{method}")  # its other teachers' recipes are relative to it
+            base = load_recipe(source)
             # the suite's teacher is trained once, into the benchmark folder; other teachers by their own recipes
-            suite_teacher = [key for key, spec in _teacher_keys(base) if spec.recipe == "teacher.yaml"]
+            suite_teacher = [base.teacher_key(name) for name, spec in base.frozen_teachers().items()
+                             if spec.recipe == "teacher.yaml"]
             extra = [item for key in suite_teacher
                      for item in (f"{key}.checkpoint={out}/teacher", f"{key}.recipe=null")]
-            source = find_recipe(f"{suite}/{method}")  # its other teachers' recipes are relative to it
             recipe = load_recipe(source, [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
                                           f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
             summary = run_recipe(recipe, source=source, reuse=True, overwrite=True)
@@ -106,13 +107,6 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     print(table)
     print(f"report: {report}")
     return results
-
-
-def _teacher_keys(recipe: Any) -> list[tuple[str, Any]]:
-    """(recipe key, spec) of every frozen teacher: ``teacher`` or ``teachers.NAME``."""
-    if recipe.teacher is not None:
-        return [("teacher", recipe.teacher)]
-    return [(f"teachers.{name}", spec) for name, spec in (recipe.teachers or {}).items()]
 
 
 def deployed_cost(summary: dict[str, Any], recipe: Any) -> dict[str, Any]:

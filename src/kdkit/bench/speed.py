@@ -47,7 +47,7 @@ def _random_teachers(recipe: Recipe, folder: Path) -> list[str]:
         model = build_model(spec.arch, **data_shape, params=spec.params)
         path = folder / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        key = "teacher" if recipe.teacher is not None else f"teachers.{name}"
+        key = recipe.teacher_key(name)
         overrides += [f"{key}.checkpoint={path}", f"{key}.recipe=null"]
     return overrides
 
