@@ -32,3 +32,4 @@ def test_registry_lists_and_describes() -> None:
         """Unused."""
 
     assert reg.names() == ["one"] and "one" in reg and reg.describe("one") == "the first"
+    assert reg.items() == [("one", one)]

@@ -125,12 +125,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{'torchvision:NAME':{width}s}  any torchvision classification model, random init or checkpoint")
         print(f"{'pkg.module:factory':{width}s}  your own factory, imported by path (only with --trust-code)")
     if args.what == "tasks":
-        for name in TASKS.names():
-            task = TASKS.get(name)
+        for name, task in TASKS.items():
             print(f"  {name}: metrics {', '.join(task.metrics)} (best by {task.best}); targets: "
                   f"{task.target or 'the labels'}; deploys {task.deployed_output}")
     if args.what == "methods":
-        sections = {m.name: m.section for m in (METHODS.get(n) for n in METHODS.names()) if m.section}
+        sections = {name: m.section for name, m in METHODS.items() if m.section}
         print("recipe sections: " + (", ".join(f"`{s}:` (method {n})" for n, s in sections.items()) or "none"))
     return 0
 

@@ -106,14 +106,13 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def active_methods(recipe: Any) -> list[Method]:
     """The registered methods ``recipe`` uses, in registry order."""
-    return [m for m in (METHODS.get(n) for n in METHODS.names()) if m.active(recipe)]
+    return [method for _, method in METHODS.items() if method.active(recipe)]
 
 
 def method_sections() -> dict[str, Method]:
     """Recipe section name -> the method that declares it."""
     sections: dict[str, Method] = {}
-    for name in METHODS.names():
-        method = METHODS.get(name)
+    for name, method in METHODS.items():
         if method.section is None:
             continue
         if method.section in sections:

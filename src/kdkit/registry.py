@@ -106,6 +106,11 @@ class Registry(Generic[T]):
         load_plugins()
         return sorted(self._entries)
 
+    def items(self) -> list[tuple[str, T]]:
+        """``(name, entry)`` for every registered name, sorted by name."""
+        load_plugins()
+        return sorted(self._entries.items())
+
     def __contains__(self, name: object) -> bool:
         load_plugins()
         return name in self._entries

@@ -172,8 +172,8 @@ def method_sections(groups: dict[str, list[RunRecord]]) -> str:
     parts = []
     for label, records in groups.items():
         first = records[0]
-        for name in METHODS.names():
-            parts.append(METHODS.get(name).report_section(label, first.summary, first.path))
+        for _, method in METHODS.items():
+            parts.append(method.report_section(label, first.summary, first.path))
     parts = [p for p in parts if p]
     return "<h2>Method details</h2>" + "".join(parts) if parts else ""
 

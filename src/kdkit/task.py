@@ -112,4 +112,4 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 def tasks_serving(data: ImageData) -> list[str]:
     """The registered tasks whose targets ``data`` provides."""
-    return [name for name in TASKS.names() if TASKS.get(name).check_data(data) is None]
+    return [name for name, task in TASKS.items() if task.check_data(data) is None]
