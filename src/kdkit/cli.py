@@ -158,8 +158,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         **({"steps": 4, "repeats": 2, "warmup": 1} if steps else {}), overrides=overrides)
         return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    run_methods_bench(Path(args.out or f"runs/bench_{args.suite}" if args.suite != "fashion_mnist" else
-                           args.out or "runs/bench_methods"), seeds=args.seeds, methods=methods, quick=args.quick,
+    default_out = "runs/bench_methods" if args.suite == "fashion_mnist" else f"runs/bench_{args.suite}"
+    run_methods_bench(Path(args.out or default_out), seeds=args.seeds, methods=methods, quick=args.quick,
                       overrides=args.overrides, suite=args.suite)
     return 0
 

@@ -109,12 +109,11 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
               + methods)
     result = run.engine.fit(resume=resume)
     summary = _summary(recipe, built, result, ctx)
-    if ctx.is_main:
-        for _, method_run in run.methods:
-            summary.update(method_run.summary(run.engine))
     if run.cache_info is not None:
         summary["teacher_cache"] = run.cache_info
     if ctx.is_main:
+        for _, method_run in run.methods:
+            summary.update(method_run.summary(run.engine))
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)
     return summary
