@@ -68,7 +68,7 @@ class FmktMethod(Method):
     def bench_fields(self, summaries: list[dict[str, Any]]) -> dict[str, Any]:
         """The deployed variant's cost, for summaries written before ``summary.json`` had ``deployed``."""
         flow = summaries[0].get("flow")
-        if not flow or ("deployed" in summaries[0] and isinstance(summaries[0]["deployed"], dict)):
+        if not flow or isinstance(summaries[0].get("deployed"), dict):
             return {}
         chosen = flow["variants"][flow["deployed"]]
         return {"deployed_params": chosen["params"], "deployed_flops": chosen["flops"],
