@@ -161,3 +161,67 @@ def test_dml_run_resumes_to_identical_weights(tiny: dict, tmp_path: Path) -> Non
     b = load_file(str(pointed(broken / "checkpoints", "latest") / "model.safetensors"))
     assert any(k.startswith("model.peer.") for k in a)  # every member is checkpointed
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- each trained network's own optimiser settings ------------------------------------------------------
+
+def test_a_peer_with_its_own_lr_trains_in_its_own_group_under_the_shared_schedule(tiny: dict) -> None:
+    from kdkit.assemble import assemble
+
+    recipe = with_peer(tiny)
+    recipe["peers"]["peer"]["optimizer"] = {"lr": 0.01, "weight_decay": 0.0}
+    recipe["train"]["schedule"] = {"name": "cosine"}
+    run = assemble(recipe_from_dict(recipe))
+    optimizer, peer = run.engine.optimizer, run.built.student.model.peer
+    own = [g for g in optimizer.param_groups if g.get("member") == "peer"]
+    assert len(own) == 1 and {id(p) for p in own[0]["params"]} == {id(p) for p in peer.parameters()}
+    rest = [g for g in optimizer.param_groups if "member" not in g]
+    base = recipe["train"]["optimizer"].get("lr", 0.05)
+    assert own[0]["weight_decay"] == 0.0 and rest[0]["weight_decay"] > 0
+    ratio = own[0]["lr"] / rest[0]["lr"]
+    assert math.isclose(ratio, 0.01 / base)
+    for _ in range(3):  # the schedule moves both groups by the same factor
+        optimizer.step()
+        run.engine.scheduler.step()
+    assert rest[0]["lr"] < base and math.isclose(own[0]["lr"] / rest[0]["lr"], ratio)
+
+
+def test_member_groups_must_partition_the_parameters(tiny: dict) -> None:
+    from kdkit.assemble import assemble, member_groups
+
+    recipe = with_peer(tiny)
+    recipe["peers"]["peer"]["optimizer"] = {"lr": 0.01}
+    parsed = recipe_from_dict(recipe)
+    built = plan(parsed, training=True)
+    groups = member_groups(parsed, built)
+    assert groups is not None and [g.get("member") for g in groups] == ["peer", None]
+    groups[1]["params"] = groups[1]["params"][1:]  # one parameter of `model` in no group
+    with pytest.raises(KdkitError, match="exactly once"):
+        from kdkit.engine import _check_partition
+
+        _check_partition([*built.student.parameters(), *built.objective.parameters()], groups)
+    assert member_groups(recipe_from_dict(with_peer(copy.deepcopy(tiny))), built) is None
+    assemble(parsed, built=built)  # the groups the assembler makes pass the engine's check
+
+
+def test_member_optimizer_keys_are_checked(tiny: dict) -> None:
+    alone = copy.deepcopy(tiny)
+    alone["model"]["optimizer"] = {"lr": 0.01}
+    with pytest.raises(KdkitError, match=r"without `peers:` set train\.optimizer"):
+        recipe_from_dict(alone)
+    wrong = with_peer(copy.deepcopy(tiny))
+    wrong["peers"]["peer"]["optimizer"] = {"betas": [0.9, 0.99]}
+    with pytest.raises(KdkitError, match=r"peers.peer.optimizer.betas does not apply to .*'sgd'"):
+        recipe_from_dict(wrong)
+    unknown = with_peer(copy.deepcopy(tiny))
+    unknown["peers"]["peer"]["optimizer"] = {"lrr": 0.01}
+    with pytest.raises(KdkitError, match="lrr"):
+        recipe_from_dict(unknown)
+
+
+def test_unset_member_optimizers_leave_the_digest_alone(tiny: dict) -> None:
+    plain = recipe_from_dict(with_peer(copy.deepcopy(tiny)))
+    assert "optimizer" not in plain.to_dict()["model"] and "optimizer" not in plain.to_dict()["peers"]["peer"]
+    tuned = with_peer(copy.deepcopy(tiny))
+    tuned["peers"]["peer"]["optimizer"] = {"lr": 0.01}
+    assert recipe_from_dict(tuned).digest() != plain.digest()

@@ -91,6 +91,23 @@ def check_same_recipe(saved: dict[str, Any], current: dict[str, Any], folder: Pa
                              "another output.dir")
 
 
+def member_groups(recipe: Recipe, built: Plan) -> list[dict[str, Any]] | None:
+    """Optimiser parameter groups for trained networks with their own settings (``peers.NAME.optimizer``,
+    ``model.optimizer``): one group per such network, then everything else (other networks, bridges, the
+    objective's modules) with ``train.optimizer``'s. ``None`` when no network has its own."""
+    overrides = {name: spec.optimizer.overrides() for name, spec in recipe.trained_members().items()
+                 if spec.optimizer is not None and spec.optimizer.overrides()}
+    if not overrides:
+        return None
+    groups, taken = [], set()
+    for name, keys in overrides.items():
+        params = list(getattr(built.student.model, name).parameters())
+        groups.append({"params": params, "member": name, **keys})
+        taken |= {id(p) for p in params}
+    rest = [p for p in (*built.student.parameters(), *built.objective.parameters()) if id(p) not in taken]
+    return [*groups, {"params": rest}]
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}
@@ -130,7 +147,8 @@ def assemble(recipe: Recipe, *, source: Path | None = None, device: torch.device
     spec = recipe.train
     run_info = recipe.to_dict()
     engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
-                    eval_loader=eval_loader, epochs=spec.epochs, make_optimizer=optimizer_factory(spec), amp=spec.amp,
+                    eval_loader=eval_loader, epochs=spec.epochs, make_optimizer=optimizer_factory(spec),
+                    param_groups=member_groups(recipe, built), amp=spec.amp,
                     compile=spec.compile, run_dir=run_dir, teacher=teacher, device=built.device, ctx=ctx,
                     run_info=run_info, header={"arch": recipe.model.arch, "recipe": json.dumps(run_info)},
                     check_resume=lambda saved, folder: check_same_recipe(saved, run_info, folder),

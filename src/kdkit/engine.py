@@ -107,6 +107,18 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _check_partition(params: list[torch.nn.Parameter], groups: list[dict[str, Any]] | None) -> None:
+    """Refuse parameter groups that leave out or repeat one of ``params`` (a network would silently not train,
+    or train twice per step)."""
+    if groups is None:
+        return
+    grouped = [id(p) for g in groups for p in g["params"]]
+    if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in params}:
+        raise KdkitError("param_groups must hold each of the student's and objective's parameters exactly once "
+                         f"({len(grouped)} grouped, {len(set(grouped))} distinct, {len(params)} expected)",
+                         fix="build the groups from student.parameters() and objective.parameters()")
+
+
 class Engine:
     """Train ``student`` (with an optional frozen ``teacher``) under ``objective``.
 
@@ -118,6 +130,8 @@ class Engine:
         epochs: Epochs to train.
         make_optimizer: Builds the optimiser and its per-step lr scheduler from the parameter groups
             (student and objective first, then the hooks' groups) and the steps per epoch.
+        param_groups: The student's and objective's parameters split into optimiser groups with their own
+            settings (e.g. one per trained network); each parameter in exactly one. Default: one group.
         amp: ``"off"``, ``"bf16"`` or ``"fp16"`` autocast of the forward passes.
         compile: ``torch.compile`` the trained module for the training forward.
         run_dir: Where rank 0 writes checkpoints and metrics and every rank resumes from (``None``: no files).
@@ -140,7 +154,8 @@ class Engine:
     """
 
     def __init__(self, *, student: Student, objective: Objective, train_loader: BatchLoader,
-                 eval_loader: BatchLoader, epochs: int, make_optimizer: OptimizerFactory, amp: str = "off",
+                 eval_loader: BatchLoader, epochs: int, make_optimizer: OptimizerFactory,
+                 param_groups: list[dict[str, Any]] | None = None, amp: str = "off",
                  compile: bool = False, run_dir: Path | None = None, teacher: torch.nn.Module | None = None,
                  device: torch.device | str = "cpu", ctx: DistContext | None = None,
                  run_info: dict[str, Any] | None = None, header: dict[str, str] | None = None,
@@ -189,8 +204,9 @@ class Engine:
         if self.steps_per_epoch == 0:
             raise KdkitError(f"the training loader yields no batch ({train_loader.num_samples} samples for "
                              f"{self.ctx.world_size} process(es))", fix="use a smaller batch or more data")
-        groups = [{"params": list(student.parameters()) + list(objective.parameters())},
-                  *(g for h in hooks for g in h.param_groups)]
+        own = [*student.parameters(), *objective.parameters()]
+        groups = [*(param_groups or [{"params": own}]), *(g for h in hooks for g in h.param_groups)]
+        _check_partition(own, param_groups)
         self.optimizer, self.scheduler = make_optimizer(groups, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.model: torch.nn.Module = student

@@ -32,6 +32,29 @@ class ModelSpec(Strict):
                                    ".safetensors or a torch state_dict file")
 
 
+class MemberOptimizerSpec(Strict):
+    """One trained network's own optimiser settings: each key set here overrides ``train.optimizer``'s for that
+    network's parameters (a parameter group of the run's one optimiser, so its family stays
+    ``train.optimizer.name``). The lr schedule scales every group alike (``min_lr`` scales with the group's lr)."""
+
+    lr: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0, description="sgd only")
+    nesterov: bool | None = Field(None, description="sgd only")
+    weight_decay: float | None = Field(None, ge=0)
+    betas: tuple[float, float] | None = Field(None, description="adamw only")
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys that are set, as torch parameter-group keys."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class TrainedSpec(ModelSpec):
+    """A trained network: ``model``, or a peer trained with it."""
+
+    optimizer: MemberOptimizerSpec | None = Field(
+        None, description="this network's own optimiser settings (with `peers:` only; default: train.optimizer's)")
+
+
 class CacheSpec(Strict):
     """The teacher-output cache (FKD-style): the teacher runs once over ``views`` augmented views of every
     training image; training replays those exact views and reads the stored outputs instead of running
@@ -179,8 +202,8 @@ class RecipeCore(Strict):
     description: str = ""
     task: str = Field("classification", description="what is learnt and measured: targets, supervised loss, "
                       "metrics (kdkit ls tasks)")
-    model: ModelSpec
-    peers: dict[str, ModelSpec] | None = Field(
+    model: TrainedSpec
+    peers: dict[str, TrainedSpec] | None = Field(
         None, description="more trainable networks, trained with `model` (named `model`); terms read `NAME.TAP` on "
         "either side (a peer on the teacher side is a detached target, deep mutual learning); each learns from "
         "the labels with train.ce_weight")
@@ -233,7 +256,23 @@ class RecipeCore(Strict):
             raise ValueError(f"names {clash} are both peers and teachers; a tap NAME.X must name one network")
         return self
 
-    def trained_members(self) -> dict[str, ModelSpec]:
+    @model_validator(mode="after")
+    def _member_optimizers_fit(self) -> RecipeCore:
+        if self.model.optimizer is not None and self.peers is None:
+            raise ValueError("model.optimizer sets one network's own optimiser settings among peers; without "
+                             "`peers:` set train.optimizer instead")
+        family = self.train.optimizer.name
+        foreign = {"sgd": ("betas",), "adamw": ("momentum", "nesterov")}[family]
+        for name, spec in self.trained_members().items():
+            keys = sorted(spec.optimizer.overrides()) if spec.optimizer is not None else []
+            wrong = [k for k in keys if k in foreign]
+            if wrong:
+                where = "model" if name == "model" else f"peers.{name}"
+                raise ValueError(f"{where}.optimizer.{wrong[0]} does not apply to train.optimizer.name {family!r} "
+                                 f"(one optimiser family per run); remove it or change train.optimizer.name")
+        return self
+
+    def trained_members(self) -> dict[str, TrainedSpec]:
         """The trained networks by name: ``model`` and the peers."""
         return {"model": self.model, **(self.peers or {})}
 
@@ -300,6 +339,9 @@ class RecipeCore(Strict):
                 node = node.get(part) or {}
             if key in node and node[key] == unset:
                 del node[key]
+        for member in (data["model"], *(data.get("peers") or {}).values()):
+            if member.get("optimizer", 0) is None:  # added later, like the keys above
+                del member["optimizer"]
         return data
 
     def digest(self) -> str:
