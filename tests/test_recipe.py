@@ -79,3 +79,16 @@ def test_keys_added_later_do_not_change_old_digests() -> None:
     cached = load_recipe("fashion_mnist/kd", ["teacher.cache.views=3", "train.compile=true"])
     assert cached.to_dict()["teacher"]["cache"]["views"] == 3 and cached.to_dict()["train"]["compile"] is True
     assert len({plain.digest(), cached.digest()}) == 2
+
+
+def test_every_network_and_the_task_are_named_in_the_problem_list(tiny: dict) -> None:
+    tiny["train"]["epochs"] = -1  # a schema error: the name check runs on the raw recipe as well
+    tiny["task"] = "clasification"
+    tiny["peers"] = {"b": {"arch": "cnn_studen"}}
+    tiny["teachers"] = {"t1": {"arch": "cnn_teachr", "checkpoint": "t1.safetensors"}}
+    with pytest.raises(RecipeErrors) as info:
+        recipe_from_dict(tiny)
+    text = str(info.value)
+    assert "peers.b.arch: unknown model 'cnn_studen'; valid choices: cnn_student" in text
+    assert "teachers.t1.arch: unknown model 'cnn_teachr'; valid choices: cnn_teacher" in text
+    assert "task: unknown task 'clasification'; valid choices: classification" in text

@@ -417,7 +417,8 @@ def _to_errors(exc: ValidationError, source: str | None) -> list[KdkitError]:
 
 
 def name_problems(data: dict[str, Any]) -> list[KdkitError]:
-    """Unknown model, dataset, loss and bridge names in a raw recipe.
+    """Unknown model (of every network: model, teacher, peers, teachers), dataset, task, loss and bridge names in
+    a raw recipe.
 
     Used when the schema check fails, so that ``kdkit validate`` still reports every problem at once.
     """
@@ -436,6 +437,14 @@ def name_problems(data: dict[str, Any]) -> list[KdkitError]:
     for key in ("model", "teacher"):
         if isinstance(data.get(key), dict):
             check(MODELS, data[key].get("arch"), f"{key}.arch")
+    for group in ("peers", "teachers"):
+        for name, spec in (data.get(group) or {}).items() if isinstance(data.get(group), dict) else ():
+            if isinstance(spec, dict):
+                check(MODELS, spec.get("arch"), f"{group}.{name}.arch")
+    if "task" in data:
+        from kdkit.task import TASKS
+
+        check(TASKS, data["task"], "task")
     if isinstance(data.get("data"), dict):
         check(DATASETS, data["data"].get("dataset"), "data.dataset")
     for i, term in enumerate(data.get("distill") or []):
