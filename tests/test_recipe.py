@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kdkit.cli import main
 from kdkit.errors import KdkitError, RecipeErrors
@@ -92,3 +93,24 @@ def test_every_network_and_the_task_are_named_in_the_problem_list(tiny: dict) ->
     assert "peers.b.arch: unknown model 'cnn_studen'; valid choices: cnn_student" in text
     assert "teachers.t1.arch: unknown model 'cnn_teachr'; valid choices: cnn_teacher" in text
     assert "task: unknown task 'clasification'; valid choices: classification" in text
+
+
+def test_yaml_on_off_yes_no_are_strings_where_a_choice_is_expected_and_booleans_where_a_flag_is(
+        tiny: dict, tmp_path: Path) -> None:
+    recipe = recipe_from_dict(tiny, ["train.amp=off", "data.augment.hflip=yes", "train.compile=off"])
+    assert recipe.train.amp == "off" and recipe.data.augment.hflip is True and recipe.train.compile is False
+    tiny["train"]["amp"] = "bf16"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny).replace("amp: bf16", "amp: off").replace("hflip: false", "hflip: on"))
+    loaded = load_recipe(path)
+    assert loaded.train.amp == "off" and loaded.data.augment.hflip is True
+    with pytest.raises(RecipeErrors, match=r"train\.amp"):
+        recipe_from_dict(tiny, ["train.amp=of"])
+
+
+def test_a_boolean_loss_parameter_reads_yaml_words(tiny_kd: dict) -> None:
+    from kdkit.build import plan
+
+    tiny_kd["distill"] = [{"loss": "cka", "student": "stage2", "teacher": "stage2", "centered": "off"}]
+    built = plan(recipe_from_dict(tiny_kd), training=False)
+    assert built.objective.terms[0].loss.centered is False

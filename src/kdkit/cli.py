@@ -17,13 +17,16 @@ from kdkit.errors import KdkitError, TrainingDiverged
 
 def _split_resume(overrides: list[str]) -> tuple[list[str], bool]:
     """``resume=true`` is a run option, not a recipe key: take it out of the overrides."""
-    import yaml
-
     rest, resume = [], False
     for item in overrides:
         key, _, value = item.partition("=")
         if key.strip() == "resume":
-            resume = bool(yaml.safe_load(value))
+            choices = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                       "0": False}
+            if value.strip().lower() not in choices:
+                raise KdkitError(f"resume={value!r} is not a boolean", bad=value.strip().lower(), choices=list(choices),
+                                 fix="write resume=true (or pass --resume)")
+            resume = choices[value.strip().lower()]
         else:
             rest.append(item)
     return rest, resume

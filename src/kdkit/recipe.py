@@ -1,7 +1,7 @@
 """Recipes: YAML files validated by a typed schema. One recipe = one reproducible experiment.
 
 Unknown keys are errors; every schema problem is reported at once with its recipe path. Loading a
-recipe never executes code (``yaml.safe_load``). ``key=value`` overrides use dotted paths, e.g.
+recipe never executes code (a safe YAML loader). ``key=value`` overrides use dotted paths, e.g.
 ``train.epochs=5 distill.0.temperature=2``; values are parsed as YAML scalars.
 """
 
@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdkit.errors import KdkitError, RecipeErrors
-from kdkit.schema import Strict
+from kdkit.schema import Strict, read_yaml
 
 LOGITS_NAME = "logits"  # the tap every network has (kdkit.taps.LOGITS)
 
@@ -480,14 +480,14 @@ def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key=value`` strings; values are YAML scalars (``5``, ``0.1``, ``true``, ``[1, 2]``)."""
+    """Parse ``key=value`` strings; values are YAML scalars (``5``, ``0.1``, ``true``, ``off``, ``[1, 2]``)."""
     pairs = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise KdkitError(f"override {item!r} is not of the form key=value",
                              fix="write e.g. train.epochs=5 or data.root=/path/to/data")
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        pairs.append((key.strip(), read_yaml(raw) if raw.strip() else None))
     return pairs
 
 
@@ -514,7 +514,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """
     file = find_recipe(path)
     try:
-        data = yaml.safe_load(file.read_text())
+        data = read_yaml(file.read_text())
     except yaml.YAMLError as exc:
         raise KdkitError(f"{file} is not valid YAML: {exc}", fix="fix the YAML syntax") from None
     if not isinstance(data, dict):

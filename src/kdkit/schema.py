@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import yaml
 from pydantic import BaseModel, ConfigDict
 
 
@@ -9,3 +13,29 @@ class Strict(BaseModel):
     """A recipe section: unknown keys are errors and a validated section is immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans.
+
+    YAML 1.1 (PyYAML's default) also reads ``on``/``off``/``yes``/``no`` as booleans, so ``train.amp: off``
+    arrived as ``False`` and was refused as "not 'off'". Here they stay strings; where a boolean is expected,
+    the schema converts them (pydantic accepts on/off/yes/no), so both kinds of key work.
+    """
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML safely (no code runs) with YAML 1.2 booleans (see :class:`_Yaml12Loader`).
+
+    Raises:
+        yaml.YAMLError: The text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_Yaml12Loader)
