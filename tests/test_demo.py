@@ -31,3 +31,14 @@ def test_quick_demo_writes_table_and_report(tmp_path: Path, capsys: pytest.Captu
 def test_bad_seed_count(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--seeds", "0"]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_a_data_dir_the_user_names_never_falls_back_to_digits(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope"
+    assert main(["demo", "--data-dir", str(missing), "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "digits" not in err.split("fix:")[0].lower()
+    assert not (tmp_path / "demo").exists()  # nothing trained
+    assert main(["demo", "--data", "digits", "--data-dir", str(missing), "--out", str(tmp_path / "d")]) == 2
+    assert "drop --data-dir" in capsys.readouterr().err

@@ -40,13 +40,18 @@ QUICK = {"teacher": ["train.epochs=1"], "student": ["train.epochs=2"]}
 
 
 def choose_data(data: str, data_dir: str | None) -> tuple[str, str]:
-    """Pick the dataset: Fashion-MNIST when its files are there, else digits -- saying so, never silently."""
+    """Pick the dataset: Fashion-MNIST when its files are there, else digits -- saying so, never silently.
+
+    A folder the user names (``--data-dir``) never falls back: without Fashion-MNIST there it is an error."""
     if data == "digits":
+        if data_dir is not None:
+            raise KdkitError("--data-dir names Fashion-MNIST's folder, but --data digits uses scikit-learn's "
+                             "bundled digits", bad=data_dir, fix="drop --data-dir, or use --data fashion_mnist")
         return "digits", "scikit-learn's bundled digits (chosen with --data digits)"
     try:
         found = load_dataset("fashion_mnist", data_dir)
     except KdkitError as exc:
-        if data == "fashion_mnist":
+        if data == "fashion_mnist" or data_dir is not None:
             raise
         note = (f"Fashion-MNIST not found ({exc.message}); using scikit-learn's bundled digits instead. "
                 "For the real demo: apt-get install dataset-fashion-mnist, or --data-dir DIR with the idx files.")
