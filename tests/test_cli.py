@@ -46,3 +46,55 @@ def test_report_compares_run_folders(tmp_path: Path, tiny: dict, capsys: pytest.
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "curves.png").is_file()
     assert main(["report", str(tmp_path)]) == 2  # not a run folder
     assert "not a kdkit run folder" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_prints_the_exact_command_that_continues_it(
+        tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import shlex
+
+    import kdkit.runner
+    from kdkit.engine import Interrupted
+
+    seen: list[dict] = []
+
+    def interrupted(recipe: object, **kwargs: object) -> None:
+        seen.append({"recipe": recipe, **kwargs})
+        raise Interrupted(tmp_path / "run" / "checkpoints" / "epoch_1")
+
+    monkeypatch.setattr(kdkit.runner, "run_recipe", interrupted)
+    path = write_recipe(tmp_path / "my recipe.yaml", tiny)
+    assert main(["run", str(path), "train.epochs=3", "train.seed=7", "--trust-code", "--quiet"]) == 130
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("continue with: ")
+    command = shlex.split(line.removeprefix("continue with: "))
+    assert command == ["kdkit", "run", str(path), "train.epochs=3", "train.seed=7", "--trust-code", "--quiet",
+                       "--resume"]
+    assert main(command[1:]) == 130  # the printed command is the same run (same overrides), resumed
+    first, again = seen
+    assert again["resume"] is True and first["resume"] is False
+    assert again["recipe"].digest() == first["recipe"].digest()
+
+
+@pytest.mark.slow
+def test_benchmarks_continue_an_interrupted_run_and_restart_another_recipes(
+        tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdkit.runner
+    from conftest import sigint_at_step
+    from kdkit.engine import Interrupted
+    from kdkit.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(tiny, ["train.epochs=2"])
+    with pytest.raises(Interrupted):  # in epoch 2, epoch 1's checkpoint saved
+        kdkit.runner.run_recipe(recipe, callbacks=[sigint_at_step(recipe.train.epochs * 2)])
+    original, calls = kdkit.runner.run_recipe, []
+
+    def spy(r: object, **kwargs: object) -> dict:
+        calls.append(kwargs)
+        return original(r, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kdkit.runner, "run_recipe", spy)
+    assert kdkit.runner.run_or_continue(recipe)["epochs"] == 2
+    assert calls[-1]["resume"] is True and calls[-1]["overwrite"] is False
+    other = recipe_from_dict(tiny, ["train.epochs=2", "train.seed=5"])  # the same folder, another recipe
+    assert kdkit.runner.run_or_continue(other)["seed"] == 5
+    assert calls[-1]["resume"] is False and calls[-1]["overwrite"] is True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -298,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     # nothing a float32 training step can resolve.
     torch.set_flush_denormal(True)
     argv = list(sys.argv[1:] if argv is None else argv)
+    original = list(argv)
     if "--trust-code" in argv:  # a global switch, accepted anywhere on the line
         argv = [a for a in argv if a != "--trust-code"]
         from kdkit.models import TRUST_CODE_ENV
@@ -324,8 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except Interrupted as exc:
-        print(str(exc), file=sys.stderr)
+        print(f"{exc}\ncontinue with: {resume_command(original)}", file=sys.stderr)
         return 130
+
+
+def resume_command(argv: list[str]) -> str:
+    """The exact command line that continues an interrupted one: the same arguments (overrides and
+    ``--trust-code`` included, so it is the same run) with ``--resume`` for ``kdkit run``; other commands
+    (``demo``, ``bench``) reuse finished runs and resume the interrupted one when repeated as they were."""
+    args = list(argv)
+    if args[:1] == ["run"] and "--resume" not in args and "resume=true" not in args:
+        args.append("--resume")
+    return shlex.join(["kdkit", *args])
 
 
 if __name__ == "__main__":

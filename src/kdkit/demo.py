@@ -25,7 +25,7 @@ from kdkit.errors import KdkitError
 from kdkit.profile import machine_info
 from kdkit.recipe import find_recipe, load_recipe
 from kdkit.report import mean_std, write_report
-from kdkit.runner import run_recipe
+from kdkit.runner import run_or_continue, run_recipe
 
 # Budgets per dataset: overrides applied to the shipped recipes fashion_mnist/{teacher,student_ce,kd}.
 BUDGETS: dict[str, dict[str, list[str]]] = {
@@ -85,7 +85,7 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
     print(f"kdkit demo: {data_note}; output in {out}")
 
     teacher = _recipe("teacher", [*budget["teacher"], *root, *quick_t, f"output.dir={out}/teacher"])
-    teacher_summary = run_recipe(teacher, reuse=True, overwrite=True)  # reuse an identical finished run
+    teacher_summary = run_or_continue(teacher)
     runs: dict[str, list[dict[str, Any]]] = {"student (labels only)": [], "student + KD": []}
     folders: list[Path] = [teacher.run_dir]
     labels = ["teacher"]
@@ -94,7 +94,7 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
             extra = [f"teacher.checkpoint={out}/teacher", "teacher.recipe=null"] if name == "kd" else []
             recipe = _recipe(name, [*budget["student"], *root, *quick_s, *extra, f"train.seed={seed}",
                                     f"output.dir={out}/{name}_seed{seed}"])
-            runs[label].append(run_recipe(recipe, reuse=not overwrite, overwrite=True))
+            runs[label].append(run_recipe(recipe, overwrite=True) if overwrite else run_or_continue(recipe))
             folders.append(recipe.run_dir)
             labels.append(label)
     results = _results(teacher_summary, runs, data_note, seeds, quick)

@@ -82,7 +82,7 @@ class Interrupted(RuntimeError):
     def __init__(self, checkpoint: Path | None) -> None:
         self.checkpoint = checkpoint
         where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written (not rank 0)"
-        super().__init__(f"training interrupted; {where}; continue with `kdkit run RECIPE --resume`")
+        super().__init__(f"training interrupted; {where}")  # the front end says how to continue
 
 
 @dataclass

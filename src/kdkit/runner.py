@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from kdkit._version import __version__
-from kdkit.assemble import assemble
+from kdkit.assemble import assemble, check_same_recipe
 from kdkit.build import plan, resolve_device, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed
 from kdkit.distributed import DistContext, barrier, init_distributed
@@ -35,6 +35,21 @@ def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("recipe_digest") == recipe.digest() else None
+
+
+def run_or_continue(recipe: Recipe, *, source: Path | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Reuse a finished run of exactly ``recipe``, continue an interrupted one from its last checkpoint, or
+    start over when the folder holds another recipe's run (what benchmarks and the demo do, so that running
+    them again after an interruption loses nothing)."""
+    saved = recipe.run_dir / "recipe.yaml"
+    same = False
+    if saved.is_file() and pointed(recipe.run_dir / "checkpoints", "latest") is not None:
+        try:
+            check_same_recipe(yaml.safe_load(saved.read_text()) or {}, recipe.to_dict(), recipe.run_dir)
+            same = True
+        except KdkitError:
+            same = False
+    return run_recipe(recipe, source=source, reuse=True, resume=same, overwrite=not same, progress=progress)
 
 
 def train_teacher_first(recipe: Recipe, source: Path | None, *, device: str | None = None,

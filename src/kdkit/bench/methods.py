@@ -22,7 +22,7 @@ from kdkit.models import build_model
 from kdkit.profile import count_flops, machine_info
 from kdkit.recipe import find_recipe, load_recipe, recipes_root
 from kdkit.report import mean_std, write_report
-from kdkit.runner import run_recipe
+from kdkit.runner import run_or_continue
 
 SUITE = "fashion_mnist"
 NOT_METHODS = {"teacher"}
@@ -67,7 +67,7 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     quick_over = ["train.epochs=1"] if quick else []
     teacher_quick = [*quick_over, "data.subset=2000"] if quick else []
     teacher = load_recipe(find_recipe(f"{suite}/teacher"), [*teacher_quick, f"output.dir={out}/teacher"])
-    run_recipe(teacher, reuse=True, overwrite=True)  # reuse a finished identical run, else start over
+    run_or_continue(teacher)
     rows, folders, labels = [], [], []
     for method in chosen:
         summaries = []
@@ -81,7 +81,7 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
                      for item in (f"{key}.checkpoint={out}/teacher", f"{key}.recipe=null")]
             recipe = load_recipe(source, [*extra, *quick_over, *(overrides or []), f"train.seed={seed}",
                                           f"output.dir={out}/{method}_seed{seed}", "output.progress=false"])
-            summary = run_recipe(recipe, source=source, reuse=True, overwrite=True)
+            summary = run_or_continue(recipe, source=source)
             metric = summary.get("metric", "top1")
             print(f"bench: {method} seed {seed}: best {metric} {summary[f'best_{metric}']:.2f} last "
                   f"{summary[f'last_{metric}']:.2f} "
