@@ -212,7 +212,15 @@ class _Planner:
         if self.errors:
             raise RecipeErrors(self.errors, str(self.source) if self.source else self.recipe.name)
 
-    # -- stage 1: device, data, task ------------------------------------------------------------------
+    # -- stage 1: output folder, device, data, task ------------------------------------------------------
+    def output(self) -> None:
+        """The run folder must be a folder (or not exist yet): found before any training, not by mkdir."""
+        run_dir = self.recipe.run_dir
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            self.errors.append(KdkitError(f"output.dir {str(run_dir)!r} cannot be a folder: {str(blocker)!r} is a "
+                                          "file", fix="set output.dir to a folder path", where="output.dir"))
+
     def device(self, override: torch.device | None) -> torch.device:
         recipe = self.recipe
         dev = override or self.attempt(resolve_device, recipe.train.device) or torch.device("cpu")
@@ -293,6 +301,8 @@ class _Planner:
                     self.attempt(load_model_weights, built, weights, where=f"{at}.checkpoint")
             elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
                 self.warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
+            elif spec.checkpoint is not None:  # names and shapes only: the model is on the meta device
+                self.attempt(load_model_weights, built, spec.checkpoint, where=f"{at}.checkpoint")
         if recipe.teachers is not None:
             return TeacherEnsemble(models) if all(m is not None for m in models.values()) else None  # type: ignore[arg-type]
         return models.get("teacher")
@@ -444,6 +454,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         RecipeErrors: Every problem found, each with its recipe location, choices and fix.
     """
     stage = _Planner(recipe, training, source)
+    stage.output()
     dev = stage.device(device)
     data, shape = stage.data()
     task = stage.task(data)

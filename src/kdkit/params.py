@@ -290,9 +290,18 @@ def check_params(factory: Callable[..., Any], params: dict[str, Any], *, skip: I
         name: (hints.get(name, Any), ... if p.default is inspect.Parameter.empty else p.default)
         for name, p in accepted.items()
     }
+    # Numbers are finite and never booleans (pydantic's lax mode reads `true` as 1): the recipe's own rules.
     schema = create_model(f"Params_{getattr(factory, '__name__', 'factory')}",
-                          __config__=ConfigDict(arbitrary_types_allowed=True), **fields)  # type: ignore[call-overload]
+                          __config__=ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False),
+                          **fields)  # type: ignore[call-overload]
     known = {k: v for k, v in params.items() if k in accepted}
+    for name, value in known.items():
+        arms = [_metadata(arm)[0] for arm in _arms(_metadata(hints.get(name, Any))[0])[0]]
+        if isinstance(value, bool) and bool not in arms and {int, float} & set(arms):
+            errors.append(KdkitError(f"{what}: {name} should be a number, got the boolean {str(value).lower()}",
+                                     fix=_fix_for(name, hints[name], accepted[name].default),
+                                     where=f"{where}.{name}"))
+    known = {k: v for k, v in known.items() if not any(e.where == f"{where}.{k}" for e in errors)}
     try:
         validated = schema.model_validate(known)
     except ValidationError as exc:

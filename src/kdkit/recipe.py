@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.schema import Strict, read_yaml
@@ -185,6 +185,16 @@ class OutputSpec(Strict):
     tensorboard: bool = False
     keep_checkpoints: int = Field(1, ge=1, description="epoch checkpoints kept besides 'best'")
     progress: bool = True
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_placeholders_are_known(cls, value: str) -> str:
+        try:
+            value.format(name="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{value!r} has a placeholder other than {{name}} ({exc}); write e.g. runs/{{name}}, "
+                             "or double literal braces") from None
+        return value
 
 
 #: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
@@ -514,9 +524,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """
     file = find_recipe(path)
     try:
-        data = read_yaml(file.read_text())
+        data = read_yaml(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise KdkitError(f"{file} is not valid YAML: {exc}", fix="fix the YAML syntax") from None
+    except UnicodeDecodeError as exc:
+        raise KdkitError(f"{file} is not UTF-8 text: byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                         f"{exc.start}", fix="save the recipe as UTF-8") from None
     if not isinstance(data, dict):
         raise KdkitError(f"{file} must hold a mapping of recipe keys, got {type(data).__name__}",
                          fix="start from a shipped recipe (`kdkit ls recipes`)")

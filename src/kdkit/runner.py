@@ -93,6 +93,9 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
         torch.cuda.set_device(dev)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    # Every problem of this recipe (names, taps, shapes, checkpoints, output folder) before any training,
+    # including that of a teacher it trains first: a misspelt loss must not cost a teacher run.
+    plan(recipe, training=False, source=source)
     train_teacher_first(recipe, source, device=device, progress=progress, announce=ctx.is_main)
     run_dir = recipe.run_dir
     has_ckpt = pointed(run_dir / "checkpoints", "latest") is not None

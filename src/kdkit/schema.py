@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 class Strict(BaseModel):
-    """A recipe section: unknown keys are errors and a validated section is immutable."""
+    """A recipe section: unknown keys are errors and a validated section is immutable. Numbers are finite
+    (``lr=.inf`` is refused) and never booleans (YAML's ``true`` is not ``1`` epoch)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            accepted = get_args(annotation) or (annotation,)
+            if bool not in accepted and any(t in (int, float) for t in accepted):
+                raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
 
 
 class _Yaml12Loader(yaml.SafeLoader):

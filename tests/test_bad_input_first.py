@@ -1,0 +1,81 @@
+"""Bad input is found before any work, as one message with exit code 2 (issue #10, items 10 and 11)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+from kdkit.cli import main
+from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.recipe import load_recipe, recipe_from_dict
+
+
+@pytest.mark.parametrize(("override", "where", "says"), [
+    ("train.epochs=true", "train.epochs", "got the boolean true"),
+    ("train.optimizer.lr=.inf", "train.optimizer.lr", "finite number"),
+    ("train.optimizer.lr=.nan", "train.optimizer.lr", "finite number"),
+    ("train.batch_size=false", "train.batch_size", "got the boolean false"),
+    ("output.dir=runs/{nme}", "output.dir", "placeholder other than {name}"),
+])
+def test_recipe_values_that_used_to_pass_or_crash_are_refused(tiny: dict, override: str, where: str,
+                                                              says: str) -> None:
+    with pytest.raises(RecipeErrors) as info:
+        recipe_from_dict(tiny, [override])
+    assert [e.where for e in info.value.errors] == [where] and says in str(info.value)
+
+
+def test_a_flag_still_reads_yaml_words_and_a_number_its_digits(tiny: dict) -> None:
+    recipe = recipe_from_dict(tiny, ["train.compile=false", "train.epochs=3", "train.optimizer.lr=1e-2"])
+    assert recipe.train.compile is False and recipe.train.epochs == 3 and recipe.train.optimizer.lr == 0.01
+
+
+@pytest.mark.parametrize(("value", "says"), [("true", "got the boolean true"), (".inf", "finite number")])
+def test_loss_parameters_are_finite_numbers_not_booleans(tiny_kd: dict, tmp_path: Path, value: str, says: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_recipe(tmp_path / "r.yaml", tiny_kd)
+    assert main(["validate", str(path), f"distill.0.temperature={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.0.temperature" in err and says in err
+
+
+def test_a_recipe_that_is_not_utf8_is_named_with_the_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(KdkitError, match=r"not UTF-8 text: byte b'\\xe9' at offset 9"):
+        load_recipe(path)
+
+
+def test_an_output_dir_under_a_file_is_found_before_training(tiny: dict, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    path = write_recipe(tmp_path / "r.yaml", tiny)
+    assert main(["run", str(path), f"output.dir={blocker}/run"]) == 2
+    err = capsys.readouterr().err
+    assert "output.dir" in err and f"{str(blocker)!r} is a file" in err
+
+
+def test_a_misspelt_student_loss_costs_no_teacher_run(tiny: dict, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = copy.deepcopy(tiny)
+    teacher.update(name="t", model={"arch": "cnn_teacher"}, output={"dir": str(tmp_path / "teacher"),
+                                                                     "progress": False})
+    write_recipe(tmp_path / "teacher.yaml", teacher)
+    tiny["teacher"] = {"arch": "cnn_teacher", "recipe": "teacher.yaml"}
+    tiny["distill"] = [{"loss": "kd", "student": "stage9", "weight": 1.0}]  # a tap the student does not have
+    path = write_recipe(tmp_path / "student.yaml", tiny)
+    assert main(["run", str(path)]) == 2
+    assert "stage9" in capsys.readouterr().err
+    assert not (tmp_path / "teacher").exists()  # the teacher was not trained first
+
+
+def test_validate_refuses_a_teacher_checkpoint_of_another_architecture(tiny_kd: dict, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_kd["teacher"]["params"] = {"width": 24}  # the checkpoint holds the default width
+    path = write_recipe(tmp_path / "r.yaml", tiny_kd)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.checkpoint" in err and "shape mismatch" in err
