@@ -98,7 +98,8 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
         callbacks: Engine callbacks.
 
     Raises:
-        KdkitError: Any problem with the recipe, data, models or files (before training starts).
+        KdkitError: Any problem with the recipe, data, models or files (before training starts); another
+            process writing the run folder (naming it); a write that failed during training (e.g. a full disk).
     """
     if reuse and (done := finished_summary(recipe)) is not None:
         return done
