@@ -100,12 +100,13 @@ def test_a_student_waits_for_the_teacher_another_process_is_training_and_reuses_
     student = {**tiny, "teacher": {"arch": "cnn_teacher", "recipe": str(write_recipe(tmp_path / "t.yaml", teacher))},
                "distill": [{"loss": "kd", "temperature": 4}], "train": {**tiny["train"], "epochs": 1}}
     path = write_recipe(tmp_path / "student.yaml", student)
+    capsys.readouterr()
     with held_elsewhere(tmp_path / "teacher", result=(tmp_path / "summary.json", summary)) as (proc, release):
         release_when_waiting(monkeypatch, runner, release)
         assert main(["run", str(path)]) == 0
     out = capsys.readouterr()
     assert f"teacher: waiting for pid {proc.pid}" in out.err and "teacher: reusing teacher" in out.out
-    assert "teacher: training" not in out.out and "resume:" not in out.out  # neither trained again nor taken over
+    assert "teacher: training teacher first" not in out.out and "resume:" not in out.out  # nor taken over
     assert summary.read_text() == finished
 
 
