@@ -53,6 +53,25 @@ def tiny_kd(tiny: dict[str, Any], teacher_file: Path) -> dict[str, Any]:
     return tiny
 
 
+@pytest.fixture
+def cached(tiny_kd: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """The tiny KD recipe reading a 3-view cache in tmp_path/cache."""
+    tiny_kd["teacher"]["cache"] = {"views": 3, "dir": str(tmp_path / "cache")}
+    return tiny_kd
+
+
+def built_cache(recipe_dict: dict[str, Any], overrides: list[str] | None = None) -> tuple[Any, ...]:
+    """Open (building when missing) the teacher cache of a recipe dict: recipe, plan, cache, replay, teacher."""
+    from kdkit.build import plan
+    from kdkit.cache import open_cache
+    from kdkit.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(recipe_dict, overrides)
+    built = plan(recipe, training=True)
+    cache, replay, teacher = open_cache(recipe, built, progress=False)
+    return recipe, built, cache, replay, teacher
+
+
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     """Write a recipe dict as YAML and return the path."""
     path.write_text(yaml.safe_dump(recipe))

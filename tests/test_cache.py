@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import straight_and_resumed, write_recipe
+from conftest import built_cache, straight_and_resumed, write_recipe
 from kdkit.assemble import prepare_training
 from kdkit.build import plan
 from kdkit.cache import TeacherCache, open_cache
@@ -22,21 +22,6 @@ from kdkit.data.augment import AugmentConfig, normalize
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
-
-
-@pytest.fixture
-def cached(tiny_kd: dict, tmp_path: Path) -> dict:
-    """The tiny KD recipe reading a 3-view cache in tmp_path/cache."""
-    tiny_kd["teacher"]["cache"] = {"views": 3, "dir": str(tmp_path / "cache")}
-    return tiny_kd
-
-
-def built_cache(recipe_dict: dict, overrides: list[str] | None = None):
-    recipe = recipe_from_dict(recipe_dict, overrides)
-    built = plan(recipe, training=True)
-    cache, replay, teacher = open_cache(recipe, built, progress=False)
-    return recipe, built, cache, replay, teacher
-
 
 # -- views ---------------------------------------------------------------------------------------
 

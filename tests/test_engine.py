@@ -16,7 +16,7 @@ from conftest import sigint_at_step, write_recipe
 from kdkit.checkpoint import pointed, read_state
 from kdkit.cli import _split_resume, main
 from kdkit.engine import Interrupted
-from kdkit.errors import TrainingDiverged
+from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.losses import DistillLoss, register_loss
 from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
@@ -73,7 +73,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, tiny: dict, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(KdkitError, match=r"could not write checkpoint .*epoch_0002.*disk full"):
         run_recipe(recipe_from_dict(tiny, ["train.epochs=2"]), resume=True)
     after = pointed(recipe.run_dir / "checkpoints", "latest")
     assert after == before

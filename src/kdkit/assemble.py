@@ -26,8 +26,11 @@ from kdkit.method import Method, MethodRun, active_methods
 from kdkit.recipe import Recipe
 from kdkit.schedule import optimizer_factory
 
-#: Recipe keys that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = frozenset({"train.epochs", "output.progress"})
+#: Recipe keys that may differ between a checkpoint and the run that resumes it: the epochs may grow, and
+#: the output section says where and how files are written, not what is trained (so a run folder that was
+#: moved or copied resumes with ``output.dir=NEW``).
+RESUMABLE_CHANGES = frozenset({"train.epochs", "output.dir", "output.progress", "output.keep_checkpoints",
+                               "output.tensorboard"})
 
 
 @dataclass
@@ -87,8 +90,8 @@ def check_same_recipe(saved: dict[str, Any], current: dict[str, Any], folder: Pa
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise KdkitError(f"cannot resume from {folder}: the recipe changed since it was written ({changed[:6]})",
-                         fix="resume with the same recipe (only train.epochs may grow), or start a new run with "
-                             "another output.dir")
+                         fix="resume with the same recipe (only train.epochs and the output section may "
+                             "change), or start a new run with another output.dir")
 
 
 def member_groups(recipe: Recipe, built: Plan) -> list[dict[str, Any]] | None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kdkit._version import __version__
-from kdkit.checkpoint import mark_best, pointed, prune, read_state, read_weights, save_checkpoint
+from kdkit.checkpoint import checkpoint_name, pointed, prune, read_state, read_weights, restore_best, save_checkpoint
 from kdkit.data.loader import BatchLoader
 from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
@@ -397,11 +397,10 @@ class Engine:
         if not self.writes:
             return None
         root = self.run_dir / "checkpoints"
-        name = f"epoch_{self.epoch:04d}" + (f"_step_{self.batch:05d}" if mid_epoch else "")
+        name = checkpoint_name(self.epoch, self.batch if mid_epoch else None)
         metadata = {**self.header, "epoch": str(self.epoch), "kdkit_version": __version__}
-        folder = save_checkpoint(root, name, self._weights(), self._state(), metadata)
-        if is_best:
-            mark_best(root, name, {"metric": self.metric, "value": self.best["value"], "epoch": self.best["epoch"]})
+        folder = save_checkpoint(root, name, self._weights(), self._state(), metadata,
+                                 best=dict(self.best) if is_best else None)
         prune(root, self.keep)
         return folder
 
@@ -430,6 +429,8 @@ class Engine:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
         self.history, self.best, self._partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
+        if self.writes:  # a crash between the pointer writes may have left best.json off this record
+            restore_best(folder.parent, self.best)
         if self.ctx.is_main:
             print(f"resume: continuing from {folder} (epoch {self.epoch + 1}, batch {self.batch})")
 

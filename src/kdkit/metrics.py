@@ -15,7 +15,8 @@ class MetricsLog:
     """Accumulates one row per epoch and rewrites ``metrics.csv`` / ``metrics.json`` after each.
 
     Rewriting the whole (small) file through an atomic rename means a crash never leaves a torn
-    line, and a resumed run continues from the rows stored in its checkpoint.
+    line, and a resumed run continues from the rows stored in its checkpoint: files left in the run folder
+    are rewritten to those rows at once, dropping any row a crash wrote past the checkpoint.
 
     Args:
         run_dir: The run folder.
@@ -26,6 +27,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None, tensorboard: bool = False) -> None:
         self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = list(rows or [])
+        if (run_dir / "metrics.json").exists() or (run_dir / "metrics.csv").exists():
+            self.flush()  # epochs are logged before their checkpoint is written: a crash between leaves one more
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -48,9 +51,10 @@ class MetricsLog:
         for row in self.rows:
             columns += [k for k in row if k not in columns]
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.rows)
+        if columns:
+            writer = csv.DictWriter(buffer, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
         atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(self.rows, indent=1))
 

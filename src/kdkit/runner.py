@@ -3,10 +3,15 @@
 A run folder holds ``recipe.yaml`` (the resolved recipe), ``metrics.csv``/``metrics.json``,
 ``checkpoints/`` and, when finished, ``summary.json``. A teacher named by ``teacher.recipe`` is
 trained first (or its finished run reused when the recipe's digest matches).
+
+One process writes a run folder at a time (:mod:`kdkit.locks`): a second run into a folder in use exits
+with code 2 naming the holder, since it would train something else into the same files (or the same thing
+twice); a student whose teacher is being trained by another process waits for that run and reuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -19,10 +24,11 @@ import yaml
 from kdkit._version import __version__
 from kdkit.assemble import assemble, check_same_recipe
 from kdkit.build import plan, resolve_device, teacher_run_recipe
-from kdkit.checkpoint import atomic_write_text, pointed
+from kdkit.checkpoint import atomic_write_text, pointed, remove_leftovers
 from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback
 from kdkit.errors import KdkitError
+from kdkit.locks import exclusive
 from kdkit.models import count_parameters
 from kdkit.profile import Deployed, count_flops, latency_ms, machine_info, used_parameters
 from kdkit.recipe import Recipe
@@ -53,17 +59,42 @@ def run_or_continue(recipe: Recipe, *, source: Path | None = None, progress: boo
 
 
 def train_teacher_first(recipe: Recipe, source: Path | None, *, device: str | None = None,
-                        progress: bool | None = None, announce: bool = True) -> None:
-    """Train the teacher from its recipe when ``teacher.recipe`` names one without a finished run."""
+                        progress: bool | None = None, ctx: DistContext | None = None) -> None:
+    """Train the teacher from its recipe when ``teacher.recipe`` names one without a finished run.
+
+    When another process is writing the teacher's run folder (another student training the same teacher
+    first), rank 0 waits for it and reuses its finished run (or resumes it, if that process died).
+    """
+    ctx = ctx or DistContext()
     for spec in recipe.frozen_teachers().values():
         if spec.checkpoint is not None:
             continue
         teacher_recipe = teacher_run_recipe(spec, source.parent if source else None)
         assert teacher_recipe is not None
-        if finished_summary(teacher_recipe) is None:
-            if announce:
-                print(f"teacher: training {teacher_recipe.name} first (run folder {teacher_recipe.run_dir})")
+        if finished_summary(teacher_recipe) is not None:
+            continue
+        run_dir = teacher_recipe.run_dir
+        with _holding(run_dir, ctx, wait=True):
+            barrier(ctx)  # every rank decides once rank 0 holds the folder: nobody can finish it meanwhile
+            if finished_summary(teacher_recipe) is not None:
+                if ctx.is_main:
+                    print(f"teacher: reusing {teacher_recipe.name}, finished meanwhile in {run_dir}")
+                continue
+            if ctx.is_main:
+                print(f"teacher: training {teacher_recipe.name} first (run folder {run_dir})")
             run_recipe(teacher_recipe, resume=True, device=device, progress=progress)
+
+
+def _holding(run_dir: Path, ctx: DistContext, wait: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Rank 0 holds ``run_dir``'s lock (the other ranks write nothing); without ``wait`` another holder is an
+    error naming it."""
+    if not ctx.is_main:
+        return contextlib.nullcontext()
+    return exclusive(run_dir, what="run folder", wait=wait,
+                     on_wait=lambda who: print(f"teacher: waiting for {who}, which is writing {run_dir}",
+                                               file=sys.stderr, flush=True),
+                     fix="wait for that run to finish (then --resume continues it, or a student reuses it), stop "
+                         "it, or give this run its own output.dir")
 
 
 def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -82,7 +113,8 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
         callbacks: Engine callbacks.
 
     Raises:
-        KdkitError: Any problem with the recipe, data, models or files (before training starts).
+        KdkitError: Any problem with the recipe, data, models or files (before training starts); another
+            process writing the run folder (naming it); a write that failed during training (e.g. a full disk).
     """
     if reuse and (done := finished_summary(recipe)) is not None:
         return done
@@ -96,8 +128,18 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     # Every problem of this recipe (names, taps, shapes, checkpoints, output folder) before any training,
     # including that of a teacher it trains first: a misspelt loss must not cost a teacher run.
     plan(recipe, training=False, source=source)
-    train_teacher_first(recipe, source, device=device, progress=progress, announce=ctx.is_main)
+    train_teacher_first(recipe, source, device=device, progress=progress, ctx=ctx)
+    with _holding(recipe.run_dir, ctx):
+        return _train(recipe, source=source, resume=resume, overwrite=overwrite, dev=dev, ctx=ctx,
+                      progress=progress, callbacks=callbacks)
+
+
+def _train(recipe: Recipe, *, source: Path | None, resume: bool, overwrite: bool, dev: torch.device,
+           ctx: DistContext, progress: bool | None, callbacks: list[Callback] | None) -> dict[str, Any]:
+    """:func:`run_recipe` once its teachers are trained and rank 0 holds the run folder."""
     run_dir = recipe.run_dir
+    if ctx.is_main and run_dir.is_dir():  # no other writer runs: what interrupted writes left is garbage
+        remove_leftovers(run_dir)
     has_ckpt = pointed(run_dir / "checkpoints", "latest") is not None
     if has_ckpt and not (resume or overwrite):
         raise KdkitError(f"run folder {str(run_dir)!r} already holds checkpoints",

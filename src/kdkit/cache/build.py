@@ -6,6 +6,9 @@ number of views, the view seed, the stored taps and their storage. The default f
 identity's hash, so every recipe (and every student seed) needing the same outputs shares one cache,
 and a cache can never be silently reused for something else: an explicit ``teacher.cache.dir`` whose
 manifest differs is refused.
+
+One process builds a cache folder at a time (:mod:`kdkit.locks`): runs that need the same missing cache
+wait for the first one's build and use it (its identity is checked like any other cache's).
 """
 
 from __future__ import annotations
@@ -20,11 +23,21 @@ import torch
 
 from kdkit.build import Plan, teacher_weights
 from kdkit.cache.replay import CachedTeacher, ViewReplay
-from kdkit.cache.store import FORMAT, CacheWriter, TapLayout, TeacherCache, file_sha256, identity_key, tensor_sha256
+from kdkit.cache.store import (
+    FORMAT,
+    CacheWriter,
+    TapLayout,
+    TeacherCache,
+    file_sha256,
+    identity_key,
+    remove_partials,
+    tensor_sha256,
+)
 from kdkit.cache.views import apply_views, draw_views
 from kdkit.data.augment import AugmentConfig, normalize
 from kdkit.distill import as_specs
 from kdkit.errors import KdkitError
+from kdkit.locks import exclusive
 from kdkit.recipe import Recipe
 from kdkit.taps import LOGITS
 
@@ -139,9 +152,15 @@ def open_cache(recipe: Recipe, built: Plan, source: Path | None = None, *, build
     identity = cache_identity(recipe, built, source)
     folder = cache_folder(recipe, identity)
     if overwrite or (build and not folder.exists()):
-        print(f"teacher cache: running the teacher over {identity['views']} view(s) of "
-              f"{identity['data']['num_samples']} images into {folder}", file=sys.stderr)
-        write_cache(built, identity, folder, batch_size=spec.batch_size, overwrite=overwrite, progress=progress)
+        with exclusive(folder, what="teacher cache", wait=True,
+                       on_wait=lambda who: print(f"teacher cache: waiting for {who}, which is building {folder}",
+                                                 file=sys.stderr, flush=True)):
+            remove_partials(folder)  # no other builder runs: what interrupted builds left is garbage
+            if overwrite or not folder.exists():  # else built by the process waited for: use it
+                print(f"teacher cache: running the teacher over {identity['views']} view(s) of "
+                      f"{identity['data']['num_samples']} images into {folder}", file=sys.stderr)
+                write_cache(built, identity, folder, batch_size=spec.batch_size, overwrite=overwrite,
+                            progress=progress)
     cache = TeacherCache(folder, identity)
     if built.device.type != "cpu":
         cache.to(built.device)  # no per-batch host round-trip

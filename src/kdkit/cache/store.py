@@ -10,12 +10,15 @@ Layout of a cache folder::
     tap0.topk_i.npy      ... and their class indices (int32)
 
 A cache is built in a sibling folder ``<dir>.partial-<pid>`` and renamed into place only after every
-array is flushed and the manifest written, so a folder at ``<dir>`` is always complete. Arrays are
-opened as copy-on-write memory maps: a batch reads only its rows, and a cache larger than RAM works.
+array is flushed and the manifest written, so a folder at ``<dir>`` is always complete. Every array's
+space is reserved when the build starts, so a full disk fails at once with a message (not later with
+SIGBUS from a write through a memory map). Arrays are opened as copy-on-write memory maps: a batch reads
+only its rows, and a cache larger than RAM works.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,12 +33,14 @@ import torch
 from torch import Tensor
 
 from kdkit._version import __version__
-from kdkit.checkpoint import atomic_write_text
+from kdkit.checkpoint import atomic_write_text, reported_write
 from kdkit.errors import KdkitError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+_SPACE_FIX = ("free space on that disk, or build the cache on another one (teacher.cache.dir), or make it smaller "
+              "(fewer teacher.cache.views, teacher.cache.logits: topk, teacher.cache.dtype: float16)")
 
 
 def identity_key(identity: dict[str, Any]) -> str:
@@ -59,6 +64,37 @@ def tensor_sha256(*tensors: Tensor) -> str:
         digest.update(str((tuple(t.shape), str(t.dtype))).encode())
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def remove_partials(folder: Path) -> list[Path]:
+    """Delete what interrupted builds of ``folder`` left beside it (``NAME.partial-PID``, ``NAME.old-PID``).
+
+    Only safe while holding the folder's build lock (:func:`kdkit.locks.exclusive`): a running build's
+    partial folder looks the same.
+
+    Returns:
+        What was deleted.
+    """
+    folder = Path(folder)
+    removed = sorted([*folder.parent.glob(f"{folder.name}.partial-*"), *folder.parent.glob(f"{folder.name}.old-*")])
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of the file at ``path`` now: a memory-mapped write to a full disk kills the
+    process with SIGBUS, a reservation fails here with ENOSPC."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: no reservation, the writes find out
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: as above
+            raise
+    finally:
+        os.close(fd)
 
 
 def _differences(expected: Any, found: Any, prefix: str = "") -> list[str]:
@@ -104,10 +140,20 @@ class CacheWriter:
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
+        self.arrays: list[list[np.memmap]] = []
+        try:
+            with reported_write("teacher cache", self.partial, _SPACE_FIX):
+                self._create(views, dtype)
+        except BaseException:
+            self.abort()
+            raise
+        self.started = time.perf_counter()
+
+    def _create(self, views: Tensor, dtype: str) -> None:
+        """The view table and every tap's array, their space reserved."""
         n, k = views.shape[:2]
         np.save(self.partial / "views.npy", views.numpy())
-        self.arrays: list[list[np.memmap]] = []
-        for i, tap in enumerate(taps):
+        for i, tap in enumerate(self.taps):
             names = tap.files(i)
             if tap.storage == "topk":
                 self.arrays.append([
@@ -116,7 +162,8 @@ class CacheWriter:
             else:
                 self.arrays.append([np.lib.format.open_memmap(self.partial / names[0], "w+", _DTYPES[dtype],
                                                               (n, k, *tap.shape))])
-        self.started = time.perf_counter()
+            for name in names:
+                _reserve(self.partial / name)
 
     def write(self, rows: slice, view: int, outputs: dict[str, Tensor]) -> None:
         """Store the teacher's outputs for images ``rows`` seen through view ``view``."""
@@ -132,9 +179,10 @@ class CacheWriter:
 
     def finalize(self, stats: dict[str, Any], overwrite: bool = False) -> Path:
         """Flush every array, write the manifest, and move the folder into place."""
-        for arrays in self.arrays:
-            for array in arrays:
-                array.flush()
+        with reported_write("teacher cache", self.partial, _SPACE_FIX):
+            for arrays in self.arrays:
+                for array in arrays:
+                    array.flush()
         self.arrays = []
         manifest = {**self.identity, "key": identity_key(self.identity), "complete": True,
                     "taps_layout": [{"spec": t.spec, "shape": list(t.shape), "storage": t.storage, "k": t.k,
@@ -143,9 +191,11 @@ class CacheWriter:
                     "build_seconds": round(time.perf_counter() - self.started, 2), **stats}
         atomic_write_text(self.partial / MANIFEST, json.dumps(manifest, indent=1))
         if self.folder.exists():
-            if not overwrite:
-                raise KdkitError(f"cache folder {str(self.folder)!r} appeared while building",
-                                 fix="rebuild with --overwrite")
+            if not overwrite:  # kdkit builds under a lock (kdkit.cache.build.open_cache): another tool wrote it
+                raise KdkitError(f"cache folder {str(self.folder)!r} appeared while this process was building it, "
+                                 "written by a process that did not hold its build lock",
+                                 fix="run again to use that cache (its manifest is checked), or pass --overwrite "
+                                     "to replace it with this build")
             old = self.folder.with_name(f"{self.folder.name}.old-{os.getpid()}")
             os.replace(self.folder, old)
             os.replace(self.partial, self.folder)
