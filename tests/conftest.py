@@ -63,8 +63,8 @@ def cached(tiny_kd: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
 def built_cache(recipe_dict: dict[str, Any], overrides: list[str] | None = None) -> tuple[Any, ...]:
     """Open (building when missing) the teacher cache of a recipe dict: recipe, plan, cache, replay, teacher."""
     from kdkit.build import plan
-    from kdkit.cache import open_cache
     from kdkit.recipe import recipe_from_dict
+    from kdkit.teacher_cache import open_cache
 
     recipe = recipe_from_dict(recipe_dict, overrides)
     built = plan(recipe, training=True)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import built_cache, straight_and_resumed, write_recipe
+from kdkit import teacher_cache
 from kdkit.assemble import prepare_training
 from kdkit.build import plan
-from kdkit.cache import TeacherCache, open_cache
-from kdkit.cache import build as cache_build
+from kdkit.cache import TeacherCache
 from kdkit.cache.store import CacheWriter
 from kdkit.cache.views import apply_views, draw_views, view_phase, view_schedule
 from kdkit.cli import main
@@ -22,6 +22,7 @@ from kdkit.data.augment import AugmentConfig, normalize
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
+from kdkit.teacher_cache import open_cache
 
 # -- views ---------------------------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ def test_a_cache_of_another_setting_or_teacher_is_refused(cached: dict, tmp_path
 
 def test_the_default_folder_is_the_identity_hash(cached: dict, monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
-    monkeypatch.setattr(cache_build, "CACHE_ROOT", tmp_path / "cache_root")
+    monkeypatch.setattr(teacher_cache, "CACHE_ROOT", tmp_path / "cache_root")
     del cached["teacher"]["cache"]["dir"]
     _, _, a, _, _ = built_cache(cached)
     _, _, b, _, _ = built_cache(cached, ["train.seed=5", "distill.0.temperature=2"])  # same teacher outputs

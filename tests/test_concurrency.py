@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import built_cache, write_recipe
-from kdkit import runner
-from kdkit.cache import build as cache_build
+from kdkit import runner, teacher_cache
 from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.locks import exclusive, holder, owner_file
@@ -118,9 +117,9 @@ def test_runs_needing_the_same_missing_cache_wait_for_its_build_and_use_it(
     def build_again(*_args: Any, **_kwargs: Any) -> None:
         raise AssertionError("the cache was built a second time")
 
-    monkeypatch.setattr(cache_build, "write_cache", build_again)
+    monkeypatch.setattr(teacher_cache, "write_cache", build_again)
     folder = tmp_path / "cache"
     with held_elsewhere(folder, result=(elsewhere, folder)) as (proc, release):
-        release_when_waiting(monkeypatch, cache_build, release)
+        release_when_waiting(monkeypatch, teacher_cache, release)
         _, _, cache, _, _ = built_cache(cached)
     assert cache.folder == folder and f"teacher cache: waiting for pid {proc.pid}" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kdkit.build import Plan, plan
-from kdkit.cache import ViewReplay, open_cache
+from kdkit.cache import TeacherCache, ViewReplay
 from kdkit.data import AugmentConfig
 from kdkit.data.loader import BatchLoader, make_loaders
 from kdkit.data.strong import StrongView
@@ -25,6 +25,7 @@ from kdkit.errors import KdkitError
 from kdkit.method import Method, MethodRun, active_methods
 from kdkit.recipe import Recipe
 from kdkit.schedule import optimizer_factory
+from kdkit.teacher_cache import open_cache
 
 #: Recipe keys that may differ between a checkpoint and the run that resumes it: the epochs may grow, and
 #: the output section says where and how files are written, not what is trained (so a run folder that was
@@ -80,6 +81,15 @@ def open_teacher_cache(recipe: Recipe, built: Plan, source: Path | None, ctx: Di
     info = {"dir": str(cache.folder), "views": cache.num_views, "key": cache.manifest["key"],
             "build_seconds": cache.manifest["build_seconds"], "megabytes": round(cache.nbytes() / 2**20, 2)}
     return teacher, replay, info
+
+
+def build_teacher_cache(recipe: Recipe, *, source: Path | None = None, device: torch.device | None = None,
+                        overwrite: bool = False, progress: bool = True) -> TeacherCache:
+    """``kdkit cache build``: the recipe's teacher cache, built (or rebuilt with ``overwrite``) from the same
+    plan a run of the recipe makes, so the cache holds exactly the outputs that run reads."""
+    built = plan(recipe, training=True, source=source, device=device)
+    cache, _, _ = open_cache(recipe, built, source, overwrite=overwrite, progress=progress)
+    return cache
 
 
 def check_same_recipe(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:

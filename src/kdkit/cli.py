@@ -180,8 +180,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"{cache.nbytes() / 2**20:.2f} MiB of teacher outputs for {cache.num_samples} images x "
               f"{cache.num_views} views")
         return 0
-    from kdkit.build import plan, resolve_device
-    from kdkit.cache import open_cache
+    from kdkit.assemble import build_teacher_cache
+    from kdkit.build import resolve_device
     from kdkit.recipe import find_recipe, load_recipe
     from kdkit.runner import train_teacher_first
 
@@ -198,8 +198,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if recipe.teacher.cache is None:  # building for a recipe that does not use a cache yet: default settings
         recipe = load_recipe(source, [*overrides, "teacher.cache={}"])
     train_teacher_first(recipe, source, device=args.device)
-    built = plan(recipe, training=True, source=source, device=resolve_device(args.device) if args.device else None)
-    cache, _, _ = open_cache(recipe, built, source, overwrite=args.overwrite, progress=not args.quiet)
+    cache = build_teacher_cache(recipe, source=source, device=resolve_device(args.device) if args.device else None,
+                                overwrite=args.overwrite, progress=not args.quiet)
     m = cache.manifest
     print(f"teacher cache: {cache.folder} ({cache.num_views} views x {cache.num_samples} images, taps "
           f"{cache.specs}, {cache.nbytes() / 2**20:.2f} MiB, built in {m['build_seconds']} s)")

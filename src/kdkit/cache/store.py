@@ -191,7 +191,7 @@ class CacheWriter:
                     "build_seconds": round(time.perf_counter() - self.started, 2), **stats}
         atomic_write_text(self.partial / MANIFEST, json.dumps(manifest, indent=1))
         if self.folder.exists():
-            if not overwrite:  # kdkit builds under a lock (kdkit.cache.build.open_cache): another tool wrote it
+            if not overwrite:  # kdkit builds under a lock (kdkit.teacher_cache.open_cache): another tool wrote it
                 raise KdkitError(f"cache folder {str(self.folder)!r} appeared while this process was building it, "
                                  "written by a process that did not hold its build lock",
                                  fix="run again to use that cache (its manifest is checked), or pass --overwrite "
