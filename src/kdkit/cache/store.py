@@ -3,17 +3,20 @@
 Layout of a cache folder::
 
     manifest.json        identity (teacher weights hash, data hash, augmentation, views, storage)
-                         + "complete": true + build statistics; written last
+                         + "complete": true + build statistics + "arrays": each array file's dtype,
+                         shape, size and checksums; written last
     views.npy            int16 (N, K, 3): crop offsets and flip flag of view k of image i
     tap0.npy, ...        per stored teacher tap, (N, K, *shape) float16/float32
     tap0.topk_p.npy      with ``logits: topk``: (N, K, k) top-k probabilities ...
     tap0.topk_i.npy      ... and their class indices (int32)
+    NAME.sha256.npy      per array file: the SHA-256 of each 64 KiB block (:mod:`kdkit.cache.integrity`)
 
 A cache is built in a sibling folder ``<dir>.partial-<pid>`` and renamed into place only after every
 array is flushed and the manifest written, so a folder at ``<dir>`` is always complete. Every array's
 space is reserved when the build starts, so a full disk fails at once with a message (not later with
 SIGBUS from a write through a memory map). Arrays are opened as copy-on-write memory maps: a batch reads
-only its rows, and a cache larger than RAM works.
+only its rows, and a cache larger than RAM works. Opening checks every file against the manifest and its
+checksums (:mod:`kdkit.cache.integrity`), so a damaged cache is refused, never read.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ import torch
 from torch import Tensor
 
 from kdkit._version import __version__
+from kdkit.cache import integrity
+from kdkit.cache.integrity import CheckedArray, corrupt, seal
 from kdkit.checkpoint import atomic_write_text, reported_write
 from kdkit.errors import KdkitError
 
-FORMAT = 1
+#: 2: the manifest records each array file's dtype, shape, size and block checksums ("arrays").
+FORMAT = 2
+VIEWS = "views.npy"
 MANIFEST = "manifest.json"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _SPACE_FIX = ("free space on that disk, or build the cache on another one (teacher.cache.dir), or make it smaller "
@@ -152,7 +159,7 @@ class CacheWriter:
     def _create(self, views: Tensor, dtype: str) -> None:
         """The view table and every tap's array, their space reserved."""
         n, k = views.shape[:2]
-        np.save(self.partial / "views.npy", views.numpy())
+        np.save(self.partial / VIEWS, views.numpy())
         for i, tap in enumerate(self.taps):
             names = tap.files(i)
             if tap.storage == "topk":
@@ -178,15 +185,20 @@ class CacheWriter:
                 arrays[0][rows, view] = value.numpy()
 
     def finalize(self, stats: dict[str, Any], overwrite: bool = False) -> Path:
-        """Flush every array, write the manifest, and move the folder into place."""
+        """Flush every array, write its checksums and the manifest, and move the folder into place."""
         with reported_write("teacher cache", self.partial, _SPACE_FIX):
             for arrays in self.arrays:
                 for array in arrays:
                     array.flush()
-        self.arrays = []
+            self.arrays = []
+            sealing = time.perf_counter()
+            sealed = {name: seal(self.partial, name)
+                      for name in [VIEWS, *(name for i, t in enumerate(self.taps) for name in t.files(i))]}
+            stats = {**stats, "checksum_seconds": round(time.perf_counter() - sealing, 2)}
         manifest = {**self.identity, "key": identity_key(self.identity), "complete": True,
                     "taps_layout": [{"spec": t.spec, "shape": list(t.shape), "storage": t.storage, "k": t.k,
                                      "files": t.files(i)} for i, t in enumerate(self.taps)],
+                    "arrays": sealed,
                     "kdkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "build_seconds": round(time.perf_counter() - self.started, 2), **stats}
         atomic_write_text(self.partial / MANIFEST, json.dumps(manifest, indent=1))
@@ -214,7 +226,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a complete cache folder.
 
     Raises:
-        KdkitError: No cache there, or an incomplete one (a partial folder is never used).
+        KdkitError: No cache there, an incomplete one (a partial folder is never used), an unreadable
+            manifest, or a cache of another format (an older kdkit's has no checksums: it is refused).
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -222,11 +235,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise KdkitError(f"{what} at {str(folder)!r}", bad=str(folder),
                          fix="build it with `kdkit cache build RECIPE` (add --overwrite to replace a folder)",
                          where="teacher.cache.dir")
-    manifest = json.loads(path.read_text())
-    if not manifest.get("complete") or manifest.get("format") != FORMAT:
-        raise KdkitError(f"the cache at {str(folder)!r} is incomplete or of another format "
-                         f"({manifest.get('format')!r}, expected {FORMAT})",
-                         fix="rebuild it with `kdkit cache build RECIPE --overwrite`", where="teacher.cache.dir")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise corrupt(path, f"is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        raise corrupt(path, 'does not say "complete": true (it was edited or damaged)')
+    found = manifest.get("format")
+    if found != FORMAT:
+        by = "an older" if isinstance(found, int) and found < FORMAT else "another"
+        raise KdkitError(f"the cache at {str(folder)!r} was built by {by} kdkit (cache format {found!r}; this "
+                         f"kdkit reads format {FORMAT}, whose manifest holds the checksums every open verifies)",
+                         fix="rebuild it with `kdkit cache build RECIPE --overwrite`, or delete the folder",
+                         where="teacher.cache.dir")
     return manifest
 
 
@@ -244,25 +265,58 @@ def check_identity(manifest: dict[str, Any], identity: dict[str, Any], folder: P
 class TeacherCache:
     """An opened, checked cache: per-batch lookups of stored teacher outputs.
 
+    Every array file is checked against the manifest (size, dtype, shape) and its checksums: the view
+    table in full, the stored outputs up to ``verify_bytes`` at open (all of a smaller cache, else blocks
+    spread over every array) and the rest block by block the first time :meth:`lookup` reads it.
+
     Args:
         folder: A complete cache folder.
         identity: The identity the recipe needs (checked against the manifest; ``None`` skips the check,
             for inspection tools only).
+        verify_bytes: Bytes of stored outputs verified at open (default
+            :data:`~kdkit.cache.integrity.OPEN_VERIFY_BYTES`); :meth:`verify_all` verifies the rest.
+
+    Raises:
+        KdkitError: No complete cache of this format there, a cache of another identity, or a file that is
+            missing, truncated, replaced or differs from its checksums.
     """
 
-    def __init__(self, folder: Path, identity: dict[str, Any] | None = None) -> None:
+    def __init__(self, folder: Path, identity: dict[str, Any] | None = None,
+                 verify_bytes: int | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if identity is not None:
             check_identity(self.manifest, identity, self.folder)
-        # Copy-on-write maps are writable as far as torch is concerned, yet never change the files.
-        self.views = torch.from_numpy(np.load(self.folder / "views.npy", mmap_mode="c"))
+        table = self._open(VIEWS)
+        table.verify_all("when the cache was opened")  # small, and every batch of every epoch reads it
+        self.views = torch.from_numpy(table.data)
         self.layouts = [TapLayout(t["spec"], tuple(t["shape"]), t["storage"], t["k"])
                         for t in self.manifest["taps_layout"]]
-        self.arrays = [[torch.from_numpy(np.load(self.folder / name, mmap_mode="c")) for name in t["files"]]
-                       for t in self.manifest["taps_layout"]]
+        self.checked = [self._open(name) for t in self.manifest["taps_layout"] for name in t["files"]]
+        self._verify_at_open(verify_bytes)
+        files = iter(self.checked)
+        self.arrays = [[torch.from_numpy(next(files).data) for _ in t["files"]] for t in self.manifest["taps_layout"]]
         self.num_samples, self.num_views = int(self.views.shape[0]), int(self.views.shape[1])
         self.num_classes = int(self.manifest["data"]["num_classes"])
+
+    def _open(self, name: str) -> CheckedArray:
+        entry = self.manifest.get("arrays", {}).get(name)
+        if entry is None:
+            raise corrupt(self.folder / MANIFEST, f"lists no checksums for {name} (it was edited or damaged)")
+        return CheckedArray(self.folder, name, entry)
+
+    def _verify_at_open(self, budget: int | None) -> None:
+        """Verify all stored outputs when they fit in ``budget`` bytes, else that many spread over each array."""
+        budget = integrity.OPEN_VERIFY_BYTES if budget is None else budget  # read at each call: tests lower it
+        total = sum(c.nbytes for c in self.checked)
+        share = 1.0 if total <= budget else budget / total
+        for checked in self.checked:
+            checked.verify_sample(share, "when the cache was opened")
+
+    def verify_all(self, when: str = "by a full verification") -> None:
+        """Verify every block not verified yet (``kdkit cache verify``, and before arrays leave their files)."""
+        for checked in self.checked:
+            checked.verify_all(when)
 
     @property
     def specs(self) -> list[str]:
@@ -274,7 +328,8 @@ class TeacherCache:
         return sum(a.numel() * a.element_size() for arrays in self.arrays for a in arrays)
 
     def to(self, device: torch.device) -> TeacherCache:
-        """Hold every array in memory on ``device`` (no per-batch host round-trip on a GPU)."""
+        """Hold every array in memory on ``device`` (no per-batch host round-trip on a GPU), verified first."""
+        self.verify_all(f"before the cache was moved to {device}")
         self.views = self.views.to(device)
         self.arrays = [[a.to(device) for a in arrays] for arrays in self.arrays]
         return self
@@ -288,6 +343,10 @@ class TeacherCache:
         """
         store = self.arrays[0][0].device
         index_s, view_s = index.to(store), view.to(store)
+        if store.type == "cpu":  # memory maps: verify the blocks this batch reads (moved arrays were verified)
+            flat = (index_s * self.num_views + view_s).numpy()
+            for checked in self.checked:
+                checked.verify_items(flat)
         out: dict[str, Tensor] = {}
         for layout, arrays in zip(self.layouts, self.arrays, strict=True):
             if layout.storage == "topk":
