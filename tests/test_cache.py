@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from conftest import built_cache, straight_and_resumed, write_recipe
 from kdkit import teacher_cache
 from kdkit.assemble import prepare_training
 from kdkit.build import plan
-from kdkit.cache import TeacherCache, integrity
+from kdkit.cache import TeacherCache
 from kdkit.cache.store import CacheWriter
 from kdkit.cache.views import apply_views, draw_views, view_phase, view_schedule
 from kdkit.cli import main
@@ -216,7 +218,7 @@ def test_cli_cache_build_and_info(tiny_kd: dict, tmp_path: Path, capsys: pytest.
 # -- corruption ----------------------------------------------------------------------------------
 
 
-def _truncate_to(size: int) -> Any:
+def _truncate_to(size: int) -> Callable[[Path], None]:
     def truncate(folder: Path) -> None:
         path = folder / "tap0.npy"
         path.write_bytes(path.read_bytes()[:size])
@@ -243,109 +245,75 @@ def _same_size_other_array(folder: Path) -> None:
     assert path.stat().st_size == size
 
 
-def _flip_a_byte(name: str, at: int) -> Any:
+def _flip_a_byte(name: str, at: float) -> Callable[[Path], None]:
+    """Flip one bit of byte ``at`` (a fraction of the file's size) of file ``name``."""
     def flip(folder: Path) -> None:
         data = bytearray((folder / name).read_bytes())
-        data[at] ^= 0x10
+        data[int(at * (len(data) - 1))] ^= 0x10
         (folder / name).write_bytes(bytes(data))
     return flip
 
 
-def _older_format(folder: Path) -> None:
+def _edit_manifest(**changes: Any) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+    return edit
+
+
+def _older_format(folder: Path) -> None:  # what kdkit 0.x (format 1, no "arrays") wrote
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["arrays"]
     (folder / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
 
 
-CORRUPTIONS = {
+CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated": (_truncate_to(1000), r"tap0\.npy' is truncated: 1000 bytes, the manifest records 12128"),
     "cut_in_its_header": (_truncate_to(100), r"tap0\.npy' is truncated: 100 bytes, the manifest records 12128"),
     "fewer_rows": (_first_rows, r"tap0\.npy' holds float16 \(100, 3, 10\), the manifest records float16 "
                                 r"\(200, 3, 10\)"),
-    "missing": (lambda folder: (folder / "tap0.npy").unlink(), r"tap0\.npy' is missing"),
-    "zeroed_values": (_zero_the_values, r"tap0\.npy' is corrupt: bytes 0-12127 \(block 0 of 1\) differ from the "
-                                        r"checksum written when the cache was built \(their array bytes are all zeros"),
-    "zeroed_file": (_zero_the_file, r"tap0\.npy' is not a numpy array file"),
     "another_array": (_same_size_other_array, r"tap0\.npy' holds float32 \(200, 3, 5\), the manifest records "
                                               r"float16 \(200, 3, 10\)"),
-    "flipped_view_byte": (_flip_a_byte("views.npy", 500), r"views\.npy' is corrupt: bytes 0-3727 \(block 0 of 1\) "
-                                                          r"differ from the checksum.*found when the cache was opened"),
-    "flipped_feature_byte": (_flip_a_byte("tap1.npy", 3000), r"tap1\.npy' is corrupt: bytes 0-"),
-    "missing_checksums": (lambda folder: (folder / "tap0.sha256.npy").unlink(),
-                          r"tap0\.sha256\.npy' is missing \(the checksums of tap0\.npy\)"),
-    "edited_checksums": (_flip_a_byte("tap0.sha256.npy", 140),
-                         r"tap0\.sha256\.npy' differs from the SHA-256 the manifest records for it"),
+    "missing": (lambda folder: (folder / "tap0.npy").unlink(), r"tap0\.npy' is missing"),
+    "zeroed_values": (_zero_the_values, r"tap0\.npy' differs from the SHA-256 written when the cache was built "
+                                        r"\(its values are all zeros"),
+    "zeroed_file": (_zero_the_file, r"tap0\.npy' is not a numpy array file"),
+    "flipped_view_byte": (_flip_a_byte("views.npy", 0.5),
+                          r"views\.npy' differs from the SHA-256 written when the cache was built; fix"),
+    "flipped_feature_byte_at_its_end": (_flip_a_byte("tap1.npy", 1.0),
+                                        r"tap1\.npy' differs from the SHA-256 written when the cache was built"),
     "manifest_not_json": (lambda folder: (folder / "manifest.json").write_text('{"format": 2, "comp'),
                           r"manifest\.json' is not valid JSON"),
+    "manifest_not_complete": (_edit_manifest(complete=False), r"manifest\.json' does not say \"complete\": true"),
+    "manifest_without_arrays": (_edit_manifest(arrays={}), r"manifest\.json' lists no SHA-256 for views\.npy"),
     "older_format": (_older_format, r"was built by an older kdkit \(cache format 1; this kdkit reads format 2"),
 }
-
-
-def _with_feature_tap(recipe: dict) -> dict:
-    """A cache holding the logits (tap0, float16 (200, 3, 10)) and a feature map (tap1)."""
-    recipe["distill"].append({"loss": "mse", "student": "stage2", "teacher": "stage2", "bridge": "conv1x1",
-                              "weight": 0.1})
-    return recipe
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_a_corrupt_cache_exits_2_naming_the_file_the_fault_and_the_fix(
         case: str, cached: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_recipe(tmp_path / "kd.yaml", _with_feature_tap(cached))
+    # the cache holds the logits (tap0.npy, float16 (200, 3, 10)) and a feature map (tap1.npy)
+    cached["distill"].append({"loss": "mse", "student": "stage2", "teacher": "stage2", "bridge": "conv1x1",
+                              "weight": 0.1})
+    path = write_recipe(tmp_path / "kd.yaml", cached)
     built_cache(cached)
     damage, expected = CORRUPTIONS[case]
     damage(tmp_path / "cache")
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert re.search(expected, err), err
-    assert "fix: rebuild" in err and "kdkit cache build RECIPE --overwrite" in err
+    assert "kdkit cache build RECIPE --overwrite" in err and "delete the folder" in err
     assert not (tmp_path / "run" / "metrics.json").exists()  # refused before training
 
 
-def _small_blocks_with_a_corrupt_one(cached: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Build the cache in 256-byte blocks (tap0.npy: 48), then damage block 20 of tap0.npy: the logits of
-    samples 83 to 87 (20 bytes per (sample, view), after a 128-byte header)."""
-    monkeypatch.setattr(integrity, "BLOCK_BYTES", 256)
-    built_cache(cached)
-    _flip_a_byte("tap0.npy", 20 * 256 + 80)(tmp_path / "cache")
-    return tmp_path / "cache"
-
-
-def test_a_cache_within_the_open_budget_is_verified_whole_when_opened(
-        cached: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _small_blocks_with_a_corrupt_one(cached, tmp_path, monkeypatch)
-    with pytest.raises(KdkitError, match=r"tap0\.npy' is corrupt: bytes 5120-5375 \(block 20 of 48\).*"
-                                         r"found when the cache was opened"):
-        built_cache(cached)
-
-
-def test_a_block_not_verified_at_open_is_verified_when_first_read(
-        cached: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = _small_blocks_with_a_corrupt_one(cached, tmp_path, monkeypatch)
-    monkeypatch.setattr(integrity, "OPEN_VERIFY_BYTES", 0)  # a large cache: a sample of blocks at open
-    cache = TeacherCache(folder)
-    assert [c.verified.nonzero()[0].tolist() for c in cache.checked] == [[0, 47]]  # first and last block
-    # (sample 82, view 2) ends in block 19, (88, 0) starts in block 21: read, verified, accepted
-    cache.lookup(torch.tensor([82, 88]), torch.tensor([2, 0]))
-    assert cache.checked[0].verified.nonzero()[0].tolist() == [0, 19, 21, 47]
-    with pytest.raises(KdkitError, match=r"block 20 of 48\).*found when training first read it"):
-        cache.lookup(torch.tensor([0, 85]), torch.tensor([0, 1]))
-    # in a run: exit 2 during the first epoch, with the fix
+def test_the_fix_of_a_corrupt_cache_works(cached: dict, tmp_path: Path) -> None:
     path = write_recipe(tmp_path / "kd.yaml", cached)
-    assert main(["run", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "block 20 of 48" in err and "first read it" in err and "--overwrite" in err and "--resume" in err
-
-
-def test_moving_a_cache_off_its_files_or_cache_verify_checks_every_block(
-        cached: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = _small_blocks_with_a_corrupt_one(cached, tmp_path, monkeypatch)
-    monkeypatch.setattr(integrity, "OPEN_VERIFY_BYTES", 0)
-    with pytest.raises(KdkitError, match=r"block 20 of 48\).*found before the cache was moved to meta"):
-        TeacherCache(folder).to(torch.device("meta"))
-    assert main(["cache", "verify", str(folder)]) == 2
-    assert "block 20 of 48" in capsys.readouterr().err
-    assert main(["cache", "build", str(write_recipe(tmp_path / "kd.yaml", cached)), "--overwrite", "--quiet"]) == 0
-    capsys.readouterr()
-    assert main(["cache", "verify", str(folder)]) == 0
-    assert "every block" in capsys.readouterr().out
+    built_cache(cached)
+    _zero_the_values(tmp_path / "cache")
+    assert main(["cache", "build", str(path), "--overwrite", "--quiet"]) == 0
+    built_cache(cached)  # opens, checked
+    _truncate_to(1000)(tmp_path / "cache")
+    shutil.rmtree(tmp_path / "cache")  # or delete the folder: the next open builds it again
+    _, _, cache, _, _ = built_cache(cached)
+    assert cache.manifest["arrays"]["tap0.npy"]["bytes"] == 12128

@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from kdkit.errors import KdkitError, TrainingDiverged
@@ -170,20 +169,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """`kdkit cache build RECIPE [key=value ...]`, `kdkit cache info FOLDER` or `kdkit cache verify FOLDER`."""
-    if args.what in ("info", "verify"):
+    """`kdkit cache build RECIPE [key=value ...]` or `kdkit cache info FOLDER`."""
+    if args.what == "info":
         from kdkit.cache import TeacherCache
 
         if len(args.overrides) != 1:
-            raise KdkitError(f"cache {args.what} takes one cache folder", fix=f"kdkit cache {args.what} runs/cache/KEY")
-        started = time.perf_counter()
+            raise KdkitError("cache info takes one cache folder", fix="kdkit cache info runs/cache/KEY")
         cache = TeacherCache(Path(args.overrides[0]))
-        if args.what == "verify":
-            cache.verify_all()
-            print(f"teacher cache {cache.folder}: every block of its {cache.nbytes() / 2**20:.2f} MiB matches the "
-                  f"checksums written at build ({time.perf_counter() - started:.2f} s)")
-            return 0
-        print(json.dumps({k: v for k, v in cache.manifest.items() if k not in ("taps_layout", "arrays")}, indent=1))
+        print(json.dumps({k: v for k, v in cache.manifest.items() if k != "taps_layout"}, indent=1))
         print(f"{cache.nbytes() / 2**20:.2f} MiB of teacher outputs for {cache.num_samples} images x "
               f"{cache.num_views} views")
         return 0
@@ -278,11 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(fn=cmd_bench)
 
     cache = sub.add_parser("cache", help="teacher-output cache: `cache build RECIPE` runs the teacher once over "
-                           "K stored views per image; `cache info FOLDER`; `cache verify FOLDER` checks all of it "
-                           "against its checksums (an open checks a sample of a large cache)")
-    cache.add_argument("what", choices=["build", "info", "verify"])
+                           "K stored views per image; `cache info FOLDER`")
+    cache.add_argument("what", choices=["build", "info"])
     cache.add_argument("overrides", nargs="*", help="RECIPE then key=value overrides (build), or a cache folder "
-                       "(info, verify)")
+                       "(info)")
     cache.add_argument("--overwrite", action="store_true", help="rebuild even if the cache folder exists")
     cache.add_argument("--device", help="device for the teacher (default: the recipe's train.device)")
     cache.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -22,7 +22,8 @@ from typing import Any
 
 from kdkit.build import Plan, teacher_weights
 from kdkit.cache import CachedTeacher, TeacherCache, ViewReplay, write_cache
-from kdkit.cache.store import FORMAT, file_sha256, identity_key, remove_partials, tensor_sha256
+from kdkit.cache.integrity import file_sha256
+from kdkit.cache.store import FORMAT, identity_key, remove_partials, tensor_sha256
 from kdkit.data.augment import AugmentConfig
 from kdkit.distill import as_specs
 from kdkit.locks import exclusive

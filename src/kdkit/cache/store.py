@@ -4,19 +4,18 @@ Layout of a cache folder::
 
     manifest.json        identity (teacher weights hash, data hash, augmentation, views, storage)
                          + "complete": true + build statistics + "arrays": each array file's dtype,
-                         shape, size and checksums; written last
+                         shape, size and SHA-256; written last
     views.npy            int16 (N, K, 3): crop offsets and flip flag of view k of image i
     tap0.npy, ...        per stored teacher tap, (N, K, *shape) float16/float32
     tap0.topk_p.npy      with ``logits: topk``: (N, K, k) top-k probabilities ...
     tap0.topk_i.npy      ... and their class indices (int32)
-    NAME.sha256.npy      per array file: the SHA-256 of each 64 KiB block (:mod:`kdkit.cache.integrity`)
 
 A cache is built in a sibling folder ``<dir>.partial-<pid>`` and renamed into place only after every
 array is flushed and the manifest written, so a folder at ``<dir>`` is always complete. Every array's
 space is reserved when the build starts, so a full disk fails at once with a message (not later with
 SIGBUS from a write through a memory map). Arrays are opened as copy-on-write memory maps: a batch reads
 only its rows, and a cache larger than RAM works. Opening checks every file against the manifest and its
-checksums (:mod:`kdkit.cache.integrity`), so a damaged cache is refused, never read.
+SHA-256 (:mod:`kdkit.cache.integrity`), so a damaged cache is refused, never read.
 """
 
 from __future__ import annotations
@@ -36,12 +35,11 @@ import torch
 from torch import Tensor
 
 from kdkit._version import __version__
-from kdkit.cache import integrity
-from kdkit.cache.integrity import CheckedArray, corrupt, seal
+from kdkit.cache.integrity import corrupt, open_checked, seal
 from kdkit.checkpoint import atomic_write_text, reported_write
 from kdkit.errors import KdkitError
 
-#: 2: the manifest records each array file's dtype, shape, size and block checksums ("arrays").
+#: 2: the manifest records each array file's dtype, shape, size and SHA-256 ("arrays").
 FORMAT = 2
 VIEWS = "views.npy"
 MANIFEST = "manifest.json"
@@ -53,15 +51,6 @@ _SPACE_FIX = ("free space on that disk, or build the cache on another one (teach
 def identity_key(identity: dict[str, Any]) -> str:
     """Short content hash of a cache identity (the default folder name)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_sha256(*tensors: Tensor) -> str:
@@ -185,14 +174,14 @@ class CacheWriter:
                 arrays[0][rows, view] = value.numpy()
 
     def finalize(self, stats: dict[str, Any], overwrite: bool = False) -> Path:
-        """Flush every array, write its checksums and the manifest, and move the folder into place."""
+        """Flush every array, write the manifest with their SHA-256, and move the folder into place."""
         with reported_write("teacher cache", self.partial, _SPACE_FIX):
             for arrays in self.arrays:
                 for array in arrays:
                     array.flush()
             self.arrays = []
             sealing = time.perf_counter()
-            sealed = {name: seal(self.partial, name)
+            sealed = {name: seal(self.partial / name)
                       for name in [VIEWS, *(name for i, t in enumerate(self.taps) for name in t.files(i))]}
             stats = {**stats, "checksum_seconds": round(time.perf_counter() - sealing, 2)}
         manifest = {**self.identity, "key": identity_key(self.identity), "complete": True,
@@ -227,7 +216,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
     Raises:
         KdkitError: No cache there, an incomplete one (a partial folder is never used), an unreadable
-            manifest, or a cache of another format (an older kdkit's has no checksums: it is refused).
+            manifest, or a cache of another format (an older kdkit's has no SHA-256s: it is refused).
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -245,7 +234,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if found != FORMAT:
         by = "an older" if isinstance(found, int) and found < FORMAT else "another"
         raise KdkitError(f"the cache at {str(folder)!r} was built by {by} kdkit (cache format {found!r}; this "
-                         f"kdkit reads format {FORMAT}, whose manifest holds the checksums every open verifies)",
+                         f"kdkit reads format {FORMAT}, whose manifest holds the SHA-256 every open verifies)",
                          fix="rebuild it with `kdkit cache build RECIPE --overwrite`, or delete the folder",
                          where="teacher.cache.dir")
     return manifest
@@ -265,58 +254,37 @@ def check_identity(manifest: dict[str, Any], identity: dict[str, Any], folder: P
 class TeacherCache:
     """An opened, checked cache: per-batch lookups of stored teacher outputs.
 
-    Every array file is checked against the manifest (size, dtype, shape) and its checksums: the view
-    table in full, the stored outputs up to ``verify_bytes`` at open (all of a smaller cache, else blocks
-    spread over every array) and the rest block by block the first time :meth:`lookup` reads it.
+    Every array file is checked against the manifest (size, dtype, shape) and its SHA-256 before anything
+    reads it.
 
     Args:
         folder: A complete cache folder.
         identity: The identity the recipe needs (checked against the manifest; ``None`` skips the check,
             for inspection tools only).
-        verify_bytes: Bytes of stored outputs verified at open (default
-            :data:`~kdkit.cache.integrity.OPEN_VERIFY_BYTES`); :meth:`verify_all` verifies the rest.
 
     Raises:
         KdkitError: No complete cache of this format there, a cache of another identity, or a file that is
-            missing, truncated, replaced or differs from its checksums.
+            missing, truncated, replaced or differs from its SHA-256.
     """
 
-    def __init__(self, folder: Path, identity: dict[str, Any] | None = None,
-                 verify_bytes: int | None = None) -> None:
+    def __init__(self, folder: Path, identity: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if identity is not None:
             check_identity(self.manifest, identity, self.folder)
-        table = self._open(VIEWS)
-        table.verify_all("when the cache was opened")  # small, and every batch of every epoch reads it
-        self.views = torch.from_numpy(table.data)
+        self.views = self._open(VIEWS)
         self.layouts = [TapLayout(t["spec"], tuple(t["shape"]), t["storage"], t["k"])
                         for t in self.manifest["taps_layout"]]
-        self.checked = [self._open(name) for t in self.manifest["taps_layout"] for name in t["files"]]
-        self._verify_at_open(verify_bytes)
-        files = iter(self.checked)
-        self.arrays = [[torch.from_numpy(next(files).data) for _ in t["files"]] for t in self.manifest["taps_layout"]]
+        self.arrays = [[self._open(name) for name in t["files"]] for t in self.manifest["taps_layout"]]
         self.num_samples, self.num_views = int(self.views.shape[0]), int(self.views.shape[1])
         self.num_classes = int(self.manifest["data"]["num_classes"])
 
-    def _open(self, name: str) -> CheckedArray:
+    def _open(self, name: str) -> Tensor:
+        """Array file ``name``, checked against its manifest entry, memory-mapped."""
         entry = self.manifest.get("arrays", {}).get(name)
         if entry is None:
-            raise corrupt(self.folder / MANIFEST, f"lists no checksums for {name} (it was edited or damaged)")
-        return CheckedArray(self.folder, name, entry)
-
-    def _verify_at_open(self, budget: int | None) -> None:
-        """Verify all stored outputs when they fit in ``budget`` bytes, else that many spread over each array."""
-        budget = integrity.OPEN_VERIFY_BYTES if budget is None else budget  # read at each call: tests lower it
-        total = sum(c.nbytes for c in self.checked)
-        share = 1.0 if total <= budget else budget / total
-        for checked in self.checked:
-            checked.verify_sample(share, "when the cache was opened")
-
-    def verify_all(self, when: str = "by a full verification") -> None:
-        """Verify every block not verified yet (``kdkit cache verify``, and before arrays leave their files)."""
-        for checked in self.checked:
-            checked.verify_all(when)
+            raise corrupt(self.folder / MANIFEST, f"lists no SHA-256 for {name} (it was edited or damaged)")
+        return torch.from_numpy(open_checked(self.folder / name, entry))
 
     @property
     def specs(self) -> list[str]:
@@ -328,8 +296,7 @@ class TeacherCache:
         return sum(a.numel() * a.element_size() for arrays in self.arrays for a in arrays)
 
     def to(self, device: torch.device) -> TeacherCache:
-        """Hold every array in memory on ``device`` (no per-batch host round-trip on a GPU), verified first."""
-        self.verify_all(f"before the cache was moved to {device}")
+        """Hold every array in memory on ``device`` (no per-batch host round-trip on a GPU)."""
         self.views = self.views.to(device)
         self.arrays = [[a.to(device) for a in arrays] for arrays in self.arrays]
         return self
@@ -343,10 +310,6 @@ class TeacherCache:
         """
         store = self.arrays[0][0].device
         index_s, view_s = index.to(store), view.to(store)
-        if store.type == "cpu":  # memory maps: verify the blocks this batch reads (moved arrays were verified)
-            flat = (index_s * self.num_views + view_s).numpy()
-            for checked in self.checked:
-                checked.verify_items(flat)
         out: dict[str, Tensor] = {}
         for layout, arrays in zip(self.layouts, self.arrays, strict=True):
             if layout.storage == "topk":
