@@ -254,9 +254,10 @@ class _Planner:
                                           bad=recipe.task, fix=f"use a task dataset {data.name!r} serves, or a "
                                           "dataset with these targets (`kdkit ls datasets`)", where="task"))
         metric = recipe.train.best_metric
-        if task is not None and metric is not None and metric not in task.selectable():
-            self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by",
-                                          choices=task.selectable(), bad=metric,
+        if task is not None and metric is not None and metric not in task.selectable(data):
+            self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by"
+                                          + (f" on {data.name!r}" if data is not None else ""),
+                                          choices=task.selectable(data), bad=metric,
                                           fix="pick the best epoch by one of the task's metrics",
                                           where="train.best_metric"))
         return task

@@ -50,7 +50,7 @@ class BoundMultilabel:
     """Multi-label classification on one run's data: targets gathered from the multi-hot arrays by index."""
 
     def __init__(self, task: Task, data: Any, device: torch.device) -> None:
-        self.task, self.device = task, device
+        self.task, self.device, self.metrics = task, device, task.metrics_for(data)
         self.split_targets = {"train": data.train_targets[task.target].to(device).float(),
                               "test": data.test_targets[task.target].to(device).float()}
         self.num_labels = self.split_targets["train"].shape[1]
