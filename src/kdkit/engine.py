@@ -29,7 +29,8 @@ from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.metrics import MetricsLog
-from kdkit.task import BoundTask
+from kdkit.progress import ProgressBar, progress_bar
+from kdkit.task import BoundTask, higher_is_better
 
 Callback = Callable[["Engine", str], None]
 #: ``transform(engine, x, y, index) -> (x, y, index)``: rewrites each training batch before the step
@@ -167,9 +168,9 @@ class Engine:
                              fix="use off, bf16 or fp16")
         self.student, self.objective, self.teacher, self.task = student, objective, teacher, task
         self.metric = best_metric or task.task.best
-        if self.metric not in task.task.selectable():
+        if self.metric not in higher_is_better(task.metrics):  # what this run's data reports
             raise KdkitError(f"task {task.task.name!r} has no metric {self.metric!r} to pick the best epoch by",
-                             choices=task.task.selectable(),
+                             choices=higher_is_better(task.metrics),
                              bad=self.metric, fix="pick the best epoch by one of the task's metrics")
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.epochs, self.amp = epochs, amp
@@ -272,7 +273,7 @@ class Engine:
         if log is not None:
             log.close()
         last_row = self.history[-1] if self.history else {}
-        last = {name: last_row.get(f"test_{name}", math.nan) for name in self.task.task.metrics}
+        last = {name: last_row.get(f"test_{name}", math.nan) for name in self.task.metrics}
         return FitResult(self.run_dir, self.metric, self.best["value"], self.best["epoch"], last,
                          time.perf_counter() - started, list(self.history))
 
@@ -465,49 +466,35 @@ class Engine:
                 signal.signal(sig, handler)
 
     @contextlib.contextmanager
-    def _progress(self) -> Iterator[Any]:
+    def _progress(self) -> Iterator[ProgressBar | None]:
         if not self.show_progress:
             yield None
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        with progress_bar(self.label, self.epochs * self.steps_per_epoch, self.global_step) as bar:
+            yield bar
 
-        total = self.epochs * self.steps_per_epoch
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-        with Progress(*columns, transient=True) as progress:
-            task = progress.add_task(self.label, total=total, completed=self.global_step, status="")
-            yield (progress, task)
-
-    def _update_bar(self, bar: Any, sums: Tensor, count: int) -> None:
+    def _update_bar(self, bar: ProgressBar | None, sums: Tensor, count: int) -> None:
         values = sums.tolist()
         means = [v / max(count, 1) for v in values[:-2]]
         self.last_losses = dict(zip(self.keys, means, strict=True))
         if bar is None:
             return
-        progress, task = bar
         score = 100.0 * values[-2] / max(values[-1], 1.0)
         best = f" best {self.metric} {self.best['value']:.2f}" if self.best["epoch"] > 0 else ""
         status = f"ep {self.epoch + 1}/{self.epochs} loss {means[0]:.4f} train {self.task.task.train_metric} " \
                  f"{score:.1f}{best}"
-        progress.update(task, completed=self.global_step, status=status)
+        bar.update(self.global_step, status)
 
-    def _announce(self, row: dict[str, Any], bar: Any) -> None:
+    def _announce(self, row: dict[str, Any], bar: ProgressBar | None) -> None:
         if not self.ctx.is_main or not self.show_progress:
             return
         terms = " ".join(f"{k} {row[f'train_{k}']:.4f}" for k in self.keys if k != "loss")
         line = (f"{self.label} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f} ({terms})  "
                 f"train {self.task.task.train_metric} {row[f'train_{self.task.task.train_metric}']:.2f}  test "
-                + " ".join(f"{k} {row[f'test_{k}']:.4g}" for k in self.task.task.metrics)
+                + " ".join(f"{k} {row[f'test_{k}']:.4g}" for k in self.task.metrics)
                 + f"  best {self.metric} {row[f'best_{self.metric}']:.2f}  {row['epoch_seconds']:.1f}s")
         if bar is not None:
-            bar[0].console.print(line, highlight=False, soft_wrap=True)
+            bar.print(line)
 
 
 def objective_keys(objective: Objective) -> list[str]:
