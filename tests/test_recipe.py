@@ -18,12 +18,17 @@ def test_every_shipped_recipe_validates(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["validate", *map(str, files)]) == 0, capsys.readouterr().err
 
 
+def problems(recipe: dict) -> str:
+    """The rendered problem list of a recipe that must fail validation."""
+    with pytest.raises(RecipeErrors) as info:
+        recipe_from_dict(recipe)
+    return str(info.value)
+
+
 def test_unknown_keys_are_errors_with_the_valid_keys(tiny: dict) -> None:
     tiny["train"]["epoch"] = 3
     tiny["modle"] = {}
-    with pytest.raises(RecipeErrors) as info:
-        recipe_from_dict(tiny)
-    text = str(info.value)
+    text = problems(tiny)
     assert "2 problem(s)" in text
     assert "train.epoch: unknown key 'epoch'; valid choices: epochs" in text
     assert "unknown key 'modle'; valid choices: model" in text
@@ -87,9 +92,7 @@ def test_every_network_and_the_task_are_named_in_the_problem_list(tiny: dict) ->
     tiny["task"] = "clasification"
     tiny["peers"] = {"b": {"arch": "cnn_studen"}}
     tiny["teachers"] = {"t1": {"arch": "cnn_teachr", "checkpoint": "t1.safetensors"}}
-    with pytest.raises(RecipeErrors) as info:
-        recipe_from_dict(tiny)
-    text = str(info.value)
+    text = problems(tiny)
     assert "peers.b.arch: unknown model 'cnn_studen'; valid choices: cnn_student" in text
     assert "teachers.t1.arch: unknown model 'cnn_teachr'; valid choices: cnn_teacher" in text
     assert "task: unknown task 'clasification'; valid choices: classification" in text
