@@ -134,16 +134,49 @@ def test_loss_gradients_are_finite(name: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in case.loss.parameters() if p.grad is not None)
 
 
+def shifted(case: Case, loss: DistillLoss, directions: list[Tensor], step: float) -> Tensor:
+    """The loss on the float64 example inputs with every floating tensor (student and teacher) moved by
+    ``step * direction`` (same random draws in every call; no gradient, so nothing depends on the step count)."""
+    moves = iter(directions)
+
+    def move(t: Tensor) -> Tensor:
+        return t.detach().double() + step * next(moves) if t.is_floating_point() else t
+
+    student, teacher = tree_map(move, case.student), tree_map(move, case.teacher)
+    torch.manual_seed(1)  # same draws for every call (e.g. CRD's bank negatives)
+    with torch.no_grad():
+        return loss.compute(student, teacher, case.labels, case.index)
+
+
+def slope(case: Case, loss: DistillLoss, directions: list[Tensor], step: float) -> float:
+    """Central difference of the loss along ``directions`` with ``step``."""
+    return ((shifted(case, loss, directions, step) - shifted(case, loss, directions, -step)) / (2 * step)).item()
+
+
+@pytest.mark.parametrize("state", ["as built", "double()"])
 @pytest.mark.parametrize("name", LOSS_NAMES)
-def test_loss_computes_in_float64_when_given_float64(name: str) -> None:
+def test_loss_computes_in_float64_when_given_float64(name: str, state: str) -> None:
+    """Float64 inputs give a float64 loss computed in float64 throughout, whatever precision the loss's own state
+    (CRD's heads and memories, FM-KT's teacher transform) was built in.
+
+    The inputs are moved by 1e-7 along a random direction on both sides: a loss computed in float64 changes by
+    ``1e-7 * slope`` (the slope is the one measured with a 1e-4 step, to ~1e-4), i.e. it resolves inputs 1e-7
+    apart to ~1e-12 of its value. Any float32 rounding inside (an input, a weight, a stored constant) makes the
+    change noise of the order of the loss itself (relative error ~1).
+    """
     case = build_case(name)
-    loss64 = copy.deepcopy(case.loss).double()  # the same state, in float64 (as `model.double()` would make it)
-    value32, _ = case.compute()
-    value64, _ = case.compute(loss64, torch.float64)
-    assert value64.dtype == torch.float64
-    # A float64 result that is exactly a float32 number was computed in float32 (else the odds are 2^-29).
-    assert value64.item() != value64.float().item(), f"{name} computed in float32: {value64.item()!r}"
-    torch.testing.assert_close(value64.float(), value32.float(), rtol=1e-3, atol=1e-5)
+    loss = copy.deepcopy(case.loss) if state == "as built" else copy.deepcopy(case.loss).double()
+    loss.eval()  # no memory or statistics updates between the shifted calls
+    generator = torch.Generator().manual_seed(3)
+    leaves = [t for t in tensors(case.student) + tensors(case.teacher) if t.is_floating_point()]
+    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in leaves]
+    value = shifted(case, loss, directions, 0.0)  # also sets state estimated on the first batch (CRD's Z)
+    assert value.dtype == torch.float64
+    coarse, fine = slope(case, loss, directions, 1e-4), slope(case, loss, directions, 1e-7)
+    assert abs(coarse) > 1e-6, f"{name}: the loss does not change along the direction; the check would be vacuous"
+    assert fine == pytest.approx(coarse, rel=1e-4), f"{name} is not computed in float64 throughout"
+    value32, _ = case.compute(copy.deepcopy(case.loss).eval())  # and it is the same loss as the float32 one
+    torch.testing.assert_close(value.float(), value32.float(), rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
