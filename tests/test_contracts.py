@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
+import re
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from conftest import write_recipe
-from kdkit.bridges import BRIDGES, FUSING_BRIDGES, example_shapes
+from kdkit.bridges import BRIDGES, FUSING_BRIDGES, SHAPE_RULES, example_shapes
 from kdkit.bridges.roles import StructuredBridge
 from kdkit.cli import main
 from kdkit.errors import KdkitError
@@ -270,6 +272,26 @@ def test_bridge_state_round_trips(name: str) -> None:
     with torch.no_grad():
         for a, b in zip(tensors(bridge(x)), tensors(other(x)), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+#: Per-sample shapes whose every (student, teacher) pair each declared shape rule is checked on.
+RULE_SHAPES = [(6,), (4, 6), (4, 6, 6), (6, 3, 3), (5, 12, 12), (4, 6, 3), (4, 3, 3), (6, 12, 6), (4, 7, 7)]
+
+
+@pytest.mark.parametrize("name", sorted(SHAPE_RULES))
+def test_bridge_maps_exactly_what_its_shape_rule_declares(name: str) -> None:
+    """Hints suggest a bridge from its declared rule: the rule must be true. Every pair it accepts is mapped onto
+    the teacher's shape; every pair it refuses is refused by the factory with the rule's reason."""
+    factory, rule = BRIDGES.get(name), SHAPE_RULES[name]
+    assert rule(*example_shapes(name)) is None
+    for s_shape, t_shape in itertools.product(RULE_SHAPES, repeat=2):
+        problem = rule(s_shape, t_shape)
+        if problem is None:
+            bridge = factory(s_shape, t_shape).eval()
+            assert tuple(bridge(torch.randn(2, *s_shape)).shape) == (2, *t_shape), (s_shape, t_shape)
+        else:
+            with pytest.raises(KdkitError, match=re.escape(problem)):
+                factory(s_shape, t_shape)
 
 
 @pytest.mark.parametrize("name", [n for n in BRIDGE_NAMES if bounded_params(BRIDGES.get(n), BRIDGE_SHAPE_PARAMS)])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.bridges import BRIDGES, FUSING_BRIDGES
+from kdkit.bridges import BRIDGES, FUSING_BRIDGES, bridge_hint, bridges_for
 from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
 from kdkit.data import ImageData, load_dataset, subset
@@ -432,10 +432,13 @@ class _Planner:
             if problem:
                 s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
                 t_name = as_specs(t_spec)[j] if len(pairs) > 1 and t_spec is not None else t_spec
-                hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
-                        if term.bridge is None else "choose another bridge or other taps")
+                choices, hint = BRIDGES.names(), "choose another bridge or other taps"
+                if term.bridge is None and isinstance(one_s, tuple) and isinstance(one_t, tuple):
+                    # the bridges whose declared shape rule maps this student tap onto the teacher's
+                    choices = bridges_for(one_s, one_t)
+                    hint = bridge_hint(one_s, one_t, choices)
                 self.errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
-                                              f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
+                                              f"teacher tap {t_name!r}: {problem}", choices=choices,
                                               fix=hint, where=where))
 
 
