@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from kdkit.bridges import BRIDGES
@@ -61,5 +62,10 @@ def test_feature_term_with_bridge_trains_and_saves_the_bridge(tiny_kd: dict) -> 
     recipe = recipe_from_dict(tiny_kd)
     summary = run_recipe(recipe)
     assert summary["bridge_params"] == 8 * 32 + 2 * 32  # 1x1 conv (no bias) + BN affine
+    resolved = yaml.safe_load((recipe.run_dir / "resolved_params.yaml").read_text())
+    assert resolved == {"distill": [  # defaults written out (standardize), the recipe's values kept (temperature: 4)
+        {"name": "kd", "loss": "kd", "params": {"temperature": 4.0, "standardize": False}},
+        {"name": "mse", "loss": "mse", "params": {}, "bridge": "conv1x1", "bridge_params": {}}]}
+    assert yaml.safe_load((recipe.run_dir / "recipe.yaml").read_text()) == recipe.to_dict()
     weights = load_file(str(pointed(recipe.run_dir / "checkpoints", "latest") / "model.safetensors"))
     assert any(k.startswith("bridges.mse.") for k in weights)

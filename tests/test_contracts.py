@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import json
 import re
 import typing
 from collections.abc import Callable
@@ -197,6 +198,26 @@ def test_loss_state_round_trips(name: str) -> None:
     case.loss.eval()
     other.eval()
     torch.testing.assert_close(case.compute(other)[0], case.compute()[0], rtol=0, atol=0)
+
+
+def recipe_default(default: Any) -> str:
+    """A signature default as a recipe writes it (written out here, apart from kdkit's own formatting)."""
+    if isinstance(default, str):
+        return default
+    return json.dumps(list(default) if isinstance(default, tuple) else default)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_ls_loss_lists_every_parameter_with_its_default_and_description(
+        name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", "losses", name]) == 0
+    out = capsys.readouterr().out
+    for param, p in accepted_params(LOSSES.get(name)).items():
+        default = "required" if p.default is p.empty else f"= {recipe_default(p.default)}"
+        line = next((line for line in out.splitlines() if line.startswith(f"  {param}: ")), None)
+        assert line is not None and f" {default}" in line, (param, out)
+        described = out.splitlines()[out.splitlines().index(line) + 1]
+        assert described.startswith("      ") and described.strip(), f"{name}.{param} has no `Args:` entry"
 
 
 BOUNDED_LOSS_PARAMS = [(name, param) for name in LOSS_NAMES for param in bounded_params(LOSSES.get(name))]

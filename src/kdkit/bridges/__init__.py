@@ -32,6 +32,8 @@ FUSING_BRIDGES: set[str] = set()
 EXAMPLE_SHAPES: dict[str, tuple[Any, Any]] = {}
 #: Example shapes of a bridge that declares none: two flat vectors of different widths.
 DEFAULT_EXAMPLE_SHAPES: tuple[Any, Any] = ((8,), (10,))
+#: Factory parameters kdkit fills in from the probed taps (not settable in ``bridge_params``).
+SHAPE_PARAMS = ("student_shape", "teacher_shape", "student_shapes", "teacher_shapes")
 #: The shape rule each general-purpose bridge declares (``register_bridge(maps=...)``): the bridges that map one
 #: tensor onto the teacher tap's shape for any loss. Hints suggest exactly these, from these rules.
 SHAPE_RULES: dict[str, ShapeRule] = {}
@@ -190,7 +192,7 @@ def conv3x3_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
     return _conv_bridge(student_shape, teacher_shape, 3)
 
 
-__all__ = ["BRIDGES", "EXAMPLE_SHAPES", "FUSING_BRIDGES", "SHAPE_RULES", "bridge_hint", "bridges_for",
+__all__ = ["BRIDGES", "EXAMPLE_SHAPES", "FUSING_BRIDGES", "SHAPE_PARAMS", "SHAPE_RULES", "bridge_hint", "bridges_for",
            "conv1x1_bridge", "conv3x3_bridge", "example_shapes", "linear_bridge", "maps_any",
            "maps_equal_spatial_size", "register_bridge"]
 
