@@ -55,6 +55,7 @@ def test_hints_follow_the_declared_shape_rules(monkeypatch: pytest.MonkeyPatch) 
     assert "upsample" not in info.value.choices
 
 
+@pytest.mark.slow
 def test_feature_term_with_bridge_trains_and_saves_the_bridge(tiny_kd: dict) -> None:
     tiny_kd["distill"].append({"loss": "mse", "student": "stage1", "teacher": "stage1", "bridge": "conv1x1",
                                "weight": 0.5})

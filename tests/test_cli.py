@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,13 @@ def test_ls_taps_shows_shapes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "penultimate" in out and "(64,)" in out and "layer3" in out
 
 
-def test_validate_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_schema_prints_the_recipe_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "--schema"]) == 0
-    assert '"Recipe"' in capsys.readouterr().out or "properties" in capsys.readouterr().out
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "Recipe"
+    # the core sections and each method's section (tst:), the required keys
+    assert {"model", "data", "distill", "train", "output", "tst"} <= set(schema["properties"])
+    assert {"name", "model", "data"} <= set(schema["required"])
 
 
 def test_validate_reports_bad_recipe_and_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,6 +76,7 @@ def test_validate_reports_bad_recipe_and_exit_code(capsys: pytest.CaptureFixture
     assert "unknown model 'resnet3'; valid choices: resnet32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_compares_run_folders(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
 
     folders = []

@@ -12,6 +12,7 @@ from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.recipe import load_recipe, recipe_from_dict, recipes_root, shipped_recipes
 
 
+@pytest.mark.slow
 def test_every_shipped_recipe_validates(capsys: pytest.CaptureFixture[str]) -> None:
     files = sorted(recipes_root().rglob("*.yaml"))
     assert len(files) >= 3 and len(files) == len(shipped_recipes())

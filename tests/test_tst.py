@@ -214,6 +214,7 @@ def test_colour_operation_on_grey_data_fails_before_training(tiny_kd: dict) -> N
         run_recipe(recipe)
 
 
+@pytest.mark.slow
 def test_run_logs_policy_saves_it_and_resumes_to_identical_weights(tmp_path: Path, tiny_kd: dict) -> None:
     with_tst(tiny_kd)
     straight = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'straight'}"])
