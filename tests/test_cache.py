@@ -103,6 +103,7 @@ def test_topk_storage_keeps_the_top_probabilities_and_the_remaining_mass(cached:
 # -- manifest, atomicity -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_cache_of_another_setting_or_teacher_is_refused(cached: dict, tmp_path: Path) -> None:
     built_cache(cached)
     with pytest.raises(KdkitError, match=r"does not match.*augment\.crop_padding") as info:

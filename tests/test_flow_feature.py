@@ -258,6 +258,7 @@ def test_plan_builds_the_term_and_requires_the_bridge(tiny: dict, teacher_file: 
     assert torch.isfinite(out["loss"]) and out["fmkt_feature"] > 0
 
 
+@pytest.mark.slow
 def test_flow_costs_include_the_feature_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     from kdkit import profile
     from kdkit.methods.fmkt.costs import flow_costs, has_flow

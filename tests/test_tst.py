@@ -150,6 +150,7 @@ def mean_target(trainer: TstTrainer, student: nn.Module, x: torch.Tensor, y: tor
     return float(torch.stack(values).mean())
 
 
+@pytest.mark.slow
 def test_policy_phase_raises_the_augmenter_target_on_a_fixed_batch() -> None:
     trainer, engine, student = phase_setup()
     x, y, _ = next(iter(engine.train_loader.epoch(0)))

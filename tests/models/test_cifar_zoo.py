@@ -84,6 +84,7 @@ def _check(name: str, num_classes: int, in_channels: int, image_size: int) -> No
             assert feat.dim() == 4 and feat.shape[0] == 2, (tap, feat.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PARAMS_M))
 def test_zoo_model(name: str) -> None:
     """Each zoo model has its expected size, returns logits only, and has working feature taps."""

@@ -35,7 +35,7 @@ def widen(x: Tensor) -> Tensor:
 def run_widened(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)`` computed in :func:`compute_dtype` of ``x`` and the module's floating state.
 
-    A loss's own layers (CRD's embedding heads, FM-KT's teacher transform) are built in float32; float64 inputs
+    A loss's own layers (CRD's embedding heads, a feature loss's teacher transform) are built in float32; float64 inputs
     must not be rounded to them. When the precisions differ the state is cast for this call: parameters
     differentiably (they still train), and buffers that a training-mode forward updates in place (BatchNorm
     statistics) are written back in their own precision.
