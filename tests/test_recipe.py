@@ -12,6 +12,7 @@ from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.recipe import load_recipe, recipe_from_dict, recipes_root, shipped_recipes
 
 
+@pytest.mark.slow
 def test_every_shipped_recipe_validates(capsys: pytest.CaptureFixture[str]) -> None:
     files = sorted(recipes_root().rglob("*.yaml"))
     assert len(files) >= 3 and len(files) == len(shipped_recipes())
@@ -74,6 +75,21 @@ def test_digest_changes_with_content(tiny: dict) -> None:
 def test_unknown_shipped_recipe_suggests_names() -> None:
     with pytest.raises(KdkitError, match="valid choices: fashion_mnist/kd"):
         load_recipe("fashion_mnist/kdd")
+
+
+def test_resolved_params_fill_defaults_without_changing_the_digest() -> None:
+    from kdkit.build import resolved_terms
+    from kdkit.recipe import load_recipe
+
+    recipe = load_recipe("fashion_mnist/kd")
+    # the digest computed before the resolved parameters existed: finished runs are found by it
+    assert recipe.digest() == "a255fb33d58b"
+    assert "standardize" not in recipe.to_dict()["distill"][0]  # the recipe says only what it sets...
+    assert resolved_terms(recipe) == [  # ...the resolved terms every value the loss is built with
+        {"name": "kd", "loss": "kd", "params": {"temperature": 4.0, "standardize": False}}]
+    bridged = load_recipe("fashion_mnist/fitnets")
+    assert resolved_terms(bridged) == [{"name": "fitnets", "loss": "fitnets", "params": {}, "bridge": "convreg",
+                                        "bridge_params": {"relu": True, "same_size_kernel": 3}}]
 
 
 def test_keys_added_later_do_not_change_old_digests() -> None:
