@@ -44,6 +44,7 @@ def test_speed_bench_quick(tmp_path: Path) -> None:
     assert "(d) kdkit KD step reading the teacher cache" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_speed_bench_takes_any_recipe(tmp_path: Path) -> None:
     # no teacher: the hand-written KD loop and the cached step do not apply, and say so

@@ -26,6 +26,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(pointed(run_dir / "checkpoints", "latest") / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, tiny_kd: dict) -> None:
     tiny_kd["train"]["epochs"] = 3
     straight = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'straight'}"])
@@ -49,6 +50,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, tiny_kd: d
     assert summary["best_top1"] == max(r["test_top1"] for r in rows_a) and summary["metric"] == "top1"
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_recipe_and_loads_without_code(tmp_path: Path, tiny: dict) -> None:
     recipe = recipe_from_dict(tiny)
     run_recipe(recipe)
@@ -63,6 +65,7 @@ def test_checkpoint_holds_recipe_and_loads_without_code(tmp_path: Path, tiny: di
     assert pointed(recipe.run_dir / "checkpoints", "best") is not None
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = recipe_from_dict(tiny, ["train.epochs=1"])
     run_recipe(recipe)
@@ -80,6 +83,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, tiny: dict, monke
     assert all(torch.equal(weights[k], v) for k, v in load_file(str(after / "model.safetensors")).items())
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_recipe(tmp_path / "r.yaml", {**tiny, "train": {**tiny["train"], "epochs": 1}})
     assert main(["run", str(path)]) == 0
@@ -88,6 +92,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, tiny: dict, caps
     assert main(["run", str(path), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
     run_recipe(recipe_from_dict(tiny, ["train.epochs=1"]))
     path = write_recipe(tmp_path / "r.yaml", tiny)
@@ -115,6 +120,7 @@ class Boom(DistillLoss):
         return value * float("nan") if self.calls >= 8 else value
 
 
+@pytest.mark.slow
 def test_nan_names_the_term_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_kd: dict,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     tiny_kd["distill"].append({"loss": "test_boom", "weight": 0.01})
@@ -127,6 +133,7 @@ def test_nan_names_the_term_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_
     assert "Last good checkpoint kept" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_tensorboard(tmp_path: Path, tiny_kd: dict) -> None:
     pytest.importorskip("tensorboard")
     recipe = recipe_from_dict(tiny_kd, ["train.amp=bf16", "train.epochs=1", "output.tensorboard=true"])
@@ -144,6 +151,7 @@ def test_fp16_on_cpu_is_refused_before_training(tiny: dict) -> None:
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                     reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_student_trains_and_saves_plain_weights(tmp_path: Path, tiny_kd: dict) -> None:
     tiny_kd["train"].update({"epochs": 1, "compile": True})
     compiled = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'compiled'}"])
