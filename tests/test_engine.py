@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import sigint_at_step, write_recipe
 from kdkit.checkpoint import pointed, read_state
 from kdkit.cli import _split_resume, main
-from kdkit.engine import Interrupted
+from kdkit.engine import Engine, Interrupted
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.losses import DistillLoss, register_loss
 from kdkit.recipe import recipe_from_dict
@@ -130,7 +132,43 @@ def test_nan_names_the_term_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_
     assert pointed(recipe.run_dir / "checkpoints", "latest").name == "epoch_0001"
     path = write_recipe(tmp_path / "r.yaml", tiny_kd)
     assert main(["run", str(path), "--overwrite"]) == 3
-    assert "Last good checkpoint kept" in capsys.readouterr().err
+    assert f"last good checkpoint kept: {recipe.run_dir / 'checkpoints' / 'epoch_0001'}" in capsys.readouterr().err
+
+
+def all_finite(folder: Path) -> bool:
+    """Whether every floating-point tensor of a checkpoint folder is finite."""
+    return all(torch.isfinite(v).all() for v in load_file(str(folder / "model.safetensors")).values()
+               if v.is_floating_point())
+
+
+def test_high_lr_with_finite_losses_stops_on_inf_buffers(tmp_path: Path, tiny: dict,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue #10: at lr 30 every loss stays finite while BatchNorm's running_var overflows; the run used to exit 0
+    # at chance accuracy with inf in every checkpoint, including the "last good" one.
+    path = write_recipe(tmp_path / "r.yaml", {**tiny, "train": {**tiny["train"], "epochs": 3}})
+    assert main(["run", str(path), "train.optimizer.lr=30"]) == 3
+    err = capsys.readouterr().err
+    assert re.search(r"'model\.[\w.]+\.running_var'.* became NaN or inf in epoch \d, in steps \d+-\d+ of 6, while "
+                     r"every loss term stayed finite", err), err
+    assert "fix: lower the learning rate" in err
+    run = Path(tiny["output"]["dir"])
+    latest = pointed(run / "checkpoints", "latest")
+    assert latest is None or all_finite(latest)
+    assert all(all_finite(folder) for folder in (run / "checkpoints").glob("epoch_*"))
+
+
+def test_nonfinite_optimizer_state_stops_at_the_next_sync_point(tiny: dict) -> None:
+    # Adam's second moment or a momentum buffer can overflow while weights and losses stay finite.
+    def overflow(engine: Engine, event: str) -> None:
+        if event == "step" and engine.global_step == 12:  # the last step of epoch 2, before its sync point
+            engine.optimizer.state[engine.student.model.fc.weight]["momentum_buffer"][0, 0] = math.inf
+
+    recipe = recipe_from_dict(tiny)  # SGD with momentum 0.9
+    with pytest.raises(TrainingDiverged, match=r"'optimizer\.model\.fc\.weight\.momentum_buffer' became NaN or inf "
+                                               r"in epoch 2, in steps 1-6 of 6") as info:
+        run_recipe(recipe, callbacks=[overflow])
+    latest = pointed(recipe.run_dir / "checkpoints", "latest")
+    assert info.value.checkpoint == latest and latest.name == "epoch_0001" and all_finite(latest)
 
 
 @pytest.mark.slow

@@ -213,7 +213,7 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "latency_ms": latency_ms(Deployed(built.student), shape, device=built.device) if ctx.is_main else None,
         "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
         "world_size": ctx.world_size, "device": str(built.device), "kdkit": __version__,
-        "machine": machine_info(), "command": " ".join(sys.argv),
+        "machine": machine_info(), "command": " ".join(sys.argv), "warnings": result.warnings,
     }
     if built.teacher is not None and ctx.is_main:
         summary["teacher_latency_ms"] = latency_ms(built.teacher.model, shape, device=built.device)

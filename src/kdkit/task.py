@@ -62,6 +62,11 @@ class BoundTask(Protocol):
     def evaluator(self, ctx: DistContext) -> Evaluator:
         """A fresh evaluator of the task's metrics (reduced over the processes of ``ctx``)."""
 
+    def chance(self) -> dict[str, float]:
+        """What each metric scores on the test split for a model that learned nothing (e.g. one that always
+        answers the commonest class), for the metrics where the task defines it; empty when bound without data.
+        The engine warns when the metric that picks the best epoch stays there."""
+
 
 class Task:
     """Base class of a registered task (one instance per task in :data:`TASKS`).

@@ -49,11 +49,30 @@ class AccuracyEvaluator:
         return {"loss": ce / n, **{name: 100.0 * h / n for name, h in zip(self.names, hits, strict=True)}}
 
 
-class BoundClassification:
-    """Classification on one run's data: the labels are the targets."""
+def chance_accuracy(labels: Tensor, num_classes: int, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Top-k accuracy (%) on ``labels`` of a model that always ranks the commonest classes first: 100·k/K on
+    balanced labels, more when some classes are commoner (what a model collapsed onto them scores)."""
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes).sort(descending=True).values
+    return [100.0 * float(counts[:k].sum()) / max(len(labels), 1) for k in ks]
 
-    def __init__(self, task: Task, metrics: tuple[str, ...], device: torch.device, label_smoothing: float) -> None:
+
+class BoundClassification:
+    """Classification on one run's data: the labels are the targets.
+
+    Args:
+        task: The registered task.
+        metrics: The metrics this run reports.
+        device: Device of the batches.
+        label_smoothing: Of the supervised cross-entropy.
+        test_labels: The test split's labels and the number of classes, for :meth:`chance` (``None``: unknown).
+    """
+
+    def __init__(self, task: Task, metrics: tuple[str, ...], device: torch.device, label_smoothing: float,
+                 test_labels: tuple[Tensor, int] | None = None) -> None:
         self.task, self.metrics, self.device, self.label_smoothing = task, metrics, device, label_smoothing
+        ks = {name: k for name, k in TOP_K.items() if name in metrics}
+        self._chance = dict(zip(ks, chance_accuracy(*test_labels, tuple(ks.values())), strict=True)) \
+            if test_labels is not None else {}
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         return labels
@@ -66,6 +85,9 @@ class BoundClassification:
 
     def evaluator(self, ctx: DistContext) -> AccuracyEvaluator:
         return AccuracyEvaluator(self.device, ctx, self.metrics)
+
+    def chance(self) -> dict[str, float]:
+        return dict(self._chance)
 
 
 @register_task
@@ -85,4 +107,6 @@ class Classification(Task):
         return self.metrics
 
     def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0) -> BoundClassification:
-        return BoundClassification(self, self.metrics_for(data), device, label_smoothing)
+        # data may be None: the labels are the targets (chance level then unknown)
+        test = (data.test_labels, data.num_classes) if data is not None else None
+        return BoundClassification(self, self.metrics_for(data), device, label_smoothing, test)

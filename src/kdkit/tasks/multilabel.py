@@ -69,6 +69,11 @@ class BoundMultilabel:
     def evaluator(self, ctx: DistContext) -> MultilabelEvaluator:
         return MultilabelEvaluator(self.num_labels, self.device, ctx)
 
+    def chance(self) -> dict[str, float]:
+        # A ranking that knows nothing (random or constant scores) has an average precision equal to the class's
+        # share of positives, so macro mAP at chance is the mean test prevalence.
+        return {"map": 100.0 * float(self.split_targets["test"].mean(dim=0).mean())}
+
 
 @register_task
 class Multilabel(Task):
