@@ -89,6 +89,9 @@ class DistillLoss(nn.Module):
     teacher_list: ClassVar[bool] = False
     #: The registered bridge whose output the loss reads (``None``: any bridge or none).
     requires_bridge: ClassVar[str | None] = None
+    #: Epochs over which a term's weight ramps up from 0 when its recipe entry sets no ``warmup_epochs``: part of
+    #: the method where its reference code always ramps (DKD and ReviewKD: ``min(epoch / 20, 1)``).
+    default_warmup_epochs: ClassVar[float] = 0.0
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:
