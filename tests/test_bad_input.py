@@ -45,6 +45,18 @@ def test_shapes_that_need_a_bridge(tmp_path: Path, tiny_kd: dict, capsys: pytest
     assert main(["validate", str(write_recipe(tmp_path / "ok.yaml", tiny_kd))]) == 0
 
 
+def test_spatial_mismatch_suggests_the_bridge_that_maps_it(tmp_path: Path, tiny_kd: dict,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # student stage1 (8, 4, 4) against teacher stage2 (64, 2, 2): conv1x1 keeps H, W and cannot map it
+    tiny_kd["distill"] = [{"loss": "mse", "student": "stage1", "teacher": "stage2"}]
+    code, err = run_cli(tmp_path, tiny_kd, capsys)
+    assert code == 2 and "(8, 4, 4) differs from teacher shape (64, 2, 2)" in err
+    assert "valid choices: convreg, linear" in err and "fix: use `bridge: convreg` (or linear)" in err, err
+    assert "conv1x1" not in err
+    tiny_kd["distill"][0]["bridge"] = "convreg"  # ...and the suggestion works
+    assert main(["validate", str(write_recipe(tmp_path / "ok.yaml", tiny_kd))]) == 0
+
+
 def test_unknown_loss(tmp_path: Path, tiny_kd: dict, capsys: pytest.CaptureFixture[str]) -> None:
     tiny_kd["distill"][0]["loss"] = "kdd"
     code, err = run_cli(tmp_path, tiny_kd, capsys)

@@ -44,6 +44,7 @@ def test_speed_bench_quick(tmp_path: Path) -> None:
     assert "(d) kdkit KD step reading the teacher cache" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_speed_bench_takes_any_recipe(tmp_path: Path) -> None:
     # no teacher: the hand-written KD loop and the cached step do not apply, and say so
@@ -53,3 +54,22 @@ def test_speed_bench_takes_any_recipe(tmp_path: Path) -> None:
     assert set(result["ms_per_step"]) == {"a_plain_ce", "c_kdkit_kd"} and result["ratio_c_over_b"] is None
     text = (tmp_path / "results.md").read_text()
     assert "c/b = n/a (no kd term)" in text and "(c) kdkit step (the recipe's objective)" in text
+
+
+def test_the_benchmark_table_is_one_table_in_markdown_and_in_html() -> None:
+    from kdkit.bench.methods import format_table, html_report_table
+
+    row = {"method": "kd", "metric": "top1", "best": 88.5, "best_std": 0.4, "last": 88.1, "last_std": 0.5,
+           "vs_labels_only": 1.25, "vs_kd": 0.0, "epoch_seconds": 4.2, "trained_params": 12050,
+           "deployed_params": 12050, "deployed_flops": 1.5e6, "latency_ms": 0.19, "arch": "cnn_student",
+           "dataset": "fashion_mnist", "epochs": 30, "train_samples": 3000, "methods": []}
+    results = {"rows": [row], "seeds": 3, "teacher": {"arch": "cnn_teacher", "train_samples": 60000},
+               "machine": {"cpu": "cpu", "cores": 2, "torch": "2", "torch_threads": 2, "python": "3.11"},
+               "command": "kdkit bench methods"}
+    markdown, page = format_table(results), html_report_table(results)
+    cells = ["kd", "88.50 ± 0.40", "88.10 ± 0.50", "+1.25", "+0.00", "4.20", "12,050", "12,050", "1.50", "0.19"]
+    assert "| " + " | ".join(cells) + " |" in markdown.splitlines()
+    assert "latency (ms, deployed network, batch 1)" in markdown.splitlines()[0]
+    assert page.count("<table>") == 1 and "|" not in page and "`" not in page  # rendered, no Markdown in the page
+    assert "".join(f"<td>{c}</td>" for c in cells) in page and "<p>3 seeds per method;" in page
+    assert "Command: <code>kdkit bench methods</code>" in page

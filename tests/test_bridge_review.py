@@ -107,6 +107,7 @@ def test_errors_name_the_fix() -> None:
     assert [tuple(o.shape[1:]) for o in outs] == [(5, 16, 16), (7, 8, 8)]
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end(tiny_kd: dict) -> None:
     tiny_kd["distill"] = [{"loss": "reviewkd", "student": ["stage1", "stage2"], "teacher": ["stage1", "stage2"],
                            "bridge": "review", "weight": 5, "warmup_epochs": 20}]

@@ -107,6 +107,7 @@ def test_topk_storage_keeps_the_top_probabilities_and_the_remaining_mass(cached:
 # -- manifest, atomicity -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_cache_of_another_setting_or_teacher_is_refused(cached: dict, tmp_path: Path) -> None:
     built_cache(cached)
     with pytest.raises(KdkitError, match=r"does not match.*augment\.crop_padding") as info:
@@ -180,6 +181,7 @@ def test_a_cache_cannot_serve_a_strong_view() -> None:
 # -- training ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_never_runs_the_teacher(cached: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from kdkit.distill import FrozenTeacher
 
@@ -196,6 +198,7 @@ def test_training_from_the_cache_never_runs_the_teacher(cached: dict, monkeypatc
     assert len(rows) == 2 and all(np.isfinite(r["train_kd"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_cached_run_resumes_exactly(cached: dict, tmp_path: Path) -> None:
     cached["train"]["epochs"] = 3
     straight, broken = straight_and_resumed(cached, tmp_path, 8)
@@ -204,6 +207,7 @@ def test_cached_run_resumes_exactly(cached: dict, tmp_path: Path) -> None:
     assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
 
 
+@pytest.mark.slow
 def test_cli_cache_build_and_info(tiny_kd: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_recipe(tmp_path / "kd.yaml", tiny_kd)  # no cache section: built with the defaults
     folder = tmp_path / "c"

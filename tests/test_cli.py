@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,57 @@ def test_ls(what: str, expected: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert expected in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("what", "name", "expected"), [
+    ("losses", "dkd", ["loss 'dkd': Decoupled KD", "implements: Zhao, Cui, Song, Qiu, Liang, \"Decoupled Knowledge "
+                       "Distillation\", CVPR 2022.", "alpha: float = 1.0  (a value >= 0)\n      TCKD weight",
+                       "beta: float = 8.0  (a value >= 0)", "temperature: float = 4.0  (a value > 0)",
+                       "standardize: bool = false\n", "reads (unless the term says): student tap 'logits'"]),
+    ("losses", "crd", ["memory: str = queue  (one of 'queue', 'bank')", "momentum: float = 0.5  (a value in [0, 1))"]),
+    ("bridges", "convreg", ["relu: bool = true", "same_size_kernel: int = 3  (one of 1, 3)",
+                            "maps: (C, H, W) maps whose student H, W equal the teacher's"]),
+    ("methods", "tst", ["recipe section `tst:`", "num_ops: int = 4  (a value >= 1)\n      operations drawn per batch",
+                        "policy_epochs: list[int] = [30, 90]"]),
+    ("methods", "fmkt", ["recipe section: none"]),
+    ("models", "cnn_student", ["head: str = flatten  (one of 'flatten', 'pool', 'queries')"]),
+    ("datasets", "digits", ["test_fraction: float = 0.2\n      Fraction of each class"]),
+])
+def test_ls_name_shows_parameters_defaults_bounds_and_summary(what: str, name: str, expected: list[str],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", what, name]) == 0
+    out = capsys.readouterr().out
+    missing = [e for e in expected if e not in out]
+    assert not missing, out
+    assert "Args:" not in out  # the parameters are listed from the signature, not repeated from the docstring
+
+
+@pytest.mark.parametrize(("what", "kind", "bad", "closest"), [
+    ("losses", "loss", "dkdd", "dkd"), ("bridges", "bridge", "convrg", "convreg"), ("methods", "method", "tsst", "tst"),
+    ("models", "model", "cnn_studnt", "cnn_student")])
+def test_ls_unknown_name_exits_2_with_closest_choices(what: str, kind: str, bad: str, closest: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", what, bad]) == 2
+    captured = capsys.readouterr()
+    assert f"unknown {kind} {bad!r}; valid choices: {closest}," in captured.err and not captured.out
+
+
+def test_ls_recipes_takes_no_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", "recipes", "fashion_mnist/kd"]) == 2
+    assert "takes no NAME" in capsys.readouterr().err
+
+
 def test_ls_taps_shows_shapes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ls", "taps", "resnet8", "--dataset", "cifar10"]) == 0
     out = capsys.readouterr().out
     assert "penultimate" in out and "(64,)" in out and "layer3" in out
 
 
-def test_validate_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_schema_prints_the_recipe_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "--schema"]) == 0
-    assert '"Recipe"' in capsys.readouterr().out or "properties" in capsys.readouterr().out
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "Recipe"
+    # the core sections and each method's section (tst:), the required keys
+    assert {"model", "data", "distill", "train", "output", "tst"} <= set(schema["properties"])
+    assert {"name", "model", "data"} <= set(schema["required"])
 
 
 def test_validate_reports_bad_recipe_and_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,6 +76,7 @@ def test_validate_reports_bad_recipe_and_exit_code(capsys: pytest.CaptureFixture
     assert "unknown model 'resnet3'; valid choices: resnet32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_compares_run_folders(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
 
     folders = []

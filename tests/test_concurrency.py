@@ -73,6 +73,7 @@ def test_a_lock_nests_in_its_process_records_its_holder_and_refuses_another(tmp_
     assert "fix: use another folder" in info.value.render()
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_run_folder_in_use_exits_2_naming_the_holder(tmp_path: Path, tiny: dict,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     path = write_recipe(tmp_path / "r.yaml", tiny)
@@ -88,6 +89,7 @@ def test_a_second_run_into_a_run_folder_in_use_exits_2_naming_the_holder(tmp_pat
     assert not (run_dir / ".metrics.json.tmp-1").exists()
 
 
+@pytest.mark.slow
 def test_a_student_waits_for_the_teacher_another_process_is_training_and_reuses_it(
         tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     teacher = {**tiny, "name": "teacher", "model": {"arch": "cnn_teacher"}, "train": {**tiny["train"], "epochs": 1},

@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
+import json
+import re
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 from torch import Tensor
 
 from conftest import write_recipe
-from kdkit.bridges import BRIDGES, FUSING_BRIDGES, example_shapes
+from kdkit.bridges import BRIDGES, FUSING_BRIDGES, SHAPE_RULES, example_shapes
 from kdkit.bridges.roles import StructuredBridge
 from kdkit.cli import main
 from kdkit.errors import KdkitError
@@ -134,16 +137,49 @@ def test_loss_gradients_are_finite(name: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in case.loss.parameters() if p.grad is not None)
 
 
+def shifted(case: Case, loss: DistillLoss, directions: list[Tensor], step: float) -> Tensor:
+    """The loss on the float64 example inputs with every floating tensor (student and teacher) moved by
+    ``step * direction`` (same random draws in every call; no gradient, so nothing depends on the step count)."""
+    moves = iter(directions)
+
+    def move(t: Tensor) -> Tensor:
+        return t.detach().double() + step * next(moves) if t.is_floating_point() else t
+
+    student, teacher = tree_map(move, case.student), tree_map(move, case.teacher)
+    torch.manual_seed(1)  # same draws for every call (e.g. CRD's bank negatives)
+    with torch.no_grad():
+        return loss.compute(student, teacher, case.labels, case.index)
+
+
+def slope(case: Case, loss: DistillLoss, directions: list[Tensor], step: float) -> float:
+    """Central difference of the loss along ``directions`` with ``step``."""
+    return ((shifted(case, loss, directions, step) - shifted(case, loss, directions, -step)) / (2 * step)).item()
+
+
+@pytest.mark.parametrize("state", ["as built", "double()"])
 @pytest.mark.parametrize("name", LOSS_NAMES)
-def test_loss_computes_in_float64_when_given_float64(name: str) -> None:
+def test_loss_computes_in_float64_when_given_float64(name: str, state: str) -> None:
+    """Float64 inputs give a float64 loss computed in float64 throughout, whatever precision the loss's own state
+    (CRD's heads and memories, FM-KT's teacher transform) was built in.
+
+    The inputs are moved by 1e-7 along a random direction on both sides: a loss computed in float64 changes by
+    ``1e-7 * slope`` (the slope is the one measured with a 1e-4 step, to ~1e-4), i.e. it resolves inputs 1e-7
+    apart to ~1e-12 of its value. Any float32 rounding inside (an input, a weight, a stored constant) makes the
+    change noise of the order of the loss itself (relative error ~1).
+    """
     case = build_case(name)
-    loss64 = copy.deepcopy(case.loss).double()  # the same state, in float64 (as `model.double()` would make it)
-    value32, _ = case.compute()
-    value64, _ = case.compute(loss64, torch.float64)
-    assert value64.dtype == torch.float64
-    # A float64 result that is exactly a float32 number was computed in float32 (else the odds are 2^-29).
-    assert value64.item() != value64.float().item(), f"{name} computed in float32: {value64.item()!r}"
-    torch.testing.assert_close(value64.float(), value32.float(), rtol=1e-3, atol=1e-5)
+    loss = copy.deepcopy(case.loss) if state == "as built" else copy.deepcopy(case.loss).double()
+    loss.eval()  # no memory or statistics updates between the shifted calls
+    generator = torch.Generator().manual_seed(3)
+    leaves = [t for t in tensors(case.student) + tensors(case.teacher) if t.is_floating_point()]
+    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in leaves]
+    value = shifted(case, loss, directions, 0.0)  # also sets state estimated on the first batch (CRD's Z)
+    assert value.dtype == torch.float64
+    coarse, fine = slope(case, loss, directions, 1e-4), slope(case, loss, directions, 1e-7)
+    assert abs(coarse) > 1e-6, f"{name}: the loss does not change along the direction; the check would be vacuous"
+    assert fine == pytest.approx(coarse, rel=1e-4), f"{name} is not computed in float64 throughout"
+    value32, _ = case.compute(copy.deepcopy(case.loss).eval())  # and it is the same loss as the float32 one
+    torch.testing.assert_close(value.float(), value32.float(), rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -162,6 +198,26 @@ def test_loss_state_round_trips(name: str) -> None:
     case.loss.eval()
     other.eval()
     torch.testing.assert_close(case.compute(other)[0], case.compute()[0], rtol=0, atol=0)
+
+
+def recipe_default(default: Any) -> str:
+    """A signature default as a recipe writes it (written out here, apart from kdkit's own formatting)."""
+    if isinstance(default, str):
+        return default
+    return json.dumps(list(default) if isinstance(default, tuple) else default)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_ls_loss_lists_every_parameter_with_its_default_and_description(
+        name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", "losses", name]) == 0
+    out = capsys.readouterr().out
+    for param, p in accepted_params(LOSSES.get(name)).items():
+        default = "required" if p.default is p.empty else f"= {recipe_default(p.default)}"
+        line = next((line for line in out.splitlines() if line.startswith(f"  {param}: ")), None)
+        assert line is not None and f" {default}" in line, (param, out)
+        described = out.splitlines()[out.splitlines().index(line) + 1]
+        assert described.startswith("      ") and described.strip(), f"{name}.{param} has no `Args:` entry"
 
 
 BOUNDED_LOSS_PARAMS = [(name, param) for name in LOSS_NAMES for param in bounded_params(LOSSES.get(name))]
@@ -237,6 +293,26 @@ def test_bridge_state_round_trips(name: str) -> None:
     with torch.no_grad():
         for a, b in zip(tensors(bridge(x)), tensors(other(x)), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+#: Per-sample shapes whose every (student, teacher) pair each declared shape rule is checked on.
+RULE_SHAPES = [(6,), (4, 6), (4, 6, 6), (6, 3, 3), (5, 12, 12), (4, 6, 3), (4, 3, 3), (6, 12, 6), (4, 7, 7)]
+
+
+@pytest.mark.parametrize("name", sorted(SHAPE_RULES))
+def test_bridge_maps_exactly_what_its_shape_rule_declares(name: str) -> None:
+    """Hints suggest a bridge from its declared rule: the rule must be true. Every pair it accepts is mapped onto
+    the teacher's shape; every pair it refuses is refused by the factory with the rule's reason."""
+    factory, rule = BRIDGES.get(name), SHAPE_RULES[name]
+    assert rule(*example_shapes(name)) is None
+    for s_shape, t_shape in itertools.product(RULE_SHAPES, repeat=2):
+        problem = rule(s_shape, t_shape)
+        if problem is None:
+            bridge = factory(s_shape, t_shape).eval()
+            assert tuple(bridge(torch.randn(2, *s_shape)).shape) == (2, *t_shape), (s_shape, t_shape)
+        else:
+            with pytest.raises(KdkitError, match=re.escape(problem)):
+                factory(s_shape, t_shape)
 
 
 @pytest.mark.parametrize("name", [n for n in BRIDGE_NAMES if bounded_params(BRIDGES.get(n), BRIDGE_SHAPE_PARAMS)])

@@ -86,3 +86,49 @@ def test_two_process_ddp_trains_every_peer(tmp_path: Path, tiny: dict) -> None:
     assert trained.keys() == fresh.state_dict().keys()
     rows = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert "train_ce@peer" in rows[-1] and "train_kd_peer" in rows[-1]
+
+
+INTERRUPT_AT = '''
+import os, signal, sys
+from kdkit.engine import Interrupted
+from kdkit.recipe import load_recipe
+from kdkit.runner import run_recipe
+
+def interrupt(engine, event):  # every rank gets SIGINT at the same step, as from Ctrl-C on torchrun
+    if event == "step" and engine.global_step == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGINT)
+
+try:
+    run_recipe(load_recipe(sys.argv[1]), callbacks=[interrupt])
+except Interrupted:
+    sys.exit(130)
+'''
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resumed_mid_epoch_keeps_every_ranks_training_sums(tmp_path: Path, tiny_kd: dict) -> None:
+    # Issue #10: a mid-epoch checkpoint held rank 0's partial sums, which every rank restored, so the resumed
+    # epoch's train_* metrics counted rank 0's first steps twice and rank 1's never.
+    tiny_kd["train"].update({"epochs": 2, "batch_size": 4, "threads": 1})  # 25 steps per epoch on 2 ranks
+    tiny_kd["output"]["dir"] = str(tmp_path / "straight")
+    torchrun_two(tmp_path, tiny_kd)
+    tiny_kd["output"]["dir"] = str(tmp_path / "broken")
+    path = write_recipe(tmp_path / "broken.yaml", tiny_kd)
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_AT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(path), "28"]  # epoch 2, step 3: the ranks agree to stop at the next sync point, step 10
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    from kdkit.checkpoint import pointed, read_state
+
+    folder = pointed(tmp_path / "broken" / "checkpoints", "latest")
+    assert folder is not None and folder.name == "epoch_0001_step_00010", proc.stderr[-4000:]
+    assert read_state(folder)["partial"]["count"] == 2 * 10  # both ranks' steps
+    resumed = subprocess.run([*cmd[:6], "-m", "kdkit", "run", str(path), "--quiet", "--resume"], capture_output=True,
+                             text=True, timeout=300, env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    rows = {run: json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("straight", "broken")}
+    for key in ("train_loss", "train_kd", "train_ce", "train_top1", "test_top1"):
+        assert [r[key] for r in rows["broken"]] == pytest.approx([r[key] for r in rows["straight"]], rel=1e-5), key

@@ -23,9 +23,18 @@ def test_quick_demo_writes_table_and_report(tmp_path: Path, capsys: pytest.Captu
     assert (report / "curves.png").stat().st_size > 1000 and (report / "comparison.png").stat().st_size > 1000
     html = (report / "report.html").read_text()
     assert "data:image/png;base64" in html and "student + KD" in html
-    # a second run reuses every finished run (same recipes) instead of retraining
+    # one rendered table (the printed Markdown one is not pasted in), with the latencies the printed table shows
+    assert html.count("<table") == 1 and "|---" not in html and "<pre>" not in html
+    for row in results["rows"]:
+        assert f"<td>{row['model']}</td>" in html and f"{row['latency_ms']:.3f} ms" in html
+        assert f"{row['latency_ms']:.3f} ms" in printed
+    # provenance: the training seeds each row pools
+    assert "<b>student + KD</b>: training seeds 0, 1 (2 runs" in html and "<b>teacher</b>: training seed 0" in html
+    # a second run reuses every finished run (same recipes) instead of retraining: no run's metrics are rewritten
+    finished = {path: path.stat().st_mtime_ns for path in out.glob("*/metrics.json")}
+    assert len(finished) == 5  # the teacher and 2 seeds x 2 students
     assert main(["demo", "--data", "digits", "--quick", "--seeds", "2", "--out", str(out)]) == 0
-    assert "epoch 1/" not in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in out.glob("*/metrics.json")} == finished
 
 
 def test_bad_seed_count(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,6 +34,7 @@ def raising(exc: BaseException) -> Any:
     return write
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("library", "name", "exc"), [(torch, "save", TORCH_FULL),
                                                       (safetensors.torch, "save_file", SAFETENSORS_FULL)])
 def test_a_full_disk_while_saving_a_checkpoint_exits_2_and_keeps_the_last_good_one(
@@ -57,6 +58,7 @@ def test_a_full_disk_while_saving_a_checkpoint_exits_2_and_keeps_the_last_good_o
     assert all(torch.equal(weights[k], v) for k, v in load_file(str(good / "model.safetensors")).items())
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_logging_metrics_names_the_file_and_keeps_the_last_checkpoint(
         tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = recipe_from_dict(tiny)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import sigint_at_step, write_recipe
 from kdkit.checkpoint import pointed, read_state
 from kdkit.cli import _split_resume, main
-from kdkit.engine import Interrupted
+from kdkit.engine import Engine, Interrupted
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.losses import DistillLoss, register_loss
 from kdkit.recipe import recipe_from_dict
@@ -26,6 +28,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(pointed(run_dir / "checkpoints", "latest") / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, tiny_kd: dict) -> None:
     tiny_kd["train"]["epochs"] = 3
     straight = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'straight'}"])
@@ -49,6 +52,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, tiny_kd: d
     assert summary["best_top1"] == max(r["test_top1"] for r in rows_a) and summary["metric"] == "top1"
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_recipe_and_loads_without_code(tmp_path: Path, tiny: dict) -> None:
     recipe = recipe_from_dict(tiny)
     run_recipe(recipe)
@@ -63,6 +67,7 @@ def test_checkpoint_holds_recipe_and_loads_without_code(tmp_path: Path, tiny: di
     assert pointed(recipe.run_dir / "checkpoints", "best") is not None
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = recipe_from_dict(tiny, ["train.epochs=1"])
     run_recipe(recipe)
@@ -80,6 +85,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, tiny: dict, monke
     assert all(torch.equal(weights[k], v) for k, v in load_file(str(after / "model.safetensors")).items())
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_recipe(tmp_path / "r.yaml", {**tiny, "train": {**tiny["train"], "epochs": 1}})
     assert main(["run", str(path)]) == 0
@@ -88,6 +94,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, tiny: dict, caps
     assert main(["run", str(path), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
     run_recipe(recipe_from_dict(tiny, ["train.epochs=1"]))
     path = write_recipe(tmp_path / "r.yaml", tiny)
@@ -115,6 +122,7 @@ class Boom(DistillLoss):
         return value * float("nan") if self.calls >= 8 else value
 
 
+@pytest.mark.slow
 def test_nan_names_the_term_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_kd: dict,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     tiny_kd["distill"].append({"loss": "test_boom", "weight": 0.01})
@@ -124,9 +132,46 @@ def test_nan_names_the_term_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_
     assert pointed(recipe.run_dir / "checkpoints", "latest").name == "epoch_0001"
     path = write_recipe(tmp_path / "r.yaml", tiny_kd)
     assert main(["run", str(path), "--overwrite"]) == 3
-    assert "Last good checkpoint kept" in capsys.readouterr().err
+    assert f"last good checkpoint kept: {recipe.run_dir / 'checkpoints' / 'epoch_0001'}" in capsys.readouterr().err
 
 
+def all_finite(folder: Path) -> bool:
+    """Whether every floating-point tensor of a checkpoint folder is finite."""
+    return all(torch.isfinite(v).all() for v in load_file(str(folder / "model.safetensors")).values()
+               if v.is_floating_point())
+
+
+def test_high_lr_with_finite_losses_stops_on_inf_buffers(tmp_path: Path, tiny: dict,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue #10: at lr 30 every loss stays finite while BatchNorm's running_var overflows; the run used to exit 0
+    # at chance accuracy with inf in every checkpoint, including the "last good" one.
+    path = write_recipe(tmp_path / "r.yaml", {**tiny, "train": {**tiny["train"], "epochs": 3}})
+    assert main(["run", str(path), "train.optimizer.lr=30"]) == 3
+    err = capsys.readouterr().err
+    assert re.search(r"'model\.[\w.]+\.running_var'.* became NaN or inf in epoch \d, in steps \d+-\d+ of 6, while "
+                     r"every loss term stayed finite", err), err
+    assert "fix: lower the learning rate" in err
+    run = Path(tiny["output"]["dir"])
+    latest = pointed(run / "checkpoints", "latest")
+    assert latest is None or all_finite(latest)
+    assert all(all_finite(folder) for folder in (run / "checkpoints").glob("epoch_*"))
+
+
+def test_nonfinite_optimizer_state_stops_at_the_next_sync_point(tiny: dict) -> None:
+    # Adam's second moment or a momentum buffer can overflow while weights and losses stay finite.
+    def overflow(engine: Engine, event: str) -> None:
+        if event == "step" and engine.global_step == 12:  # the last step of epoch 2, before its sync point
+            engine.optimizer.state[engine.student.model.fc.weight]["momentum_buffer"][0, 0] = math.inf
+
+    recipe = recipe_from_dict(tiny)  # SGD with momentum 0.9
+    with pytest.raises(TrainingDiverged, match=r"'optimizer\.model\.fc\.weight\.momentum_buffer' became NaN or inf "
+                                               r"in epoch 2, in steps 1-6 of 6") as info:
+        run_recipe(recipe, callbacks=[overflow])
+    latest = pointed(recipe.run_dir / "checkpoints", "latest")
+    assert info.value.checkpoint == latest and latest.name == "epoch_0001" and all_finite(latest)
+
+
+@pytest.mark.slow
 def test_bf16_autocast_and_tensorboard(tmp_path: Path, tiny_kd: dict) -> None:
     pytest.importorskip("tensorboard")
     recipe = recipe_from_dict(tiny_kd, ["train.amp=bf16", "train.epochs=1", "output.tensorboard=true"])
@@ -144,6 +189,7 @@ def test_fp16_on_cpu_is_refused_before_training(tiny: dict) -> None:
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                     reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_student_trains_and_saves_plain_weights(tmp_path: Path, tiny_kd: dict) -> None:
     tiny_kd["train"].update({"epochs": 1, "compile": True})
     compiled = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'compiled'}"])

@@ -229,6 +229,7 @@ def test_flops_are_measured() -> None:
     assert count_flops(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), (3, 2, 2)) == 2 * 12 * 5
 
 
+@pytest.mark.slow
 def test_flow_costs_count_the_chain_and_not_the_unused_classifier() -> None:
     from kdkit.methods.fmkt.costs import flow_costs
 

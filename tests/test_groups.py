@@ -75,6 +75,7 @@ def test_ensemble_taps_are_the_members_and_logits_their_mean() -> None:
     assert ensemble.feature_taps["a.logits"] == "a" and ensemble.feature_taps["b.stage2"] == "b.stage2"
 
 
+@pytest.mark.slow
 def test_multi_teacher_recipe_trains_with_per_teacher_and_averaged_terms(two_teachers: dict) -> None:
     two_teachers["distill"] = [
         {"loss": "multi_teacher_kd", "teacher": ["narrow.logits", "pooled.logits"], "weight": 0.9},
@@ -98,7 +99,7 @@ def test_teacher_names_are_checked_before_training(two_teachers: dict, tmp_path:
     two_teachers["distill"] = [{"loss": "kd", "teacher": "narow.logits"}]
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", two_teachers))]) == 2
     err = capsys.readouterr().err
-    assert "narow.logits" in err and "narrow.logits" in err  # the closest choice is offered
+    assert "'narow.logits'" in err and "valid choices: narrow.logits" in err  # the closest choice, first
     both = copy.deepcopy(two_teachers)
     both["teacher"] = both["teachers"]["narrow"]
     with pytest.raises(KdkitError, match="not both"):
@@ -155,6 +156,7 @@ def test_peer_names_and_deploy_are_checked(tiny: dict) -> None:
         recipe_from_dict(bad)
 
 
+@pytest.mark.slow
 def test_dml_run_resumes_to_identical_weights(tiny: dict, tmp_path: Path) -> None:
     straight, broken = straight_and_resumed(with_peer(tiny), tmp_path, 9)
     a = load_file(str(pointed(straight / "checkpoints", "latest") / "model.safetensors"))

@@ -55,6 +55,7 @@ def with_tst(recipe: dict) -> dict:
     return recipe
 
 
+@pytest.mark.slow
 def test_tst_and_fmkt_combine_in_one_run(tiny_kd: dict) -> None:
     recipe = with_tst(tiny_kd)
     recipe["distill"] = [{"loss": "fmkt", "student": "stage2", "bridge": "flow", "metric": "kd",
@@ -81,6 +82,7 @@ def test_unknown_top_level_key_lists_the_method_sections(tiny: dict) -> None:
     assert "unknown key 'tsst'" in info.value.render() and "tst" in info.value.render()
 
 
+@pytest.mark.slow
 def test_bench_speed_times_the_steps_a_method_adds(tmp_path: Path, tiny_kd: dict,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []

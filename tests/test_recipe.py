@@ -12,18 +12,24 @@ from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.recipe import load_recipe, recipe_from_dict, recipes_root, shipped_recipes
 
 
+@pytest.mark.slow
 def test_every_shipped_recipe_validates(capsys: pytest.CaptureFixture[str]) -> None:
     files = sorted(recipes_root().rglob("*.yaml"))
     assert len(files) >= 3 and len(files) == len(shipped_recipes())
     assert main(["validate", *map(str, files)]) == 0, capsys.readouterr().err
 
 
+def problems(recipe: dict) -> str:
+    """The rendered problem list of a recipe that must fail validation."""
+    with pytest.raises(RecipeErrors) as info:
+        recipe_from_dict(recipe)
+    return str(info.value)
+
+
 def test_unknown_keys_are_errors_with_the_valid_keys(tiny: dict) -> None:
     tiny["train"]["epoch"] = 3
     tiny["modle"] = {}
-    with pytest.raises(RecipeErrors) as info:
-        recipe_from_dict(tiny)
-    text = str(info.value)
+    text = problems(tiny)
     assert "2 problem(s)" in text
     assert "train.epoch: unknown key 'epoch'; valid choices: epochs" in text
     assert "unknown key 'modle'; valid choices: model" in text
@@ -71,6 +77,21 @@ def test_unknown_shipped_recipe_suggests_names() -> None:
         load_recipe("fashion_mnist/kdd")
 
 
+def test_resolved_params_fill_defaults_without_changing_the_digest() -> None:
+    from kdkit.build import resolved_terms
+    from kdkit.recipe import load_recipe
+
+    recipe = load_recipe("fashion_mnist/kd")
+    # the digest computed before the resolved parameters existed: finished runs are found by it
+    assert recipe.digest() == "a255fb33d58b"
+    assert "standardize" not in recipe.to_dict()["distill"][0]  # the recipe says only what it sets...
+    assert resolved_terms(recipe) == [  # ...the resolved terms every value the loss is built with
+        {"name": "kd", "loss": "kd", "params": {"temperature": 4.0, "standardize": False}}]
+    bridged = load_recipe("fashion_mnist/fitnets")
+    assert resolved_terms(bridged) == [{"name": "fitnets", "loss": "fitnets", "params": {}, "bridge": "convreg",
+                                        "bridge_params": {"relu": True, "same_size_kernel": 3}}]
+
+
 def test_keys_added_later_do_not_change_old_digests() -> None:
     from kdkit.recipe import load_recipe
 
@@ -87,9 +108,7 @@ def test_every_network_and_the_task_are_named_in_the_problem_list(tiny: dict) ->
     tiny["task"] = "clasification"
     tiny["peers"] = {"b": {"arch": "cnn_studen"}}
     tiny["teachers"] = {"t1": {"arch": "cnn_teachr", "checkpoint": "t1.safetensors"}}
-    with pytest.raises(RecipeErrors) as info:
-        recipe_from_dict(tiny)
-    text = str(info.value)
+    text = problems(tiny)
     assert "peers.b.arch: unknown model 'cnn_studen'; valid choices: cnn_student" in text
     assert "teachers.t1.arch: unknown model 'cnn_teachr'; valid choices: cnn_teacher" in text
     assert "task: unknown task 'clasification'; valid choices: classification" in text

@@ -40,6 +40,7 @@ def pointer(run_dir: Path, which: str) -> str:
     return json.loads((run_dir / "checkpoints" / f"{which}.json").read_text())["dir"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dies_writing", ["best.json", "latest.json"])
 def test_a_crash_between_the_pointer_writes_never_leaves_best_on_older_weights(
         tiny: dict, improving: None, monkeypatch: pytest.MonkeyPatch, dies_writing: str) -> None:
@@ -66,6 +67,7 @@ def test_a_crash_between_the_pointer_writes_never_leaves_best_on_older_weights(
     assert pointer(run_dir, "best") == pointer(run_dir, "latest") == "epoch_0002"
 
 
+@pytest.mark.slow
 def test_resume_puts_back_a_best_pointer_left_behind_and_removes_leftovers(tiny: dict, improving: None) -> None:
     recipe = recipe_from_dict(tiny, ["output.keep_checkpoints=2"])
     run_recipe(recipe)
@@ -85,6 +87,7 @@ def test_resume_puts_back_a_best_pointer_left_behind_and_removes_leftovers(tiny:
     assert not any(p.exists() for p in leftovers)
 
 
+@pytest.mark.slow
 def test_resume_drops_metrics_rows_written_past_its_checkpoint(tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = recipe_from_dict(tiny)
     real = engine.save_checkpoint
@@ -118,6 +121,7 @@ def test_a_killed_cache_build_leaves_nothing_once_the_next_build_holds_the_lock(
     assert cache.folder == tmp_path / "cache" and not partial.exists()
 
 
+@pytest.mark.slow
 def test_a_moved_or_copied_run_folder_resumes_where_it_now_is(tmp_path: Path, tiny: dict) -> None:
     path = write_recipe(tmp_path / "r.yaml", {**tiny, "train": {**tiny["train"], "epochs": 1}})
     first, moved, copied = tmp_path / "run", tmp_path / "elsewhere" / "run", tmp_path / "copy"

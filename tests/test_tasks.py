@@ -54,6 +54,7 @@ def multilabel(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     return tiny
 
 
+@pytest.mark.slow
 def test_multilabel_distillation_runs_in_its_setting(multilabel: dict) -> None:
     summary = run_recipe(recipe_from_dict(multilabel))
     assert summary["task"] == "multilabel" and summary["metric"] == "map"
@@ -109,7 +110,7 @@ def test_a_task_the_data_cannot_serve_fails_before_training(tiny: dict, tmp_path
     assert "'multilabel'" in err and "does not provide" in err and "classification" in err
     tiny["task"] = "multilabell"
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", tiny))]) == 2
-    assert "multilabel" in capsys.readouterr().err  # the closest registered task
+    assert "valid choices: multilabel" in capsys.readouterr().err  # the closest registered task, first
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -123,6 +124,7 @@ def test_the_best_metric_is_one_the_task_reports(tiny: dict, tmp_path: Path, ove
     assert "train.best_metric" in err and expected in err
 
 
+@pytest.mark.slow
 def test_best_metric_picks_the_best_epoch(tiny: dict) -> None:
     summary = run_recipe(recipe_from_dict(copy.deepcopy(tiny), ["train.best_metric=top5"]))
     assert summary["metric"] == "top5" and "best_top5" in summary
@@ -133,3 +135,38 @@ def test_label_smoothing_is_refused_for_multilabel(multilabel: dict) -> None:
 
     with pytest.raises(KdkitError, match="label_smoothing"):
         run_recipe(recipe_from_dict(multilabel, ["train.label_smoothing=0.1"]))
+
+
+def three_digits(root: object = None) -> ImageData:
+    """Digits 0, 1 and 2 only: a 3-class dataset, where top-5 accuracy is 100 % by construction."""
+    data = load_dataset("digits")
+    train, test = data.train_labels < 3, data.test_labels < 3
+    return ImageData("digits_3", data.train_images[train], data.train_labels[train], data.test_images[test],
+                     data.test_labels[test], data.classes[:3], data.mean, data.std, "digits 0-2 (test)")
+
+
+def test_top5_is_reported_only_with_more_than_five_classes() -> None:
+    task = TASKS.get("classification")
+    assert task.bind(load_dataset("digits"), "cpu").metrics == ("top1", "top5", "loss")
+    bound = task.bind(three_digits(), "cpu")
+    assert bound.metrics == ("top1", "loss")
+    evaluator = bound.evaluator(DistContext())
+    evaluator.update(torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]]), torch.tensor([0, 1]))
+    assert evaluator.compute() == {"loss": pytest.approx(0.9076, abs=1e-4), "top1": 50.0}
+
+
+@pytest.mark.slow
+def test_a_run_on_three_classes_shows_no_top5(tiny: dict, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(DATASETS._entries, "digits_3", three_digits)  # a test-only dataset
+    tiny["data"] = {"dataset": "digits_3", "augment": {"hflip": False, "crop_padding": 1}}
+    summary = run_recipe(recipe_from_dict(tiny, ["train.epochs=1", "output.progress=true"]))
+    rows = json.loads((Path(tiny["output"]["dir"]) / "metrics.json").read_text())
+    assert "test_top1" in rows[-1] and "test_top5" not in rows[-1] and "last_top5" not in summary
+    printed = capsys.readouterr().out
+    assert "test top1" in printed and "top5" not in printed
+    # nor can it pick the best epoch: refused before training, the choices named
+    assert main(["validate", str(write_recipe(Path(tiny["output"]["dir"]).parent / "r.yaml", tiny)),
+                 "train.best_metric=top5"]) == 2
+    err = capsys.readouterr().err
+    assert "'top5'" in err and "digits_3" in err and "top1" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from kdkit.data import load_dataset
 from kdkit.data.loader import BatchLoader
 from kdkit.data.strong import StrongView
 from kdkit.distill import PerTap
+from kdkit.engine import Engine
 from kdkit.errors import RecipeErrors
 from kdkit.losses import DistillLoss, mse_loss, register_loss
 from kdkit.recipe import recipe_from_dict
@@ -62,6 +65,7 @@ class IndexProbe(DistillLoss):
         return (student * 0).sum()
 
 
+@pytest.mark.slow
 def test_losses_that_need_indices_get_the_batch_indices(tiny_kd: dict) -> None:
     SEEN.clear()
     tiny_kd["distill"].append({"loss": "test_index_probe"})
@@ -88,7 +92,20 @@ def test_two_views_repeat_labels_and_are_deterministic() -> None:
     assert torch.equal(x, x2)  # same (seed, epoch, batch): same views, whatever the global RNG did
 
 
-def test_two_view_recipe_trains(tiny_kd: dict) -> None:
+@pytest.mark.slow
+def test_two_view_recipe_trains_on_weak_and_strong_views(tiny_kd: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    step = Engine.step
+
+    def recording(engine: Engine, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Any:
+        batches.append((x.detach().clone(), y.clone()))
+        return step(engine, x, y, index)
+
+    monkeypatch.setattr(Engine, "step", recording)
     recipe = recipe_from_dict(tiny_kd, ["data.views=2", "train.epochs=1"])
     summary = run_recipe(recipe)
-    assert 0 <= summary["best_top1"] <= 100
+    half = tiny_kd["train"]["batch_size"]
+    assert summary["epochs"] == 1 and batches and batches[0][0].shape[0] == 2 * half
+    for x, y in batches:  # every step: [weak; strong] views of the same images, with the labels repeated
+        n = len(y) // 2
+        assert torch.equal(y[:n], y[n:]) and not torch.equal(x[:n], x[n:])

@@ -150,6 +150,7 @@ def mean_target(trainer: TstTrainer, student: nn.Module, x: torch.Tensor, y: tor
     return float(torch.stack(values).mean())
 
 
+@pytest.mark.slow
 def test_policy_phase_raises_the_augmenter_target_on_a_fixed_batch() -> None:
     trainer, engine, student = phase_setup()
     x, y, _ = next(iter(engine.train_loader.epoch(0)))
@@ -214,6 +215,7 @@ def test_colour_operation_on_grey_data_fails_before_training(tiny_kd: dict) -> N
         run_recipe(recipe)
 
 
+@pytest.mark.slow
 def test_run_logs_policy_saves_it_and_resumes_to_identical_weights(tmp_path: Path, tiny_kd: dict) -> None:
     with_tst(tiny_kd)
     straight = recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'straight'}"])

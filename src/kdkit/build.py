@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.bridges import BRIDGES, FUSING_BRIDGES
+from kdkit.bridges import BRIDGES, FUSING_BRIDGES, SHAPE_PARAMS, bridge_hint, bridges_for
 from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
 from kdkit.data import ImageData, load_dataset, subset
@@ -37,7 +37,7 @@ from kdkit.distill import (
 from kdkit.errors import KdkitError, RecipeErrors
 from kdkit.losses import LOSSES, DistillLoss
 from kdkit.models import build_model
-from kdkit.params import check_params
+from kdkit.params import check_params, with_defaults
 from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
 from kdkit.taps import LOGITS, Tap, probe_shapes, resolve_tap
 from kdkit.task import TASKS, BoundTask, Task, tasks_serving
@@ -129,8 +129,7 @@ def build_bridge(name: str, params: dict[str, Any], s_shape: Any, t_shape: Any, 
     """Build bridge ``name`` from probed shapes; a multi-tap term gets one bridge per tap unless the
     bridge fuses all taps itself (registered with ``fuses_taps=True``, e.g. ReviewKD's ABF)."""
     factory = BRIDGES.get(name, where=f"{where}.bridge")
-    checked = check_params(factory, params, skip=("student_shape", "teacher_shape", "student_shapes",
-                                                  "teacher_shapes"), where=f"{where}.bridge_params",
+    checked = check_params(factory, params, skip=SHAPE_PARAMS, where=f"{where}.bridge_params",
                            what=f"bridge {name!r}")
     if isinstance(s_shape, list) and name not in FUSING_BRIDGES:
         return PerTap([factory(s, t, **checked) for s, t in zip(s_shape, t_shape, strict=True)])
@@ -162,6 +161,30 @@ def _located(exc: KdkitError, where: str) -> KdkitError:
     # no `bad=`: the choices are already ordered closest first and must keep that order
     return KdkitError(exc.message, choices=exc.choices, fix=exc.fix,
                       where=f"{where}.{exc.where}" if exc.where else where)
+
+
+def resolved_terms(recipe: Recipe) -> list[dict[str, Any]]:
+    """Each distillation term's loss and bridge with every parameter they are built with: the recipe's values
+    (validated) and the declared defaults of the others. A run folder records it in ``resolved_params.yaml``,
+    apart from ``recipe.yaml``, so the recipe's digest (which reuses finished runs) stays what the recipe says.
+
+    Raises:
+        RecipeErrors: A term's parameters are invalid (as :func:`plan` reports them).
+    """
+    terms = []
+    for i, (term, name) in enumerate(zip(recipe.distill, _term_names(recipe), strict=True)):
+        where = f"distill.{i}"
+        entry: dict[str, Any] = {
+            "name": name, "loss": term.loss,
+            "params": with_defaults(LOSSES.get(term.loss, where=f"{where}.loss"), term.params, where=where,
+                                    what=f"loss {term.loss!r}")}
+        if term.bridge is not None:
+            entry["bridge"] = term.bridge
+            entry["bridge_params"] = with_defaults(BRIDGES.get(term.bridge, where=f"{where}.bridge"),
+                                                   term.bridge_params, skip=SHAPE_PARAMS,
+                                                   where=f"{where}.bridge_params", what=f"bridge {term.bridge!r}")
+        terms.append(entry)
+    return terms
 
 
 def _term_names(recipe: Recipe) -> list[str]:
@@ -254,9 +277,10 @@ class _Planner:
                                           bad=recipe.task, fix=f"use a task dataset {data.name!r} serves, or a "
                                           "dataset with these targets (`kdkit ls datasets`)", where="task"))
         metric = recipe.train.best_metric
-        if task is not None and metric is not None and metric not in task.selectable():
-            self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by",
-                                          choices=task.selectable(), bad=metric,
+        if task is not None and metric is not None and metric not in task.selectable(data):
+            self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by"
+                                          + (f" on {data.name!r}" if data is not None else ""),
+                                          choices=task.selectable(data), bad=metric,
                                           fix="pick the best epoch by one of the task's metrics",
                                           where="train.best_metric"))
         return task
@@ -432,10 +456,13 @@ class _Planner:
             if problem:
                 s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
                 t_name = as_specs(t_spec)[j] if len(pairs) > 1 and t_spec is not None else t_spec
-                hint = ("add a bridge, e.g. `bridge: conv1x1` (C,H,W maps) or `bridge: linear`"
-                        if term.bridge is None else "choose another bridge or other taps")
+                choices, hint = BRIDGES.names(), "choose another bridge or other taps"
+                if term.bridge is None and isinstance(one_s, tuple) and isinstance(one_t, tuple):
+                    # the bridges whose declared shape rule maps this student tap onto the teacher's
+                    choices = bridges_for(one_s, one_t)
+                    hint = bridge_hint(one_s, one_t, choices)
                 self.errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
-                                              f"teacher tap {t_name!r}: {problem}", choices=BRIDGES.names(),
+                                              f"teacher tap {t_name!r}: {problem}", choices=choices,
                                               fix=hint, where=where))
 
 

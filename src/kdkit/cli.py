@@ -87,7 +87,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """`kdkit ls WHAT`: list registered names, shipped recipes or a model's taps."""
+    """`kdkit ls WHAT [NAME]`: list registered names, shipped recipes or a model's taps; with NAME, one component
+    in full."""
     from kdkit.bridges import BRIDGES
     from kdkit.data import DATASETS
     from kdkit.losses import LOSSES
@@ -99,6 +100,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES, "methods": METHODS,
                   "tasks": TASKS}
     if args.what == "recipes":
+        if args.name:
+            raise KdkitError(f"`kdkit ls recipes` takes no NAME (got {args.name!r})",
+                             fix=f"kdkit validate {args.name} checks a recipe; the shipped files are under "
+                                 "recipes/ (kdkit ls recipes lists them)")
         for name in shipped_recipes():
             print(name)
         return 0
@@ -119,6 +124,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for tap in taps:
             note = f"  (= {friendly[tap.spec]})" if tap.spec in friendly else ""
             print(f"{tap.spec:40s} {shapes.get(tap.spec)!s}{note}")
+        return 0
+    if args.name:  # one component in full (an unknown name fails with the closest choices)
+        from kdkit.describe import DESCRIBERS
+
+        print(DESCRIBERS[args.what](args.name))
         return 0
     registry = registries[args.what]
     width = max((len(n) for n in registry.names()), default=0)
@@ -244,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, methods, tasks, recipes, or a model's taps")
     ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "methods", "tasks", "recipes", "taps"])
-    ls.add_argument("name", nargs="?", help="model name (for `ls taps`)")
+    ls.add_argument("name", nargs="?", help="one component to show in full (parameters, defaults, bounds), or the "
+                    "model whose taps `ls taps` lists")
     ls.add_argument("--dataset", default="cifar100", help="input shape for `ls taps` (default cifar100)")
     ls.set_defaults(fn=cmd_ls)
 

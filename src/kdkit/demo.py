@@ -13,6 +13,7 @@ common real case of a large labelled pool for the teacher and a few labels for t
 
 from __future__ import annotations
 
+import html
 import json
 import statistics
 import sys
@@ -24,7 +25,7 @@ from kdkit.data import load_dataset
 from kdkit.errors import KdkitError
 from kdkit.profile import machine_info
 from kdkit.recipe import find_recipe, load_recipe
-from kdkit.report import mean_std, write_report
+from kdkit.report import LATENCY_MEANING, deployed_latency, mean_std, write_report
 from kdkit.runner import run_or_continue, run_recipe
 
 # Budgets per dataset: overrides applied to the shipped recipes fashion_mnist/{teacher,student_ce,kd}.
@@ -100,8 +101,10 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
     results = _results(teacher_summary, runs, data_note, seeds, quick)
     table = format_table(results)
     print(table)
-    preamble = (f"<p>{data_note}.</p><p>{results['verdict']}</p><pre>{table}</pre>"
-                f"<p>Reproduce: <code>{' '.join(sys.argv) or 'kdkit demo'}</code></p>")
+    # the table below is the report's own (rendered from the same runs); the Markdown one is for the terminal
+    preamble = (f"<p>{html.escape(data_note)}.</p><p>{html.escape(results['verdict'])}</p>"
+                f"<p>{html.escape(gain_line(results))}</p>"
+                f"<p>Reproduce: <code>{html.escape(' '.join(sys.argv) or 'kdkit demo')}</code></p>")
     report = write_report(folders, out / "report", labels=labels, title="kdkit demo: Hinton KD on a labelled subset",
                           preamble=preamble)
     results["report"] = str(report)
@@ -128,7 +131,8 @@ def _results(teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]], dat
         last = mean_std([s["last_top1"] for s in summaries])
         first = summaries[0]
         table_rows.append({
-            "model": label, "arch": first["arch"], "params": first["params"], "latency_ms": first["latency_ms"],
+            "model": label, "arch": first["arch"], "params": first["params"],
+            "latency_ms": deployed_latency(summaries),
             "train_images": first["train_samples"], "epochs": first["epochs"], "seeds": len(summaries),
             "best_top1": best[0], "best_top1_std": best[1], "last_top1": last[0], "last_top1_std": last[1],
         })
@@ -137,20 +141,25 @@ def _results(teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]], dat
             "command": " ".join(sys.argv)}
 
 
+def gain_line(results: dict[str, Any]) -> str:
+    """The KD gain over the labels-only student, paired by seed (best top-1)."""
+    gains = results["kd_gain_best"]
+    mean, std = mean_std(gains)
+    return (f"KD gain (paired by seed, best top-1): {mean:+.2f} ± {std:.2f} points; per seed: "
+            + ", ".join(f"{g:+.2f}" for g in gains))
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (printed, saved to results.md, pasted into the README)."""
-    lines = ["| model | arch | params | latency / image | train images | epochs | best top-1 (%) | "
-             "last top-1 (%) | seeds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| model | arch | params | latency / image ({LATENCY_MEANING}) | train images | epochs | "
+             "best top-1 (%) | last top-1 (%) | seeds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         spread = lambda m, s, n: f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}"  # noqa: E731
         lines.append(f"| {r['model']} | {r['arch']} | {r['params']:,} | {r['latency_ms']:.3f} ms | "
                      f"{r['train_images']:,} | {r['epochs']} | {spread(r['best_top1'], r['best_top1_std'], r['seeds'])}"
                      f" | {spread(r['last_top1'], r['last_top1_std'], r['seeds'])} | {r['seeds']} |")
-    gains = results["kd_gain_best"]
-    mean, std = mean_std(gains)
     lines.append("")
-    lines.append(f"KD gain (paired by seed, best top-1): {mean:+.2f} ± {std:.2f} points; per seed: "
-                 + ", ".join(f"{g:+.2f}" for g in gains))
+    lines.append(gain_line(results))
     m = results["machine"]
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
                  f"python {m['python']}; data: {results['data']}")

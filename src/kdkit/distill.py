@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from kdkit.bridges.roles import DeployingBridge, RewritingBridge
 from kdkit.errors import KdkitError
 from kdkit.fold import fold_batchnorm
-from kdkit.losses.base import DistillLoss
+from kdkit.losses.base import DistillLoss, compute_dtype, widen
 from kdkit.taps import LOGITS, Tap, TapRecorder, resolve_tap
 
 TapSpec = str | tuple[str, ...]
@@ -415,10 +415,10 @@ class Objective(nn.Module):
             ``{"loss": total, "ce": ce, **{term.name: value}}``.
         """
         out: dict[str, Tensor] = {}
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = logits.new_zeros((), dtype=compute_dtype(logits))  # float64 logits: a float64 objective
         if self.ce_weight:
             ce = self.supervised(logits, labels) if self.supervised is not None else \
-                F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+                F.cross_entropy(widen(logits), labels, label_smoothing=self.label_smoothing)
             out[self.supervised_name] = ce
             total = total + self.ce_weight * ce
         for term in self.terms:
@@ -430,6 +430,6 @@ class Objective(nn.Module):
             out[term.name] = value
             weight = term.scale(epoch)
             if weight:
-                total = total + weight * value.float()
+                total = total + weight * widen(value)
         out["loss"] = total
         return out

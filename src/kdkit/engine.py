@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -29,7 +30,8 @@ from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.metrics import MetricsLog
-from kdkit.task import BoundTask
+from kdkit.progress import ProgressBar, progress_bar
+from kdkit.task import BoundTask, higher_is_better
 
 Callback = Callable[["Engine", str], None]
 #: ``transform(engine, x, y, index) -> (x, y, index)``: rewrites each training batch before the step
@@ -37,7 +39,9 @@ Callback = Callable[["Engine", str], None]
 BatchTransform = Callable[["Engine", Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 #: ``make_optimizer(param_groups, steps_per_epoch) -> (optimizer, per-step lr scheduler)``.
 OptimizerFactory = Callable[[list[dict[str, Any]], int], tuple[torch.optim.Optimizer, Any]]
-LOG_EVERY = 10  # steps between host syncs (progress bar, NaN check)
+LOG_EVERY = 10  # steps between sync points: host reads (progress bar), divergence checks, the DDP stop decision
+CHANCE_EPOCHS = 3  # consecutive epochs at the task's chance level before the engine warns (all of a shorter run)
+CHANCE_MARGIN = 0.05  # "at chance": at most 5 % (relative) above the task's chance level
 
 
 @dataclass
@@ -96,6 +100,7 @@ class FitResult:
         last: Every evaluation metric of the last epoch, by name.
         seconds: Training wall time.
         history: One row per epoch.
+        warnings: What went wrong without stopping the run (e.g. epochs at chance level), one sentence each.
     """
 
     run_dir: Path | None
@@ -105,6 +110,7 @@ class FitResult:
     last: dict[str, float]
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _check_partition(params: list[torch.nn.Parameter], groups: list[dict[str, Any]] | None) -> None:
@@ -167,10 +173,11 @@ class Engine:
                              fix="use off, bf16 or fp16")
         self.student, self.objective, self.teacher, self.task = student, objective, teacher, task
         self.metric = best_metric or task.task.best
-        if self.metric not in task.task.selectable():
+        if self.metric not in higher_is_better(task.metrics):  # what this run's data reports
             raise KdkitError(f"task {task.task.name!r} has no metric {self.metric!r} to pick the best epoch by",
-                             choices=task.task.selectable(),
+                             choices=higher_is_better(task.metrics),
                              bad=self.metric, fix="pick the best epoch by one of the task's metrics")
+        self.chance = task.chance().get(self.metric)  # that metric's value for a model that learned nothing
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.epochs, self.amp = epochs, amp
         self.device = torch.device(device)
@@ -235,7 +242,8 @@ class Engine:
         """Train to ``train.epochs``; with ``resume`` continue from the run folder's latest checkpoint.
 
         Raises:
-            TrainingDiverged: A loss term became NaN/inf (the last good checkpoint is kept).
+            TrainingDiverged: A loss term, or a parameter, buffer or optimiser state, became NaN/inf (the last
+                good checkpoint, every tensor of which is finite, is kept).
             Interrupted: SIGINT/SIGTERM arrived; a checkpoint was saved first.
         """
         if resume:
@@ -262,19 +270,23 @@ class Engine:
                     self.best = {"metric": self.metric, "value": eval_stats[f"test_{self.metric}"],
                                  "epoch": self.epoch + 1}
                 row[f"best_{self.metric}"] = self.best["value"]
+                if self.chance is not None:
+                    row[f"chance_{self.metric}"] = self.chance
                 self.history.append(row)
                 self.epoch, self.batch, self._partial = self.epoch + 1, 0, {}
                 if log is not None:
                     log.append(row)
                 self._save(is_best=is_best)
                 self._announce(row, bar)
+                self._warn_at_chance()
                 self._emit("epoch")
         if log is not None:
             log.close()
         last_row = self.history[-1] if self.history else {}
-        last = {name: last_row.get(f"test_{name}", math.nan) for name in self.task.task.metrics}
+        last = {name: last_row.get(f"test_{name}", math.nan) for name in self.task.metrics}
+        warnings = [self._chance_warning(first, last_epoch) for first, last_epoch in self._chance_streaks()]
         return FitResult(self.run_dir, self.metric, self.best["value"], self.best["epoch"], last,
-                         time.perf_counter() - started, list(self.history))
+                         time.perf_counter() - started, list(self.history), warnings)
 
     @torch.no_grad()
     def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
@@ -297,13 +309,17 @@ class Engine:
 
     def _train_epoch(self, bar: Any) -> dict[str, float]:
         self.model.train()
-        sums = self._partial.get("sums")
+        # A resumed epoch's sums so far are every process's (see _interrupt): rank 0 carries them, the others
+        # start from zero, so the epoch's all-reduce below counts each step once.
+        partial = self._partial if self.ctx.is_main else {}
+        sums = partial.get("sums")
         # running sums of each component, then correct predictions, then samples
         sums = sums.to(self.device) if sums is not None else torch.zeros(len(self.keys) + 2, device=self.device)
-        count = int(self._partial.get("count", 0))
+        count = int(partial.get("count", 0))
         # Step at which each component first went non-finite, tracked on the device (no host sync),
         # so the culprit is named even when NaN has spread to every term by the next check.
         first_bad = torch.full((len(self.keys),), math.inf, device=self.device)
+        checked = self.batch  # every checkpointed tensor was finite after this many steps of the epoch
         for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
             comps, logits, targets = self.train_step(x, y, index)
             score = self.task.train_score(logits, targets)
@@ -315,12 +331,13 @@ class Engine:
             self.batch += 1
             self.global_step += 1
             self._emit("step")
-            if self._stop_signal is not None or self.batch % LOG_EVERY == 0 or self.batch == self.steps_per_epoch:
-                self._check_finite(first_bad)
-                self._update_bar(bar, sums, count)
-            if self._stop_signal is not None:
-                self._partial = {"sums": sums.cpu(), "count": count, "seconds": time.perf_counter() - self._started}
-                raise Interrupted(self._save(is_best=False, mid_epoch=True))
+            if not self._sync_due():
+                continue
+            stop = self._sync(first_bad, checked)
+            checked = self.batch
+            self._update_bar(bar, sums, count)
+            if stop:
+                self._interrupt(sums, count)
         totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), self.ctx)  # every rank's batches
         steps = max(float(totals[-1]), 1.0)
         stats = {f"train_{k}": v / steps for k, v in zip(self.keys, totals[:-3].tolist(), strict=True)}
@@ -356,20 +373,141 @@ class Engine:
         self.scheduler.step()
         return comps, logits, y
 
-    def _check_finite(self, first_bad: Tensor) -> None:
+    # -- sync points: divergence and stop --------------------------------------------------------
+
+    def _sync_due(self) -> bool:
+        """Whether this step is a sync point: every ``LOG_EVERY`` steps, the epoch's last step and, in a single
+        process, the step a stop signal arrived. Under DDP a signal waits for the next regular sync point, which
+        every process reaches at the same step: a signal reaches the processes at different moments, and they
+        must stop at one step to save one consistent checkpoint."""
+        if self._stop_signal is not None and not self.ctx.enabled:
+            return True
+        return self.batch % LOG_EVERY == 0 or self.batch == self.steps_per_epoch
+
+    def _sync(self, first_bad: Tensor, checked: int) -> bool:
+        """At a sync point: raise :class:`TrainingDiverged` when any process diverged since the last one, else
+        return whether any process was asked to stop.
+
+        Checks the loss terms (tracked every step in ``first_bad``) and every tensor a checkpoint holds (a
+        BatchNorm buffer or Adam's second moment can overflow while every loss stays finite), so each
+        checkpoint, saved only right after a sync point, is finite. Under DDP one all-reduce of the three flags
+        makes every process raise or stop at the same step: one that left alone would leave the others
+        waiting in their next gradient all-reduce.
+
+        Args:
+            first_bad: The step at which each loss component first went non-finite (``inf``: never).
+            checked: The epoch's step after which the tensors were last found finite.
+        """
+        device = first_bad.device
+        local = torch.stack([torch.isfinite(first_bad).any(), ~torch.isfinite(self._state_norm().to(device)),
+                             torch.tensor(self._stop_signal is not None, device=device)]).float()
+        loss_bad, state_bad, stop = all_reduce_sum(local, self.ctx).tolist()
+        if loss_bad:
+            raise self._loss_diverged(first_bad)
+        if state_bad:
+            raise self._state_diverged(checked)
+        return stop > 0
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        """Every floating-point tensor a checkpoint holds, by name: the weights (:meth:`_weights`) and the
+        optimiser's state (``optimizer.<parameter>.<key>``, e.g. a momentum buffer)."""
+        tensors = {k: v for k, v in self._weights().items() if v.is_floating_point()}
+        modules = {"": self.student, "objective.": self.objective,
+                   **{f"extra.{name}.": module for name, module in self.state_modules.items()}}
+        names = {id(p): prefix + k for prefix, module in modules.items() for k, p in module.named_parameters()}
+        for g, group in enumerate(self.optimizer.param_groups):
+            for i, param in enumerate(group["params"]):
+                owner = names.get(id(param), f"group{g}[{i}]")
+                state = self.optimizer.state.get(param, {})  # .get: indexing the defaultdict would add entries
+                tensors.update({f"optimizer.{owner}.{key}": value for key, value in state.items()
+                                if isinstance(value, Tensor) and value.is_floating_point()})
+        return tensors
+
+    def _state_norm(self) -> Tensor:
+        """The largest magnitude in the checkpointed tensors (one fused reduction per device and dtype, no host
+        sync): finite exactly when all of them are, since NaN propagates through the max."""
+        return torch.nn.utils.get_total_norm(list(self._state_tensors().values()), norm_type=math.inf)
+
+    def _loss_diverged(self, first_bad: Tensor) -> TrainingDiverged:
         steps = first_bad.tolist()
+        fix = "lower the learning rate or that term's weight, or check its inputs (e.g. AMP overflow)"
         if all(math.isinf(s) for s in steps):
-            return
+            return self._diverged(f"a loss term became NaN or inf on another process in epoch {self.epoch + 1}, by "
+                                  f"step {self.batch} of {self.steps_per_epoch}", fix)
         first = min(steps)
         bad = [k for k, s in zip(self.keys, steps, strict=True) if s == first]
         culprit = next((k for k in bad if k != "loss"), "loss")
         later = [k for k, s in zip(self.keys, steps, strict=True) if first < s < math.inf]
+        return self._diverged(f"loss term {culprit!r} became NaN or inf in epoch {self.epoch + 1} at step "
+                              f"{int(first) + 1} of {self.steps_per_epoch}"
+                              + (f" (then also {later})" if later else ""), fix)
+
+    def _state_diverged(self, checked: int) -> TrainingDiverged:
+        bad = [name for name, tensor in self._state_tensors().items() if not bool(torch.isfinite(tensor).all())]
+        if not bad:
+            what = "a parameter, buffer or optimiser state on another process"
+        elif len(bad) == 1:
+            what = repr(bad[0])
+        else:
+            what = f"{bad[0]!r} (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})"
+        steps = f"at step {self.batch}" if self.batch - checked == 1 else f"in steps {checked + 1}-{self.batch}"
+        return self._diverged(f"{what} became NaN or inf in epoch {self.epoch + 1}, {steps} of "
+                              f"{self.steps_per_epoch}, while every loss term stayed finite",
+                              "lower the learning rate or warm it up over more steps")
+
+    def _diverged(self, message: str, fix: str) -> TrainingDiverged:
         latest = pointed(self.run_dir / "checkpoints", "latest") if self.run_dir else None
-        raise TrainingDiverged(
-            f"loss term {culprit!r} became NaN or inf in epoch {self.epoch + 1} at step {int(first) + 1} of "
-            f"{self.steps_per_epoch}" + (f" (then also {later})" if later else "") + ". "
-            f"Last good checkpoint kept: {latest or 'none yet'}. Lower the learning rate or that term's weight, "
-            "or check its inputs (e.g. AMP overflow).")
+        return TrainingDiverged(f"training diverged: {message}", checkpoint=latest, fix=fix)
+
+    def _interrupt(self, sums: Tensor, count: int) -> NoReturn:
+        """Save a mid-epoch checkpoint, then raise :class:`Interrupted`.
+
+        The epoch's sums so far are all-reduced first, so the checkpoint (written by rank 0) holds every
+        process's share rather than rank 0's alone; every process stops at this same sync point, so the
+        all-reduce is matched. On resume rank 0 carries them (see :meth:`_train_epoch`).
+        """
+        totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), self.ctx)
+        self._partial = {"sums": totals[:-1].cpu(), "count": int(totals[-1]),
+                         "seconds": time.perf_counter() - self._started}
+        folder = self._save(is_best=False, mid_epoch=True)
+        barrier(self.ctx)  # no process exits (and makes torchrun stop the others) before the checkpoint is written
+        raise Interrupted(folder)
+
+    # -- chance level -----------------------------------------------------------------------------
+
+    def _chance_streaks(self) -> list[tuple[int, int]]:
+        """The ``(first, last)`` epochs of each run of consecutive epochs whose best-picking metric sat at the
+        task's chance level, long enough to warn about (``CHANCE_EPOCHS``, or the whole of a shorter run).
+        Read from the history, so a resumed run still reports what happened before its interruption."""
+        needed = min(CHANCE_EPOCHS, self.epochs)
+        streaks: list[tuple[int, int]] = []
+        first = None
+        for row in self.history:
+            chance = row.get(f"chance_{self.metric}")
+            if chance is None or row[f"test_{self.metric}"] > chance * (1 + CHANCE_MARGIN):
+                first = None
+                continue
+            first = row["epoch"] if first is None else first
+            if row["epoch"] - first + 1 < needed:
+                continue
+            if streaks and streaks[-1][0] == first:
+                streaks[-1] = (first, row["epoch"])  # the same streak, one epoch longer
+            else:
+                streaks.append((first, row["epoch"]))
+        return streaks
+
+    def _chance_warning(self, first: int, last: int) -> str:
+        chance = self.history[last - 1][f"chance_{self.metric}"]
+        return (f"test {self.metric} sat at chance level ({chance:.4g}: what a model that learned nothing scores "
+                f"on this task) for {last - first + 1} consecutive epochs ({first}-{last}): check the learning rate, "
+                "that no loss term overwhelms the supervised one early (warm it up), and the labels")
+
+    def _warn_at_chance(self) -> None:
+        """Print (rank 0, stderr) the chance-level warning once, at the epoch a streak becomes long enough."""
+        needed = min(CHANCE_EPOCHS, self.epochs)
+        streaks = self._chance_streaks()
+        if self.ctx.is_main and streaks and streaks[-1] == (self.epoch - needed + 1, self.epoch):
+            print(f"warning: {self._chance_warning(*streaks[-1])}", file=sys.stderr)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -392,8 +530,9 @@ class Engine:
         return weights
 
     def _save(self, is_best: bool, mid_epoch: bool = False) -> Path | None:
-        if not mid_epoch:  # a signal may reach one rank only: never wait for the others then
-            barrier(self.ctx)
+        # Called only right after a sync point (the epoch's last step, or the one every process stops at), whose
+        # check found every tensor finite: a checkpoint never holds NaN/inf.
+        barrier(self.ctx)
         if not self.writes:
             return None
         root = self.run_dir / "checkpoints"
@@ -465,49 +604,35 @@ class Engine:
                 signal.signal(sig, handler)
 
     @contextlib.contextmanager
-    def _progress(self) -> Iterator[Any]:
+    def _progress(self) -> Iterator[ProgressBar | None]:
         if not self.show_progress:
             yield None
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        with progress_bar(self.label, self.epochs * self.steps_per_epoch, self.global_step) as bar:
+            yield bar
 
-        total = self.epochs * self.steps_per_epoch
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-        with Progress(*columns, transient=True) as progress:
-            task = progress.add_task(self.label, total=total, completed=self.global_step, status="")
-            yield (progress, task)
-
-    def _update_bar(self, bar: Any, sums: Tensor, count: int) -> None:
+    def _update_bar(self, bar: ProgressBar | None, sums: Tensor, count: int) -> None:
         values = sums.tolist()
         means = [v / max(count, 1) for v in values[:-2]]
         self.last_losses = dict(zip(self.keys, means, strict=True))
         if bar is None:
             return
-        progress, task = bar
         score = 100.0 * values[-2] / max(values[-1], 1.0)
         best = f" best {self.metric} {self.best['value']:.2f}" if self.best["epoch"] > 0 else ""
         status = f"ep {self.epoch + 1}/{self.epochs} loss {means[0]:.4f} train {self.task.task.train_metric} " \
                  f"{score:.1f}{best}"
-        progress.update(task, completed=self.global_step, status=status)
+        bar.update(self.global_step, status)
 
-    def _announce(self, row: dict[str, Any], bar: Any) -> None:
+    def _announce(self, row: dict[str, Any], bar: ProgressBar | None) -> None:
         if not self.ctx.is_main or not self.show_progress:
             return
         terms = " ".join(f"{k} {row[f'train_{k}']:.4f}" for k in self.keys if k != "loss")
         line = (f"{self.label} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f} ({terms})  "
                 f"train {self.task.task.train_metric} {row[f'train_{self.task.task.train_metric}']:.2f}  test "
-                + " ".join(f"{k} {row[f'test_{k}']:.4g}" for k in self.task.task.metrics)
+                + " ".join(f"{k} {row[f'test_{k}']:.4g}" for k in self.task.metrics)
                 + f"  best {self.metric} {row[f'best_{self.metric}']:.2f}  {row['epoch_seconds']:.1f}s")
         if bar is not None:
-            bar[0].console.print(line, highlight=False, soft_wrap=True)
+            bar.print(line)
 
 
 def objective_keys(objective: Objective) -> list[str]:

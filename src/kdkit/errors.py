@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class KdkitError(ValueError):
@@ -62,7 +63,26 @@ class RecipeErrors(KdkitError):
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+    """Training diverged: a loss term, or a parameter, buffer or optimiser state, became NaN or infinite.
+
+    Not a :class:`KdkitError` (the input was valid; the CLI exits with code 3), but rendered the same way:
+    what diverged and where, the last good checkpoint (every tensor in it finite) and the fix.
+
+    Args:
+        message: What diverged (the term or tensor) and when (epoch and steps).
+        checkpoint: The last good checkpoint folder, kept as it was; ``None`` when none was written yet.
+        fix: One sentence telling the user how to fix it.
+    """
+
+    def __init__(self, message: str, *, checkpoint: Path | None, fix: str) -> None:
+        self.message = message
+        self.checkpoint = checkpoint
+        self.fix = fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """The full one-paragraph message shown to the user."""
+        return f"{self.message}; last good checkpoint kept: {self.checkpoint or 'none yet'}; fix: {self.fix}"
 
 
 def closest(bad: str | None, choices: Iterable[str] | None) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, TypeVar
 
 from annotated_types import Ge, GroupedMetadata, Gt, Le, Lt, MaxLen, MinLen
-from pydantic import ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic_core import PydanticUndefined
 
 from kdkit.errors import KdkitError, RecipeErrors
 
@@ -333,3 +335,136 @@ def check_params(factory: Callable[..., Any], params: dict[str, Any], *, skip: I
         raise RecipeErrors(errors) if len(errors) > 1 else errors[0]
     assert validated is not None
     return {k: getattr(validated, k) for k in known}
+
+
+def with_defaults(factory: Callable[..., Any], params: dict[str, Any], *, skip: Iterable[str] = (), where: str,
+                  what: str) -> dict[str, Any]:
+    """Every parameter ``factory`` is called with: the validated ``params`` and the declared default of the others.
+
+    Args:
+        factory: A function or class.
+        params: What the recipe gave (checked by :func:`check_params`).
+        skip: Parameters filled in by kdkit itself.
+        where: Recipe location for messages.
+        what: Human name of the factory.
+
+    Returns:
+        ``{name: value}`` in signature order, as plain data (tuples as lists).
+
+    Raises:
+        RecipeErrors: What :func:`check_params` raises.
+    """
+    given = check_params(factory, params, skip=skip, where=where, what=what)
+    resolved = {name: given.get(name, p.default)
+                for name, p in accepted_params(factory, skip).items() if name in given or p.default is not p.empty}
+    return {name: _plain(value) for name, value in resolved.items()}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (how a recipe writes it, and what YAML can store)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One settable parameter, as ``kdkit ls KIND NAME`` shows it.
+
+    Attributes:
+        name: Parameter name (the recipe key).
+        type: Its type, as text (``float``, ``bool``, ``list[int] | None``).
+        default: Its default as a recipe writes it (``null``, ``true``, ``[2, 3]``), or ``None`` when required.
+        bounds: What its declared bounds allow (``a value > 0``, ``one of 'queue', 'bank'``), or ``None``.
+        doc: Its description (the docstring's ``Args:`` entry or the field's description), or ``""``.
+    """
+
+    name: str
+    type: str
+    default: str | None
+    bounds: str | None
+    doc: str
+
+
+def type_name(hint: Any) -> str:
+    """A type hint as text: bounds and ``Annotated`` metadata left out (:func:`describe_bounds` says them)."""
+    if hint is NoneType or hint is None:
+        return "None"
+    if typing.get_origin(hint) is Annotated:
+        return type_name(hint.__origin__)
+    if typing.get_origin(hint) in (typing.Union, UnionType):
+        return " | ".join(type_name(arm) for arm in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(sorted({type(c).__name__ for c in typing.get_args(hint)}))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple, dict, set) and args:
+        inner = [type_name(a) for a in args if a is not Ellipsis]
+        return f"{'list' if origin is tuple else origin.__name__}[{', '.join(inner)}]"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def recipe_value(value: Any) -> str:
+    """``value`` as a recipe (YAML) writes it: ``null``, ``true``, ``4.0``, ``[2, 3]``, ``queue``."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(_plain(value), default=str)
+
+
+def docstring_args(doc: str | None) -> dict[str, str]:
+    """The entries of a Google-style docstring's ``Args:`` section, ``{name: text}`` (continuation lines joined)."""
+    found: dict[str, str] = {}
+    lines = inspect.cleandoc(doc or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        return found
+    indent, current = None, None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth == 0:  # the next section
+            break
+        indent = depth if indent is None else indent
+        name, colon, text = line.strip().partition(":")
+        if depth == indent and colon and name.isidentifier():
+            current = name
+            found[name] = text.strip()
+        elif current is not None:
+            found[current] += " " + line.strip()
+    return found
+
+
+def describe_params(factory: Callable[..., Any], skip: Iterable[str] = (), doc: str | None = None) -> list[ParamInfo]:
+    """The settable parameters of ``factory`` (``__init__`` for classes), from its signature and docstring.
+
+    Args:
+        factory: A loss class, bridge or model factory.
+        skip: Parameters filled in by kdkit itself.
+        doc: Docstring whose ``Args:`` section describes them (default: the factory's).
+    """
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = _type_hints(target)
+    texts = docstring_args(doc if doc is not None else factory.__doc__)
+    infos = []
+    for name, p in accepted_params(factory, skip).items():
+        hint = hints.get(name, Any)
+        default = None if p.default is p.empty else recipe_value(p.default)
+        infos.append(ParamInfo(name, type_name(hint), default, describe_bounds(hint), texts.get(name, "")))
+    return infos
+
+
+def describe_fields(model: type[BaseModel]) -> list[ParamInfo]:
+    """The fields of a pydantic recipe section (a method's ``spec``), as :class:`ParamInfo`."""
+    infos = []
+    for name, field in model.model_fields.items():
+        hint = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        if field.default_factory is not None:
+            default: str | None = recipe_value(field.default_factory())  # type: ignore[call-arg]
+        else:
+            default = None if field.default is PydanticUndefined else recipe_value(field.default)
+        infos.append(ParamInfo(name, type_name(field.annotation), default, describe_bounds(hint),
+                               field.description or ""))
+    return infos

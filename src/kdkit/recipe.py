@@ -133,8 +133,20 @@ class TermSpec(BaseModel):
     teacher: str | list[str] | None = Field(None, description="teacher tap(s), paired with the student's")
     bridge: str | None = None
     bridge_params: dict[str, Any] = Field(default_factory=dict)
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, description="linear ramp of the weight from 0 over this many epochs; "
+                                 "default: the loss's (dkd and reviewkd: 20, as in their reference code; others: 0)")
     name: str | None = Field(None, description="key in the logs (default: the loss name, made unique)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_warmup(cls, data: Any) -> Any:
+        """An unset ``warmup_epochs`` becomes the loss's own default, so the resolved recipe shows what is used."""
+        if isinstance(data, dict) and "warmup_epochs" not in data and isinstance(data.get("loss"), str):
+            from kdkit.losses import LOSSES  # lazy, like _needs_teacher
+
+            if data["loss"] in LOSSES:  # unknown names are reported by name elsewhere
+                data = {**data, "warmup_epochs": LOSSES.get(data["loss"]).default_warmup_epochs}
+        return data
 
     @property
     def params(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """``kdkit run``: from a recipe to a finished run folder.
 
-A run folder holds ``recipe.yaml`` (the resolved recipe), ``metrics.csv``/``metrics.json``,
-``checkpoints/`` and, when finished, ``summary.json``. A teacher named by ``teacher.recipe`` is
+A run folder holds ``recipe.yaml`` (the resolved recipe), ``resolved_params.yaml`` (every parameter of its
+distillation terms, defaults included), ``metrics.csv``/``metrics.json``, ``checkpoints/`` and, when finished,
+``summary.json``. A teacher named by ``teacher.recipe`` is
 trained first (or its finished run reused when the recipe's digest matches).
 
 One process writes a run folder at a time (:mod:`kdkit.locks`): a second run into a folder in use exits
@@ -23,7 +24,7 @@ import yaml
 
 from kdkit._version import __version__
 from kdkit.assemble import assemble, check_same_recipe
-from kdkit.build import plan, resolve_device, teacher_run_recipe
+from kdkit.build import plan, resolve_device, resolved_terms, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed, remove_leftovers
 from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback
@@ -32,6 +33,10 @@ from kdkit.locks import exclusive
 from kdkit.models import count_parameters
 from kdkit.profile import Deployed, count_flops, latency_ms, machine_info, used_parameters
 from kdkit.recipe import Recipe
+
+#: First lines of a run folder's ``resolved_params.yaml``.
+RESOLVED_HEADER = ("# Every parameter each distillation term's loss and bridge was built with: the recipe's values\n"
+                   "# and the defaults it left out (`kdkit ls losses NAME` describes them). Not part of the recipe.\n")
 
 
 def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
@@ -152,6 +157,9 @@ def _train(recipe: Recipe, *, source: Path | None, resume: bool, overwrite: bool
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        if recipe.distill:
+            atomic_write_text(run_dir / "resolved_params.yaml", RESOLVED_HEADER + yaml.safe_dump(
+                {"distill": resolved_terms(recipe)}, sort_keys=False))
     barrier(ctx)
     show = recipe.output.progress if progress is None else progress
     run = assemble(recipe, source=source, ctx=ctx, run_dir=run_dir, progress=show, callbacks=callbacks, built=built)
@@ -205,7 +213,7 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "latency_ms": latency_ms(Deployed(built.student), shape, device=built.device) if ctx.is_main else None,
         "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
         "world_size": ctx.world_size, "device": str(built.device), "kdkit": __version__,
-        "machine": machine_info(), "command": " ".join(sys.argv),
+        "machine": machine_info(), "command": " ".join(sys.argv), "warnings": result.warnings,
     }
     if built.teacher is not None and ctx.is_main:
         summary["teacher_latency_ms"] = latency_ms(built.teacher.model, shape, device=built.device)

@@ -46,6 +46,8 @@ class BoundTask(Protocol):
     """A task bound to one run's data and device (what the engine calls)."""
 
     task: Task
+    #: The metrics this run reports (:meth:`Task.metrics_for` its data), in the task's order.
+    metrics: tuple[str, ...]
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         """The targets of a batch of ``split`` (``"train"`` or ``"test"``) from its labels and sample indices."""
@@ -59,6 +61,11 @@ class BoundTask(Protocol):
 
     def evaluator(self, ctx: DistContext) -> Evaluator:
         """A fresh evaluator of the task's metrics (reduced over the processes of ``ctx``)."""
+
+    def chance(self) -> dict[str, float]:
+        """What each metric scores on the test split for a model that learned nothing (e.g. one that always
+        answers the commonest class), for the metrics where the task defines it; empty when bound without data.
+        The engine warns when the metric that picks the best epoch stays there."""
 
 
 class Task:
@@ -82,9 +89,16 @@ class Task:
     train_metric: ClassVar[str] = ""
     deployed_output: ClassVar[str] = ""
 
-    def selectable(self) -> list[str]:
-        """The metrics that can pick the best epoch (higher is better: every metric but ``loss``)."""
-        return [m for m in self.metrics if m != "loss"]
+    def metrics_for(self, data: ImageData | None) -> tuple[str, ...]:
+        """The metrics meaningful on ``data`` (what a run on it reports); ``None`` (data unknown): all of them.
+
+        Default: all of :attr:`metrics`. A task drops those that say nothing on some data (top-5 accuracy
+        with five classes or fewer is 100 % by construction)."""
+        return self.metrics
+
+    def selectable(self, data: ImageData | None = None) -> list[str]:
+        """The metrics that can pick the best epoch on ``data`` (higher is better: every metric but ``loss``)."""
+        return higher_is_better(self.metrics_for(data))
 
     def check_data(self, data: ImageData) -> str | None:
         """Why ``data`` cannot serve this task (``None`` when it can). Default: it has the :attr:`target`."""
@@ -97,6 +111,11 @@ class Task:
     def bind(self, data: ImageData, device: torch.device, *, label_smoothing: float = 0.0) -> BoundTask:
         """The task for one run on ``data`` (targets moved to ``device`` once)."""
         raise NotImplementedError
+
+
+def higher_is_better(metrics: tuple[str, ...]) -> list[str]:
+    """The metrics among ``metrics`` that can pick a best epoch: every one but ``loss``."""
+    return [m for m in metrics if m != "loss"]
 
 
 TASKS: Registry[Task] = Registry("task", fix="run `kdkit ls tasks`")

@@ -39,6 +39,19 @@ def test_dist_matches_corrcoef(beta: float, gamma: float, tau: float) -> None:
     assert got == pytest.approx(dist_reference(z_s, z_t, beta, gamma, tau), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("standardize", [False, True])
+def test_dist_is_float64_exact_on_nearly_equal_logits(standardize: bool) -> None:
+    # Teacher = student + 1e-3 noise: each 1 - Pearson is ~1e-7, which float32 softmaxes (~1e-7 rounding)
+    # would get wrong by ~100 %; float64 matches numpy.corrcoef to ~1e-9 (eps=0: the paper's exact formula).
+    gen = torch.Generator().manual_seed(2)
+    z_s = torch.randn(6, 5, generator=gen, dtype=torch.float64) * 2
+    z_t = z_s + 1e-3 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    got = dist_loss(z_s, z_t, 2.0, 2.0, 4.0, standardize=standardize, eps=0.0)
+    assert got.dtype == torch.float64
+    ref_s, ref_t = (standardize_logits(z_s), standardize_logits(z_t)) if standardize else (z_s, z_t)
+    assert got.item() == pytest.approx(dist_reference(ref_s, ref_t, 2.0, 2.0, 4.0), rel=1e-7, abs=0)
+
+
 def test_dist_zero_at_identical_logits_and_bounded() -> None:
     z_s, _ = _inputs(seed=1)
     assert dist_loss(z_s, z_s.clone()).item() == pytest.approx(0.0, abs=1e-5)

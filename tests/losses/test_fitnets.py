@@ -16,6 +16,17 @@ def test_fitnets_matches_formula() -> None:
     assert fitnets_loss(a, b).item() == pytest.approx(total / a.numel(), rel=1e-5)
 
 
+def test_fitnets_is_float64_exact_on_nearly_equal_maps() -> None:
+    # Maps 1e-6 apart: float32 rounding (~1e-7 per value) would be off by ~10 %; float64 to ~1e-12.
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64) * 3
+    b = a + 1e-6 * torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    got = fitnets_loss(a, b)
+    assert got.dtype == torch.float64
+    total = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist(), strict=True))
+    assert got.item() == pytest.approx(total / a.numel(), rel=1e-10, abs=0)
+
+
 def test_fitnets_is_the_mse_loss() -> None:
     a, b = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     assert fitnets_loss(a, b).item() == mse_loss(a, b).item()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kdkit.losses import KDLoss, MSELoss, kd_loss, mse_loss
+from kdkit.losses import KDLoss, MSELoss, kd_loss, mse_loss, standardize_logits
 
 
 def kd_reference(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float) -> float:
@@ -28,6 +28,51 @@ def test_kd_matches_formula(temperature: float) -> None:
     z_s, z_t = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen) * 3
     got = kd_loss(z_s.float(), z_t, temperature).item()
     assert got == pytest.approx(kd_reference(z_s, z_t.double(), temperature), rel=1e-5)
+
+
+def standardize_reference(z: torch.Tensor) -> torch.Tensor:
+    """Each row's z-score with the unbiased std plus 1e-7, in Python floats (float64)."""
+    rows = []
+    for row in z.tolist():
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        rows.append([(v - mean) / (std + 1e-7) for v in row])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def nearly_equal(shape: tuple[int, ...], delta: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 ``(x, x + delta * noise)``: a student and a teacher that almost agree."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3
+    return x, x + delta * torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_kd_is_float64_exact_on_nearly_equal_logits(standardize: bool) -> None:
+    # Teacher = student + 1e-3 noise: the KL is ~1e-7, so float32 rounding of the logits (~1e-7 each) would be
+    # off by ~10 %; float64 (logits, standardisation and softmaxes) gets the independent formula to ~1e-9 (the
+    # cancellation in sum p (log p - log q) of both computations).
+    z_s, z_t = nearly_equal((5, 7), 1e-3)
+    got = kd_loss(z_s, z_t, 2.0, standardize=standardize)
+    assert got.dtype == torch.float64
+    ref_s, ref_t = (standardize_reference(z_s), standardize_reference(z_t)) if standardize else (z_s, z_t)
+    assert got.item() == pytest.approx(kd_reference(ref_s, ref_t, 2.0), rel=1e-7, abs=0)
+
+
+def test_standardize_logits_keeps_float64() -> None:
+    z = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 5 + 100
+    got = standardize_logits(z)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, standardize_reference(z), rtol=1e-13, atol=1e-13)
+
+
+def test_mse_is_float64_exact_on_nearly_equal_inputs() -> None:
+    # Differences of 1e-6: float32 inputs would carry errors of ~1e-7 in each, i.e. ~10 % of the loss.
+    a, b = nearly_equal((2, 3, 4, 4), 1e-6)
+    got = mse_loss(a, b)
+    assert got.dtype == torch.float64
+    expected = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist(), strict=True)) / a.numel()
+    assert got.item() == pytest.approx(expected, rel=1e-10, abs=0)
 
 
 def test_kd_zero_at_identity_and_positive_otherwise() -> None:

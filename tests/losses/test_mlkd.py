@@ -156,6 +156,19 @@ def test_paper_variant_matches_reference(views: int) -> None:
     assert got == pytest.approx(paper_reference(z_s, z_t, [2.0, 3.0, 4.0, 5.0, 6.0], views), rel=1e-6)
 
 
+@pytest.mark.parametrize(("variant", "standardize"), [("official", False), ("official", True), ("paper", False)])
+def test_float64_exact_on_nearly_equal_logits(variant: str, standardize: bool) -> None:
+    # Teacher = student + 1e-3 noise: every term is ~1e-7, which float32 rounding of the logits (~1e-7 each)
+    # would get wrong by ~10 %; float64 matches the term-by-term reference to ~1e-8.
+    z_s, _ = _logits(8, seed=6)
+    z_t = z_s + 1e-3 * torch.randn(z_s.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    got = mlkd_loss(z_s, z_t, variant=variant, standardize=standardize)
+    assert got.dtype == torch.float64
+    expected = official_reference(z_s, z_t, OFFICIAL_STRONG_TERMS, standardize=standardize) if variant == "official" \
+        else paper_reference(z_s, z_t, [2.0, 3.0, 4.0, 5.0, 6.0])
+    assert got.item() == pytest.approx(expected, rel=1e-7, abs=0)
+
+
 def test_confidence_fractions() -> None:
     z_t = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     f_b, f_c = mlkd_confidence_fractions(z_t)

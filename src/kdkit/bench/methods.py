@@ -9,7 +9,9 @@ per epoch and the extra trainable parameters (bridges and loss heads), then writ
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,10 @@ from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
 from kdkit.method import METHODS, active_methods
 from kdkit.models import build_model
+from kdkit.pages import html_table
 from kdkit.profile import count_flops, machine_info
 from kdkit.recipe import find_recipe, load_recipe, recipes_root
-from kdkit.report import mean_std, write_report
+from kdkit.report import LATENCY_MEANING, deployed_latency, mean_std, write_report
 from kdkit.runner import run_or_continue
 
 SUITE = "fashion_mnist"
@@ -103,7 +106,7 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     report = write_report(folders, out / "report", labels=labels, title=f"kdkit method benchmark ({suite})",
-                          preamble=f"<pre>{table}</pre>")
+                          table=html_report_table(results))
     print(table)
     print(f"report: {report}")
     return results
@@ -133,7 +136,7 @@ def _row(name: str, method: str, summaries: list[dict[str, Any]]) -> dict[str, A
     first = summaries[0]
     recipe = load_recipe(find_recipe(name))
     cost = deployed_cost(first, recipe)
-    latencies = [s["latency_ms"] for s in summaries if s.get("latency_ms") is not None]
+    latency = deployed_latency(summaries)
     row = {
         "method": method, "description": recipe.description, "seeds": len(summaries),
         "metric": metric, "best": best[0], "best_std": best[1], "last": last[0], "last_std": last[1],
@@ -143,8 +146,8 @@ def _row(name: str, method: str, summaries: list[dict[str, Any]]) -> dict[str, A
         # student + bridges + loss heads; the deployed network may be smaller (a deploying bridge skips the classifier)
         "trained_params": first["params"] + first["bridge_params"] + first.get("loss_params", 0),
         "deployed_params": cost["params"], "deployed_flops": cost["flops"],
-        # the median over seeds of each run's deployed latency
-        "latency_ms": sorted(latencies)[len(latencies) // 2] if latencies else cost["latency_ms"],
+        # the median over seeds of each run's deployed latency (batch 1), the one the report shows
+        "latency_ms": latency if latency is not None else cost["latency_ms"],
         "epochs": first["epochs"], "train_samples": first["train_samples"],
     }
     row["methods"] = [m.name for m in active_methods(recipe)]
@@ -153,32 +156,54 @@ def _row(name: str, method: str, summaries: list[dict[str, Any]]) -> dict[str, A
     return row
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """Markdown table of the benchmark (what the README shows)."""
+def table_cells(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The benchmark table's header and rows, as text (rendered as Markdown and as HTML)."""
     metric = results["rows"][0]["metric"]
     shown = METRIC_HEADERS.get(metric, metric)
-    lines = [f"| method | best {shown} | last {shown} | vs labels only | vs KD | s / epoch | trained params "
-             "| deployed params | deployed MFLOPs | latency (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ["method", f"best {shown}", f"last {shown}", "vs labels only", "vs KD", "s / epoch", "trained params",
+              "deployed params", "deployed MFLOPs", f"latency (ms, {LATENCY_MEANING})"]
     delta = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
+    rows = []
     for r in results["rows"]:
         flops = "–" if r.get("deployed_flops") is None else f"{r['deployed_flops'] / 1e6:.2f}"
         latency = "–" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"
         deployed = r.get("deployed_params")
-        lines.append(f"| {r['method']} | {r['best']:.2f} ± {r['best_std']:.2f} | {r['last']:.2f} ± "
-                     f"{r['last_std']:.2f} | {delta(r['vs_labels_only'])} | {delta(r['vs_kd'])} | "
-                     f"{r['epoch_seconds']:.2f} | {r['trained_params']:,} | "
-                     f"{'–' if deployed is None else f'{deployed:,}'} | {flops} | {latency} |")
+        rows.append([r["method"], f"{r['best']:.2f} ± {r['best_std']:.2f}", f"{r['last']:.2f} ± {r['last_std']:.2f}",
+                     delta(r["vs_labels_only"]), delta(r["vs_kd"]), f"{r['epoch_seconds']:.2f}",
+                     f"{r['trained_params']:,}", "–" if deployed is None else f"{deployed:,}", flops, latency])
+    return header, rows
+
+
+def table_notes(results: dict[str, Any]) -> list[str]:
+    """The lines under the table: each method's notes, the budget, the machine and the command."""
+    lines: list[str] = []
     for r in results["rows"]:
         for name in r.get("methods", []):
-            notes = METHODS.get(name).bench_notes(r)
-            lines += ["", *notes] if notes else []
+            lines += METHODS.get(name).bench_notes(r)
     m = results["machine"]
     first = results["rows"][0]
     teacher = results.get("teacher") or {}
-    lines += ["", f"{results['seeds']} seeds per method; student {first.get('arch')} on {first['train_samples']:,} "
-              f"{first.get('dataset')} images for {first['epochs']} epochs, teacher {teacher.get('arch')} on "
-              f"{teacher.get('train_samples') or 0:,}.",
-              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-              f"python {m['python']}. Command: `{results['command']}`"]
+    return [*lines, f"{results['seeds']} seeds per method; student {first.get('arch')} on "
+            f"{first['train_samples']:,} {first.get('dataset')} images for {first['epochs']} epochs, teacher "
+            f"{teacher.get('arch')} on {teacher.get('train_samples') or 0:,}.",
+            f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"python {m['python']}. Command: `{results['command']}`"]
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table of the benchmark (what the README shows)."""
+    header, rows = table_cells(results)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    for note in table_notes(results):
+        lines += ["", note]
     return "\n".join(lines)
+
+
+def html_report_table(results: dict[str, Any]) -> str:
+    """The benchmark table and its notes as HTML (the report's one table)."""
+    header, rows = table_cells(results)
+    # the notes' `code` spans (Markdown) become <code> elements
+    notes = "".join("<p>" + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(note)) + "</p>"
+                    for note in table_notes(results))
+    return html_table(header, rows) + notes

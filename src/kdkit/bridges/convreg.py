@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.bridges import register_bridge
-from kdkit.errors import KdkitError
 
 
 class ConvReg(nn.Module):
@@ -41,13 +40,22 @@ class ConvReg(nn.Module):
         return f"relu={self.relu}"
 
 
-def _fix() -> str:
-    return ("tap a student layer whose spatial size is equal to, twice, or half the teacher's, or at least as "
-            "large in both H and W; or use the 'linear' bridge")
+def maps_convreg(student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
+    """(C, H, W) maps whose student H, W equal the teacher's, twice or half them, or are at least as large; any
+    channels."""
+    for side, shape in (("student", student), ("teacher", teacher)):
+        if len(shape) != 3:
+            return f"it needs a 3-d per-sample {side} tap (C, H, W), got shape {shape}"
+    (_, h_s, w_s), (_, h_t, w_t) = student, teacher
+    if (2 * h_s, 2 * w_s) == (h_t, w_t) or (h_s >= h_t and w_s >= w_t):
+        return None
+    return (f"the student map's spatial size {(h_s, w_s)} is smaller than the teacher's {(h_t, w_t)} and not "
+            "half of it; it maps equal, 2x, half, or larger-or-equal sizes only")
 
 
 @register_bridge("convreg", help="FitNets conv regressor (RepDistiller ConvReg): conv/deconv + BN (+ReLU), "
-                                 "matches channels and spatial size", example_shapes=((4, 6, 6), (6, 3, 3)))
+                                 "matches channels and spatial size", example_shapes=((4, 6, 6), (6, 3, 3)),
+                 maps=maps_convreg)
 def convreg_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *, relu: bool = True,
                    same_size_kernel: Literal[1, 3] = 3) -> nn.Module:
     """The FitNets regressor, sized from the probed per-sample ``(C, H, W)`` shapes of the two taps.
@@ -79,13 +87,9 @@ def convreg_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
 
     Raises:
         KdkitError: The taps are not ``(C, H, W)`` maps, or the student map is smaller than the teacher's
-            (other than exactly half of it); ``same_size_kernel`` not 1 or 3 (the declared choices, checked by
-            registration).
+            (other than exactly half of it) -- :func:`maps_convreg`, checked by registration, as are
+            ``same_size_kernel``'s choices (1 or 3).
     """
-    for side, shape in (("student", student_shape), ("teacher", teacher_shape)):
-        if len(tuple(shape)) != 3:
-            raise KdkitError(f"bridge 'convreg' needs a 3-d per-sample {side} tap (C, H, W), got shape "
-                             f"{tuple(shape)}", fix="tap a convolutional feature map, or use the 'linear' bridge")
     c_s, h_s, w_s = (int(v) for v in student_shape)
     c_t, h_t, w_t = (int(v) for v in teacher_shape)
     conv: nn.Module
@@ -95,13 +99,9 @@ def convreg_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
         conv = nn.Conv2d(c_s, c_t, 3, stride=2, padding=1, bias=False)
     elif (2 * h_s, 2 * w_s) == (h_t, w_t):
         conv = nn.ConvTranspose2d(c_s, c_t, 4, stride=2, padding=1, bias=False)
-    elif h_s >= h_t and w_s >= w_t:
+    else:  # at least as large in H and W: the declared rule refused every other pair
         conv = nn.Conv2d(c_s, c_t, (1 + h_s - h_t, 1 + w_s - w_t), bias=False)
-    else:
-        raise KdkitError(f"bridge 'convreg' cannot map a student map of spatial size {(h_s, w_s)} to the "
-                         f"teacher's {(h_t, w_t)}: it maps equal, 2x, half, or larger-or-equal sizes only",
-                         fix=_fix())
     return ConvReg(conv, c_t, relu=relu)
 
 
-__all__ = ["ConvReg", "convreg_bridge"]
+__all__ = ["ConvReg", "convreg_bridge", "maps_convreg"]

@@ -213,7 +213,7 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
         classes=data.classes,
         mean=data.mean,
         std=data.std,
-        source=f"{data.source}; class-balanced train subset of {n}/{total} (seed {seed})",
+        source=f"{data.source}; class-balanced train subset of {n}/{total} (subset seed {seed})",
         train_targets={key: value[chosen].contiguous() for key, value in data.train_targets.items()},
         test_targets=data.test_targets,
     )

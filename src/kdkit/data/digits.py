@@ -91,5 +91,5 @@ def digits(root: str | Path | None = None, image_size: int = 8, test_fraction: f
         mean=mean,
         std=std,
         source=f"sklearn.datasets.load_digits (8x8{f' resized to {image_size}x{image_size}' if image_size != 8 else ''}"
-               f", test_fraction {test_fraction}, seed {seed})",
+               f", test_fraction {test_fraction}, split seed {seed})",
     )

@@ -465,7 +465,7 @@ def fashion_mnist_scenes(root: str | Path | None = None, *, size: int = 64, trai
         mean=mean,
         std=std,
         source=f"{size}x{size} scenes of 1-{max_objects} objects from {splits.objects_source} "
-               f"(train scenes from train images, test from test; seed {seed}); cache {splits.cache_file}",
+               f"(train scenes from train images, test from test; composition seed {seed}); cache {splits.cache_file}",
         train_targets=splits.train.targets(),
         test_targets=splits.test.targets(),
     )

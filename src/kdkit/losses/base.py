@@ -32,6 +32,34 @@ def widen(x: Tensor) -> Tensor:
     return x.to(compute_dtype(x))
 
 
+def run_widened(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` computed in :func:`compute_dtype` of ``x`` and the module's floating state.
+
+    A loss's own layers (CRD's embedding heads, a feature loss's teacher transform) are built in float32; float64 inputs
+    must not be rounded to them. When the precisions differ the state is cast for this call: parameters
+    differentiably (they still train), and buffers that a training-mode forward updates in place (BatchNorm
+    statistics) are written back in their own precision.
+
+    Args:
+        module: The loss's layer.
+        x: Its input.
+
+    Returns:
+        The output, in the computing precision (float64 if ``x`` or the state is float64, else float32).
+    """
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    dtype = compute_dtype(x, *(v for v in state.values() if v.is_floating_point()))
+    if all(v.dtype == dtype for v in state.values() if v.is_floating_point()):
+        return module(x.to(dtype))
+    cast = {name: v.to(dtype) if v.is_floating_point() else v for name, v in state.items()}
+    out = torch.func.functional_call(module, cast, (x.to(dtype),))
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if cast[name] is not buffer:
+                buffer.copy_(cast[name])
+    return out
+
+
 class DistillLoss(nn.Module):
     """Base class of the thin module that wraps each pure loss function.
 
@@ -61,6 +89,9 @@ class DistillLoss(nn.Module):
     teacher_list: ClassVar[bool] = False
     #: The registered bridge whose output the loss reads (``None``: any bridge or none).
     requires_bridge: ClassVar[str | None] = None
+    #: Epochs over which a term's weight ramps up from 0 when its recipe entry sets no ``warmup_epochs``: part of
+    #: the method where its reference code always ramps (DKD and ReviewKD: ``min(epoch / 20, 1)``).
+    default_warmup_epochs: ClassVar[float] = 0.0
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:

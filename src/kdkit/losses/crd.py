@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 
-from kdkit.losses.base import DistillLoss, register_loss, widen
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss, run_widened, widen
 
 
 def nce_loss(scores: Tensor, log_z: Tensor, temperature: float, num_samples: int) -> Tensor:
@@ -43,11 +43,6 @@ def nce_loss(scores: Tensor, log_z: Tensor, temperature: float, num_samples: int
     log_d1 = log_p[:, 0] - torch.logaddexp(log_p[:, 0], log_noise)
     log_d0 = log_noise - torch.logaddexp(log_p[:, 1:], log_noise)
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
-
-
-def _embed(head: nn.Module, x: Tensor) -> Tensor:
-    """``head(flatten(x))``, the input cast to the head's precision (float32 heads upcast half inputs)."""
-    return head(x.flatten(1).to(head.weight.dtype))  # type: ignore[union-attr]
 
 
 @register_loss("crd", help="CRD: contrastive representation distillation, NCE over a queue of negatives (2020)")
@@ -116,24 +111,26 @@ class CRDLoss(DistillLoss):
         for name in ("memory_s", "memory_t"):
             self.register_buffer(name, F.normalize(torch.rand(slots, self.feat_dim) * 2 * bound - bound, dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("log_z", torch.full((2,), float("nan")))
+        # float64: Z is estimated once, from the first batch; a float64 run must not see it rounded to float32
+        self.register_buffer("log_z", torch.full((2,), float("nan"), dtype=torch.float64))
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, index: Tensor | None = None) -> Tensor:
         """NCE loss of both anchor sides; ``index`` are the batch's dataset indices (bank memory)."""
         if self.num_samples == 0:
             raise RuntimeError("CRDLoss.setup() was not called (kdkit's recipe builder calls it)")
-        v_s = F.normalize(_embed(self.embed_s, student), dim=1)
-        v_t = F.normalize(_embed(self.embed_t, teacher), dim=1)
+        v_s = F.normalize(run_widened(self.embed_s, student.flatten(1)), dim=1)
+        v_t = F.normalize(run_widened(self.embed_t, teacher.flatten(1)), dim=1)
+        dtype = compute_dtype(v_s, v_t)  # the memories and Z are stored state, read in the computing precision
         if self.memory == "bank":
             assert index is not None, "CRD with memory: bank needs the samples' dataset indices"
             negatives = torch.randint(0, self.num_samples, (len(index), self.k), device=v_s.device)
             slots = torch.cat([index[:, None], negatives], dim=1)
             # student anchors against teacher-space slots, and the reverse: (B, K+1)
-            scores_s = torch.bmm(self.memory_t[slots], v_s[:, :, None]).squeeze(2)
-            scores_t = torch.bmm(self.memory_s[slots], v_t[:, :, None]).squeeze(2)
+            scores_s = torch.bmm(self.memory_t[slots].to(dtype), v_s[:, :, None]).squeeze(2)
+            scores_t = torch.bmm(self.memory_s[slots].to(dtype), v_t[:, :, None]).squeeze(2)
         else:  # positives: the other side's current embedding; negatives: the whole queue (one matmul)
             # clone: the queue is updated in place below, before backward needs these values
-            queue_s, queue_t = self.memory_s.clone(), self.memory_t.clone()
+            queue_s, queue_t = self.memory_s.to(dtype, copy=True), self.memory_t.to(dtype, copy=True)
             scores_s = torch.cat([(v_s * v_t.detach()).sum(1, keepdim=True), v_s @ queue_t.T], dim=1)
             scores_t = torch.cat([(v_t * v_s.detach()).sum(1, keepdim=True), v_t @ queue_s.T], dim=1)
         if torch.isnan(self.log_z).any():
@@ -142,8 +139,9 @@ class CRDLoss(DistillLoss):
                 self.log_z.copy_(torch.stack([torch.logsumexp(scores_s.flatten() / self.temperature, 0),
                                               torch.logsumexp(scores_t.flatten() / self.temperature, 0)])
                                  - math.log(n) + math.log(self.num_samples))
-        loss = nce_loss(scores_s, self.log_z[0], self.temperature, self.num_samples) + \
-            nce_loss(scores_t, self.log_z[1], self.temperature, self.num_samples)
+        log_z = self.log_z.to(dtype)
+        loss = nce_loss(scores_s, log_z[0], self.temperature, self.num_samples) + \
+            nce_loss(scores_t, log_z[1], self.temperature, self.num_samples)
         if self.training:
             self._update(v_s.detach(), v_t.detach(), index)
         return loss.to(student.dtype)
@@ -152,10 +150,11 @@ class CRDLoss(DistillLoss):
     def _update(self, v_s: Tensor, v_t: Tensor, index: Tensor | None) -> None:
         if self.memory == "bank":
             for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                bank.index_copy_(0, index, F.normalize(bank[index] * self.momentum + v * (1 - self.momentum), dim=1))
+                mixed = F.normalize(bank[index] * self.momentum + v.to(bank.dtype) * (1 - self.momentum), dim=1)
+                bank.index_copy_(0, index, mixed)
             return
         n = min(len(v_s), self.k)
         rows = (self.queue_ptr + torch.arange(n, device=v_s.device)) % self.k
-        self.memory_s.index_copy_(0, rows, v_s[:n])
-        self.memory_t.index_copy_(0, rows, v_t[:n])
+        self.memory_s.index_copy_(0, rows, v_s[:n].to(self.memory_s.dtype))
+        self.memory_t.index_copy_(0, rows, v_t[:n].to(self.memory_t.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.k)

@@ -127,7 +127,7 @@ class PCKALoss(DistillLoss):
             return f"pcka needs (C, H, W) feature maps, got per-sample shapes {tuple(student)} and {tuple(teacher)}"
         if student[0] != teacher[0]:
             return (f"pcka compares channel c of the student with channel c of the teacher, but they have "
-                    f"{student[0]} and {teacher[0]} channels: add a bridge: conv1x1")
+                    f"{student[0]} and {teacher[0]} channels: map them with a bridge")
         if tuple(student[1:]) != tuple(teacher[1:]):
             return f"pcka needs the same spatial size, got {tuple(student[1:])} and {tuple(teacher[1:])}"
         ph, pw, h2, w2 = _patch_grid(student[1], student[2], self.patch_size)

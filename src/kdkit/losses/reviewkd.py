@@ -76,13 +76,15 @@ class ReviewKDLoss(DistillLoss):
              teacher: [stage1_preact, stage2_preact, stage3_preact, penultimate],
              bridge: review, weight: 5, warmup_epochs: 20}
 
-    The official runs train with CE weight 1 and no KD term. The class's single-tap defaults
+    The official runs train with CE weight 1 and no KD term, and ramp the loss up with ``min(epoch / 20, 1)``:
+    a ``reviewkd`` term's ``warmup_epochs`` defaults to 20. The class's single-tap defaults
     (``stage2`` / ``stage2``) only exist because a default cannot be a list.
     """
 
     default_student_tap = "stage2"
     default_teacher_tap = "stage2"
     pairwise = True
+    default_warmup_epochs = 20.0
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:

@@ -26,7 +26,8 @@ from kdkit.models import (
 from kdkit.models.registry import MODELS, register_model
 from kdkit.params import check_params
 
-_FIXED = ("num_classes", "in_channels", "image_size")
+#: Factory parameters kdkit fills in from the data (not settable in ``model.params``).
+FIXED_PARAMS = ("num_classes", "in_channels", "image_size")
 #: Environment variable that lets recipes name code to import (``--trust-code`` sets it).
 TRUST_CODE_ENV = "KDKIT_TRUST_CODE"
 
@@ -110,7 +111,7 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
     else:
         factory = MODELS.get(name, where=where)
         params_where = where.replace(".arch", ".params") if where else "params"
-        params = check_params(factory, params, skip=_FIXED, where=params_where, what=f"model {name!r}")
+        params = check_params(factory, params, skip=FIXED_PARAMS, where=params_where, what=f"model {name!r}")
     fixed = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     accepted = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
@@ -127,4 +128,5 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["MODELS", "TRUST_CODE_ENV", "build_model", "code_trusted", "count_parameters", "register_model"]
+__all__ = ["FIXED_PARAMS", "MODELS", "TRUST_CODE_ENV", "build_model", "code_trusted", "count_parameters",
+           "register_model"]

@@ -1,4 +1,7 @@
-"""Single-label classification: cross-entropy, top-1 / top-5 accuracy (%), best by top-1."""
+"""Single-label classification: cross-entropy, top-1 / top-5 accuracy (%), best by top-1.
+
+Top-5 is reported only with more than five classes: with five or fewer it is 100 % whatever the model does.
+"""
 
 from __future__ import annotations
 
@@ -19,30 +22,57 @@ def accuracy_counts(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)
     return [hits[:, : min(k, logits.shape[1])].any(dim=1).sum() for k in ks]
 
 
-class AccuracyEvaluator:
-    """Top-1, top-5 (%) and mean CE, summed on the device and reduced over processes once at the end."""
+#: The top-k accuracies the task knows, by metric name.
+TOP_K = {"top1": 1, "top5": 5}
 
-    def __init__(self, device: torch.device, ctx: DistContext) -> None:
+
+class AccuracyEvaluator:
+    """The top-k accuracies of ``metrics`` (%) and mean CE, summed on the device and reduced over processes
+    once at the end."""
+
+    def __init__(self, device: torch.device, ctx: DistContext, metrics: tuple[str, ...]) -> None:
         self.ctx = ctx
-        self.totals = torch.zeros(4, dtype=torch.float64, device=device)  # ce sum, top-1 hits, top-5 hits, samples
+        self.names = [m for m in metrics if m in TOP_K]
+        self.ks = tuple(TOP_K[m] for m in self.names)
+        # ce sum, the hits of each k, samples
+        self.totals = torch.zeros(len(self.ks) + 2, dtype=torch.float64, device=device)
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
-        top1, top5 = accuracy_counts(logits, targets)
+        hits = accuracy_counts(logits, targets, self.ks)
         ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-        self.totals += torch.stack([ce.double(), top1.double(), top5.double(),
-                                    torch.tensor(len(targets), dtype=torch.float64, device=self.totals.device)])
+        count = torch.tensor(len(targets), dtype=torch.float64, device=self.totals.device)
+        self.totals += torch.stack([ce.double(), *(h.double() for h in hits), count])
 
     def compute(self) -> dict[str, float]:
-        ce, top1, top5, n = all_reduce_sum(self.totals, self.ctx).tolist()
+        ce, *hits, n = all_reduce_sum(self.totals, self.ctx).tolist()
         n = max(n, 1.0)
-        return {"loss": ce / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+        return {"loss": ce / n, **{name: 100.0 * h / n for name, h in zip(self.names, hits, strict=True)}}
+
+
+def chance_accuracy(labels: Tensor, num_classes: int, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Top-k accuracy (%) on ``labels`` of a model that always ranks the commonest classes first: 100·k/K on
+    balanced labels, more when some classes are commoner (what a model collapsed onto them scores)."""
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes).sort(descending=True).values
+    return [100.0 * float(counts[:k].sum()) / max(len(labels), 1) for k in ks]
 
 
 class BoundClassification:
-    """Classification on one run's data: the labels are the targets."""
+    """Classification on one run's data: the labels are the targets.
 
-    def __init__(self, task: Task, device: torch.device, label_smoothing: float) -> None:
-        self.task, self.device, self.label_smoothing = task, device, label_smoothing
+    Args:
+        task: The registered task.
+        metrics: The metrics this run reports.
+        device: Device of the batches.
+        label_smoothing: Of the supervised cross-entropy.
+        test_labels: The test split's labels and the number of classes, for :meth:`chance` (``None``: unknown).
+    """
+
+    def __init__(self, task: Task, metrics: tuple[str, ...], device: torch.device, label_smoothing: float,
+                 test_labels: tuple[Tensor, int] | None = None) -> None:
+        self.task, self.metrics, self.device, self.label_smoothing = task, metrics, device, label_smoothing
+        ks = {name: k for name, k in TOP_K.items() if name in metrics}
+        self._chance = dict(zip(ks, chance_accuracy(*test_labels, tuple(ks.values())), strict=True)) \
+            if test_labels is not None else {}
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         return labels
@@ -54,7 +84,10 @@ class BoundClassification:
         return (logits.detach().argmax(1) == targets).sum().float()
 
     def evaluator(self, ctx: DistContext) -> AccuracyEvaluator:
-        return AccuracyEvaluator(self.device, ctx)
+        return AccuracyEvaluator(self.device, ctx, self.metrics)
+
+    def chance(self) -> dict[str, float]:
+        return dict(self._chance)
 
 
 @register_task
@@ -68,5 +101,12 @@ class Classification(Task):
     train_metric = "top1"
     deployed_output = "class logits (B, K); softmax gives the class probabilities"
 
+    def metrics_for(self, data: Any) -> tuple[str, ...]:
+        if data is not None and data.num_classes <= TOP_K["top5"]:
+            return tuple(m for m in self.metrics if m != "top5")
+        return self.metrics
+
     def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0) -> BoundClassification:
-        return BoundClassification(self, device, label_smoothing)
+        # data may be None: the labels are the targets (chance level then unknown)
+        test = (data.test_labels, data.num_classes) if data is not None else None
+        return BoundClassification(self, self.metrics_for(data), device, label_smoothing, test)

@@ -50,7 +50,7 @@ class BoundMultilabel:
     """Multi-label classification on one run's data: targets gathered from the multi-hot arrays by index."""
 
     def __init__(self, task: Task, data: Any, device: torch.device) -> None:
-        self.task, self.device = task, device
+        self.task, self.device, self.metrics = task, device, task.metrics_for(data)
         self.split_targets = {"train": data.train_targets[task.target].to(device).float(),
                               "test": data.test_targets[task.target].to(device).float()}
         self.num_labels = self.split_targets["train"].shape[1]
@@ -68,6 +68,11 @@ class BoundMultilabel:
 
     def evaluator(self, ctx: DistContext) -> MultilabelEvaluator:
         return MultilabelEvaluator(self.num_labels, self.device, ctx)
+
+    def chance(self) -> dict[str, float]:
+        # A ranking that knows nothing (random or constant scores) has an average precision equal to the class's
+        # share of positives, so macro mAP at chance is the mean test prevalence.
+        return {"map": 100.0 * float(self.split_targets["test"].mean(dim=0).mean())}
 
 
 @register_task

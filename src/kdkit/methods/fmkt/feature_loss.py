@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from kdkit.bridges import BRIDGES
 from kdkit.errors import KdkitError
-from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
+from kdkit.losses.base import DistillLoss, compute_dtype, register_loss, run_widened
 from kdkit.losses.pkd import pkd_loss
 from kdkit.methods.fmkt.feature import FeatureFlow
 from kdkit.methods.fmkt.losses import dirac_shuffle
@@ -143,9 +143,8 @@ class FMKTFeatureLoss(DistillLoss):
             raise TypeError("fmkt_feature reads the output of the 'flow_feature' bridge; add `bridge: flow_feature`")
         if self.transform is None:
             raise RuntimeError("fmkt_feature: setup() was not called (build.plan calls it with the probed shapes)")
-        # the teacher map in T's precision (a bfloat16 map meets float32 weights outside autocast)
-        weight = next(self.transform.parameters())
-        target = self.transform(dirac_shuffle(teacher, self.dirac_ratio).to(weight.dtype))
+        # T computes in the wider of the map's and its weights' precision (a bfloat16 map is upcast, float64 kept)
+        target = run_widened(self.transform, dirac_shuffle(teacher, self.dirac_ratio))
         return fmkt_feature_loss(student.velocities, student.start, target, self.metric, self.detach_student)
 
     def extra_repr(self) -> str:

@@ -24,8 +24,8 @@ class TstSpec(Strict):
     policy_epochs: list[int] = Field(default_factory=lambda: [30, 90], description="epochs (0-based) at whose "
                                      "start the policy is trained (teacher and student frozen)")
     policy_passes: float = Field(30.0, gt=0, description="passes over the training set per policy phase")
-    lr: float = Field(0.01, gt=0, description="SGD learning rate of the policy (momentum 0.9)")
-    momentum: float = Field(0.9, ge=0)
+    lr: float = Field(0.01, gt=0, description="SGD learning rate of the policy")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum of the policy")
     grad_clip: float = Field(10.0, gt=0, description="gradient-norm clip of the policy's step")
     random_sign: bool = Field(True, description="apply signed operations in a random direction per sample, as "
                               "AutoAugment does")
