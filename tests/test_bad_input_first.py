@@ -79,3 +79,37 @@ def test_validate_refuses_a_teacher_checkpoint_of_another_architecture(tiny_kd: 
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "teacher.checkpoint" in err and "shape mismatch" in err
+
+
+@pytest.mark.parametrize("damage", ["reshape", "drop", "extra"])
+def test_resuming_from_weights_that_do_not_fit_exits_2_and_changes_nothing(
+        tiny: dict, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = write_recipe(tmp_path / "r.yaml", {**tiny, "train": {**tiny["train"], "epochs": 1}})
+    assert main(["run", str(path), "--quiet"]) == 0
+    weights = tmp_path / "run" / "checkpoints" / "epoch_0001" / "model.safetensors"
+    tensors = load_file(str(weights))
+    if damage == "reshape":
+        tensors["model.fc.weight"] = torch.zeros(3, 3)
+    elif damage == "drop":
+        del tensors["model.fc.weight"]
+    else:
+        tensors["model.fc.extra"] = torch.zeros(1)
+    save_file(tensors, str(weights))
+    metrics = (tmp_path / "run" / "metrics.csv").read_text()
+    assert main(["run", str(path), "train.epochs=2", "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "model.fc" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "metrics.csv").read_text() == metrics  # nothing was trained or written
+
+
+def test_a_copied_recipe_whose_teacher_recipe_is_not_beside_it_names_the_key_and_the_places_searched(
+        tiny_kd: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_kd["teacher"] = {"arch": "cnn_teacher", "recipe": "my_teacher.yaml"}
+    copied = write_recipe(tmp_path / "elsewhere.yaml", tiny_kd)
+    assert main(["validate", str(copied)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.recipe: no recipe file 'my_teacher.yaml' (searched: my_teacher.yaml, " in err
+    assert str(tmp_path / "my_teacher.yaml") in err and "copied beside it" in err

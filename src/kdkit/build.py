@@ -88,11 +88,11 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def teacher_run_recipe(spec: TeacherSpec, base: Path | None) -> Recipe | None:
+def teacher_run_recipe(spec: TeacherSpec, base: Path | None, where: str = "teacher.recipe") -> Recipe | None:
     """The recipe that trains the teacher, when the teacher spec names one (parsed once per file version)."""
     if spec.recipe is None:
         return None
-    file = find_recipe(spec.recipe, relative_to=base).resolve()
+    file = find_recipe(spec.recipe, relative_to=base, where=where).resolve()
     return _parsed_recipe(file, file.stat().st_mtime_ns)
 
 
@@ -316,7 +316,7 @@ class _Planner:
             at = recipe.teacher_key(member)
             models[member] = built = self.network(spec, shape, at)
             if spec.recipe is not None:
-                self.attempt(teacher_run_recipe, spec, self.base)
+                self.attempt(teacher_run_recipe, spec, self.base, f"{at}.recipe")
             if built is None:
                 continue
             if self.training:

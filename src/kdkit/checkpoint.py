@@ -289,6 +289,21 @@ def read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return loaded, {}
 
 
+def state_mismatch(module: nn.Module, tensors: dict[str, torch.Tensor]) -> str:
+    """What keeps ``tensors`` from loading strictly into ``module`` (missing or unexpected keys, other
+    shapes), or ``""`` when they fit."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    return "; ".join(filter(None, [
+        f"missing {missing[:3]}" if missing else "",
+        f"unexpected {unexpected[:3]}" if unexpected else "",
+        f"shape mismatch {wrong[:3]}" if wrong else "",
+    ]))
+
+
 def load_model_weights(model: nn.Module, path: str | Path, prefix: str = "model.", where: str | None = None) -> Path:
     """Load weights into ``model`` strictly, with a clear error on an architecture mismatch.
 
@@ -305,18 +320,9 @@ def load_model_weights(model: nn.Module, path: str | Path, prefix: str = "model.
     tensors, metadata = read_weights(file)
     if any(k.startswith(prefix) for k in tensors):
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
+    detail = state_mismatch(model, tensors)
+    if detail:
         saved_arch = metadata.get("arch", "unknown")
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:3]}" if missing else "",
-            f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"shape mismatch {wrong[:3]}" if wrong else "",
-        ]))
         raise KdkitError(f"checkpoint {str(file)!r} (architecture {saved_arch}) does not fit "
                          f"{type(model).__name__}: {detail}",
                          fix="set the arch the checkpoint was trained with, or point to the right checkpoint",

@@ -24,7 +24,16 @@ import torch
 from torch import Tensor
 
 from kdkit._version import __version__
-from kdkit.checkpoint import checkpoint_name, pointed, prune, read_state, read_weights, restore_best, save_checkpoint
+from kdkit.checkpoint import (
+    checkpoint_name,
+    pointed,
+    prune,
+    read_state,
+    read_weights,
+    restore_best,
+    save_checkpoint,
+    state_mismatch,
+)
 from kdkit.data.loader import BatchLoader
 from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
@@ -553,12 +562,19 @@ class Engine:
         if self.check_resume is not None:  # before any weight is touched: a refused resume changes nothing
             self.check_resume(state.get("run_info", {}), folder)
         tensors, _ = read_weights(folder / "model.safetensors")
-        self.student.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("objective.", "extra."))})
-        self.objective.load_state_dict({k[len("objective."):]: v for k, v in tensors.items()
-                                        if k.startswith("objective.")})
-        for name, module in self.state_modules.items():
-            module.load_state_dict({k[len(f"extra.{name}."):]: v for k, v in tensors.items()
-                                    if k.startswith(f"extra.{name}.")})
+        parts = [(self.student, {k: v for k, v in tensors.items() if not k.startswith(("objective.", "extra."))}),
+                 (self.objective, {k[len("objective."):]: v for k, v in tensors.items()
+                                   if k.startswith("objective.")}),
+                 *((module, {k[len(f"extra.{name}."):]: v for k, v in tensors.items()
+                             if k.startswith(f"extra.{name}.")}) for name, module in self.state_modules.items())]
+        # every part is checked before any is loaded: a checkpoint that does not fit changes nothing
+        problems = [problem for module, part in parts if (problem := state_mismatch(module, part))]
+        if problems:
+            raise KdkitError(f"cannot resume from {folder}: its weights do not fit this run's networks "
+                             f"({'; '.join(problems)})", fix="resume with the recipe and code that wrote it, or "
+                             "start over with --overwrite")
+        for module, part in parts:
+            module.load_state_dict(part)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):

@@ -561,8 +561,15 @@ def shipped_recipes() -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
-def find_recipe(path: str | Path, relative_to: Path | None = None) -> Path:
-    """Resolve a recipe path or shipped name to an existing file, or raise with the closest names."""
+def find_recipe(path: str | Path, relative_to: Path | None = None, where: str | None = None) -> Path:
+    """Resolve a recipe path or shipped name to an existing file, or raise naming the places searched (the
+    working folder, ``relative_to``, the shipped recipes) and the closest shipped names.
+
+    Args:
+        path: A path, or a shipped recipe name (``fashion_mnist/kd``).
+        relative_to: The folder of the recipe that names this one (``teacher.recipe`` is relative to it).
+        where: The recipe key that names it, for the message.
+    """
     candidates = [Path(path)]
     if relative_to is not None:
         candidates.append(relative_to / path)
@@ -571,5 +578,10 @@ def find_recipe(path: str | Path, relative_to: Path | None = None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise KdkitError(f"no recipe file {str(path)!r}", choices=shipped_recipes(), bad=name,
-                     fix="give a path to a YAML recipe or a shipped recipe name (`kdkit ls recipes`)")
+    searched = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    fix = "give a path to a YAML recipe or a shipped recipe name (`kdkit ls recipes`)"
+    if where is not None:
+        fix = (f"point {where} at the file (a path relative to the recipe that names it, or absolute), or at a "
+               "shipped recipe name; a recipe copied elsewhere needs the recipes it names copied beside it")
+    raise KdkitError(f"no recipe file {str(path)!r} (searched: {searched})", choices=shipped_recipes(), bad=name,
+                     fix=fix, where=where)
