@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -102,3 +103,21 @@ def sigint_at_step(step: int) -> Callable[[Any, str], None]:
             os.kill(os.getpid(), signal.SIGINT)
 
     return interrupt
+
+
+def standardize_reference(z: torch.Tensor) -> torch.Tensor:
+    """Each row's z-score with the unbiased std plus 1e-7, in Python floats (float64)."""
+    rows = []
+    for row in z.tolist():
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        rows.append([(v - mean) / (std + 1e-7) for v in row])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def nearly_equal_maps(*shape: int, gap: float = 1e-6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 feature maps ``gap`` apart (``a * 3`` and ``a + gap * noise``): float32 rounding (~1e-7 per
+    value) would change a distance between them by ~10 %, float64 by ~1e-10."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3
+    return a, a + gap * torch.randn(*shape, generator=gen, dtype=torch.float64)

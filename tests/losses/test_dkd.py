@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import standardize_reference
 from kdkit.losses.dkd import DKDLoss, dkd_loss
 from kdkit.losses.standardize import standardize_logits
 
@@ -69,16 +70,6 @@ def test_dkd_matches_per_sample_definitions(temperature: float, alpha: float, be
     assert got == pytest.approx(alpha * tckd + beta * nckd, rel=1e-5, abs=1e-7)
 
 
-def _standardized(z: torch.Tensor) -> torch.Tensor:
-    """Each row's z-score (unbiased std + 1e-7), in Python floats."""
-    rows = []
-    for row in z.tolist():
-        mean = sum(row) / len(row)
-        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
-        rows.append([(v - mean) / (std + 1e-7) for v in row])
-    return torch.tensor(rows, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("standardize", [False, True])
 def test_dkd_is_float64_exact_on_nearly_equal_logits(standardize: bool) -> None:
     # Teacher = student + 1e-3 noise: TCKD and NCKD are ~1e-7, which float32 rounding of the logits would get
@@ -87,7 +78,7 @@ def test_dkd_is_float64_exact_on_nearly_equal_logits(standardize: bool) -> None:
     z_t = z_s + 1e-3 * torch.randn(z_s.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     got = dkd_loss(z_s, z_t, labels, 1.0, 8.0, 2.0, standardize=standardize)
     assert got.dtype == torch.float64
-    ref_s, ref_t = (_standardized(z_s), _standardized(z_t)) if standardize else (z_s, z_t)
+    ref_s, ref_t = (standardize_reference(z_s), standardize_reference(z_t)) if standardize else (z_s, z_t)
     tckd, nckd = dkd_reference(ref_s, ref_t, labels, 2.0)
     assert got.item() == pytest.approx(tckd + 8.0 * nckd, rel=1e-7, abs=0)
 

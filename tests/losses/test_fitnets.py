@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import nearly_equal_maps
 from kdkit.losses.fitnets import FitNetsLoss, fitnets_loss
 from kdkit.losses.kd import mse_loss
 
@@ -18,9 +19,7 @@ def test_fitnets_matches_formula() -> None:
 
 def test_fitnets_is_float64_exact_on_nearly_equal_maps() -> None:
     # Maps 1e-6 apart: float32 rounding (~1e-7 per value) would be off by ~10 %; float64 to ~1e-12.
-    gen = torch.Generator().manual_seed(1)
-    a = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64) * 3
-    b = a + 1e-6 * torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    a, b = nearly_equal_maps(2, 3, 4, 5)
     got = fitnets_loss(a, b)
     assert got.dtype == torch.float64
     total = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist(), strict=True))

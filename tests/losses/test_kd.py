@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import standardize_reference
 from kdkit.losses import KDLoss, MSELoss, kd_loss, mse_loss, standardize_logits
 
 
@@ -28,16 +29,6 @@ def test_kd_matches_formula(temperature: float) -> None:
     z_s, z_t = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen) * 3
     got = kd_loss(z_s.float(), z_t, temperature).item()
     assert got == pytest.approx(kd_reference(z_s, z_t.double(), temperature), rel=1e-5)
-
-
-def standardize_reference(z: torch.Tensor) -> torch.Tensor:
-    """Each row's z-score with the unbiased std plus 1e-7, in Python floats (float64)."""
-    rows = []
-    for row in z.tolist():
-        mean = sum(row) / len(row)
-        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
-        rows.append([(v - mean) / (std + 1e-7) for v in row])
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def nearly_equal(shape: tuple[int, ...], delta: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

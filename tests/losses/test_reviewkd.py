@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import nearly_equal_maps
 from kdkit.losses.reviewkd import ReviewKDLoss, hcl_loss
 
 
@@ -58,9 +59,7 @@ def test_hcl_matches_loop_reference(size: tuple[int, int]) -> None:
 
 def test_hcl_is_float64_exact_on_nearly_equal_maps() -> None:
     # Maps 1e-6 apart: float32 rounding (~1e-7 per value) would be off by ~10 %; float64 to ~1e-10.
-    gen = torch.Generator().manual_seed(1)
-    fs = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64) * 3
-    ft = fs + 1e-6 * torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    fs, ft = nearly_equal_maps(2, 3, 8, 8)
     got = hcl_loss(fs, ft)
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(hcl_reference(fs, ft), rel=1e-8, abs=0)
