@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic_core import PydanticUndefined
 
 from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.schema import boolean_for_number
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -297,13 +298,12 @@ def check_params(factory: Callable[..., Any], params: dict[str, Any], *, skip: I
                           __config__=ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False),
                           **fields)  # type: ignore[call-overload]
     known = {k: v for k, v in params.items() if k in accepted}
-    for name, value in known.items():
-        arms = [_metadata(arm)[0] for arm in _arms(_metadata(hints.get(name, Any))[0])[0]]
-        if isinstance(value, bool) and bool not in arms and {int, float} & set(arms):
-            errors.append(KdkitError(f"{what}: {name} should be a number, got the boolean {str(value).lower()}",
-                                     fix=_fix_for(name, hints[name], accepted[name].default),
-                                     where=f"{where}.{name}"))
-    known = {k: v for k, v in known.items() if not any(e.where == f"{where}.{k}" for e in errors)}
+    booleans = [name for name, value in known.items() if boolean_for_number(
+        value, [_metadata(arm)[0] for arm in _arms(_metadata(hints.get(name, Any))[0])[0]])]
+    errors += [KdkitError(f"{what}: {name} should be a number, got the boolean {str(known[name]).lower()}",
+                          fix=_fix_for(name, hints[name], accepted[name].default), where=f"{where}.{name}")
+               for name in booleans]
+    known = {k: v for k, v in known.items() if k not in booleans}
     try:
         validated = schema.model_validate(known)
     except ValidationError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any, get_args
 
 import yaml
@@ -18,12 +19,18 @@ class Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and info.field_name is not None:
+        if info.field_name is not None:
             annotation = cls.model_fields[info.field_name].annotation
-            accepted = get_args(annotation) or (annotation,)
-            if bool not in accepted and any(t in (int, float) for t in accepted):
+            if boolean_for_number(value, get_args(annotation) or (annotation,)):
                 raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
         return value
+
+
+def boolean_for_number(value: Any, accepted: Iterable[Any]) -> bool:
+    """Whether ``value`` is a boolean given where the accepted types (a union's arms) hold a number but no
+    ``bool``: pydantic's lax mode would read ``true`` as ``1``, which a recipe never means."""
+    arms = set(accepted)
+    return isinstance(value, bool) and bool not in arms and bool({int, float} & arms)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
