@@ -166,5 +166,6 @@ def assemble(recipe: Recipe, *, source: Path | None = None, device: torch.device
                     run_info=run_info, header={"arch": recipe.model.arch, "recipe": json.dumps(run_info)},
                     check_resume=lambda saved, folder: check_same_recipe(saved, run_info, folder),
                     keep_checkpoints=recipe.output.keep_checkpoints, tensorboard=recipe.output.tensorboard,
-                    progress=progress, hooks=hooks, task=built.task, best_metric=spec.best_metric, label=recipe.name)
+                    progress=progress, hooks=hooks, task=built.task, best_metric=spec.best_metric, label=recipe.name,
+                    eval_every=spec.eval_every)
     return Assembled(recipe, built, engine, methods, train_loader, eval_loader, cache_info)

@@ -174,7 +174,10 @@ class ScheduleSpec(Strict):
 class TrainSpec(Strict):
     epochs: int = Field(..., gt=0)
     batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(1000, gt=0)
+    eval_batch_size: int = Field(256, gt=0, description="batch size of evaluation (256 measured 1.9x faster than "
+                                 "1000 per image for the CNN pair on a 2-core CPU: the batch stays in cache)")
+    eval_every: int = Field(1, gt=0, description="evaluate on the test split every this many epochs; the last epoch "
+                            "is always evaluated (the best epoch is picked among evaluated ones)")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     ce_weight: float = Field(1.0, ge=0, description="weight of the task's supervised loss (cross-entropy for "
@@ -212,6 +215,7 @@ class OutputSpec(Strict):
 #: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
 _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
+    (("train", "eval_every"), 1),
     (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
 )
 

@@ -98,12 +98,17 @@ def run_metric(run: RunRecord) -> str:
 def best_of(run: RunRecord) -> float:
     """The run's best value of its metric (from the summary, else from its epochs)."""
     metric = run_metric(run)
-    return float(run.summary.get(f"best_{metric}", max(m[f"test_{metric}"] for m in run.metrics)))
+    return float(run.summary.get(f"best_{metric}", max(m[f"test_{metric}"] for m in evaluated(run))))
 
 
 def last_of(run: RunRecord) -> float:
     """The run's value of its metric at the last epoch."""
-    return float(run.metrics[-1][f"test_{run_metric(run)}"])
+    return float(evaluated(run)[-1][f"test_{run_metric(run)}"])
+
+
+def evaluated(run: RunRecord) -> list[dict[str, Any]]:
+    """The run's epochs that were evaluated (all, unless the recipe sets ``train.eval_every``)."""
+    return [row for row in run.metrics if f"test_{run_metric(run)}" in row]
 
 
 def metric_label(groups: dict[str, list[RunRecord]]) -> str:
@@ -181,12 +186,12 @@ def plot_curves(groups: dict[str, list[RunRecord]], file: Path) -> Path:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for label, runs in groups.items():
         for j, run in enumerate(runs):
-            epochs = [row["epoch"] for row in run.metrics]
-            values = [row[f"test_{run_metric(run)}"] for row in run.metrics]
+            epochs = [row["epoch"] for row in evaluated(run)]
+            values = [row[f"test_{run_metric(run)}"] for row in evaluated(run)]
             style = {"color": colour[label], "lw": 1.2, "alpha": 0.85, "label": label if j == 0 else None,
                      "marker": "o" if len(epochs) == 1 else None}  # one epoch is a point, not a line
             ax_acc.plot(epochs, values, **style)
-            ax_loss.plot(epochs, [row["train_loss"] for row in run.metrics], **style)
+            ax_loss.plot([row["epoch"] for row in run.metrics], [row["train_loss"] for row in run.metrics], **style)
     ax_acc.set(xlabel="epoch", ylabel=f"test {metric_label(groups)}", title="test metric")
     ax_loss.set(xlabel="epoch", ylabel="training loss (objective)", title="training loss", yscale="log")
     for ax in (ax_acc, ax_loss):
