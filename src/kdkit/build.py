@@ -233,7 +233,8 @@ class _Planner:
 
     def raise_errors(self) -> None:
         if self.errors:
-            raise RecipeErrors(self.errors, str(self.source) if self.source else self.recipe.name)
+            raise RecipeErrors(self.errors, str(self.source) if self.source else self.recipe.name,
+                               warnings=self.warnings)
 
     # -- stage 1: output folder, device, data, task ------------------------------------------------------
     def output(self) -> None:
@@ -464,6 +465,29 @@ class _Planner:
                 self.errors.append(KdkitError(f"loss {term.loss!r} cannot compare student tap {s_name!r} with "
                                               f"teacher tap {t_name!r}: {problem}", choices=choices,
                                               fix=hint, where=where))
+
+
+def with_later_problems(errors: RecipeErrors, source: str | Path | None = None) -> RecipeErrors:
+    """``errors`` (the schema's) plus what :func:`plan` finds in the rest of the recipe (taps, shapes, files).
+
+    The plan runs on :attr:`RecipeErrors.partial`, the recipe without the refused values; its problems about
+    keys that were left out are dropped (they describe the defaults used in their place).
+    """
+    if errors.partial is None:
+        return errors
+    warnings: list[str] = []
+    try:
+        later, warnings = [], plan(errors.partial, training=False, source=source).warnings
+    except RecipeErrors as exc:
+        later, warnings = exc.errors, exc.warnings
+    except KdkitError as exc:
+        later = [exc]
+    left_out = errors.left_out
+    for error in later:  # locations in the trimmed recipe -> the user's recipe
+        error.where = left_out.original(error.where) if error.where else error.where
+    seen = {e.render() for e in errors.errors}
+    kept = [e for e in later if e.render() not in seen and not (e.where and left_out.covers(e.where))]
+    return RecipeErrors([*errors.errors, *kept], errors.source, warnings=warnings)
 
 
 def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: torch.device | None = None) -> Plan:

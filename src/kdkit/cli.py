@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from kdkit.errors import KdkitError, TrainingDiverged
 
@@ -38,14 +39,27 @@ def _names_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return [i for i in items if "=" not in i], [i for i in items if "=" in i]
 
 
+def _load_checked(source: Any, overrides: list[str]) -> Any:
+    """``load_recipe``; when the schema refuses values, the error also lists what the later checks (taps,
+    shapes, files) find in the rest of the recipe, so one report holds every problem."""
+    from kdkit.build import with_later_problems
+    from kdkit.errors import RecipeErrors
+    from kdkit.recipe import load_recipe
+
+    try:
+        return load_recipe(source, overrides)
+    except RecipeErrors as exc:
+        raise with_later_problems(exc, source) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`kdkit run RECIPE [key=value ...]`: train what the recipe describes."""
-    from kdkit.recipe import find_recipe, load_recipe
+    from kdkit.recipe import find_recipe
     from kdkit.runner import run_recipe
 
     overrides, resume = _split_resume(args.overrides)
     source = find_recipe(args.recipe)
-    recipe = load_recipe(source, overrides)
+    recipe = _load_checked(source, overrides)
     summary = run_recipe(recipe, source=source, resume=args.resume or resume, overwrite=args.overwrite,
                          device=args.device, progress=False if args.quiet else None)
     metric = summary.get("metric", "top1") if summary else None
@@ -58,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """`kdkit validate RECIPE ...`: build and check recipes without training."""
     from kdkit.build import plan
-    from kdkit.recipe import Recipe, find_recipe, load_recipe
+    from kdkit.recipe import Recipe, find_recipe
 
     if args.schema:
         print(json.dumps(Recipe.model_json_schema(), indent=1))
@@ -71,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name in names:
         try:
             source = find_recipe(name)
-            recipe = load_recipe(source, overrides)
+            recipe = _load_checked(source, overrides)
             built = plan(recipe, training=False, source=source)
         except KdkitError as exc:
             failed += 1
@@ -200,7 +214,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise KdkitError(f"cache build takes one recipe, got {names or 'none'}",
                          fix="kdkit cache build RECIPE [teacher.cache.views=K ...]")
     source = find_recipe(names[0])
-    recipe = load_recipe(source, overrides)
+    recipe = _load_checked(source, overrides)
     if recipe.teacher is None:
         what = "several teachers (`teachers:`); a cache holds one teacher's outputs" if recipe.has_teacher else \
             "no teacher to cache"
