@@ -169,7 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise KdkitError(f"bench speed takes one recipe, got {names}", fix="kdkit bench speed fashion_mnist/kd")
         steps = ["--quick"] if args.quick else []
         run_speed_bench(names[0] if names else "fashion_mnist/kd", Path(args.out or "runs/bench_speed"),
-                        **({"steps": 4, "repeats": 2, "warmup": 1} if steps else {}), overrides=overrides)
+                        **({"steps": 2, "rounds": 2, "warmup": 1, "profile_steps": 2} if steps else {}),
+                        overrides=overrides)
         return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     default_out = "runs/bench_methods" if args.suite == "fashion_mnist" else f"runs/bench_{args.suite}"
