@@ -105,7 +105,7 @@ def test_bench_speed_end_to_end_at_a_tiny_size(tmp_path: Path, tiny_kd: dict) ->
     assert result["profile"]["dominant"] in ("teacher", "student", "objective", "backward", "optimizer", "loader")
     assert "self CPU time" in (tmp_path / "speed" / "profile.txt").read_text()
     text = (tmp_path / "speed" / "results.md").read_text()
-    assert "| c/b: kdkit KD step / best hand-written KD loop |" in text and "How far from the limit (peak" in text
+    assert "| c/b: kdkit KD step / best hand-written KD loop |" in text and "How far from the limit: peak" in text
     assert json.loads((tmp_path / "speed" / "speed.json").read_text())["rounds"] == 3
 
 

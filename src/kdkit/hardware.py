@@ -151,7 +151,7 @@ def cpu_clock(cpuinfo: str, max_freq_khz: str) -> tuple[float, str]:
     mhz = cpuinfo_field(cpuinfo, "cpu MHz")
     if mhz is None:
         raise ValueError("no clock: neither cpufreq's maximum nor /proc/cpuinfo's 'cpu MHz' is readable")
-    return float(mhz) / 1e3, "/proc/cpuinfo 'cpu MHz' (current clock; no cpufreq driver, turbo may be higher)"
+    return float(mhz) / 1e3, "/proc/cpuinfo 'cpu MHz', the current clock (no cpufreq driver; turbo may be higher)"
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,10 @@ class Peak:
 
     def describe(self) -> str:
         """The peak as a sentence with its assumptions."""
-        return (f"peak {self.fp32 / 1e9:,.1f} GFLOP/s fp32 = {self.cores} cores ({self.cores_note}) x "
-                f"{self.clock_ghz:.2f} GHz ({self.clock_source}) x {self.fp32_per_cycle} FLOP/cycle "
-                f"({self.fp32_unit}); bf16 {self.bf16 / 1e9:,.1f} GFLOP/s at {self.bf16_per_cycle} FLOP/cycle "
-                f"({self.bf16_unit})")
+        return (f"peak {self.fp32 / 1e9:,.1f} GFLOP/s fp32 = {self.cores} cores x {self.clock_ghz:.2f} GHz x "
+                f"{self.fp32_per_cycle} FLOP/cycle, bf16 {self.bf16 / 1e9:,.1f} GFLOP/s at {self.bf16_per_cycle} "
+                f"FLOP/cycle. Cores: {self.cores_note}. Clock: {self.clock_source}. fp32: {self.fp32_unit}. "
+                f"bf16: {self.bf16_unit}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, with the two peaks."""

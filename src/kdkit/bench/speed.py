@@ -395,7 +395,7 @@ def format_speed(r: dict[str, Any]) -> str:
 def format_limits(limits_: dict[str, Any], profile: dict[str, Any]) -> list[str]:
     """The "how far from the limit" lines: peak, achieved rates, and the profile's parts."""
     peak = limits_["peak"]
-    lines = [f"How far from the limit ({peak['text']})." if peak else
+    lines = [f"How far from the limit: {peak['text']}." if peak else
              "How far from the limit: this device's peak is not estimated (CPUs with x86 flags only)."]
     names = {"student_train": "student training step (forward + backward)", "teacher_forward": "teacher forward"}
     lines += ["", f"| part, batch {limits_['batch']} | GFLOP | ms: median [IQR] | GFLOP/s | fraction of peak |",
