@@ -94,9 +94,9 @@ def test_bench_speed_times_the_steps_a_method_adds(tmp_path: Path, tiny_kd: dict
 
     monkeypatch.setattr(TstTrainer, "batch_transform", counted)
     path = write_recipe(tmp_path / "tst_kd.yaml", with_tst(tiny_kd))
-    result = run_speed_bench(str(path), tmp_path / "speed", steps=2, repeats=1, warmup=1)
-    assert result["methods"] == ["tst"] and "c_kdkit_kd" in result["ms_per_step"]
-    assert "d_kdkit_kd_cached" not in result["ms_per_step"]  # TST feeds the teacher new images: no cache
+    result = run_speed_bench(str(path), tmp_path / "speed", steps=2, rounds=1, warmup=1, profile_steps=1)
+    assert result["methods"] == ["tst"] and "c_kdkit_kd" in result["rows"]
+    assert "d_kdkit_kd_cached" not in result["rows"]  # TST feeds the teacher new images: no cache
     assert len(calls) >= 2 and calls[0] == 32  # (c) ran TST's transform on every timed batch
     assert "with method tst" in (tmp_path / "speed" / "results.md").read_text()
     assert json.loads((tmp_path / "speed" / "speed.json").read_text())["methods"] == ["tst"]

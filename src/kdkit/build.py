@@ -35,6 +35,7 @@ from kdkit.distill import (
     as_specs,
 )
 from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.hardware import Precision, choose_amp
 from kdkit.losses import LOSSES, DistillLoss
 from kdkit.models import build_model
 from kdkit.params import check_params, with_defaults
@@ -68,6 +69,7 @@ class Plan:
     objective: Objective
     teacher: FrozenTeacher | None
     device: torch.device
+    precision: Precision  # train.amp resolved for the device (``auto`` decided)
     warnings: list[str] = field(default_factory=list)
     tap_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     task: BoundTask | None = None  # None only when validating without the data files
@@ -507,6 +509,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     stage = _Planner(recipe, training, source)
     stage.output()
     dev = stage.device(device)
+    precision = choose_amp(recipe.train.amp, dev)
     data, shape = stage.data()
     task = stage.task(data)
     # Validation only needs names, paths and shapes: build on the meta device (no weights allocated or
@@ -543,4 +546,4 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing,
                           supervised=bound.loss if bound is not None else None,
                           supervised_name=task.loss_name).to(dev)
-    return Plan(recipe, data, shape, student, objective, teacher, dev, stage.warnings, tap_shapes, bound)
+    return Plan(recipe, data, shape, student, objective, teacher, dev, precision, stage.warnings, tap_shapes, bound)

@@ -167,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kdkit.demo import run_demo
 
     run_demo(out=Path(args.out), data=args.data, data_dir=args.data_dir, seeds=args.seeds, quick=args.quick,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, amp=args.amp)
     return 0
 
 
@@ -183,7 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise KdkitError(f"bench speed takes one recipe, got {names}", fix="kdkit bench speed fashion_mnist/kd")
         steps = ["--quick"] if args.quick else []
         run_speed_bench(names[0] if names else "fashion_mnist/kd", Path(args.out or "runs/bench_speed"),
-                        **({"steps": 4, "repeats": 2, "warmup": 1} if steps else {}), overrides=overrides)
+                        **({"steps": 2, "rounds": 2, "warmup": 1, "profile_steps": 2} if steps else {}),
+                        overrides=overrides)
         return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     default_out = "runs/bench_methods" if args.suite == "fashion_mnist" else f"runs/bench_{args.suite}"
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
     demo.add_argument("--overwrite", action="store_true", help="retrain students even if their runs exist")
+    demo.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
+                      help="precision of every run (default auto: bf16 on CPUs with AMX/AVX512-BF16 and GPUs with "
+                      "native bf16, fp32 elsewhere; the choice is printed and stored in results.json)")
     demo.set_defaults(fn=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks: `bench methods` (every method on Fashion-MNIST), "

@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kdkit.build import resolve_device
 from kdkit.checkpoint import atomic_write_text
 from kdkit.data import load_dataset
 from kdkit.errors import KdkitError
+from kdkit.hardware import choose_amp
 from kdkit.profile import machine_info
 from kdkit.recipe import find_recipe, load_recipe
 from kdkit.report import LATENCY_MEANING, deployed_latency, mean_std, write_report
@@ -66,7 +68,7 @@ def _recipe(name: str, overrides: list[str]) -> Any:
 
 
 def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: int = 3, quick: bool = False,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False, amp: str = "auto") -> dict[str, Any]:
     """Run the demo and return its results (also written to ``out/results.json`` and ``out/report/``).
 
     Args:
@@ -76,6 +78,9 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
         seeds: Student seeds per method.
         quick: A tiny budget (smoke tests).
         overwrite: Retrain students even when finished runs of the same recipe exist.
+        amp: ``train.amp`` of every run. ``auto`` is decided here, once, and the recipes get the mode it picks
+            (``off`` or ``bf16``): where bf16 is not native their recipes are the shipped ones, digests included,
+            so finished runs are reused.
     """
     if seeds < 1:
         raise KdkitError(f"--seeds must be at least 1, got {seeds}", fix="use --seeds 2 or more for a mean ± std")
@@ -83,9 +88,11 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
     budget = BUDGETS[dataset]
     root = [f"data.root={data_dir}"] if data_dir and dataset == "fashion_mnist" else []
     quick_t, quick_s = (QUICK["teacher"], QUICK["student"]) if quick else ([], [])
-    print(f"kdkit demo: {data_note}; output in {out}")
+    precision = choose_amp(amp, resolve_device("auto"))
+    shared = [*root, f"train.amp={precision.amp}"]  # every run's
+    print(f"kdkit demo: {data_note}; output in {out}; {precision.describe()}")
 
-    teacher = _recipe("teacher", [*budget["teacher"], *root, *quick_t, f"output.dir={out}/teacher"])
+    teacher = _recipe("teacher", [*budget["teacher"], *shared, *quick_t, f"output.dir={out}/teacher"])
     teacher_summary = run_or_continue(teacher)
     runs: dict[str, list[dict[str, Any]]] = {"student (labels only)": [], "student + KD": []}
     folders: list[Path] = [teacher.run_dir]
@@ -93,12 +100,13 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
     for seed in range(seeds):
         for label, name in (("student (labels only)", "student_ce"), ("student + KD", "kd")):
             extra = [f"teacher.checkpoint={out}/teacher", "teacher.recipe=null"] if name == "kd" else []
-            recipe = _recipe(name, [*budget["student"], *root, *quick_s, *extra, f"train.seed={seed}",
+            recipe = _recipe(name, [*budget["student"], *shared, *quick_s, *extra, f"train.seed={seed}",
                                     f"output.dir={out}/{name}_seed{seed}"])
             runs[label].append(run_recipe(recipe, overwrite=True) if overwrite else run_or_continue(recipe))
             folders.append(recipe.run_dir)
             labels.append(label)
     results = _results(teacher_summary, runs, data_note, seeds, quick)
+    results["amp"] = precision.to_dict()
     table = format_table(results)
     print(table)
     # the table below is the report's own (rendered from the same runs); the Markdown one is for the terminal

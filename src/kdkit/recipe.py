@@ -186,7 +186,10 @@ class TrainSpec(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["off", "auto", "bf16", "fp16"] = Field(
+        "off", description="autocast of the forward passes (the teacher's too): off (fp32), bf16 (CPU/GPU), fp16 "
+        "(CUDA), or auto: bf16 on CPUs with AMX or AVX512-BF16 and CUDA GPUs with native bf16, fp32 elsewhere (the "
+        "choice and why are printed at the start and stored in summary.json)")
     channels_last: bool = Field(True, description="channels-last weights and batches: ~1.4x faster conv "
                                 "training on CPU (oneDNN) and with AMP on GPU")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU (default: torch's)")

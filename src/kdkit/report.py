@@ -76,12 +76,15 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def result_config(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """What a run's results depend on besides its seed: its flattened ``recipe.yaml`` (when the folder has one)
-    less :data:`NOT_RESULT_KEYS`, and its number of processes (``world_size``)."""
+    less :data:`NOT_RESULT_KEYS`, with ``train.amp`` the precision the run used (``auto`` resolved, from its
+    summary), and its number of processes (``world_size``)."""
     recipe_file = path / "recipe.yaml"
     flat = flatten(yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
     config = {k: v for k, v in flat.items()
               if not any(k == skip or (skip.endswith(".") and k.startswith(skip)) for skip in NOT_RESULT_KEYS)}
     config["world_size"] = summary.get("world_size", 1)
+    if "train.amp" in config and summary.get("amp"):  # `auto` trains what it picked on that machine
+        config["train.amp"] = summary["amp"]["amp"]
     return config
 
 
