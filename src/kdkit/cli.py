@@ -167,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kdkit.demo import run_demo
 
     run_demo(out=Path(args.out), data=args.data, data_dir=args.data_dir, seeds=args.seeds, quick=args.quick,
-             overwrite=args.overwrite, amp=args.amp)
+             overwrite=args.overwrite, amp=args.amp, jobs_requested=args.jobs)
     return 0
 
 
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
                       help="precision of every run (default auto: bf16 on CPUs with AMX/AVX512-BF16 and GPUs with "
                       "native bf16, fp32 elsewhere; the choice is printed and stored in results.json)")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="runs trained at once, each in its own process with cores/jobs threads (default: 2 on a "
+                      "CPU with 2 or more cores, where two 1-thread runs beat one 2-thread run; 1 on a GPU)")
     demo.set_defaults(fn=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks: `bench methods` (every method on Fashion-MNIST), "
