@@ -2,9 +2,9 @@
 
 Top-5 is reported only with more than five classes: with five or fewer it is 100 % whatever the model does.
 Unlabelled training samples (:data:`kdkit.data.base.UNLABELLED`) are skipped by the cross-entropy (a mean over the
-batch's labelled samples, :func:`kdkit.distill.labelled_cross_entropy`) and by the training accuracy. On data with novel classes to discover
-(:attr:`kdkit.data.ImageData.novel_classes`) the task also reports ``novel_acc``: the clustering accuracy of the
-novel-class test images (:func:`cluster_accuracy`).
+batch's labelled samples, :func:`kdkit.distill.labelled_cross_entropy`) and by the training accuracy. On data with
+novel classes to discover (:attr:`kdkit.data.ImageData.novel_classes`) the task also reports ``novel_acc``: the
+clustering accuracy of the novel-class test images (:func:`cluster_accuracy`).
 """
 
 from __future__ import annotations

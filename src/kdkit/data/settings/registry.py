@@ -57,7 +57,8 @@ def register_setting(name: str, help: str | None = None, *,
     """
 
     def deco(build: SettingBuild) -> SettingBuild:
-        SETTINGS.add(name, Setting(build, reads_teacher or _never), help or (build.__doc__ or "").strip().split("\n")[0])
+        summary = help or (build.__doc__ or "").strip().split("\n")[0]
+        SETTINGS.add(name, Setting(build, reads_teacher or _never), summary)
         return build
 
     return deco

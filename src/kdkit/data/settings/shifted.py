@@ -46,7 +46,7 @@ ELASTIC_SMOOTHING = 3.0
 
 
 def split_original_pool(total: int, pool: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Disjoint ascending indices ``(originals, pool)`` covering ``range(total)``; the pool has ``round(pool*total)``."""
+    """Disjoint ascending indices ``(originals, pool)`` covering ``range(total)``; ``round(pool * total)`` pooled."""
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     n_pool = min(max(1, round(pool * total)), total - 1)
     return perm[n_pool:].sort().values, perm[:n_pool].sort().values
@@ -132,7 +132,8 @@ def shifted(data: ImageData, *, seed: int, pool: Annotated[float, Gt(0), Lt(1)] 
     labelled_only(data, "shifted")
     originals, pooled = split_original_pool(len(data.train_labels), pool, seed)
     if part == "original":
-        return with_train(data, originals, data.train_labels[originals], name=f"{data.name}-originals{pool:g}-seed{seed}",
+        return with_train(data, originals, data.train_labels[originals],
+                          name=f"{data.name}-originals{pool:g}-seed{seed}",
                           source=f"the {len(originals)} original training images of the shifted setting (the pool of "
                                  f"{len(pooled)} withheld; setting seed {seed})")
     images, _ = shifted_pool(data.train_images[pooled], tuple(corruptions), severity, seed + 1)

@@ -1,11 +1,11 @@
 """DHO as a registered method: recognised from its terms; its checks, and what its deployed heads score.
 
 DHO needs no engine hooks: its KD head is a :class:`~kdkit.bridges.roles.CombiningBridge` trained by its loss, and
-the model's own classifier is the CE head. The method refuses recipes where the pair cannot work (no CE weight, more
-than one DHO term) and, after training, writes ``summary.json``'s ``dho`` section: the test top-1 of the CE head
-alone, of the KD head alone and of the combination for alpha in 0, 0.1, ..., 1 at the recipe's beta. Those are
-for analysis (the paper's "test-time tuning without retraining"): the deployed alpha and beta are the recipe's,
-never chosen on the test set.
+the model's own classifier is the CE head (the ``dho`` loss requires the ``dho_head`` bridge, which the planner
+checks). The method refuses recipes where the pair cannot work (no CE weight, more than one KD head, peers) and,
+after training, writes ``summary.json``'s ``dho`` section: the test top-1 of the CE head alone, of the KD head
+alone and of the combination for alpha in 0, 0.1, ..., 1 at the recipe's beta. Those are for analysis (the paper's
+"test-time tuning without retraining"): the deployed alpha and beta are the recipe's, never chosen on the test set.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class DhoRun(MethodRun):
 
 @register_method
 class DhoMethod(Method):
-    """DHO: dual-head optimisation (Kang et al., 2025), a CE head and a KD head on one feature, combined when deployed."""
+    """DHO: dual-head optimisation (Kang et al., 2025), a CE and a KD head on one feature, combined when deployed."""
 
     name = "dho"
 
@@ -97,11 +97,6 @@ class DhoMethod(Method):
         if len(terms) > 1:
             problems.append(f"DHO has one KD head: distill.{terms[1]} is a second `{LOSS}` term or `{BRIDGE}` bridge; "
                             "keep one")
-        for i in terms:
-            term = recipe.distill[i]
-            if term.loss != LOSS or term.bridge != BRIDGE:
-                problems.append(f"distill.{i}: DHO's KD head is the `{BRIDGE}` bridge trained by the `{LOSS}` loss; "
-                                f"give the term both (loss: {LOSS}, bridge: {BRIDGE})")
         if not recipe.train.ce_weight:
             problems.append("DHO's CE head (the model's classifier) learns from the labels with train.ce_weight "
                             "(lambda); with 0 it never trains and the deployed prediction mixes in an untrained head: "
