@@ -15,9 +15,10 @@ Where the paper and the official code differ (the default is named first):
   over a labelled batch and the mean over an unlabelled batch (``average: split``).
 * Loss weights: the paper's ``lambda L_CE + (1 - lambda) L_KD`` (``train.ce_weight`` and the term's weight; 0.5 each
   in the shipped recipe, as ``train_others.py``); ``train_imgnet_semi.py`` uses ``L_CE + L_KD`` (weights 1 and 1).
-* Inference: alpha 0.5 and beta 1 fixed in the recipe (``bridge_params``); the ImageNet script fixes alpha 0.5,
-  beta 0.5, and the few-shot script searches both on a validation split every epoch (not implemented: kdkit has no
-  validation split; ``summary.json`` reports the test accuracy for each alpha for analysis only).
+* Inference: alpha 0.5 and beta 1 (the KD head's plain softmax) fixed in the recipe (``bridge_params``); the
+  ImageNet script fixes alpha 0.5, beta 0.5, and the few-shot script searches both on a validation split every
+  epoch (not implemented: kdkit has no validation split; ``summary.json`` reports the test accuracy for each alpha,
+  for analysis only).
 * Temperature: 2 with the ``T^2`` factor, the code's (``temperature``).
 
 Not taken from the code: its separate labelled and unlabelled loaders of equal batch size. kdkit's batches are

@@ -84,9 +84,9 @@ def dho_head(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *,
         student_shape: Per-sample shape of the student tap (flattened by the head), e.g. ``penultimate``'s.
         teacher_shape: Per-sample shape of the teacher's logits ``(K,)``.
         alpha: Weight of the CE head (the model's classifier) in the deployed prediction; 1 - alpha is the KD
-            head's. 0.5 is the paper's and the ImageNet script's.
-        beta: Temperature of the KD head's logits in the deployed prediction (1: the paper's; the official
-            ImageNet script fixes 0.5, the few-shot script searches it on a validation split).
+            head's. 0.5: the official ImageNet script's fixed value.
+        beta: Temperature of the KD head's logits in the deployed prediction (1: the head's plain softmax; the
+            official ImageNet script fixes 0.5, the few-shot script searches it on a validation split).
     """
     if len(teacher_shape) != 1:
         raise KdkitError(f"dho_head maps onto the teacher's logits (K,), got teacher tap shape {tuple(teacher_shape)}",

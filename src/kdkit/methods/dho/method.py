@@ -100,7 +100,7 @@ class DhoMethod(Method):
         if not recipe.train.ce_weight:
             problems.append("DHO's CE head (the model's classifier) learns from the labels with train.ce_weight "
                             "(lambda); with 0 it never trains and the deployed prediction mixes in an untrained head: "
-                            "set train.ce_weight > 0 (0.5 in the paper)")
+                            "set train.ce_weight > 0 (0.5 in the official code's train_others.py)")
         if recipe.peers is not None:
             problems.append("DHO deploys the model's own head with its KD head; `peers:` is not supported with it")
         return problems
