@@ -22,6 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kdkit"
 GREY = ["brightness", "contrast", "rotate", "shear_x"]
 #: What names a built-in method in code: its folder's module path, its losses, bridges and helpers.
 NAMES = {
+    "dho": r"kdkit\.methods\.dho|\bdho(_head)?\b|\bDho[A-Z]\w*|\bDHO\b|dual-head",
     "tst": r"kdkit\.methods\.tst|\btst\b|\bTst[A-Z]\w*|\bTST\b",
     "fmkt": r"kdkit\.methods\.fmkt|fm-?kt|\bflow_feature\b|\bFlowBridge\b|\bflow_costs\b|\bhas_flow\b",
 }
@@ -46,6 +47,7 @@ def test_only_the_method_folder_names_the_method(method: str) -> None:
 def test_the_grep_finds_a_method_named_elsewhere(tmp_path: Path) -> None:
     # the patterns above do match the ways code names a method (so the test above can fail)
     for method, text in (("tst", "from kdkit.methods.tst.trainer import TstTrainer"), ("tst", "if recipe.tst:"),
+                         ("dho", "bridge: dho_head"), ("dho", "from kdkit.methods.dho import DhoHead"),
                          ("fmkt", "summary['flow'] = flow_costs(student)"), ("fmkt", "# FM-KT's chain")):
         assert re.search(NAMES[method], text, re.IGNORECASE), text
 

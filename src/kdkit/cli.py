@@ -104,7 +104,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     """`kdkit ls WHAT [NAME]`: list registered names, shipped recipes or a model's taps; with NAME, one component
     in full."""
     from kdkit.bridges import BRIDGES
-    from kdkit.data import DATASETS
+    from kdkit.data import DATASETS, SETTINGS
     from kdkit.losses import LOSSES
     from kdkit.method import METHODS
     from kdkit.models import MODELS
@@ -112,7 +112,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from kdkit.task import TASKS
 
     registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES, "methods": METHODS,
-                  "tasks": TASKS}
+                  "tasks": TASKS, "settings": SETTINGS}
     if args.what == "recipes":
         if args.name:
             raise KdkitError(f"`kdkit ls recipes` takes no NAME (got {args.name!r})",
@@ -267,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--schema", action="store_true", help="print the recipe JSON schema")
     val.set_defaults(fn=cmd_validate)
 
-    ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, methods, tasks, recipes, or a model's taps")
-    ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "methods", "tasks", "recipes", "taps"])
+    ls = sub.add_parser("ls", help="list models, losses, datasets, settings, bridges, methods, tasks, recipes, or a "
+                                   "model's taps")
+    ls.add_argument("what", choices=["models", "losses", "datasets", "settings", "bridges", "methods", "tasks",
+                                     "recipes", "taps"])
     ls.add_argument("name", nargs="?", help="one component to show in full (parameters, defaults, bounds), or the "
                     "model whose taps `ls taps` lists")
     ls.add_argument("--dataset", default="cifar100", help="input shape for `ls taps` (default cifar100)")

@@ -334,7 +334,7 @@ class Engine:
         # start from zero, so the epoch's all-reduce below counts each step once.
         partial = self._partial if self.ctx.is_main else {}
         sums = partial.get("sums")
-        # running sums of each component, then correct predictions, then samples
+        # running sums of each component, then the training score, then the samples it scored
         sums = sums.to(self.device) if sums is not None else torch.zeros(len(self.keys) + 2, device=self.device)
         count = int(partial.get("count", 0))
         # Step at which each component first went non-finite, tracked on the device (no host sync),
@@ -343,11 +343,11 @@ class Engine:
         checked = self.batch  # every checkpointed tensor was finite after this many steps of the epoch
         for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
             comps, logits, targets = self.train_step(x, y, index)
-            score = self.task.train_score(logits, targets)
+            score, scored = self.task.train_score(logits, targets)
             values = torch.stack([comps[k].detach().float() for k in self.keys])
             first_bad = torch.where(torch.isfinite(values) | torch.isfinite(first_bad), first_bad,
                                     float(self.batch))
-            sums += torch.cat([values, torch.stack([score.float(), values.new_tensor(float(len(targets)))])])
+            sums += torch.cat([values, torch.stack([score.float(), scored.float()])])
             count += 1
             self.batch += 1
             self.global_step += 1

@@ -107,6 +107,22 @@ class StrongAugmentSpec(Strict):
     groups: int = Field(8, ge=1, description="independent op draws per batch (kornia draws one per call)")
 
 
+class SettingSpec(BaseModel):
+    """A data setting (``kdkit ls settings``): the training split turned into a scenario (few labels, a long tail,
+    novel classes, ...), after ``subset``. Keys other than ``name`` and ``seed`` are the setting's parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    seed: int = Field(0, description="seed of the setting's choices (independent of train.seed, so every student "
+                      "seed sees the same split)")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The setting's own parameters (the extra keys)."""
+        return dict(self.model_extra or {})
+
+
 class DataSpec(Strict):
     """Which data, where, and how much of the training split."""
 
@@ -119,6 +135,8 @@ class DataSpec(Strict):
     views: Literal[1, 2] = Field(1, description="2: each batch is [weak view; strong view] of the same images "
                                  "(labels repeated), as MLKD needs")
     strong: StrongAugmentSpec = Field(default_factory=StrongAugmentSpec)
+    setting: SettingSpec | None = Field(None, description="a data scenario built from the training split, e.g. "
+                                        "{name: semi_supervised, labelled: 3000} (kdkit ls settings)")
 
 
 class TermSpec(BaseModel):
@@ -221,6 +239,7 @@ _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
     (("train", "eval_every"), 1),
     (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
+    (("data", "setting"), None),
 )
 
 
@@ -338,6 +357,19 @@ class RecipeCore(Strict):
         if self.teacher is not None and self.teacher.cache is not None and self.data.views != 1:
             raise ValueError("teacher.cache stores outputs for the crop/flip views only; data.views: 2 needs "
                              "the teacher on the strong view too: remove teacher.cache or use data.views: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _setting_has_its_teacher(self) -> RecipeCore:
+        setting = self.data.setting
+        if setting is None or self.has_teacher:
+            return self
+        from kdkit.data.settings import SETTINGS  # lazy, like the loss registry
+
+        if setting.name in SETTINGS and SETTINGS.get(setting.name).reads_teacher(setting.params):
+            raise ValueError(f"data.setting {setting.name!r} with {setting.params} ranks the training images by a "
+                             "teacher's predictions, and the recipe has no teacher: add `teacher:` (its logits on the "
+                             "training images are computed before training), or choose a setting that needs none")
         return self
 
     @model_validator(mode="after")
@@ -479,6 +511,10 @@ def name_problems(data: dict[str, Any]) -> list[KdkitError]:
         check(TASKS, data["task"], "task")
     if isinstance(data.get("data"), dict):
         check(DATASETS, data["data"].get("dataset"), "data.dataset")
+        if isinstance(data["data"].get("setting"), dict):
+            from kdkit.data import SETTINGS
+
+            check(SETTINGS, data["data"]["setting"].get("name"), "data.setting.name")
     for i, term in enumerate(data.get("distill") or []):
         if isinstance(term, dict):
             check(LOSSES, term.get("loss"), f"distill.{i}.loss")

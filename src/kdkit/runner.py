@@ -203,6 +203,7 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "name": recipe.name, "recipe_digest": recipe.digest(), "arch": recipe.model.arch,
         "teacher_arch": _teacher_arch(recipe) if recipe.has_teacher else None,
         "dataset": data.name, "data_source": data.source, "train_samples": len(data.train_labels),
+        "train_labelled": data.num_labelled,
         "test_samples": len(data.test_labels), "epochs": recipe.train.epochs, "seed": recipe.train.seed,
         "task": recipe.task, "metric": result.metric, f"best_{result.metric}": result.best,
         "best_epoch": result.best_epoch, **{f"last_{k}": v for k, v in result.last.items()},
