@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.engine import Interrupted
-from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.errors import KdkitError, RecipeErrors, TrainingDiverged
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ def _worker(job: Job, threads: int) -> tuple[str, Any]:
     try:
         return "ok", _run(job, threads=threads, progress=False)
     except KdkitError as exc:
-        return "error", exc.render()
+        fields = {"message": exc.message, "choices": exc.choices, "fix": exc.fix, "where": exc.where}
+        return "error", {"message": exc.render()} if isinstance(exc, RecipeErrors) else fields
     except TrainingDiverged as exc:
         return "diverged", {"message": exc.message, "checkpoint": exc.checkpoint, "fix": exc.fix}
     except Interrupted as exc:
@@ -146,5 +147,6 @@ def _reraised(job: Job, outcome: str, value: Any) -> Exception:
         return Interrupted(Path(value) if value else None)
     if outcome == "diverged":
         return TrainingDiverged(f"{job.key}: {value['message']}", checkpoint=value["checkpoint"], fix=value["fix"])
-    return KdkitError(f"run {job.key!r} failed: {value}", fix="see the message above; finished runs are kept and "
-                      "reused when you run the same command again")
+    # the choices arrive ranked already; finished runs are reused when the same command runs again
+    return KdkitError(f"run {job.key!r} failed: {value['message']}", choices=value.get("choices"),
+                      fix=value.get("fix"), where=value.get("where"))
