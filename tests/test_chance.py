@@ -17,9 +17,9 @@ from kdkit.task import TASKS
 
 
 def test_classification_chance_is_the_commonest_test_class_share() -> None:
-    balanced = SimpleNamespace(test_labels=torch.arange(30) % 3, num_classes=3)
+    balanced = SimpleNamespace(test_labels=torch.arange(30) % 3, num_classes=3, novel_classes=())
     assert TASKS.get("classification").bind(balanced, "cpu").chance() == pytest.approx({"top1": 100 / 3})
-    skewed = SimpleNamespace(test_labels=torch.tensor([0] * 7 + [1] * 2 + [2]), num_classes=10)
+    skewed = SimpleNamespace(test_labels=torch.tensor([0] * 7 + [1] * 2 + [2]), num_classes=10, novel_classes=())
     chance = TASKS.get("classification").bind(skewed, "cpu").chance()
     assert chance == pytest.approx({"top1": 70.0, "top5": 100.0})  # always answering class 0 scores 70 %
 
@@ -48,7 +48,7 @@ def engine_on_two_classes(model: nn.Module, run_dir: Path, epochs: int, eval_eve
     norm = {"mean": (0.5,), "std": (0.25,)}
     train = BatchLoader(images, labels, batch_size=8, **norm)
     test = BatchLoader(images, labels, batch_size=32, shuffle=False, drop_last=False, **norm)
-    task = TASKS.get("classification").bind(SimpleNamespace(test_labels=labels, num_classes=2), "cpu")
+    task = TASKS.get("classification").bind(SimpleNamespace(test_labels=labels, num_classes=2, novel_classes=()), "cpu")
     spec = kdkit.TrainSpec(epochs=epochs, batch_size=8, optimizer={"lr": 0.5})
     return Engine(student=kdkit.Student(model), objective=kdkit.Objective(), train_loader=train, eval_loader=test,
                   epochs=epochs, make_optimizer=kdkit.optimizer_factory(spec), run_dir=run_dir, progress=False,
