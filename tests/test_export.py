@@ -41,7 +41,8 @@ ort = pytest.importorskip("onnxruntime")
 
 TEACHER = {"arch": "cnn_teacher"}
 #: The runs exported below: the CNN pair's student, a CIFAR-zoo student, a timm student, FM-KT (logit variant,
-#: a transformer meta-encoder; feature variant), and a student trained with a training-only bridge (FitNets).
+#: a transformer meta-encoder; feature variant), a student trained with a training-only bridge (FitNets), and a
+#: peer (resnet8) deployed from a deep-mutual-learning pair.
 CASES: dict[str, dict[str, Any]] = {
     "cnn": {},
     "resnet8": {"model": {"arch": "resnet8"}},
@@ -55,6 +56,9 @@ CASES: dict[str, dict[str, Any]] = {
     "fitnets": {"teacher": TEACHER, "distill": [
         {"loss": "fitnets", "student": "stage1", "teacher": "stage1", "bridge": "convreg", "weight": 1.0},
         {"loss": "kd", "temperature": 4}]},
+    "dml": {"peers": {"peer": {"arch": "resnet8"}}, "deploy": "peer", "distill": [
+        {"loss": "kd", "name": "from_peer", "student": "model.logits", "teacher": "peer.logits", "temperature": 1},
+        {"loss": "kd", "name": "from_model", "student": "peer.logits", "teacher": "model.logits", "temperature": 1}]},
 }
 
 
@@ -195,20 +199,23 @@ def test_the_export_computes_what_the_trained_student_predicts(runs: Any, case: 
 
 
 @pytest.mark.slow
-def test_a_run_with_a_training_only_bridge_exports_the_plain_student(runs: Any, tmp_path: Path) -> None:
-    run_dir = runs("fitnets")
+@pytest.mark.parametrize(("case", "arch", "trained_with", "network"), [
+    ("fitnets", "cnn_student", "bridges.fitnets.", "cnn_student"),
+    ("dml", "resnet8", "model.model.", "resnet8 (member 'peer' of peers model, peer)")])
+def test_what_only_training_used_is_not_exported(runs: Any, case: str, arch: str, trained_with: str, network: str,
+                                                 tmp_path: Path) -> None:
+    run_dir = runs(case)
     checkpoint = load_file(str(pointed(run_dir / "checkpoints", "best") / "model.safetensors"))
-    assert any(k.startswith("bridges.fitnets.") for k in checkpoint)  # trained with the regressor
+    assert any(k.startswith(trained_with) for k in checkpoint)  # FitNets' regressor; the peer that taught
     path = export_run(run_dir, "safetensors", out=tmp_path, timing_batches=()).path
     weights = load_file(str(path))
-    plain = build_model("cnn_student", num_classes=10, in_channels=1, image_size=8)
-    assert set(weights) == set(plain.state_dict())  # no bridge, no `model.` prefix: the student's own state dict
+    plain = build_model(arch, num_classes=10, in_channels=1, image_size=8)
+    assert set(weights) == set(plain.state_dict())  # no bridge, no `model.` prefix: the network's own state dict
     images, _ = first_test_images()
     x = normalize(images, *read_mean_std(run_dir))
-    torch.testing.assert_close(run_file(path, x, {"model": {"arch": "cnn_student"}}), pytorch_outputs(run_dir, images))
+    torch.testing.assert_close(run_file(path, x, {"model": {"arch": arch}}), pytorch_outputs(run_dir, images))
     with safe_open(str(path), framework="pt") as f:
-        network = json.loads(f.metadata()["kdkit"])["run"]["network"]
-    assert network == "cnn_student"
+        assert json.loads(f.metadata()["kdkit"])["run"]["network"] == network
 
 
 def read_mean_std(run_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -308,9 +315,11 @@ def test_bench_export_prints_the_latency_table(runs: Any, capsys: pytest.Capture
 
     monkeypatch.setattr(bench, "BATCHES", (1, 4))
     monkeypatch.setattr(bench, "REPEATS", 3)
-    assert main(["bench", "export", str(runs("cnn"))]) == 0
+    assert main(["bench", "export", str(runs("cnn")), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "| runtime | batch 1 | batch 4 |" in out and "| PyTorch eager |" in out and "| ONNX Runtime |" in out
+    assert "median of 3 timed runs; torch threads 1" in out and "verified: max |diff|" in out
+    assert main(["bench", "export", str(runs("cnn")), "--threads", "0"]) == 2
 
 
 # -- predict and load_deployed ------------------------------------------------------------------------------------
@@ -345,6 +354,32 @@ def test_predict_on_image_files_gives_the_classes_of_the_in_memory_evaluation(
     assert got == expected and not captured.err  # PNG files of the right size: nothing converted
     first = [float(v.split(" ")[1]) for v in lines[1].split(": ", 1)[1].split(", ")]
     assert len(first) == 3 and first == sorted(first, reverse=True) and 0 < sum(first) <= 1.0 + 1e-6
+
+
+@pytest.mark.slow
+def test_a_multilabel_run_predicts_each_class_on_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from kdkit.data import DATASETS
+    from test_tasks import multilabel_digits
+
+    monkeypatch.setitem(DATASETS._entries, "digits_multilabel", multilabel_digits)  # a test-only dataset
+    recipe = merged(TINY, {"task": "multilabel", "data": {"dataset": "digits_multilabel", "subset": 100},
+                           "model": {"params": {"head": "queries"}}, "train": {"epochs": 1},
+                           "output": {"dir": str(tmp_path / "run")}})
+    run_recipe(recipe_from_dict(recipe))
+    assert read_deployment(tmp_path / "run").probabilities == "sigmoid"
+    path = export_run(tmp_path / "run", "onnx", out=tmp_path / "export", timing_batches=()).path
+    pixels = load_dataset("digits").test_images[:2]
+    for i in range(2):
+        write_png(tmp_path / f"{i}.png", pixels[i, 0].numpy())
+    capsys.readouterr()
+    assert main(["predict", str(path), str(tmp_path / "0.png"), str(tmp_path / "1.png"), "--top-k", "10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "probabilities by sigmoid, each class on its own" in lines[0]
+    expected = torch.sigmoid(pytorch_outputs(tmp_path / "run", pixels))
+    for line, probs in zip(lines[1:], expected, strict=True):
+        shown = {name: float(p) for name, p in (item.split(" ") for item in line.split(": ", 1)[1].split(", "))}
+        assert shown == pytest.approx({str(c): float(p) for c, p in enumerate(probs)}, abs=1e-4)
 
 
 @pytest.mark.slow

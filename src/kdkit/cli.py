@@ -168,6 +168,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if len(names) != 1 or overrides:
             raise KdkitError(f"bench export takes one run folder, got {args.overrides or 'none'}",
                              fix="kdkit bench export runs/demo/kd_seed0 [--format onnx]")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise KdkitError(f"--threads {args.threads} runs nothing", fix="use --threads 1 or more",
+                                 where="--threads")
+            import torch
+
+            torch.set_num_threads(args.threads)  # onnxruntime is given as many
         run_export_bench(Path(names[0]), args.format, out=Path(args.out) if args.out else None)
         return 0
     if args.what == "speed":
@@ -319,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
     bench.add_argument("--format", default="onnx", help="export: the format timed against PyTorch eager (default "
                        "onnx)")
+    bench.add_argument("--threads", type=int, help="export: CPU threads of both runtimes (default: torch's)")
     bench.set_defaults(fn=cmd_bench)
 
     cache = sub.add_parser("cache", help="teacher-output cache: `cache build RECIPE` runs the teacher once over "

@@ -283,13 +283,17 @@ class Student(nn.Module):
         return [*deploying, *self.rewriting]
 
     def deployment(self) -> Student:
-        """A Student of the same model with only what :meth:`predict` runs (:meth:`deployed_terms`' bridges and
-        taps), so that its ``state_dict`` holds exactly the deployed network's weights: training-only bridges and
-        the taps only losses read are left out. This Student's hooks are removed first (a model carries the
-        rewriting hooks of one Student at a time); use the returned one from then on."""
+        """A Student with only what :meth:`predict` runs, so that its ``state_dict`` holds exactly the deployed
+        network's weights: :meth:`deployed_terms`' bridges and taps (training-only bridges and the taps only losses
+        read are left out), and of a :class:`PeerGroup` without such bridges its deployed member alone. This
+        Student's hooks are removed first (a model carries the rewriting hooks of one Student at a time); use the
+        returned one from then on."""
         keep = self.deployed_terms()
         self.remove_hooks()
-        return Student(self.model, {t: self.reads[t] for t in keep}, {t: self.bridges[t] for t in keep})
+        model = self.model
+        if isinstance(model, PeerGroup) and not keep:  # the other peers only taught it
+            model = getattr(model, model.deploy)
+        return Student(model, {t: self.reads[t] for t in keep}, {t: self.bridges[t] for t in keep})
 
     def predict(self, x: Tensor) -> Tensor:
         """The deployed model's logits ``(B, K)``: what evaluation, export and latency measure.

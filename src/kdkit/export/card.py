@@ -99,7 +99,7 @@ def model_card(run: DeployedRun, fmt: ExportFormat, path: Path, metadata: dict[s
     classes = ", ".join(deployment.classes)
     lines = [
         f"# Model card: {summary.get('name')}", "",
-        f"{run.recipe.description}" if run.recipe.description else "",
+        *([run.recipe.description, ""] if run.recipe.description else []),
         f"Exported by kdkit {__version__} on {datetime.date.today().isoformat()} from `{run.folder}` "
         f"(checkpoint `{run.checkpoint.name}`).", "",
         "| | |", "|---|---|",

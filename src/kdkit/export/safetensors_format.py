@@ -3,7 +3,7 @@
 A plain student's file holds its own ``state_dict`` (no prefix: ``build_model(arch, ...)`` loads it as it is);
 a student that deploys bridges holds the :class:`~kdkit.distill.Student`'s keys, ``model.*`` and
 ``bridges.TERM.*`` for those bridges only. The metadata carries the recipe, so kdkit rebuilds the network to run
-it back (:func:`kdkit.export.source.rebuild`): a weights file is code-free, the network comes from kdkit.
+it back (:func:`kdkit.export.source.trained_student`): a weights file is code-free, the network comes from kdkit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kdkit.export.formats import (
     parse_metadata,
     register_format,
 )
-from kdkit.export.source import load_weights, rebuild
+from kdkit.export.source import load_weights, trained_student
 from kdkit.profile import Deployed
 from kdkit.recipe import recipe_from_dict
 
@@ -57,7 +57,8 @@ class SafetensorsFormat(ExportFormat):
         tensors, header = read_weights(path)
         metadata = parse_metadata(header.get(METADATA_KEY), path)
         recipe = recipe_from_dict(metadata["recipe"], source=f"{path} (metadata)")
-        student = rebuild(recipe, Deployment.from_dict(metadata["deployment"], f"{path} (metadata)"))
+        deployment = Deployment.from_dict(metadata["deployment"], f"{path} (metadata)")
+        student = trained_student(recipe, deployment).deployment()
         if not len(student.bridges):
             tensors = {MODEL_PREFIX + key: value for key, value in tensors.items()}
         load_weights(student, tensors, str(path))

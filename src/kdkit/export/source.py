@@ -1,9 +1,10 @@
 """A finished run folder's deployed network, rebuilt from its ``recipe.yaml`` and a checkpoint.
 
-The network is built by the planner (:func:`kdkit.build.plan_deployed`, the same stages a training run goes
-through) and cut down to what it deploys (:meth:`kdkit.distill.Student.deployment`): the student, plus the
-bridges that run at inference (a deploying bridge such as FM-KT's flow chain, a bridge that rewrites a tap);
-bridges that only serve a loss (FitNets' regressor, ...) are left out, and so are their weights.
+The student is built by the planner (:func:`kdkit.build.plan_deployed`, the same stages a training run goes
+through), loaded with the checkpoint as it was trained, then cut down to what it deploys
+(:meth:`kdkit.distill.Student.deployment`): the network, plus the bridges that run at inference (a deploying bridge
+such as FM-KT's flow chain, a bridge that rewrites a tap); bridges that only serve a loss (FitNets' regressor, ...)
+are left out, and so are their weights, and so are the peers a deployed member learned with.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import Tensor
 
@@ -22,7 +22,7 @@ from kdkit.build import DataShape, plan_deployed
 from kdkit.checkpoint import WEIGHTS, pointed, read_weights, state_mismatch
 from kdkit.data import load_dataset, subset
 from kdkit.deployment import DEPLOY_FILE, Deployment, deployment_of, read_deployment, write_deployment
-from kdkit.distill import PeerGroup, Student
+from kdkit.distill import Student
 from kdkit.errors import KdkitError
 from kdkit.profile import Deployed
 from kdkit.recipe import Recipe, recipe_from_dict
@@ -55,18 +55,17 @@ class DeployedRun:
     network: Deployed
 
 
-def rebuild(recipe: Recipe, deployment: Deployment) -> Student:
-    """The deployed part of ``recipe``'s student (fresh weights), for the input ``deployment`` records."""
-    shape = DataShape(len(deployment.classes), deployment.channels, deployment.size)
-    return plan_deployed(recipe, shape).deployment()
+def trained_student(recipe: Recipe, deployment: Deployment) -> Student:
+    """``recipe``'s student as it was trained (every bridge; fresh weights), for the input ``deployment`` records."""
+    return plan_deployed(recipe, DataShape(len(deployment.classes), deployment.channels, deployment.size))
 
 
 def load_weights(student: Student, tensors: dict[str, Tensor], what: str) -> None:
-    """Load the deployed network's weights from ``tensors`` (a checkpoint's: the student's keys; what only training
-    used -- other bridges, the objective -- is ignored).
+    """Load ``student``'s weights from ``tensors``, a file holding at least its keys (a checkpoint also holds the
+    objective's: those are ignored).
 
     Raises:
-        KdkitError: A weight the deployed network needs is missing or has another shape.
+        KdkitError: A weight the student needs is missing or has another shape.
     """
     expected = student.state_dict()
     mine = {key: value for key, value in tensors.items() if key in expected}
@@ -79,8 +78,9 @@ def load_weights(student: Student, tensors: dict[str, Tensor], what: str) -> Non
 
 def describe(student: Student, recipe: Recipe) -> str:
     """The deployed network in words: the architecture and the bridges it runs."""
-    arch = recipe.trained_members()[recipe.deploy].arch
-    text = f"{arch} (member {recipe.deploy!r} of a peer group)" if isinstance(student.model, PeerGroup) else arch
+    members = recipe.trained_members()
+    arch = members[recipe.deploy].arch
+    text = f"{arch} (member {recipe.deploy!r} of peers {', '.join(members)})" if recipe.peers else arch
     for term in student.deployed_terms():
         bridge = student.bridges[term]
         where = f"up to tap {student.reads[term]!r}, then" if term == student.deploy_term else \
@@ -120,9 +120,10 @@ def open_run(folder: str | Path, checkpoint: str = "best") -> DeployedRun:
                          fix="use another --checkpoint, or retrain the run", where=str(folder / "checkpoints"))
     recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text()) or {}, source=str(recipe_file))
     deployment = read_deployment(folder) or record_deployment(folder, recipe)
-    student = rebuild(recipe, deployment)
+    trained = trained_student(recipe, deployment)
     tensors, _ = read_weights(chosen / WEIGHTS)
-    load_weights(student, tensors, str(chosen / WEIGHTS))
+    load_weights(trained, tensors, str(chosen / WEIGHTS))
+    student = trained.deployment()
     summary = json.loads((folder / "summary.json").read_text())
     return DeployedRun(folder, recipe, deployment, summary, chosen, student, Deployed(student).eval())
 
@@ -141,8 +142,3 @@ def record_deployment(folder: Path, recipe: Recipe) -> Deployment:
           file=sys.stderr)
     return deployment
 
-
-@torch.inference_mode()
-def outputs(network: Deployed, x: Tensor) -> Tensor:
-    """The deployed network's outputs for normalised images ``x``."""
-    return network(x)
