@@ -543,3 +543,22 @@ def test_the_deployed_network_needs_neither_teacher_weights_nor_teacher_recipe()
     x = torch.randn(3, 1, 8, 8)
     with torch.inference_mode():
         torch.testing.assert_close(deployed.eval().predict(x), student.eval().predict(x))
+
+
+@pytest.mark.parametrize(("theta", "kept"), [(False, ["fmkt", "ff"]), (True, ["ff"])])
+def test_deployment_keeps_the_bridges_predict_runs(theta: bool, kept: list[str]) -> None:
+    from kdkit.bridges import BRIDGES
+    from kdkit.distill import Student
+
+    torch.manual_seed(0)
+    model = build_model("cnn_student", num_classes=10, in_channels=1, image_size=8)
+    bridges = {"fmkt": BRIDGES.get("flow")((16, 2, 2), (10,), steps=2, eval_steps=2, theta=theta),  # Theta: plain
+               "ff": BRIDGES.get("flow_feature")((8, 4, 4), None, steps=2, eval_steps=2),  # rewrites stage1
+               "hint": BRIDGES.get("conv1x1")((8, 4, 4), (32, 4, 4))}  # a loss's only
+    student = Student(model, {"fmkt": "stage2", "ff": "stage1", "hint": "stage1"}, bridges).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.inference_mode():
+        expected = student.predict(x)
+        deployed = student.deployment().eval()
+        torch.testing.assert_close(deployed.predict(x), expected)
+    assert sorted(deployed.bridges) == sorted(kept) and deployed.deployed_terms() == kept

@@ -7,6 +7,7 @@ with as many threads as torch uses, and the median of the timed runs is reported
 
 from __future__ import annotations
 
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -49,8 +50,8 @@ def run_export_bench(run_dir: Path, fmt_name: str = "onnx", *, out: Path | None 
           f"timed runs; torch threads {torch.get_num_threads()}, {fmt.name} runtime threads the same")
     print(table)
     print(f"verified: {result.verification.line()}")
-    print(f"machine: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}; command: "
-          f"{' '.join(sys.argv)}")
+    print(f"machine: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}; command: kdkit "
+          f"{shlex.join(sys.argv[1:])}")
     return {"run": str(run_dir), "format": fmt.name, "latency_ms": result.latency, "repeats": repeats,
             "verification": result.verification.line(), "machine": machine}
 

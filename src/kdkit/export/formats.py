@@ -114,7 +114,7 @@ class ExportFormat:
         raise NotImplementedError
 
 
-FORMATS: Registry[ExportFormat] = Registry("export format", fix="pick a format kdkit exports to")
+FORMATS: Registry[ExportFormat] = Registry("export format", fix="use one of these with --format NAME")
 
 
 def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
@@ -171,10 +171,11 @@ _EXPORTER_NOTICES = (r".*legacy TorchScript-based ONNX export.*", r".*torch\.jit
 
 
 @contextlib.contextmanager
-def tracing(written: Written) -> Iterator[None]:
-    """Trace under this block: the exporters' deprecation notices are silenced (kdkit picked the exporter
+def exporter_warnings(written: Written) -> Iterator[None]:
+    """Export or load under this block: the exporters' deprecation notices are silenced (kdkit picked them
     knowingly), and what the tracer warns about (values it fixed as constants, e.g. shape checks) is gathered into
-    one note of ``written`` rather than printed line by line -- the verification that follows checks the outputs."""
+    one note of ``written`` rather than printed line by line -- the verification that follows checks the outputs.
+    Other warnings are shown as they come."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for pattern in _EXPORTER_NOTICES:

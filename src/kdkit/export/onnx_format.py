@@ -24,10 +24,10 @@ from kdkit.export.formats import (
     Exported,
     ExportFormat,
     Written,
+    exporter_warnings,
     metadata_json,
     parse_metadata,
     register_format,
-    tracing,
 )
 
 #: Opsets the TorchScript-based exporter writes (torch's own bounds for it).
@@ -62,7 +62,7 @@ class OnnxFormat(ExportFormat):
         axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic_batch else None
         try:
             # Not under no_grad: there PyTorch's attention takes its fused inference path, an operator no opset has
-            with tracing(written):
+            with exporter_warnings(written):
                 torch.onnx.export(network, (example,), str(path), dynamo=False, opset_version=opset,
                                   input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=axes)
         except torch.onnx.errors.UnsupportedOperatorError as exc:

@@ -22,10 +22,10 @@ from kdkit.export.formats import (
     Exported,
     ExportFormat,
     Written,
+    exporter_warnings,
     metadata_json,
     parse_metadata,
     register_format,
-    tracing,
 )
 
 #: The archive entry holding the metadata.
@@ -43,7 +43,7 @@ class TorchScriptFormat(ExportFormat):
     def write(self, network: nn.Module, path: Path, metadata: dict[str, Any], *, example: Tensor,
               opset: int | None, dynamic_batch: bool) -> Written:
         written = Written()
-        with tracing(written), torch.no_grad():
+        with exporter_warnings(written), torch.no_grad():
             traced = torch.jit.trace(network, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: metadata_json(metadata)})
         return written
@@ -51,7 +51,7 @@ class TorchScriptFormat(ExportFormat):
     def load(self, path: Path) -> Exported:
         extra = {EXTRA_FILE: ""}
         try:
-            with tracing(Written()):
+            with exporter_warnings(Written()):
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
