@@ -113,3 +113,29 @@ def test_a_copied_recipe_whose_teacher_recipe_is_not_beside_it_names_the_key_and
     err = capsys.readouterr().err
     assert "teacher.recipe: no recipe file 'my_teacher.yaml' (searched: my_teacher.yaml, " in err
     assert str(tmp_path / "my_teacher.yaml") in err and "copied beside it" in err
+
+
+def test_schema_errors_no_longer_hide_tap_errors_or_missing_files(tiny: dict, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue #10 item 10: one report holds every problem. A refused key is left out (its default used) and a refused
+    # term removed, so the tap and file checks still run on the rest; their locations are the user's recipe's.
+    tiny["teacher"] = {"arch": "cnn_teacher", "checkpoint": str(tmp_path / "no_such_teacher")}
+    tiny["distill"] = [{"loss": "fitnet", "student": "stage2", "teacher": "stage2"},  # unknown loss: term removed
+                       {"loss": "at", "student": "stage9", "teacher": "stage2"}]  # a tap the student does not have
+    tiny["train"]["optimizer"] = {"name": "sgd", "lrr": 0.1}
+    path = write_recipe(tmp_path / "r.yaml", tiny)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err and "train.optimizer.lrr: unknown key 'lrr'" in err
+    assert err.count("distill.0.loss: unknown loss 'fitnet'") == 1  # the schema and the name check agree: once
+    assert "distill.1.student: tap 'stage9'" in err  # index 0 of the trimmed recipe, shown as the user's 1
+    assert "warning: teacher.checkpoint" in err and "does not exist here" in err
+
+
+def test_a_missing_required_key_still_reports_the_schema_problems_alone(tiny: dict) -> None:
+    del tiny["train"]["epochs"]
+    tiny["distill"] = [{"loss": "kd", "student": "stage9"}]
+    with pytest.raises(RecipeErrors) as caught:
+        recipe_from_dict(tiny)
+    assert caught.value.partial is None  # no recipe without a guessed epoch count: nothing more is checked
+    assert [e.where for e in caught.value.errors] == ["train.epochs"]

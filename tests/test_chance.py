@@ -41,7 +41,7 @@ class Constant(nn.Module):
         return self.logits.expand(len(x), -1)
 
 
-def engine_on_two_classes(model: nn.Module, run_dir: Path, epochs: int) -> Engine:
+def engine_on_two_classes(model: nn.Module, run_dir: Path, epochs: int, eval_every: int = 1) -> Engine:
     """An engine on 32 1x4x4 images whose brightness gives their class (0: dark, 1: bright), test = train."""
     labels = torch.arange(32) % 2
     images = (labels * 200 + torch.arange(32) % 50).to(torch.uint8).view(32, 1, 1, 1).expand(32, 1, 4, 4).clone()
@@ -52,7 +52,7 @@ def engine_on_two_classes(model: nn.Module, run_dir: Path, epochs: int) -> Engin
     spec = kdkit.TrainSpec(epochs=epochs, batch_size=8, optimizer={"lr": 0.5})
     return Engine(student=kdkit.Student(model), objective=kdkit.Objective(), train_loader=train, eval_loader=test,
                   epochs=epochs, make_optimizer=kdkit.optimizer_factory(spec), run_dir=run_dir, progress=False,
-                  task=task)
+                  task=task, eval_every=eval_every)
 
 
 def test_a_run_at_chance_level_warns_once_and_records_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,8 +62,34 @@ def test_a_run_at_chance_level_warns_once_and_records_it(tmp_path: Path, capsys:
     assert [r["test_top1"] for r in rows] == [50.0] * epochs and [r["chance_top1"] for r in rows] == [50.0] * epochs
     err = capsys.readouterr().err
     assert err.count("warning: test top1 sat at chance level (50") == 1  # printed when the streak got long enough
-    assert f"for {CHANCE_EPOCHS} consecutive epochs (1-{CHANCE_EPOCHS})" in err
-    assert len(result.warnings) == 1 and f"for {epochs} consecutive epochs (1-{epochs})" in result.warnings[0]
+    assert f"in {CHANCE_EPOCHS} consecutive evaluations (epochs 1-{CHANCE_EPOCHS})" in err
+    assert len(result.warnings) == 1
+    assert f"in {epochs} consecutive evaluations (epochs 1-{epochs})" in result.warnings[0]
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 7 epochs, every 3rd: epochs 3, 6 and 7 (the last) are evaluated; a streak counts evaluations, not epochs
+    epochs = 7
+    result = engine_on_two_classes(Constant(2), tmp_path / "run", epochs, eval_every=3).fit()
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows if "test_top1" in r] == [3, 6, 7]
+    assert all("best_top1" not in r for r in rows[:2]) and all("train_loss" in r for r in rows)
+    assert result.best_epoch == 3 and result.last["top1"] == 50.0
+    err = capsys.readouterr().err
+    assert err.count("sat at chance level") == 1 and "in 3 consecutive evaluations (epochs 3-7)" in err
+
+
+def test_eval_every_picks_the_best_among_evaluated_epochs(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    result = engine_on_two_classes(model, tmp_path / "run", 4, eval_every=2).fit()
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows if "test_top1" in r] == [2, 4] and result.best_epoch in (2, 4)
+    assert result.warnings == []
+
+
+def test_eval_every_below_one_is_refused() -> None:
+    with pytest.raises(kdkit.KdkitError, match="eval_every must be at least 1"):
+        engine_on_two_classes(Constant(2), None, 2, eval_every=0)
 
 
 def test_a_run_that_learns_does_not_warn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

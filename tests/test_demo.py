@@ -11,12 +11,22 @@ from kdkit.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_table_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_demo_writes_table_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdkit import hardware
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("flags\t\t: fpu sse2 avx fma avx2\n")  # no native bf16: `--amp auto` picks fp32
+    monkeypatch.setattr(hardware, "CPUINFO", fake)
     out = tmp_path / "demo"
     assert main(["demo", "--data", "digits", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| teacher | cnn_teacher |" in printed and "KD gain (paired by seed" in printed
+    assert "precision: fp32 (auto: this CPU has no AMX/AVX512-BF16" in printed
     results = json.loads((out / "results.json").read_text())
+    assert results["amp"]["requested"] == "auto" and results["amp"]["amp"] == "off"
+    # auto resolved to `off` leaves the shipped recipes as they were (train.amp: off, their digests unchanged)
+    assert json.loads((out / "teacher" / "summary.json").read_text())["amp"]["reason"] == "train.amp: off"
     assert [r["model"] for r in results["rows"]] == ["teacher", "student (labels only)", "student + KD"]
     assert len(results["kd_gain_best"]) == 2 and "digits" in results["data"]
     report = out / "report"

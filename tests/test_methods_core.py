@@ -22,6 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kdkit"
 GREY = ["brightness", "contrast", "rotate", "shear_x"]
 #: What names a built-in method in code: its folder's module path, its losses, bridges and helpers.
 NAMES = {
+    "dho": r"kdkit\.methods\.dho|\bdho(_head)?\b|\bDho[A-Z]\w*|\bDHO\b|dual-head",
     "tst": r"kdkit\.methods\.tst|\btst\b|\bTst[A-Z]\w*|\bTST\b",
     "fmkt": r"kdkit\.methods\.fmkt|fm-?kt|\bflow_feature\b|\bFlowBridge\b|\bflow_costs\b|\bhas_flow\b",
 }
@@ -46,6 +47,7 @@ def test_only_the_method_folder_names_the_method(method: str) -> None:
 def test_the_grep_finds_a_method_named_elsewhere(tmp_path: Path) -> None:
     # the patterns above do match the ways code names a method (so the test above can fail)
     for method, text in (("tst", "from kdkit.methods.tst.trainer import TstTrainer"), ("tst", "if recipe.tst:"),
+                         ("dho", "bridge: dho_head"), ("dho", "from kdkit.methods.dho import DhoHead"),
                          ("fmkt", "summary['flow'] = flow_costs(student)"), ("fmkt", "# FM-KT's chain")):
         assert re.search(NAMES[method], text, re.IGNORECASE), text
 
@@ -94,9 +96,9 @@ def test_bench_speed_times_the_steps_a_method_adds(tmp_path: Path, tiny_kd: dict
 
     monkeypatch.setattr(TstTrainer, "batch_transform", counted)
     path = write_recipe(tmp_path / "tst_kd.yaml", with_tst(tiny_kd))
-    result = run_speed_bench(str(path), tmp_path / "speed", steps=2, repeats=1, warmup=1)
-    assert result["methods"] == ["tst"] and "c_kdkit_kd" in result["ms_per_step"]
-    assert "d_kdkit_kd_cached" not in result["ms_per_step"]  # TST feeds the teacher new images: no cache
+    result = run_speed_bench(str(path), tmp_path / "speed", steps=2, rounds=1, warmup=1, profile_steps=1)
+    assert result["methods"] == ["tst"] and "c_kdkit_kd" in result["rows"]
+    assert "d_kdkit_kd_cached" not in result["rows"]  # TST feeds the teacher new images: no cache
     assert len(calls) >= 2 and calls[0] == 32  # (c) ran TST's transform on every timed batch
     assert "with method tst" in (tmp_path / "speed" / "results.md").read_text()
     assert json.loads((tmp_path / "speed" / "speed.json").read_text())["methods"] == ["tst"]

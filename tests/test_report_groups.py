@@ -49,6 +49,21 @@ def test_runs_are_pooled_only_when_they_differ_in_their_seed(tmp_path: Path) -> 
     assert "<td>kd (train.epochs=30, world_size=1)</td>" in page and "<td>0, 1</td>" in page
 
 
+def test_runs_are_grouped_by_the_precision_they_used_not_the_one_they_asked_for(tmp_path: Path) -> None:
+    def run(folder: str, seed: int, amp: str, used: str | None) -> Path:
+        path = fake_run(tmp_path / folder, seed=seed, amp=amp)
+        if used is not None:  # what a run of train.amp: auto stores: the mode it picked on its machine
+            summary = json.loads((path / "summary.json").read_text())
+            summary["amp"] = {"requested": amp, "amp": used, "reason": "auto: test"}
+            (path / "summary.json").write_text(json.dumps(summary))
+        return path
+
+    folders = [run("off", 0, "off", None), run("auto_fp32", 1, "auto", "off"), run("auto_bf16", 2, "auto", "bf16")]
+    groups = group_runs([load_run(f) for f in folders])
+    assert [[r.path.name for r in runs] for runs in groups.values()] == [["off", "auto_fp32"], ["auto_bf16"]]
+    assert list(groups)[1] == "kd (train.amp=bf16)"
+
+
 def test_many_differences_are_cut_short_and_stay_distinct(tmp_path: Path) -> None:
     base = {"epochs": 10, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "nesterov": False}
     other = {"epochs": 20, "batch_size": 32, "lr": 0.2, "momentum": 0.8, "nesterov": True}

@@ -161,10 +161,11 @@ def assemble(recipe: Recipe, *, source: Path | None = None, device: torch.device
     run_info = recipe.to_dict()
     engine = Engine(student=built.student, objective=built.objective, train_loader=train_loader,
                     eval_loader=eval_loader, epochs=spec.epochs, make_optimizer=optimizer_factory(spec),
-                    param_groups=member_groups(recipe, built), amp=spec.amp,
+                    param_groups=member_groups(recipe, built), amp=built.precision.amp,
                     compile=spec.compile, run_dir=run_dir, teacher=teacher, device=built.device, ctx=ctx,
                     run_info=run_info, header={"arch": recipe.model.arch, "recipe": json.dumps(run_info)},
                     check_resume=lambda saved, folder: check_same_recipe(saved, run_info, folder),
                     keep_checkpoints=recipe.output.keep_checkpoints, tensorboard=recipe.output.tensorboard,
-                    progress=progress, hooks=hooks, task=built.task, best_metric=spec.best_metric, label=recipe.name)
+                    progress=progress, hooks=hooks, task=built.task, best_metric=spec.best_metric, label=recipe.name,
+                    eval_every=spec.eval_every)
     return Assembled(recipe, built, engine, methods, train_loader, eval_loader, cache_info)

@@ -21,7 +21,8 @@ from torch import nn
 from kdkit.bridges import BRIDGES, FUSING_BRIDGES, SHAPE_PARAMS, bridge_hint, bridges_for
 from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
-from kdkit.data import ImageData, load_dataset, subset
+from kdkit.data import SETTINGS, ImageData, apply_setting, load_dataset, normalize, subset
+from kdkit.data.settings import check_setting
 from kdkit.distill import (
     FrozenTeacher,
     Objective,
@@ -35,7 +36,9 @@ from kdkit.distill import (
     as_specs,
 )
 from kdkit.errors import KdkitError, RecipeErrors
+from kdkit.hardware import Precision, choose_amp
 from kdkit.losses import LOSSES, DistillLoss
+from kdkit.method import active_methods
 from kdkit.models import build_model
 from kdkit.params import check_params, with_defaults
 from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
@@ -68,6 +71,7 @@ class Plan:
     objective: Objective
     teacher: FrozenTeacher | None
     device: torch.device
+    precision: Precision  # train.amp resolved for the device (``auto`` decided)
     warnings: list[str] = field(default_factory=list)
     tap_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     task: BoundTask | None = None  # None only when validating without the data files
@@ -236,7 +240,8 @@ class _Planner:
 
     def raise_errors(self) -> None:
         if self.errors:
-            raise RecipeErrors(self.errors, str(self.source) if self.source else self.recipe.name)
+            raise RecipeErrors(self.errors, str(self.source) if self.source else self.recipe.name,
+                               warnings=self.warnings)
 
     # -- stage 1: output folder, device, data, task ------------------------------------------------------
     def output(self) -> None:
@@ -268,9 +273,64 @@ class _Planner:
                 self.warnings.append(f"data: {exc.render()}")
         if data is not None and recipe.data.subset is not None:
             data = self.attempt(subset, data, recipe.data.subset, recipe.data.subset_seed)
+        setting = recipe.data.setting
+        if setting is not None and self.attempt(check_setting, setting.name, setting.params) is not None \
+                and data is not None and not self.reads_teacher():  # else applied once the teacher is loaded
+            data = self.attempt(apply_setting, data, setting.name, setting.params, setting.seed)
         if data is not None:
             return data, DataShape(data.num_classes, data.in_channels, data.image_size)
         return None, DataShape(*KNOWN_SHAPES.get(recipe.data.dataset, (10, 3, 32)))
+
+    def reads_teacher(self) -> bool:
+        """Whether the recipe's data setting ranks the training images by the teacher's logits."""
+        setting = self.recipe.data.setting
+        return setting is not None and setting.name in SETTINGS and \
+            SETTINGS.get(setting.name).reads_teacher(setting.params)
+
+    def teacher_setting(self, data: ImageData | None, teacher_model: nn.Module | None) -> ImageData | None:
+        """``data`` under a setting that reads the teacher's logits on the training images (computed here, with the
+        loaded teacher); other data as it is. Validation checks names only: its teacher has no weights."""
+        setting = self.recipe.data.setting
+        if setting is None or data is None or not self.reads_teacher() or not self.training or teacher_model is None:
+            return data
+        logits = teacher_logits(teacher_model, data)
+        return self.attempt(apply_setting, data, setting.name, setting.params, setting.seed, teacher_logits=logits)
+
+    def unlabelled(self, data: ImageData | None, found: _Terms) -> None:
+        """Refuse what cannot train on unlabelled samples: a supervised loss with no label at all, nothing that
+        learns from the unlabelled samples, terms or methods that read the labels."""
+        recipe = self.recipe
+        if data is None:
+            return
+        total, labelled = len(data.train_labels), data.num_labelled
+        if labelled == total:
+            return
+        what = f"{total - labelled} of the {total} training samples of {data.name!r} are unlabelled"
+        setting = f" (data.setting {recipe.data.setting.name!r})" if recipe.data.setting is not None else ""
+        if labelled == 0 and recipe.train.ce_weight:
+            self.errors.append(KdkitError(f"all {total} training samples are unlabelled{setting}: the supervised loss "
+                                          f"(train.ce_weight {recipe.train.ce_weight:g}) has no label to learn from",
+                                          fix="set train.ce_weight: 0 and learn from a teacher with `distill:` terms",
+                                          where="train.ce_weight"))
+        if not recipe.distill:
+            alone = (", or train on the labelled samples alone (data.subset gives semi_supervised's labelled images "
+                     "with the same seed)") if labelled else ""
+            self.errors.append(KdkitError(f"{what}{setting} and no `distill:` term learns from them",
+                                          fix="add a distillation term that needs no labels (e.g. {loss: kd})" + alone,
+                                          where="distill"))
+        label_free = [name for name, cls in LOSSES.items() if not cls.uses_labels]
+        for i, (term, name) in enumerate(zip(recipe.distill, found.names, strict=True)):
+            loss = found.losses.get(name)
+            if loss is not None and loss.uses_labels:
+                self.errors.append(KdkitError(f"loss {term.loss!r} reads the class labels, but {what}{setting}",
+                                              choices=label_free, bad=term.loss,
+                                              fix="use a loss that needs no labels, or a setting whose training "
+                                                  "samples are all labelled", where=f"distill.{i}.loss"))
+        for method in active_methods(recipe):
+            if method.needs_labels:
+                self.errors.append(KdkitError(f"method {method.name!r} needs the label of every training sample, but "
+                                              f"{what}{setting}", fix="use a setting whose training samples are all "
+                                              f"labelled, or leave method {method.name!r} out", where="data.setting"))
 
     def task(self, data: ImageData | None) -> Task | None:
         recipe = self.recipe
@@ -473,6 +533,42 @@ class _Planner:
                                               fix=hint, where=where))
 
 
+def with_later_problems(errors: RecipeErrors, source: str | Path | None = None) -> RecipeErrors:
+    """``errors`` (the schema's) plus what :func:`plan` finds in the rest of the recipe (taps, shapes, files).
+
+    The plan runs on :attr:`RecipeErrors.partial`, the recipe without the refused values; its problems about
+    keys that were left out are dropped (they describe the defaults used in their place).
+    """
+    if errors.partial is None:
+        return errors
+    warnings: list[str] = []
+    try:
+        later, warnings = [], plan(errors.partial, training=False, source=source).warnings
+    except RecipeErrors as exc:
+        later, warnings = exc.errors, exc.warnings
+    except KdkitError as exc:
+        later = [exc]
+    left_out = errors.left_out
+    for error in later:  # locations in the trimmed recipe -> the user's recipe
+        error.where = left_out.original(error.where) if error.where else error.where
+    seen = {e.render() for e in errors.errors}
+    kept = [e for e in later if e.render() not in seen and not (e.where and left_out.covers(e.where))]
+    return RecipeErrors([*errors.errors, *kept], errors.source, warnings=warnings)
+
+
+@torch.no_grad()
+def teacher_logits(model: nn.Module, data: ImageData, batch_size: int = 1000) -> torch.Tensor:
+    """``(N, K)`` float32 logits of ``model`` (in eval mode) on ``data``'s un-augmented training images, on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        return torch.cat([model(normalize(data.train_images[i:i + batch_size].to(device), data.mean, data.std)).float()
+                          .cpu() for i in range(0, len(data.train_labels), batch_size)])
+    finally:
+        model.train(was_training)
+
+
 def _example(net: nn.Module, shape: DataShape) -> torch.Tensor:
     """A probe batch of two blank images on ``net``'s device (the meta device for shape-only networks)."""
     where = next(net.parameters(), None)
@@ -497,6 +593,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     stage = _Planner(recipe, training, source)
     stage.output()
     dev = stage.device(device)
+    precision = choose_amp(recipe.train.amp, dev)
     data, shape = stage.data()
     task = stage.task(data)
     # Validation only needs names, paths and shapes: build on the meta device (no weights allocated or
@@ -505,7 +602,9 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         torch.manual_seed(recipe.train.seed)
         model = stage.trained(shape)
         teacher_model = stage.frozen(shape)
+        data = stage.teacher_setting(data, teacher_model)
         found = stage.terms(model, teacher_model)
+        stage.unlabelled(data, found)
         bridges, tap_shapes = stage.bridges(found, model, teacher_model, shape,
                                             len(data.train_labels) if data is not None else 50_000)
     stage.raise_errors()
@@ -533,7 +632,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     objective = Objective(terms, recipe.train.ce_weight, recipe.train.label_smoothing,
                           supervised=bound.loss if bound is not None else None,
                           supervised_name=task.loss_name).to(dev)
-    return Plan(recipe, data, shape, student, objective, teacher, dev, stage.warnings, tap_shapes, bound)
+    return Plan(recipe, data, shape, student, objective, teacher, dev, precision, stage.warnings, tap_shapes, bound)
 
 
 def plan_deployed(recipe: Recipe, shape: DataShape) -> Student:

@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from kdkit.errors import ExportMismatch, KdkitError, TrainingDiverged
 
@@ -38,14 +39,27 @@ def _names_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return [i for i in items if "=" not in i], [i for i in items if "=" in i]
 
 
+def _load_checked(source: Any, overrides: list[str]) -> Any:
+    """``load_recipe``; when the schema refuses values, the error also lists what the later checks (taps,
+    shapes, files) find in the rest of the recipe, so one report holds every problem."""
+    from kdkit.build import with_later_problems
+    from kdkit.errors import RecipeErrors
+    from kdkit.recipe import load_recipe
+
+    try:
+        return load_recipe(source, overrides)
+    except RecipeErrors as exc:
+        raise with_later_problems(exc, source) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`kdkit run RECIPE [key=value ...]`: train what the recipe describes."""
-    from kdkit.recipe import find_recipe, load_recipe
+    from kdkit.recipe import find_recipe
     from kdkit.runner import run_recipe
 
     overrides, resume = _split_resume(args.overrides)
     source = find_recipe(args.recipe)
-    recipe = load_recipe(source, overrides)
+    recipe = _load_checked(source, overrides)
     summary = run_recipe(recipe, source=source, resume=args.resume or resume, overwrite=args.overwrite,
                          device=args.device, progress=False if args.quiet else None)
     metric = summary.get("metric", "top1") if summary else None
@@ -58,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """`kdkit validate RECIPE ...`: build and check recipes without training."""
     from kdkit.build import plan
-    from kdkit.recipe import Recipe, find_recipe, load_recipe
+    from kdkit.recipe import Recipe, find_recipe
 
     if args.schema:
         print(json.dumps(Recipe.model_json_schema(), indent=1))
@@ -71,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name in names:
         try:
             source = find_recipe(name)
-            recipe = load_recipe(source, overrides)
+            recipe = _load_checked(source, overrides)
             built = plan(recipe, training=False, source=source)
         except KdkitError as exc:
             failed += 1
@@ -90,7 +104,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     """`kdkit ls WHAT [NAME]`: list registered names, shipped recipes or a model's taps; with NAME, one component
     in full."""
     from kdkit.bridges import BRIDGES
-    from kdkit.data import DATASETS
+    from kdkit.data import DATASETS, SETTINGS
     from kdkit.losses import LOSSES
     from kdkit.method import METHODS
     from kdkit.models import MODELS
@@ -98,7 +112,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from kdkit.task import TASKS
 
     registries = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS, "bridges": BRIDGES, "methods": METHODS,
-                  "tasks": TASKS}
+                  "tasks": TASKS, "settings": SETTINGS}
     if args.what == "recipes":
         if args.name:
             raise KdkitError(f"`kdkit ls recipes` takes no NAME (got {args.name!r})",
@@ -153,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kdkit.demo import run_demo
 
     run_demo(out=Path(args.out), data=args.data, data_dir=args.data_dir, seeds=args.seeds, quick=args.quick,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, amp=args.amp, jobs_requested=args.jobs)
     return 0
 
 
@@ -185,7 +199,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise KdkitError(f"bench speed takes one recipe, got {names}", fix="kdkit bench speed fashion_mnist/kd")
         steps = ["--quick"] if args.quick else []
         run_speed_bench(names[0] if names else "fashion_mnist/kd", Path(args.out or "runs/bench_speed"),
-                        **({"steps": 4, "repeats": 2, "warmup": 1} if steps else {}), overrides=overrides)
+                        **({"steps": 2, "rounds": 2, "warmup": 1, "profile_steps": 2} if steps else {}),
+                        overrides=overrides)
         return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     default_out = "runs/bench_methods" if args.suite == "fashion_mnist" else f"runs/bench_{args.suite}"
@@ -216,7 +231,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise KdkitError(f"cache build takes one recipe, got {names or 'none'}",
                          fix="kdkit cache build RECIPE [teacher.cache.views=K ...]")
     source = find_recipe(names[0])
-    recipe = load_recipe(source, overrides)
+    recipe = _load_checked(source, overrides)
     if recipe.teacher is None:
         what = "several teachers (`teachers:`); a cache holds one teacher's outputs" if recipe.has_teacher else \
             "no teacher to cache"
@@ -296,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--schema", action="store_true", help="print the recipe JSON schema")
     val.set_defaults(fn=cmd_validate)
 
-    ls = sub.add_parser("ls", help="list models, losses, datasets, bridges, methods, tasks, recipes, or a model's taps")
-    ls.add_argument("what", choices=["models", "losses", "datasets", "bridges", "methods", "tasks", "recipes", "taps"])
+    ls = sub.add_parser("ls", help="list models, losses, datasets, settings, bridges, methods, tasks, recipes, or a "
+                                   "model's taps")
+    ls.add_argument("what", choices=["models", "losses", "datasets", "settings", "bridges", "methods", "tasks",
+                                     "recipes", "taps"])
     ls.add_argument("name", nargs="?", help="one component to show in full (parameters, defaults, bounds), or the "
                     "model whose taps `ls taps` lists")
     ls.add_argument("--dataset", default="cifar100", help="input shape for `ls taps` (default cifar100)")
@@ -311,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
     demo.add_argument("--overwrite", action="store_true", help="retrain students even if their runs exist")
+    demo.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
+                      help="precision of every run (default auto: bf16 on CPUs with AMX/AVX512-BF16 and GPUs with "
+                      "native bf16, fp32 elsewhere; the choice is printed and stored in results.json)")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="runs trained at once, each in its own process with cores/jobs threads (default: 2 on a "
+                      "CPU with 2 or more cores, where two 1-thread runs beat one 2-thread run; 1 on a GPU)")
     demo.set_defaults(fn=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks: `bench methods` (every method on Fashion-MNIST), "

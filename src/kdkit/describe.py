@@ -136,8 +136,21 @@ def describe_task(name: str) -> str:
     return "\n".join(lines)
 
 
+def describe_setting(name: str) -> str:
+    """A registered data setting: docstring (its module's, which says what it models) and its parameters."""
+    from kdkit.data import SETTINGS
+    from kdkit.data.settings import FILLED
+
+    build = SETTINGS.get(name).build
+    lines = _head("setting", name, SETTINGS.describe(name), sys.modules[build.__module__].__doc__)
+    lines.append(f"the function: {docstring_body(build.__doc__)}")
+    lines.append("")
+    return "\n".join(lines + param_lines(describe_params(build, FILLED),
+                                         "parameters (keys of data.setting, besides name and seed)"))
+
+
 #: ``kdkit ls KIND NAME``: the describer of each kind.
 DESCRIBERS: dict[str, Callable[[str], str]] = {
     "losses": describe_loss, "bridges": describe_bridge, "methods": describe_method, "models": describe_model,
-    "datasets": describe_dataset, "tasks": describe_task,
+    "datasets": describe_dataset, "tasks": describe_task, "settings": describe_setting,
 }

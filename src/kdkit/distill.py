@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.bridges.roles import DeployingBridge, RewritingBridge
+from kdkit.bridges.roles import CombiningBridge, DeployingBridge, RewritingBridge
+from kdkit.data.base import UNLABELLED
 from kdkit.errors import KdkitError
 from kdkit.fold import fold_batchnorm
 from kdkit.losses.base import DistillLoss, compute_dtype, widen
@@ -128,6 +129,19 @@ class TeacherEnsemble(nn.Module):
         """The mean of the members' logits ``(B, K)``."""
         outputs = [getattr(self, name)(x) for name in self.names]
         return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+
+
+def labelled_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy averaged over the samples whose target is not :data:`UNLABELLED`; 0, with zero gradient, for a
+    batch without a labelled sample.
+
+    With every sample labelled it is exactly ``F.cross_entropy``'s mean (same kernel, same rounding). Computed in the
+    logits' precision, never below float32 (float64 stays float64). No host synchronisation.
+    """
+    # the mean over the labelled samples is 0/0 = NaN when there is none: that value is masked out, and the
+    # backward of an all-ignored cross-entropy is zero (tests/test_unlabelled.py checks both)
+    mean = F.cross_entropy(widen(logits), targets, ignore_index=UNLABELLED, label_smoothing=label_smoothing)
+    return torch.where((targets != UNLABELLED).any(), mean, mean.new_zeros(()))
 
 
 class SupervisedLoss(DistillLoss):
@@ -300,7 +314,9 @@ class Student(nn.Module):
 
         With a :class:`~kdkit.bridges.roles.DeployingBridge`, the model runs only up to the bridge's tap (the
         layers after it are not part of the deployed network) and the bridge gives the logits, unless it says it
-        does not run at inference (the plain model is then deployed). Rewriting bridges run inside the model's
+        does not run at inference (the plain model is then deployed); a
+        :class:`~kdkit.bridges.roles.CombiningBridge` runs the whole model and combines its logits with the
+        bridge's head. Rewriting bridges run inside the model's
         forward, through their hooks, in their inference configuration.
         """
         term = self.deploy_term
@@ -308,6 +324,10 @@ class Student(nn.Module):
             if term is None or not self.bridges[term].runs_at_inference:
                 return self.model.deployed_forward(x) if isinstance(self.model, PeerGroup) else self.model(x)
             bridge = self.bridges[term]
+            if isinstance(bridge, CombiningBridge):  # the whole model, then its logits combined with the head's
+                logits = self.model(x)
+                captured = {**(self.recorder.pop() if self.recorder is not None else {}), LOGITS: logits}
+                return bridge.combine(logits, bridge(pick(captured, self.reads[term])))
             return bridge.deploy(bridge(self._run_to(x, self._taps[self.reads[term]])), None)[0]
         finally:
             for name in self.rewriting:  # the rewriting hooks ran (their chains are part of the deployed model);
@@ -397,7 +417,8 @@ class Term:
 class Objective(nn.Module):
     """``loss = ce_weight * S(z_s, y) + sum_i scale_i(epoch) * L_i(s_i, t_i, y)``.
 
-    ``S`` is the task's supervised loss (cross-entropy with the labels unless ``supervised`` is given) and
+    ``S`` is the task's supervised loss (cross-entropy with the labels, unlabelled samples skipped, unless
+    ``supervised`` is given) and
     ``y`` the task's targets. The only place where weights are applied. Returns every component (unweighted)
     plus the total, so each term is logged; the engine checks each for NaN/inf and names the culprit.
 
@@ -438,7 +459,7 @@ class Objective(nn.Module):
         total = logits.new_zeros((), dtype=compute_dtype(logits))  # float64 logits: a float64 objective
         if self.ce_weight:
             ce = self.supervised(logits, labels) if self.supervised is not None else \
-                F.cross_entropy(widen(logits), labels, label_smoothing=self.label_smoothing)
+                labelled_cross_entropy(logits, labels, self.label_smoothing)
             out[self.supervised_name] = ce
             total = total + self.ce_weight * ce
         for term in self.terms:

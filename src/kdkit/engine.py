@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from kdkit._version import __version__
 from kdkit.checkpoint import (
@@ -166,6 +167,8 @@ class Engine:
         task: The task bound to this run's data (:mod:`kdkit.task`): targets, supervised score, metrics.
         best_metric: The metric that picks the best epoch (default: the task's).
         label: Name shown in the progress bar.
+        eval_every: Evaluate every this many epochs (and always after the last one); the best epoch is picked
+            among the evaluated ones, and the epochs in between record no test metric.
     """
 
     def __init__(self, *, student: Student, objective: Objective, train_loader: BatchLoader,
@@ -176,7 +179,7 @@ class Engine:
                  run_info: dict[str, Any] | None = None, header: dict[str, str] | None = None,
                  check_resume: Callable[[dict[str, Any], Path], None] | None = None, keep_checkpoints: int = 1,
                  tensorboard: bool = False, progress: bool = True, hooks: Sequence[Hooks] = (),
-                 task: BoundTask, best_metric: str | None = None, label: str = "train") -> None:
+                 task: BoundTask, best_metric: str | None = None, label: str = "train", eval_every: int = 1) -> None:
         if amp not in ("off", "bf16", "fp16"):
             raise KdkitError(f"unknown autocast mode {amp!r}", choices=["off", "bf16", "fp16"], bad=amp,
                              fix="use off, bf16 or fp16")
@@ -189,6 +192,10 @@ class Engine:
         self.chance = task.chance().get(self.metric)  # that metric's value for a model that learned nothing
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.epochs, self.amp = epochs, amp
+        if eval_every < 1:
+            raise KdkitError(f"eval_every must be at least 1 epoch, got {eval_every}", bad=eval_every,
+                             fix="use train.eval_every=1 to evaluate after every epoch")
+        self.eval_every = eval_every
         self.device = torch.device(device)
         # Denormal floats make CPU arithmetic ~25x slower, and distillation produces them (see
         # kdkit.cli.main, which flushes them before torch starts its worker threads; here only this
@@ -269,17 +276,18 @@ class Engine:
                     if phase.due(self):
                         self.phase_stats[phase.name] = phase.run(self)
                 train_stats = self._train_epoch(bar)
-                eval_stats = self.evaluate()
+                eval_stats = self.evaluate() if self.evaluates(self.epoch + 1) else {}
                 row = {"epoch": self.epoch + 1, "step": self.global_step, **train_stats, **eval_stats,
                        "lr": self.optimizer.param_groups[0]["lr"],
                        "epoch_seconds": round(time.perf_counter() - epoch_start, 3),
                        "seconds": round(time.perf_counter() - started, 3)}
-                is_best = eval_stats[f"test_{self.metric}"] > self.best["value"]
+                is_best = bool(eval_stats) and eval_stats[f"test_{self.metric}"] > self.best["value"]
                 if is_best:
                     self.best = {"metric": self.metric, "value": eval_stats[f"test_{self.metric}"],
                                  "epoch": self.epoch + 1}
-                row[f"best_{self.metric}"] = self.best["value"]
-                if self.chance is not None:
+                if self.best["epoch"] > 0:  # nothing evaluated yet: no best to record
+                    row[f"best_{self.metric}"] = self.best["value"]
+                if self.chance is not None and eval_stats:
                     row[f"chance_{self.metric}"] = self.chance
                 self.history.append(row)
                 self.epoch, self.batch, self._partial = self.epoch + 1, 0, {}
@@ -296,6 +304,10 @@ class Engine:
         warnings = [self._chance_warning(first, last_epoch) for first, last_epoch in self._chance_streaks()]
         return FitResult(self.run_dir, self.metric, self.best["value"], self.best["epoch"], last,
                          time.perf_counter() - started, list(self.history), warnings)
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the 1-based ``epoch`` ends with an evaluation (every ``eval_every``-th, and the last)."""
+        return epoch % self.eval_every == 0 or epoch == self.epochs
 
     @torch.no_grad()
     def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
@@ -322,7 +334,7 @@ class Engine:
         # start from zero, so the epoch's all-reduce below counts each step once.
         partial = self._partial if self.ctx.is_main else {}
         sums = partial.get("sums")
-        # running sums of each component, then correct predictions, then samples
+        # running sums of each component, then the training score, then the samples it scored
         sums = sums.to(self.device) if sums is not None else torch.zeros(len(self.keys) + 2, device=self.device)
         count = int(partial.get("count", 0))
         # Step at which each component first went non-finite, tracked on the device (no host sync),
@@ -331,11 +343,11 @@ class Engine:
         checked = self.batch  # every checkpointed tensor was finite after this many steps of the epoch
         for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
             comps, logits, targets = self.train_step(x, y, index)
-            score = self.task.train_score(logits, targets)
+            score, scored = self.task.train_score(logits, targets)
             values = torch.stack([comps[k].detach().float() for k in self.keys])
             first_bad = torch.where(torch.isfinite(values) | torch.isfinite(first_bad), first_bad,
                                     float(self.batch))
-            sums += torch.cat([values, torch.stack([score.float(), values.new_tensor(float(len(targets)))])])
+            sums += torch.cat([values, torch.stack([score.float(), scored.float()])])
             count += 1
             self.batch += 1
             self.global_step += 1
@@ -367,19 +379,24 @@ class Engine:
         epoch_pos = self.epoch + self.batch / self.steps_per_epoch
         y = self.task.targets(y, index, "train")
         with self.autocast():
-            # index/epoch let a cached teacher find the stored outputs of exactly these views
-            teacher_out = self.teacher(x, index, self.epoch) if self.teacher is not None else {}
-            logits, per_term = self.model(x)
-            comps = self.objective(logits, y, per_term, teacher_out, epoch_pos, index)
+            with step_part("kdkit.teacher"):
+                # index/epoch let a cached teacher find the stored outputs of exactly these views
+                teacher_out = self.teacher(x, index, self.epoch) if self.teacher is not None else {}
+            with step_part("kdkit.student"):
+                logits, per_term = self.model(x)
+            with step_part("kdkit.objective"):
+                comps = self.objective(logits, y, per_term, teacher_out, epoch_pos, index)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(comps["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            comps["loss"].backward()
-            self.optimizer.step()
-        self.scheduler.step()
+        with step_part("kdkit.backward"):
+            loss = self.scaler.scale(comps["loss"]) if self.scaler is not None else comps["loss"]
+            loss.backward()
+        with step_part("kdkit.optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
         return comps, logits, y
 
     # -- sync points: divergence and stop --------------------------------------------------------
@@ -488,16 +505,18 @@ class Engine:
         """The ``(first, last)`` epochs of each run of consecutive epochs whose best-picking metric sat at the
         task's chance level, long enough to warn about (``CHANCE_EPOCHS``, or the whole of a shorter run).
         Read from the history, so a resumed run still reports what happened before its interruption."""
-        needed = min(CHANCE_EPOCHS, self.epochs)
+        needed = self._chance_needed()
         streaks: list[tuple[int, int]] = []
-        first = None
+        first, length = None, 0
         for row in self.history:
+            if f"test_{self.metric}" not in row:
+                continue  # not evaluated (train.eval_every): neither breaks nor extends a streak
             chance = row.get(f"chance_{self.metric}")
             if chance is None or row[f"test_{self.metric}"] > chance * (1 + CHANCE_MARGIN):
-                first = None
+                first, length = None, 0
                 continue
-            first = row["epoch"] if first is None else first
-            if row["epoch"] - first + 1 < needed:
+            first, length = (row["epoch"] if first is None else first), length + 1
+            if length < needed:
                 continue
             if streaks and streaks[-1][0] == first:
                 streaks[-1] = (first, row["epoch"])  # the same streak, one epoch longer
@@ -505,18 +524,29 @@ class Engine:
                 streaks.append((first, row["epoch"]))
         return streaks
 
+    def _chance_needed(self) -> int:
+        """Consecutive evaluations at chance level that make a streak: ``CHANCE_EPOCHS``, or all of a run that
+        evaluates fewer times."""
+        evaluations = sum(self.evaluates(epoch) for epoch in range(1, self.epochs + 1))
+        return min(CHANCE_EPOCHS, evaluations)
+
     def _chance_warning(self, first: int, last: int) -> str:
         chance = self.history[last - 1][f"chance_{self.metric}"]
+        evaluated = sum(f"test_{self.metric}" in row for row in self.history[first - 1:last])
         return (f"test {self.metric} sat at chance level ({chance:.4g}: what a model that learned nothing scores "
-                f"on this task) for {last - first + 1} consecutive epochs ({first}-{last}): check the learning rate, "
+                f"on this task) in {evaluated} consecutive evaluations (epochs {first}-{last}): check the learning "
+                "rate, "
                 "that no loss term overwhelms the supervised one early (warm it up), and the labels")
 
     def _warn_at_chance(self) -> None:
         """Print (rank 0, stderr) the chance-level warning once, at the epoch a streak becomes long enough."""
-        needed = min(CHANCE_EPOCHS, self.epochs)
         streaks = self._chance_streaks()
-        if self.ctx.is_main and streaks and streaks[-1] == (self.epoch - needed + 1, self.epoch):
-            print(f"warning: {self._chance_warning(*streaks[-1])}", file=sys.stderr)
+        if not (self.ctx.is_main and streaks and streaks[-1][1] == self.epoch):
+            return
+        first, last = streaks[-1]
+        evaluated = sum(f"test_{self.metric}" in row for row in self.history[first - 1:last])
+        if evaluated == self._chance_needed():  # the streak has just become long enough
+            print(f"warning: {self._chance_warning(first, last)}", file=sys.stderr)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -643,12 +673,21 @@ class Engine:
         if not self.ctx.is_main or not self.show_progress:
             return
         terms = " ".join(f"{k} {row[f'train_{k}']:.4f}" for k in self.keys if k != "loss")
+        test = ("test " + " ".join(f"{k} {row[f'test_{k}']:.4g}" for k in self.task.metrics)
+                + f"  best {self.metric} {row[f'best_{self.metric}']:.2f}") \
+            if f"test_{self.metric}" in row else "(not evaluated: train.eval_every)"
         line = (f"{self.label} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f} ({terms})  "
-                f"train {self.task.task.train_metric} {row[f'train_{self.task.task.train_metric}']:.2f}  test "
-                + " ".join(f"{k} {row[f'test_{k}']:.4g}" for k in self.task.metrics)
-                + f"  best {self.metric} {row[f'best_{self.metric}']:.2f}  {row['epoch_seconds']:.1f}s")
+                f"train {self.task.task.train_metric} {row[f'train_{self.task.task.train_metric}']:.2f}  {test}"
+                f"  {row['epoch_seconds']:.1f}s")
         if bar is not None:
             bar.print(line)
+
+
+def step_part(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A named range of a training step (``kdkit.teacher``, ``kdkit.student``, ...) in a torch profile, so a
+    profile reads by part (``kdkit bench speed`` writes one). Opened only under a profiler: a range costs ~20 us
+    per step part, the check ~0.5 us."""
+    return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def objective_keys(objective: Objective) -> list[str]:

@@ -7,8 +7,9 @@ project's standards ask. Use :func:`closest` to order the choices.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class KdkitError(ValueError):
@@ -52,11 +53,18 @@ class KdkitError(ValueError):
 class RecipeErrors(KdkitError):
     """Several problems found at once (``kdkit validate`` reports all of them)."""
 
-    def __init__(self, errors: list[KdkitError], source: str | None = None) -> None:
+    def __init__(self, errors: list[KdkitError], source: str | None = None, *, partial: Any = None,
+                 left_out: Any = None, warnings: Sequence[str] = ()) -> None:
         self.errors = errors
         self.source = source
+        self.warnings = list(warnings)  # what the checks found that is not an error (e.g. a file missing here)
+        # the recipe with every value the schema refused left out (defaults in their place), when that is valid:
+        # what later checks (taps, shapes, files) can still run on, so one report holds every problem
+        self.partial = partial
+        self.left_out = left_out  # a kdkit.recipe.LeftOut: the keys and list items left out
         head = f"{len(errors)} problem(s) in {source}" if source else f"{len(errors)} problem(s)"
-        KdkitError.__init__(self, head + ":\n" + "\n".join(f"  - {e.render()}" for e in errors))
+        KdkitError.__init__(self, head + ":\n" + "\n".join(
+            [*(f"  - {e.render()}" for e in errors), *(f"  warning: {w}" for w in self.warnings)]))
 
     def render(self) -> str:
         return self.message

@@ -58,12 +58,15 @@ class Method:
         spec: The pydantic model of that section (subclass of :class:`kdkit.schema.Strict`).
         feeds_teacher_new_images: The teacher must see images other than the training set's stored
             crop/flip views, so a teacher-output cache cannot stand in for it.
+        needs_labels: The method reads the label of every training sample (e.g. a phase with its own
+            cross-entropy), so data with unlabelled samples (:data:`kdkit.data.base.UNLABELLED`) is refused.
     """
 
     name: ClassVar[str] = ""
     section: ClassVar[str | None] = None
     spec: ClassVar[type[Strict] | None] = None
     feeds_teacher_new_images: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
 
     def active(self, recipe: Any) -> bool:
         """Whether ``recipe`` uses this method. Default: its section is present."""

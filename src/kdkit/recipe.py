@@ -107,6 +107,22 @@ class StrongAugmentSpec(Strict):
     groups: int = Field(8, ge=1, description="independent op draws per batch (kornia draws one per call)")
 
 
+class SettingSpec(BaseModel):
+    """A data setting (``kdkit ls settings``): the training split turned into a scenario (few labels, a long tail,
+    novel classes, ...), after ``subset``. Keys other than ``name`` and ``seed`` are the setting's parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    seed: int = Field(0, description="seed of the setting's choices (independent of train.seed, so every student "
+                      "seed sees the same split)")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The setting's own parameters (the extra keys)."""
+        return dict(self.model_extra or {})
+
+
 class DataSpec(Strict):
     """Which data, where, and how much of the training split."""
 
@@ -119,6 +135,8 @@ class DataSpec(Strict):
     views: Literal[1, 2] = Field(1, description="2: each batch is [weak view; strong view] of the same images "
                                  "(labels repeated), as MLKD needs")
     strong: StrongAugmentSpec = Field(default_factory=StrongAugmentSpec)
+    setting: SettingSpec | None = Field(None, description="a data scenario built from the training split, e.g. "
+                                        "{name: semi_supervised, labelled: 3000} (kdkit ls settings)")
 
 
 class TermSpec(BaseModel):
@@ -174,7 +192,11 @@ class ScheduleSpec(Strict):
 class TrainSpec(Strict):
     epochs: int = Field(..., gt=0)
     batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(1000, gt=0)
+    eval_batch_size: int = Field(1000, gt=0, description="batch size of evaluation; on a CPU 256 was 1.9x faster "
+                                 "per image than 1000 for the CNN pair (the batch stays in cache). The default "
+                                 "stays 1000 so that finished runs keep their recipe digest")
+    eval_every: int = Field(1, gt=0, description="evaluate on the test split every this many epochs; the last epoch "
+                            "is always evaluated (the best epoch is picked among evaluated ones)")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     ce_weight: float = Field(1.0, ge=0, description="weight of the task's supervised loss (cross-entropy for "
@@ -182,7 +204,10 @@ class TrainSpec(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["off", "auto", "bf16", "fp16"] = Field(
+        "off", description="autocast of the forward passes (the teacher's too): off (fp32), bf16 (CPU/GPU), fp16 "
+        "(CUDA), or auto: bf16 on CPUs with AMX or AVX512-BF16 and CUDA GPUs with native bf16, fp32 elsewhere (the "
+        "choice and why are printed at the start and stored in summary.json)")
     channels_last: bool = Field(True, description="channels-last weights and batches: ~1.4x faster conv "
                                 "training on CPU (oneDNN) and with AMP on GPU")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU (default: torch's)")
@@ -212,7 +237,9 @@ class OutputSpec(Strict):
 #: (path, unset value) of recipe keys added after the first release (see :meth:`Recipe.to_dict`).
 _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
+    (("train", "eval_every"), 1),
     (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
+    (("data", "setting"), None),
 )
 
 
@@ -330,6 +357,19 @@ class RecipeCore(Strict):
         if self.teacher is not None and self.teacher.cache is not None and self.data.views != 1:
             raise ValueError("teacher.cache stores outputs for the crop/flip views only; data.views: 2 needs "
                              "the teacher on the strong view too: remove teacher.cache or use data.views: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _setting_has_its_teacher(self) -> RecipeCore:
+        setting = self.data.setting
+        if setting is None or self.has_teacher:
+            return self
+        from kdkit.data.settings import SETTINGS  # lazy, like the loss registry
+
+        if setting.name in SETTINGS and SETTINGS.get(setting.name).reads_teacher(setting.params):
+            raise ValueError(f"data.setting {setting.name!r} with {setting.params} ranks the training images by a "
+                             "teacher's predictions, and the recipe has no teacher: add `teacher:` (its logits on the "
+                             "training images are computed before training), or choose a setting that needs none")
         return self
 
     @model_validator(mode="after")
@@ -453,8 +493,10 @@ def name_problems(data: dict[str, Any]) -> list[KdkitError]:
 
     def check(registry: Any, value: Any, where: str) -> None:
         if isinstance(value, str) and ":" not in value and value not in registry:
-            problems.append(KdkitError(f"unknown {registry.kind} {value!r}", choices=registry.names(), bad=value,
-                                       fix=f"run `kdkit ls {registry.kind}s`", where=where))
+            try:
+                registry.get(value, where=where)  # the registry's own message: closest names first, its fix
+            except KdkitError as exc:
+                problems.append(exc)
 
     for key in ("model", "teacher"):
         if isinstance(data.get(key), dict):
@@ -469,6 +511,10 @@ def name_problems(data: dict[str, Any]) -> list[KdkitError]:
         check(TASKS, data["task"], "task")
     if isinstance(data.get("data"), dict):
         check(DATASETS, data["data"].get("dataset"), "data.dataset")
+        if isinstance(data["data"].get("setting"), dict):
+            from kdkit.data import SETTINGS
+
+            check(SETTINGS, data["data"]["setting"].get("name"), "data.setting.name")
     for i, term in enumerate(data.get("distill") or []):
         if isinstance(term, dict):
             check(LOSSES, term.get("loss"), f"distill.{i}.loss")
@@ -521,7 +567,100 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None, s
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeErrors(_to_errors(exc, source) + name_problems(data), source) from None
+        partial, left_out = _without_refused_values(data, exc)
+        schema = _to_errors(exc, source)
+        seen = {e.render() for e in schema}
+        named = [e for e in name_problems(data) if e.render() not in seen]  # the schema may name them already
+        raise RecipeErrors(schema + named, source, partial=partial, left_out=left_out) from None
+
+
+def _without_refused_values(data: dict[str, Any], exc: ValidationError) -> tuple[Recipe | None, LeftOut]:
+    """The recipe with every value the schema refused left out, and what was left out.
+
+    A refused key is deleted, so its default applies; a refused list item (a distill term with an unknown loss)
+    is removed from its list. ``None`` when that cannot give a valid recipe: a required key is missing or
+    refused, or a check spans several keys. The later checks (taps, shapes, files) then run on this recipe, so
+    a misspelt optimiser key or loss does not hide a misspelt tap or a missing checkpoint of the same recipe.
+    """
+    trial, left_out = copy.deepcopy(data), LeftOut()
+    for _ in range(4):  # leaving a key out can uncover a check that depended on it
+        keys: list[tuple[Any, ...]] = []
+        items: set[tuple[tuple[Any, ...], int]] = set()
+        for err in exc.errors():
+            target = None if err["type"] == "missing" else _refused_target(trial, tuple(err["loc"]))
+            if target is None:
+                return None, left_out
+            if target[0] == "item":
+                items.add(target[1])
+            else:
+                keys.append(target[1])
+        for path in keys:
+            if not any(path[:len(lst) + 1] == (*lst, i) for lst, i in items):  # else it goes with its item
+                left_out.delete(trial, path)
+        for lst, i in sorted(items, key=lambda item: -item[1]):  # last first: earlier indices stay valid
+            left_out.remove_item(trial, lst, i)
+        try:
+            return Recipe.model_validate(trial), left_out
+        except ValidationError as again:
+            exc = again
+    return None, left_out
+
+
+class LeftOut:
+    """What :func:`_without_refused_values` left out of a recipe: keys (dotted paths in the original recipe)
+    and list items, with the map from the trimmed lists' indices back to the original ones."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self._survivors: dict[tuple[Any, ...], list[int]] = {}  # list path -> original index of each item left
+
+    def delete(self, data: dict[str, Any], path: tuple[Any, ...]) -> None:
+        """Delete the key at ``path`` (of the trimmed recipe ``data``)."""
+        node: Any = data
+        for part in path[:-1]:
+            node = node[part]
+        del node[path[-1]]
+        self.keys.append(self.original(".".join(map(str, path))))
+
+    def remove_item(self, data: dict[str, Any], lst: tuple[Any, ...], index: int) -> None:
+        """Remove item ``index`` of the list at ``lst`` (of the trimmed recipe ``data``)."""
+        node: Any = data
+        for part in lst:
+            node = node[part]
+        survivors = self._survivors.setdefault(lst, list(range(len(node))))
+        self.keys.append(self.original(".".join(map(str, (*lst, index)))))
+        node.pop(index)
+        survivors.pop(index)
+
+    def original(self, where: str) -> str:
+        """``where`` (a dotted location in the trimmed recipe) as a location in the original one."""
+        parts = where.split(".")
+        for lst, survivors in self._survivors.items():
+            n = len(lst)
+            if tuple(parts[:n]) == tuple(map(str, lst)) and len(parts) > n and parts[n].isdigit() \
+                    and int(parts[n]) < len(survivors):
+                parts[n] = str(survivors[int(parts[n])])
+        return ".".join(parts)
+
+    def covers(self, where: str) -> bool:
+        """Whether the original location ``where`` is, or lies inside, something left out."""
+        return any(where == key or where.startswith(key + ".") for key in self.keys)
+
+
+def _refused_target(data: dict[str, Any], loc: tuple[Any, ...]) -> tuple[str, Any] | None:
+    """What to leave out for a refusal at ``loc``: ``("item", (list_path, index))`` when ``loc`` passes through a
+    list item, else ``("key", path)`` of the deepest key present (pydantic appends union-member tags such as
+    ``'str'`` past it); ``None`` when ``loc`` names no key of ``data``."""
+    node: Any = data
+    path: list[Any] = []
+    for part in loc:
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            return "item", (tuple(path), part)
+        if not (isinstance(node, dict) and part in node):
+            break
+        node = node[part]
+        path.append(part)
+    return ("key", tuple(path)) if path else None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -76,12 +76,15 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def result_config(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """What a run's results depend on besides its seed: its flattened ``recipe.yaml`` (when the folder has one)
-    less :data:`NOT_RESULT_KEYS`, and its number of processes (``world_size``)."""
+    less :data:`NOT_RESULT_KEYS`, with ``train.amp`` the precision the run used (``auto`` resolved, from its
+    summary), and its number of processes (``world_size``)."""
     recipe_file = path / "recipe.yaml"
     flat = flatten(yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
     config = {k: v for k, v in flat.items()
               if not any(k == skip or (skip.endswith(".") and k.startswith(skip)) for skip in NOT_RESULT_KEYS)}
     config["world_size"] = summary.get("world_size", 1)
+    if "train.amp" in config and summary.get("amp"):  # `auto` trains what it picked on that machine
+        config["train.amp"] = summary["amp"]["amp"]
     return config
 
 
@@ -98,12 +101,17 @@ def run_metric(run: RunRecord) -> str:
 def best_of(run: RunRecord) -> float:
     """The run's best value of its metric (from the summary, else from its epochs)."""
     metric = run_metric(run)
-    return float(run.summary.get(f"best_{metric}", max(m[f"test_{metric}"] for m in run.metrics)))
+    return float(run.summary.get(f"best_{metric}", max(m[f"test_{metric}"] for m in evaluated(run))))
 
 
 def last_of(run: RunRecord) -> float:
     """The run's value of its metric at the last epoch."""
-    return float(run.metrics[-1][f"test_{run_metric(run)}"])
+    return float(evaluated(run)[-1][f"test_{run_metric(run)}"])
+
+
+def evaluated(run: RunRecord) -> list[dict[str, Any]]:
+    """The run's epochs that were evaluated (all, unless the recipe sets ``train.eval_every``)."""
+    return [row for row in run.metrics if f"test_{run_metric(run)}" in row]
 
 
 def metric_label(groups: dict[str, list[RunRecord]]) -> str:
@@ -181,12 +189,12 @@ def plot_curves(groups: dict[str, list[RunRecord]], file: Path) -> Path:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for label, runs in groups.items():
         for j, run in enumerate(runs):
-            epochs = [row["epoch"] for row in run.metrics]
-            values = [row[f"test_{run_metric(run)}"] for row in run.metrics]
+            epochs = [row["epoch"] for row in evaluated(run)]
+            values = [row[f"test_{run_metric(run)}"] for row in evaluated(run)]
             style = {"color": colour[label], "lw": 1.2, "alpha": 0.85, "label": label if j == 0 else None,
                      "marker": "o" if len(epochs) == 1 else None}  # one epoch is a point, not a line
             ax_acc.plot(epochs, values, **style)
-            ax_loss.plot(epochs, [row["train_loss"] for row in run.metrics], **style)
+            ax_loss.plot([row["epoch"] for row in run.metrics], [row["train_loss"] for row in run.metrics], **style)
     ax_acc.set(xlabel="epoch", ylabel=f"test {metric_label(groups)}", title="test metric")
     ax_loss.set(xlabel="epoch", ylabel="training loss (objective)", title="training loss", yscale="log")
     for ax in (ax_acc, ax_loss):

@@ -181,6 +181,7 @@ def _train(recipe: Recipe, *, source: Path | None, resume: bool, overwrite: bool
         print(f"{recipe.name}: {kind} on {data.source} ({len(data.train_labels)} train / {len(data.test_labels)} "
               f"test images), {spec.epochs} epochs, device {dev}" + (f" x{ctx.world_size}" if ctx.enabled else "")
               + methods)
+        print(built.precision.describe())
     result = run.engine.fit(resume=resume)
     summary = _summary(recipe, built, result, ctx)
     if run.cache_info is not None:
@@ -208,6 +209,7 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "name": recipe.name, "recipe_digest": recipe.digest(), "arch": recipe.model.arch,
         "teacher_arch": _teacher_arch(recipe) if recipe.has_teacher else None,
         "dataset": data.name, "data_source": data.source, "train_samples": len(data.train_labels),
+        "train_labelled": data.num_labelled,
         "test_samples": len(data.test_labels), "epochs": recipe.train.epochs, "seed": recipe.train.seed,
         "task": recipe.task, "metric": result.metric, f"best_{result.metric}": result.best,
         "best_epoch": result.best_epoch, **{f"last_{k}": v for k, v in result.last.items()},
@@ -218,7 +220,8 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         # the deployed network (Student.predict): with a deploying bridge, the student up to its tap + the bridge
         "latency_ms": latency_ms(Deployed(built.student), shape, device=built.device) if ctx.is_main else None,
         "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
-        "world_size": ctx.world_size, "device": str(built.device), "kdkit": __version__,
+        "world_size": ctx.world_size, "device": str(built.device), "amp": built.precision.to_dict(),
+        "kdkit": __version__,
         "machine": machine_info(), "command": " ".join(sys.argv), "warnings": result.warnings,
     }
     if built.teacher is not None and ctx.is_main:

@@ -53,11 +53,12 @@ class BoundTask(Protocol):
         """The targets of a batch of ``split`` (``"train"`` or ``"test"``) from its labels and sample indices."""
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """The supervised loss (a batch mean, float32 or the logits' precision if higher)."""
+        """The supervised loss (a mean over the batch's labelled samples, float32 or the logits' precision if
+        higher; 0 for a batch without one: unlabelled samples, :data:`kdkit.data.base.UNLABELLED`, are skipped)."""
 
-    def train_score(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Sum over the batch of the per-sample training score reported as ``train_<Task.train_metric>``
-        (a 0-dim tensor, kept on the device)."""
+    def train_score(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The sum over the batch of the per-sample training score reported as ``train_<Task.train_metric>``, and
+        the number of samples scored (unlabelled ones are not): two 0-dim tensors, kept on the device."""
 
     def evaluator(self, ctx: DistContext) -> Evaluator:
         """A fresh evaluator of the task's metrics (reduced over the processes of ``ctx``)."""

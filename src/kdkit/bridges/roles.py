@@ -6,6 +6,8 @@ attribute names:
 
 * :class:`DeployingBridge` -- its output becomes the deployed model's prediction (the network is run up
   to the bridge's tap and the bridge gives the logits).
+* :class:`CombiningBridge` -- a second prediction head on a student tap: training leaves the model's own logits
+  as they are, and the deployed prediction combines them with the head's output (the whole model runs).
 * :class:`RewritingBridge` -- it replaces its tap's activation inside the model's forward (a forward hook),
   so the layers after the tap read what it made, in training and at inference.
 
@@ -43,6 +45,25 @@ class DeployingBridge(StructuredBridge):
             out: The bridge's forward output.
             model_logits: The plain model's logits (``None`` at inference, where the model stops at the tap).
         """
+        raise NotImplementedError
+
+
+class CombiningBridge(DeployingBridge):
+    """A second head beside the model's own output, both deployed: the model runs whole, the bridge reads its tap.
+
+    In training the model's logits stay the logits (the supervised loss trains the model's own head) and the term's
+    loss reads the head's output; the deployed prediction is :meth:`combine` of the two.
+    """
+
+    def deploy(self, out: Any, model_logits: Tensor | None) -> tuple[Tensor, Any]:
+        """Training: the model's logits unchanged, and the head's output for the loss."""
+        if model_logits is None:
+            raise ValueError("a combining bridge needs the model's own logits: the deployed network runs the whole "
+                             "model (Student.predict)")
+        return model_logits, out
+
+    def combine(self, model_logits: Tensor, out: Any) -> Tensor:
+        """The deployed logits ``(B, K)`` from the model's logits and the head's output."""
         raise NotImplementedError
 
 

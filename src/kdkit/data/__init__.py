@@ -3,26 +3,32 @@
 Importing this package registers every reader: ``fashion_mnist``, ``mnist``, ``digits``, ``cifar10``,
 ``cifar100``, ``image_folder`` and ``fashion_mnist_scenes`` (:mod:`kdkit.data.scenes`: canvases of several
 real Fashion-MNIST objects with multi-label, mask and box targets). Load one with :func:`load_dataset`.
+Settings (:mod:`kdkit.data.settings`) turn a dataset into a data scenario: few labels, a long tail, novel classes...
 """
 
 from __future__ import annotations
 
-from kdkit.data import cifar, digits, folder, idx, scenes  # noqa: F401 - imported to register the readers
+from kdkit.data import cifar, digits, folder, idx, scenes, settings  # noqa: F401 - imported to register them
 from kdkit.data.augment import AugmentConfig, normalize, random_crop, random_hflip
-from kdkit.data.base import ImageData, subset
+from kdkit.data.base import UNLABELLED, ImageData, subset
 from kdkit.data.idx import read_idx, write_idx
 from kdkit.data.registry import DATASETS, load_dataset, register_dataset
+from kdkit.data.settings import SETTINGS, apply_setting, register_setting
 
 __all__ = [
     "DATASETS",
+    "SETTINGS",
+    "UNLABELLED",
     "AugmentConfig",
     "ImageData",
+    "apply_setting",
     "load_dataset",
     "normalize",
     "random_crop",
     "random_hflip",
     "read_idx",
     "register_dataset",
+    "register_setting",
     "subset",
     "write_idx",
 ]

@@ -2,6 +2,10 @@
 
 Small image datasets are held whole in memory as ``uint8`` tensors ``(N, C, H, W)``; conversion
 to float, normalisation and augmentation happen later on whole batches (see :mod:`kdkit.data.augment`).
+
+An unlabelled training sample has the label :data:`UNLABELLED` (``-1``), the one way kdkit represents one:
+the supervised loss and the training accuracy skip it, distillation terms that do not read labels use it,
+and loaders, batch transforms and the teacher cache see an ordinary index. Test labels are always labels.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import torch
 from torch import Tensor
 
 from kdkit.errors import KdkitError
+
+#: The label of an unlabelled training sample (see the module docstring).
+UNLABELLED = -1
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -24,7 +31,8 @@ class ImageData:
     Attributes:
         name: Registry name, e.g. ``"fashion_mnist"`` (a subset appends ``-subsetN-seedS``).
         train_images: ``uint8`` tensor ``(N, C, H, W)``; made contiguous on construction.
-        train_labels: ``int64`` tensor ``(N,)`` with values in ``[0, num_classes)``.
+        train_labels: ``int64`` tensor ``(N,)`` with values in ``[0, num_classes)``, or :data:`UNLABELLED`
+            for a sample whose label the run does not see.
         test_images: ``uint8`` tensor ``(M, C, H, W)`` with the same ``C, H, W`` as train.
         test_labels: ``int64`` tensor ``(M,)``.
         classes: Class names, index ``i`` naming label ``i``.
@@ -35,6 +43,9 @@ class ImageData:
             ``"semantic"`` masks or ``"boxes"``); every tensor's first dimension is the train image count.
             Empty for plain classification datasets.
         test_targets: The same for the test images.
+        novel_classes: Classes of the test split that no training sample is labelled with and that the run must
+            discover (novel class discovery): their training samples are unlabelled, and the classification task
+            scores them by clustering accuracy (``novel_acc``). Empty for every other dataset.
 
     Raises:
         KdkitError: On a wrong dtype, shape, label range, mean/std length, or a target whose length
@@ -52,6 +63,7 @@ class ImageData:
     source: str
     train_targets: dict[str, Tensor] = field(default_factory=dict)
     test_targets: dict[str, Tensor] = field(default_factory=dict)
+    novel_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         """Check dtypes, shapes, label range and mean/std; make the images contiguous."""
@@ -89,9 +101,12 @@ class ImageData:
             raise KdkitError("no class names given", fix=fix, where=where)
         for split in ("train", "test"):
             labels = getattr(self, f"{split}_labels")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
+            lowest = UNLABELLED if split == "train" else 0  # only training samples may be unlabelled
+            if labels.numel() and (int(labels.min()) < lowest or int(labels.max()) >= len(self.classes)):
                 raise KdkitError(f"{split} labels span [{int(labels.min())}, {int(labels.max())}] but there are "
-                                 f"{len(self.classes)} classes", fix=fix, where=where)
+                                 f"{len(self.classes)} classes" + (f" ({UNLABELLED} marks an unlabelled training "
+                                 "sample)" if split == "train" else ""), fix=fix, where=where)
+        self._check_novel(where, fix)
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != c or len(self.std) != c:
@@ -116,6 +131,22 @@ class ImageData:
                                      f"has {n} images", fix=fix, where=where)
             # A private copy: the dataclass is frozen, so a caller's later edits to its dict must not leak in.
             object.__setattr__(self, f"{split}_targets", dict(targets))
+
+    def _check_novel(self, where: str, fix: str) -> None:
+        novel = tuple(int(c) for c in self.novel_classes)
+        object.__setattr__(self, "novel_classes", novel)
+        if any(not 0 <= c < len(self.classes) for c in novel) or len(set(novel)) != len(novel):
+            raise KdkitError(f"novel_classes {novel} must be distinct class indices in [0, {len(self.classes)})",
+                             fix=fix, where=where)
+        labelled = [c for c in novel if bool((self.train_labels == c).any())]
+        if labelled:
+            raise KdkitError(f"novel classes {labelled} have labelled training samples; a novel class is one the run "
+                             f"never sees a label of", fix=fix, where=where)
+
+    @property
+    def num_labelled(self) -> int:
+        """Training samples with a label (not :data:`UNLABELLED`)."""
+        return int((self.train_labels != UNLABELLED).sum())
 
     @property
     def num_classes(self) -> int:
@@ -188,22 +219,11 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
         raise KdkitError(f"subset size {n!r} is out of range for {data.name!r} ({total} train images, "
                          f"{data.num_classes} classes)",
                          fix=f"choose a subset size between {data.num_classes} and {total}", where="data.subset")
-    gen = torch.Generator().manual_seed(seed)
-    labels = data.train_labels
-    k = data.num_classes
-    # Rank of each image within its class, in a random order; then a random order of the classes.
-    perm = torch.randperm(total, generator=gen)
-    class_order = torch.randperm(k, generator=gen)
-    shuffled = labels[perm]
-    order = torch.argsort(shuffled, stable=True)  # groups the shuffled images by class
-    counts = torch.bincount(shuffled, minlength=k)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(total) - starts[shuffled[order]]
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    # Taking the first n by (rank, class position) fills classes round-robin: balanced, capacity-aware.
-    key = rank * k + torch.argsort(class_order)[shuffled]
-    chosen = perm[torch.argsort(key)[:n]].sort().values
+    if data.num_labelled < total:
+        raise KdkitError(f"{data.name!r} has unlabelled training samples; a class-balanced subset needs every label",
+                         fix="take the subset of the labelled dataset (data.subset applies before data.setting)",
+                         where="data.subset")
+    chosen = balanced_indices(data.train_labels, data.num_classes, n, seed)
     return ImageData(
         name=f"{data.name}-subset{n}-seed{seed}",
         train_images=data.train_images[chosen].contiguous(),
@@ -216,5 +236,39 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
         source=f"{data.source}; class-balanced train subset of {n}/{total} (subset seed {seed})",
         train_targets={key: value[chosen].contiguous() for key, value in data.train_targets.items()},
         test_targets=data.test_targets,
+        novel_classes=data.novel_classes,
     )
+
+
+def balanced_indices(labels: Tensor, num_classes: int, n: int, seed: int) -> Tensor:
+    """Indices of a class-balanced random choice of ``n`` of ``labels``, sorted (the rule of :func:`subset`).
+
+    Each class gets ``n // num_classes``, the remainder one each to randomly chosen classes; a class with too few
+    samples gives all it has and the others make up the difference.
+
+    Args:
+        labels: ``int64`` labels in ``[0, num_classes)``.
+        num_classes: Number of classes.
+        n: How many to choose, ``<= len(labels)``.
+        seed: Seed of the choice; the same seed gives the same indices.
+
+    Returns:
+        ``int64`` indices into ``labels``, ascending.
+    """
+    total = len(labels)
+    gen = torch.Generator().manual_seed(seed)
+    k = num_classes
+    # Rank of each image within its class, in a random order; then a random order of the classes.
+    perm = torch.randperm(total, generator=gen)
+    class_order = torch.randperm(k, generator=gen)
+    shuffled = labels[perm]
+    order = torch.argsort(shuffled, stable=True)  # groups the shuffled images by class
+    counts = torch.bincount(shuffled, minlength=k)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(total) - starts[shuffled[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    # Taking the first n by (rank, class position) fills classes round-robin: balanced, capacity-aware.
+    key = rank * k + torch.argsort(class_order)[shuffled]
+    return perm[torch.argsort(key)[:n]].sort().values
 

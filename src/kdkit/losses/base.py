@@ -92,6 +92,10 @@ class DistillLoss(nn.Module):
     #: Epochs over which a term's weight ramps up from 0 when its recipe entry sets no ``warmup_epochs``: part of
     #: the method where its reference code always ramps (DKD and ReviewKD: ``min(epoch / 20, 1)``).
     default_warmup_epochs: ClassVar[float] = 0.0
+    #: The loss reads the class labels (e.g. DKD's target-class split, a cross-entropy of its own): it cannot run on
+    #: unlabelled samples (:data:`kdkit.data.base.UNLABELLED`), and a recipe that would feed it some is refused.
+    #: A class attribute; a loss whose parameters decide it (``label_relation``'s ``use_labels``) sets it per instance.
+    uses_labels: bool = False
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:

@@ -128,6 +128,7 @@ class DKDLoss(DistillLoss):
     """
 
     default_warmup_epochs = 20.0
+    uses_labels = True  # the target class splits the distribution
 
     def __init__(self, *, alpha: Annotated[float, Ge(0)] = 1.0, beta: Annotated[float, Ge(0)] = 8.0,
                  temperature: Annotated[float, Gt(0)] = 4.0, standardize: bool = False) -> None:

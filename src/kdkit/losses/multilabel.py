@@ -236,6 +236,7 @@ class LabelRelationLoss(DistillLoss):
         self.instance_weight = instance_weight
         self.reduction = reduction
         self.use_labels = use_labels
+        self.uses_labels = use_labels  # the relations are restricted to each image's positive labels
 
     def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
         """Needs 2-d ``(K, D)`` per-sample embeddings with the same ``K``; ``D`` may differ."""

@@ -5,5 +5,6 @@ lookup. Methods never import each other.
 """
 
 # one registration line per method (ruff's isort would merge them: keep them apart)
-from kdkit.methods import fmkt  # noqa: F401, I001
+from kdkit.methods import dho  # noqa: F401, I001
+from kdkit.methods import fmkt  # noqa: F401
 from kdkit.methods import tst  # noqa: F401

@@ -61,10 +61,10 @@ class BoundMultilabel:
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), targets)
 
-    def train_score(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def train_score(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         # the fraction of a sample's labels predicted right (threshold 0.5), summed over the batch
         right = ((logits.detach() > 0) == (targets > 0.5)).float().mean(dim=1)
-        return right.sum()
+        return right.sum(), right.new_tensor(float(len(right)))
 
     def evaluator(self, ctx: DistContext) -> MultilabelEvaluator:
         return MultilabelEvaluator(self.num_labels, self.device, ctx)

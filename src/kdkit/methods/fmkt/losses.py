@@ -102,6 +102,7 @@ class _FlowLoss(DistillLoss):
 
     #: build.plan checks that the term uses this bridge.
     requires_bridge = "flow"
+    uses_labels = True  # the per-step and Theta cross-entropies read the labels
     #: Per-sample student tap the example inputs flow from (a small pre-pool map).
     example_tap: ClassVar[tuple[int, ...]] = (4, 3, 3)
 
