@@ -28,7 +28,7 @@ from kdkit.checkpoint import pointed
 from kdkit.cli import main
 from kdkit.data import load_dataset, normalize
 from kdkit.data.loader import make_loaders
-from kdkit.deployment import DEPLOY_FILE, read_deployment
+from kdkit.deployment import DEPLOY_FILE, SAMPLES_FILE, read_deployment
 from kdkit.errors import KdkitError
 from kdkit.export import FORMATS, export_run, load_deployed, open_run
 from kdkit.models import build_model
@@ -251,6 +251,9 @@ def test_the_run_folder_and_every_export_record_the_preprocessing(runs: Any, tmp
     assert (recorded["channels"], recorded["size"], recorded["probabilities"]) == (1, 8, "softmax")
     assert recorded["mean"] == list(data.mean) and recorded["std"] == list(data.std)
     assert recorded["dataset"]["name"] == "digits" and recorded["dataset"]["test_samples"] == 360
+    samples = load_file(str(run_dir / SAMPLES_FILE))  # what exports are verified on
+    assert torch.equal(samples["images"], data.test_images[:64])
+    assert torch.equal(samples["labels"], data.test_labels[:64])
     stored = {}
     onnx_path = export_run(run_dir, "onnx", out=tmp_path, timing_batches=()).path
     stored["onnx"] = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["kdkit"]
@@ -272,11 +275,32 @@ def test_a_run_folder_without_deploy_json_gets_one_and_says_so(runs: Any, tmp_pa
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     old = tmp_path / "old"
     shutil.copytree(runs("cnn"), old)
-    recorded = (old / DEPLOY_FILE).read_text()
+    recorded, samples = (old / DEPLOY_FILE).read_text(), load_file(str(old / SAMPLES_FILE))
     (old / DEPLOY_FILE).unlink()
+    (old / SAMPLES_FILE).unlink()
     assert main(["export", str(old), "--format", "torchscript"]) == 0
-    assert f"did not record {DEPLOY_FILE}; recorded it now" in capsys.readouterr().err
+    assert f"did not record {DEPLOY_FILE}; recorded it now from its recipe's data" in capsys.readouterr().err
     assert json.loads((old / DEPLOY_FILE).read_text()) == json.loads(recorded)
+    again = load_file(str(old / SAMPLES_FILE))
+    assert all(torch.equal(again[k], samples[k]) for k in ("images", "labels"))
+
+
+@pytest.mark.slow
+def test_a_run_folder_is_all_an_export_needs(runs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from kdkit.data import DATASETS
+
+    def gone(**_: Any) -> None:
+        raise KdkitError("the dataset is not on this machine")
+
+    monkeypatch.setitem(DATASETS._entries, "digits", gone)  # neither data nor teacher (deleted after training)
+    assert main(["export", str(runs("fmkt_feature")), "--out", str(tmp_path)]) == 0
+    assert "top-1 agreement 100.0 % on 64 test images" in capsys.readouterr().out
+    copied = tmp_path / "copied"
+    shutil.copytree(runs("cnn"), copied)
+    (copied / SAMPLES_FILE).unlink()
+    assert main(["export", str(copied)]) == 2
+    assert f"has {DEPLOY_FILE} but no {SAMPLES_FILE}" in capsys.readouterr().err
 
 
 # -- the CLI, the model card, latency -----------------------------------------------------------------------------

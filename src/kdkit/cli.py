@@ -262,11 +262,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """`kdkit export RUN --format F`: the deployed network in a file, verified against PyTorch, and its model card."""
     from kdkit.export import export_run
-    from kdkit.export.verify import TOLERANCE, VERIFY_IMAGES
+    from kdkit.export.verify import TOLERANCE
 
     result = export_run(args.run, args.format, out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                        checkpoint=args.checkpoint, tolerance=TOLERANCE if args.tolerance is None else args.tolerance,
-                        images=VERIFY_IMAGES if args.verify_images is None else args.verify_images)
+                        checkpoint=args.checkpoint, tolerance=TOLERANCE if args.tolerance is None else args.tolerance)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     latency = result.latency[1]
@@ -379,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", default="best", help="best (default: the best epoch's) or latest")
     export.add_argument("--tolerance", type=float, help="largest output difference allowed vs PyTorch, relative to "
                         "the largest output (default 1e-4)")
-    export.add_argument("--verify-images", type=int, help="test images the verification runs (default 64)")
     export.set_defaults(fn=cmd_export)
 
     pred = sub.add_parser("predict", help="top-k classes of image files, from a run folder or an exported file")

@@ -1,19 +1,24 @@
-"""What a run folder records about the network it deploys (``deploy.json``): the input it takes and how that
-input is normalised, its class names and its task, and where its test images come from.
+"""What a run folder records about the network it deploys: ``deploy.json`` (the input it takes and how that input
+is normalised, its class names and its task, where its images come from) and ``deploy_samples.safetensors`` (the
+first test images of the run's data, as the network sees them, with their labels).
 
-The runner writes it when a run starts, so exporting a run, predicting with it or loading it
-(:mod:`kdkit.export`) never has to know the training recipe's data section or the dataset reader's
-statistics. Exported files embed the same record as their metadata.
+The runner writes both when a run starts, so exporting a run, verifying the export, predicting with it or loading it
+(:mod:`kdkit.export`) needs neither the training recipe's data section nor the dataset's files: a run folder copied
+to another machine is enough. Exported files embed the same record as their metadata.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdkit.checkpoint import atomic_write_text
+from safetensors.torch import save_file
+from torch import Tensor
+
+from kdkit.checkpoint import atomic_write_text, read_weights, reported_write
 from kdkit.errors import KdkitError
 
 if TYPE_CHECKING:
@@ -22,6 +27,10 @@ if TYPE_CHECKING:
 
 #: The record's file in a run folder.
 DEPLOY_FILE = "deploy.json"
+#: The stored test images (``images``: uint8 ``(N, C, H, W)``, ``labels``: int64 ``(N,)``).
+SAMPLES_FILE = "deploy_samples.safetensors"
+#: Test images stored (the first ones of the run's test split).
+SAMPLE_COUNT = 64
 #: Version of the record's layout.
 LAYOUT = 1
 
@@ -99,11 +108,43 @@ def deployment_of(data: ImageData, task: Task, dataset: str, root: str | None, p
                  "params": dict(params), "source": data.source, "test_samples": len(data.test_labels)})
 
 
-def write_deployment(run_dir: Path, deployment: Deployment) -> Path:
-    """Write ``run_dir/deploy.json`` atomically."""
+def write_deployment(run_dir: Path, deployment: Deployment, data: ImageData) -> Path:
+    """Write ``run_dir``'s ``deploy_samples.safetensors`` (the first :data:`SAMPLE_COUNT` test images of ``data``)
+    then ``deploy.json``, each atomically (the record last: a folder that has it has both).
+
+    Raises:
+        KdkitError: A write failed (e.g. the disk is full); the previous files are kept.
+    """
+    samples = Path(run_dir) / SAMPLES_FILE
+    tmp = samples.with_name(f".{samples.stem}.tmp-{os.getpid()}{samples.suffix}")
+    with reported_write("deploy samples", samples, fix="free space on that disk and run the command again"):
+        try:
+            save_file({"images": data.test_images[:SAMPLE_COUNT].contiguous().clone(),
+                       "labels": data.test_labels[:SAMPLE_COUNT].contiguous().clone()}, str(tmp))
+            os.replace(tmp, samples)
+        finally:
+            tmp.unlink(missing_ok=True)
     path = Path(run_dir) / DEPLOY_FILE
     atomic_write_text(path, json.dumps(deployment.to_dict(), indent=1))
     return path
+
+
+def read_samples(run_dir: Path) -> tuple[Tensor, Tensor]:
+    """The stored test images (``uint8`` ``(N, C, H, W)``) and labels of ``run_dir``.
+
+    Raises:
+        KdkitError: The file is missing, damaged or not what :func:`write_deployment` writes.
+    """
+    path = Path(run_dir) / SAMPLES_FILE
+    if not path.is_file():
+        raise KdkitError(f"run folder {str(run_dir)!r} has {DEPLOY_FILE} but no {SAMPLES_FILE}",
+                         fix="restore the file, or delete deploy.json too (kdkit then records both again from the "
+                             "recipe's dataset)", where=str(path))
+    tensors, _ = read_weights(path)
+    if set(tensors) != {"images", "labels"}:
+        raise KdkitError(f"{str(path)!r} holds {sorted(tensors)}, not images and labels", where=str(path),
+                         fix="restore the file, or delete it and deploy.json (kdkit records both again)")
+    return tensors["images"], tensors["labels"]
 
 
 def read_deployment(run_dir: Path) -> Deployment | None:

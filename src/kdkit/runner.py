@@ -1,10 +1,10 @@
 """``kdkit run``: from a recipe to a finished run folder.
 
 A run folder holds ``recipe.yaml`` (the resolved recipe), ``resolved_params.yaml`` (every parameter of its
-distillation terms, defaults included), ``deploy.json`` (the deployed network's input, normalisation, class names
-and task: :mod:`kdkit.deployment`), ``metrics.csv``/``metrics.json``, ``checkpoints/`` and, when finished,
-``summary.json``. A teacher named by ``teacher.recipe`` is
-trained first (or its finished run reused when the recipe's digest matches).
+distillation terms, defaults included), ``deploy.json`` and ``deploy_samples.safetensors`` (the deployed network's
+input, normalisation, class names and task, and its first test images: :mod:`kdkit.deployment`),
+``metrics.csv``/``metrics.json``, ``checkpoints/`` and, when finished, ``summary.json``. A teacher named by
+``teacher.recipe`` is trained first (or its finished run reused when the recipe's digest matches).
 
 One process writes a run folder at a time (:mod:`kdkit.locks`): a second run into a folder in use exits
 with code 2 naming the holder, since it would train something else into the same files (or the same thing
@@ -162,7 +162,7 @@ def _train(recipe: Recipe, *, source: Path | None, resume: bool, overwrite: bool
         # what the deployed network takes and outputs, so exports and predictions need neither recipe nor data
         assert built.data is not None and built.task is not None
         write_deployment(run_dir, deployment_of(built.data, built.task.task, recipe.data.dataset, recipe.data.root,
-                                                recipe.data.params))
+                                                recipe.data.params), built.data)
         if recipe.distill:
             atomic_write_text(run_dir / "resolved_params.yaml", RESOLVED_HEADER + yaml.safe_dump(
                 {"distill": resolved_terms(recipe)}, sort_keys=False))

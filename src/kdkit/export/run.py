@@ -1,9 +1,9 @@
 """``kdkit export``: a finished run's deployed network written in a format, verified, timed and described.
 
 Order: check the options (format, opset, batch) before anything is built; load the run; write the file under a
-temporary name; load it back with its own runtime and compare it with PyTorch on the run's first test images; only
-then give it its name (a file that fails is kept as ``NAME.unverified`` and the command exits with code 1); time it;
-write ``model_card.md`` beside it.
+temporary name; load it back with its own runtime and compare it with PyTorch on the run's first test images (stored
+in the run folder); only then give it its name (a file that fails is kept as ``NAME.unverified`` and the command
+exits with code 1); time it; write ``model_card.md`` beside it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from typing import Any
 from kdkit._version import __version__
 from kdkit.checkpoint import atomic_write_text, reported_write
 from kdkit.data import normalize
+from kdkit.deployment import read_samples
 from kdkit.errors import ExportMismatch, KdkitError
 from kdkit.export.card import model_card
 from kdkit.export.formats import FORMATS, ExportFormat
 from kdkit.export.source import DeployedRun, describe, open_run
 from kdkit.export.timing import latency_table
-from kdkit.export.verify import TOLERANCE, VERIFY_IMAGES, Verification, test_images, verify
+from kdkit.export.verify import TOLERANCE, Verification, verify
 
 #: Name of the card written beside an export.
 CARD = "model_card.md"
@@ -114,7 +115,7 @@ def export_metadata(run: DeployedRun, fmt: ExportFormat, *, opset: int | None, b
 
 def export_run(run_dir: str | Path, fmt_name: str = "onnx", *, out: str | Path | None = None, opset: int | None = None,
                dynamic_batch: bool = False, checkpoint: str = "best", tolerance: float = TOLERANCE,
-               images: int = VERIFY_IMAGES, timing_batches: tuple[int, ...] = (1,),
+               timing_batches: tuple[int, ...] = (1,),
                repeats: int = CARD_REPEATS) -> ExportResult:
     """Export a finished run's deployed network (module docstring).
 
@@ -126,7 +127,6 @@ def export_run(run_dir: str | Path, fmt_name: str = "onnx", *, out: str | Path |
         dynamic_batch: Let the file take any batch size (else it takes one image at a time).
         checkpoint: ``best`` or ``latest``.
         tolerance: Relative tolerance of the verification.
-        images: Test images the verification runs.
         timing_batches: Batch sizes the latency is measured at (the model card's figures; a file that takes one
             image at a time is fed the batch image by image).
         repeats: Timed runs per latency figure (the median is reported).
@@ -136,11 +136,8 @@ def export_run(run_dir: str | Path, fmt_name: str = "onnx", *, out: str | Path |
         ExportMismatch: The written file's outputs differ from PyTorch's beyond the tolerance (exit code 1).
     """
     fmt = checked_options(fmt_name, opset, dynamic_batch)
-    if images < 1:
-        raise KdkitError(f"--verify-images {images}: the verification needs at least one image",
-                         fix="use the default (64) or a positive number", where="--verify-images")
     run = open_run(run_dir, checkpoint)
-    pixels, _ = test_images(run.deployment, images)
+    pixels, _ = read_samples(run.folder)
     path = output_path(run, fmt, out)
     batch = None if dynamic_batch or not fmt.takes_dynamic_batch else 1
     example = normalize(pixels[: 2 if batch is None else 1], run.deployment.mean, run.deployment.std)

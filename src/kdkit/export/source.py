@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kdkit.build import DataShape, plan_deployed
 from kdkit.checkpoint import WEIGHTS, pointed, read_weights, state_mismatch
-from kdkit.data import load_dataset, subset
+from kdkit.data import SETTINGS, apply_setting, load_dataset, subset
 from kdkit.deployment import DEPLOY_FILE, Deployment, deployment_of, read_deployment, write_deployment
 from kdkit.distill import Student
 from kdkit.errors import KdkitError
@@ -129,16 +129,27 @@ def open_run(folder: str | Path, checkpoint: str = "best") -> DeployedRun:
 
 
 def record_deployment(folder: Path, recipe: Recipe) -> Deployment:
-    """Write ``deploy.json`` for a run folder from before the runner wrote it, from its recipe's dataset and task,
-    saying so."""
-    data = load_dataset(recipe.data.dataset, recipe.data.root, **recipe.data.params)
-    if recipe.data.subset is not None:  # as the run's data was: its source says so
-        data = subset(data, recipe.data.subset, recipe.data.subset_seed)
+    """Write ``deploy.json`` and its samples for a run folder from before the runner wrote them, from the recipe's
+    data (its subset and setting applied, as the run's were) and task, saying so.
+
+    Raises:
+        KdkitError: The dataset cannot be read here, or the run's data setting ranked its images by the teacher's
+            outputs (which exporting does not recompute).
+    """
+    spec = recipe.data
+    data = load_dataset(spec.dataset, spec.root, **spec.params)
+    if spec.subset is not None:
+        data = subset(data, spec.subset, spec.subset_seed)
+    if spec.setting is not None:
+        if SETTINGS.get(spec.setting.name).reads_teacher(spec.setting.params):
+            raise KdkitError(f"{str(folder)!r} was written by a kdkit that did not record {DEPLOY_FILE}, and its data "
+                             f"setting {spec.setting.name!r} chose its images by the teacher's outputs",
+                             fix="rerun it with this kdkit (the runner records the file)", where=str(folder))
+        data = apply_setting(data, spec.setting.name, spec.setting.params, spec.setting.seed)
     task = TASKS.get(recipe.task, where="task")
-    deployment = deployment_of(data, task, recipe.data.dataset, recipe.data.root, recipe.data.params)
-    path = write_deployment(folder, deployment)
+    deployment = deployment_of(data, task, spec.dataset, spec.root, spec.params)
+    path = write_deployment(folder, deployment, data)
     print(f"note: {str(folder)!r} was written by a kdkit that did not record {DEPLOY_FILE}; recorded it now from its "
-          f"recipe's dataset {recipe.data.dataset!r} ({data.source}) and task {recipe.task!r}: {path}",
-          file=sys.stderr)
+          f"recipe's data {data.name!r} ({data.source}) and task {recipe.task!r}: {path}", file=sys.stderr)
     return deployment
 

@@ -1,4 +1,5 @@
-"""Every export is checked: the written file, run by its own runtime, against PyTorch on real test images."""
+"""Every export is checked: the written file, run by its own runtime, against PyTorch on real test images (the
+run's first ones, stored in its folder: :func:`kdkit.deployment.read_samples`)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kdkit.data import load_dataset, normalize
-from kdkit.deployment import DEPLOY_FILE, Deployment
-from kdkit.errors import KdkitError
+from kdkit.data import normalize
+from kdkit.deployment import Deployment
 from kdkit.export.formats import Exported
 
 #: Largest |output difference| an export may show, relative to the largest |output| of the batch (at least 1):
 #: two runtimes' float32 kernels (other summation orders, fused operations) differ by ~1e-6 of it.
 TOLERANCE = 1e-4
-#: Test images an export is verified on (the first ones of the run's test split).
-VERIFY_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -52,22 +50,6 @@ class Verification:
         """One line for the user."""
         return (f"max |diff| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), top-1 agreement "
                 f"{self.agreement:.1f} % on {self.images} test images")
-
-
-def test_images(deployment: Deployment, count: int = VERIFY_IMAGES) -> tuple[Tensor, Tensor]:
-    """The first ``count`` test images (``uint8``) and labels of the run's dataset, as ``deploy.json`` names it.
-
-    Raises:
-        KdkitError: The dataset cannot be loaded here.
-    """
-    spec = deployment.dataset
-    try:
-        data = load_dataset(spec["name"], spec.get("root"), **spec.get("params", {}))
-    except KdkitError as exc:
-        raise KdkitError(f"cannot load the run's test images to verify the export: {exc.message}",
-                         fix=f"{exc.fix or 'make the dataset readable here'} (the run folder's {DEPLOY_FILE} names "
-                             "the dataset and its root)", where=DEPLOY_FILE) from None
-    return data.test_images[:count], data.test_labels[:count]
 
 
 @torch.inference_mode()
