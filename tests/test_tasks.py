@@ -170,3 +170,19 @@ def test_a_run_on_three_classes_shows_no_top5(tiny: dict, monkeypatch: pytest.Mo
                  "train.best_metric=top5"]) == 2
     err = capsys.readouterr().err
     assert "'top5'" in err and "digits_3" in err and "top1" in err
+
+
+def test_a_task_declares_how_its_outputs_become_probabilities() -> None:
+    from kdkit.task import Task, register_task
+
+    assert {name: task.probabilities for name, task in TASKS.items()} == {"classification": "softmax",
+                                                                         "multilabel": "sigmoid"}
+
+    class Scores(Task):
+        """Outputs that are probabilities some other way."""
+
+        name, metrics, best, probabilities = "scores", ("top1",), "top1", "relu"
+
+    with pytest.raises(TypeError, match="probabilities is 'relu'; use one of"):
+        register_task(Scores)
+    assert "scores" not in TASKS

@@ -9,6 +9,8 @@ The pieces, importable from here:
 * data: :func:`load_dataset`, :func:`subset`, :func:`make_loaders`, :class:`AugmentConfig`
 * training: :class:`Engine` (:func:`optimizer_factory` of a :class:`TrainSpec`, a task from :data:`TASKS`)
 * recipes: :func:`load_recipe`, :func:`run_recipe`
+* deploying: :func:`load_deployed` (a finished run's deployed network, taking raw images); ``kdkit export`` and
+  ``kdkit predict`` (:mod:`kdkit.export`)
 """
 
 from kdkit._version import __version__
@@ -19,6 +21,7 @@ from kdkit.data.loader import BatchLoader, make_loaders
 from kdkit.distill import FrozenTeacher, Objective, Student, Term
 from kdkit.engine import Engine, FitResult
 from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.export import load_deployed
 from kdkit.losses import LOSSES
 from kdkit.models import MODELS, build_model, count_parameters
 from kdkit.recipe import Recipe, TrainSpec, load_recipe, recipe_from_dict
@@ -30,6 +33,7 @@ from kdkit.task import TASKS
 __all__ = [
     "BRIDGES", "LOSSES", "MODELS", "TASKS", "AugmentConfig", "BatchLoader", "Engine", "FitResult", "FrozenTeacher",
     "ImageData", "KdkitError", "Objective", "Recipe", "Student", "Term", "TrainSpec", "TrainingDiverged",
-    "__version__", "build_model", "count_parameters", "load_dataset", "load_model_weights", "load_recipe",
+    "__version__", "build_model", "count_parameters", "load_dataset", "load_deployed", "load_model_weights",
+    "load_recipe",
     "make_loaders", "optimizer_factory", "recipe_from_dict", "resolve_tap", "run_recipe", "subset", "tap_shapes",
 ]

@@ -219,8 +219,11 @@ class _Planner:
     """The stages of :func:`plan`; every stage adds what it finds wrong to one list, so all problems are
     reported at once (a stage skips what an earlier problem made impossible to check)."""
 
-    def __init__(self, recipe: Recipe, training: bool, source: Path | None) -> None:
+    def __init__(self, recipe: Recipe, training: bool, source: Path | None, deploying: bool = False) -> None:
         self.recipe, self.training, self.source = recipe, training, source
+        # Rebuilding a finished run's deployed network: its checkpoint gives every weight, so no initial
+        # weights, teacher weights or teacher recipe are read, and the losses are not set up.
+        self.deploying = deploying
         self.base = source.parent if source is not None else None
         self.errors: list[KdkitError] = []
         self.warnings: list[str] = []
@@ -357,7 +360,7 @@ class _Planner:
         for member, spec in recipe.trained_members().items():
             at = "model" if member == "model" else f"peers.{member}"
             members[member] = built = self.network(spec, shape, at)
-            if built is not None and spec.checkpoint is not None:
+            if built is not None and spec.checkpoint is not None and not self.deploying:
                 if self.training or Path(spec.checkpoint).exists():
                     self.attempt(load_model_weights, built, spec.checkpoint, where=f"{at}.checkpoint")
                 else:
@@ -375,6 +378,8 @@ class _Planner:
         for member, spec in recipe.frozen_teachers().items():
             at = recipe.teacher_key(member)
             models[member] = built = self.network(spec, shape, at)
+            if self.deploying:  # only the shapes of its taps are needed (to build the bridges)
+                continue
             if spec.recipe is not None:
                 self.attempt(teacher_run_recipe, spec, self.base, f"{at}.recipe")
             if built is None:
@@ -472,11 +477,11 @@ class _Planner:
         tap_shapes: dict[str, tuple[Any, Any]] = {}
         if model is None or (teacher_model is None and recipe.has_teacher) or not found.losses:
             return bridges, tap_shapes
-        example = torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size)
         # the student's logits too: teacher-less terms map onto the student's own logit width
         probe = [*found.student_taps.values(), Tap(LOGITS, "", "logits")]
-        s_shapes = self.attempt(probe_shapes, model, probe, example) or {}
-        t_shapes = (self.attempt(probe_shapes, teacher_model, list(found.teacher_taps.values()), example) or {}
+        s_shapes = self.attempt(probe_shapes, model, probe, _example(model, shape)) or {}
+        t_shapes = (self.attempt(probe_shapes, teacher_model, list(found.teacher_taps.values()),
+                                 _example(teacher_model, shape)) or {}
                     if teacher_model is not None else {})
         for i, (term, name) in enumerate(zip(recipe.distill, found.names, strict=True)):
             if name not in found.losses:
@@ -496,6 +501,8 @@ class _Planner:
                 bridges[name] = bridge
                 s_shape = bridged_shape(bridge, s_shape)
             tap_shapes[name] = (s_shape, t_shape)
+            if self.deploying:
+                continue
             loss = found.losses[name]
             self.attempt(loss.setup, s_shape, t_shape, num_samples)
             self.check_shapes(term, loss, s_spec, t_spec, s_shape, t_shape, where)
@@ -562,6 +569,13 @@ def teacher_logits(model: nn.Module, data: ImageData, batch_size: int = 1000) ->
         model.train(was_training)
 
 
+def _example(net: nn.Module, shape: DataShape) -> torch.Tensor:
+    """A probe batch of two blank images on ``net``'s device (the meta device for shape-only networks)."""
+    where = next(net.parameters(), None)
+    return torch.zeros(2, shape.in_channels, shape.image_size, shape.image_size,
+                       device=where.device if where is not None else None)
+
+
 def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: torch.device | None = None) -> Plan:
     """Build and check every object of ``recipe``, in stages: device, data and task; the networks; the terms;
     shapes and bridges; then the student, teacher and objective.
@@ -619,3 +633,26 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
                           supervised=bound.loss if bound is not None else None,
                           supervised_name=task.loss_name).to(dev)
     return Plan(recipe, data, shape, student, objective, teacher, dev, precision, stage.warnings, tap_shapes, bound)
+
+
+def plan_deployed(recipe: Recipe, shape: DataShape) -> Student:
+    """The student of a finished run of ``recipe`` as :func:`plan` builds it -- the trained network and every
+    bridge, on the CPU with fresh weights -- for loading that run's checkpoint into (export, predict).
+
+    Nothing but the recipe is read: no data (``shape`` is what the run recorded), no initial or teacher weights
+    and no teacher recipe. The teachers are built on the meta device, only for the shapes their taps give the
+    bridges, and the losses are not set up.
+
+    Raises:
+        RecipeErrors: Every problem found (unknown names, taps, bridge parameters).
+    """
+    stage = _Planner(recipe, training=False, source=None, deploying=True)
+    torch.manual_seed(recipe.train.seed)
+    model = stage.trained(shape)
+    with torch.device("meta"):
+        teacher_model = stage.frozen(shape)
+        found = stage.terms(model, teacher_model)  # the losses are built too: the bridges need their shapes
+    bridges, _ = stage.bridges(found, model, teacher_model, shape, num_samples=0)
+    stage.raise_errors()
+    assert model is not None
+    return Student(model, {name: reads[0] for name, reads in found.reads.items()}, bridges)

@@ -1,7 +1,7 @@
-"""The ``kdkit`` command line: run, validate, ls, demo, bench, cache, report.
+"""The ``kdkit`` command line: run, validate, ls, demo, bench, cache, report, export, predict.
 
-Exit codes: 0 success, 2 bad input (recipe, names, files), 3 training diverged, 130 interrupted
-(a checkpoint was saved; ``--resume`` continues).
+Exit codes: 0 success, 1 an export that does not compute what PyTorch does, 2 bad input (recipe, names, files),
+3 training diverged, 130 interrupted (a checkpoint was saved; ``--resume`` continues).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.errors import ExportMismatch, KdkitError, TrainingDiverged
 
 
 def _split_resume(overrides: list[str]) -> tuple[list[str], bool]:
@@ -175,6 +175,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`kdkit bench methods|speed`: every method on Fashion-MNIST, or ms per step vs hand-written loops."""
     from kdkit.bench.methods import run_methods_bench
 
+    if args.what == "export":
+        from kdkit.bench.export import run_export_bench
+
+        names, overrides = _names_and_overrides(args.overrides)
+        if len(names) != 1 or overrides:
+            raise KdkitError(f"bench export takes one run folder, got {args.overrides or 'none'}",
+                             fix="kdkit bench export runs/demo/kd_seed0 [--format onnx]")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise KdkitError(f"--threads {args.threads} runs nothing", fix="use --threads 1 or more",
+                                 where="--threads")
+            import torch
+
+            torch.set_num_threads(args.threads)  # onnxruntime is given as many
+        run_export_bench(Path(names[0]), args.format, out=Path(args.out) if args.out else None)
+        return 0
     if args.what == "speed":
         from kdkit.bench.speed import run_speed_bench
 
@@ -243,6 +259,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`kdkit export RUN --format F`: the deployed network in a file, verified against PyTorch, and its model card."""
+    from kdkit.export import export_run
+    from kdkit.export.verify import TOLERANCE
+
+    result = export_run(args.run, args.format, out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                        checkpoint=args.checkpoint, tolerance=TOLERANCE if args.tolerance is None else args.tolerance)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    latency = result.latency[1]
+    print(f"export: {result.path} ({result.format}, {result.metadata['run']['network']})")
+    print(f"verified against PyTorch: {result.verification.line()}")
+    print(f"latency at batch 1: PyTorch eager {latency['eager']:.3f} ms, {result.format} {latency['export']:.3f} ms "
+          "per image (`kdkit bench export RUN` measures more)")
+    print(f"model card: {result.card}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """`kdkit predict RUN_OR_EXPORT IMAGE_OR_FOLDER ...`: the top-k classes of image files."""
+    from kdkit.export.predict import open_predictor, predict, print_predictions
+
+    predictor = open_predictor(args.source, args.checkpoint)
+    print_predictions(predictor, predict(predictor, args.images, args.top_k), args.top_k)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation toolkit.",
@@ -294,14 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: `bench methods` (every method on Fashion-MNIST), "
                            "`bench speed [RECIPE]` (ms per step vs hand-written loops)")
-    bench.add_argument("what", choices=["methods", "speed"])
-    bench.add_argument("overrides", nargs="*", help="[RECIPE for speed] then key=value recipe overrides")
+    bench.add_argument("what", choices=["methods", "speed", "export"])
+    bench.add_argument("overrides", nargs="*", help="[RECIPE for speed] then key=value recipe overrides; the run "
+                       "folder for export")
     bench.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     bench.add_argument("--methods", help="comma-separated recipe names (default: every recipe of the suite)")
     bench.add_argument("--suite", default="fashion_mnist", help="folder of shipped recipes to benchmark: "
                        "fashion_mnist (classification, default) or scenes (multi-label)")
     bench.add_argument("--out", help="output folder (default runs/bench_methods or runs/bench_speed)")
     bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
+    bench.add_argument("--format", default="onnx", help="export: the format timed against PyTorch eager (default "
+                       "onnx)")
+    bench.add_argument("--threads", type=int, help="export: CPU threads of both runtimes (default: torch's)")
     bench.set_defaults(fn=cmd_bench)
 
     cache = sub.add_parser("cache", help="teacher-output cache: `cache build RECIPE` runs the teacher once over "
@@ -318,6 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", help="output folder (default: report/ next to the first run)")
     rep.set_defaults(fn=cmd_report)
+
+    export = sub.add_parser("export", help="write a finished run's deployed network (onnx, torchscript, safetensors) "
+                            "with its preprocessing, verified against PyTorch, and a model card")
+    export.add_argument("run", help="a finished run folder")
+    export.add_argument("--format", default="onnx", help="onnx (default; pip install 'kdkit[export]'), torchscript "
+                        "or safetensors")
+    export.add_argument("--out", help="file (with the format's suffix) or folder to write (default RUN/export/)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    export.add_argument("--dynamic-batch", action="store_true", help="let the file take any batch size (default: "
+                        "one image at a time)")
+    export.add_argument("--checkpoint", default="best", help="best (default: the best epoch's) or latest")
+    export.add_argument("--tolerance", type=float, help="largest output difference allowed vs PyTorch, relative to "
+                        "the largest output (default 1e-4)")
+    export.set_defaults(fn=cmd_export)
+
+    pred = sub.add_parser("predict", help="top-k classes of image files, from a run folder or an exported file")
+    pred.add_argument("source", help="a finished run folder or a file written by `kdkit export`")
+    pred.add_argument("images", nargs="+", help="image files or folders of them")
+    pred.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    pred.add_argument("--checkpoint", default="best", help="for a run folder: best (default) or latest")
+    pred.set_defaults(fn=cmd_predict)
     return parser
 
 
@@ -359,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except ExportMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Interrupted as exc:
         print(f"{exc}\ncontinue with: {resume_command(original)}", file=sys.stderr)
         return 130

@@ -289,6 +289,26 @@ class Student(nn.Module):
             handle.remove()
         self._rewrite_handles.clear()
 
+    def deployed_terms(self) -> list[str]:
+        """The terms whose bridges the deployed network (:meth:`predict`) runs: the rewriting ones, and the
+        deploying one unless it says it does not run at inference."""
+        term = self.deploy_term
+        deploying = [term] if term is not None and self.bridges[term].runs_at_inference else []
+        return [*deploying, *self.rewriting]
+
+    def deployment(self) -> Student:
+        """A Student with only what :meth:`predict` runs, so that its ``state_dict`` holds exactly the deployed
+        network's weights: :meth:`deployed_terms`' bridges and taps (training-only bridges and the taps only losses
+        read are left out), and of a :class:`PeerGroup` without such bridges its deployed member alone. This
+        Student's hooks are removed first (a model carries the rewriting hooks of one Student at a time); use the
+        returned one from then on."""
+        keep = self.deployed_terms()
+        self.remove_hooks()
+        model = self.model
+        if isinstance(model, PeerGroup) and not keep:  # the other peers only taught it
+            model = getattr(model, model.deploy)
+        return Student(model, {t: self.reads[t] for t in keep}, {t: self.bridges[t] for t in keep})
+
     def predict(self, x: Tensor) -> Tensor:
         """The deployed model's logits ``(B, K)``: what evaluation, export and latency measure.
 

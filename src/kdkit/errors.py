@@ -93,6 +93,16 @@ class TrainingDiverged(RuntimeError):
         return f"{self.message}; last good checkpoint kept: {self.checkpoint or 'none yet'}; fix: {self.fix}"
 
 
+class ExportMismatch(RuntimeError):
+    """An exported file's outputs differ from PyTorch's beyond the tolerance (the CLI exits with code 1).
+
+    Not a :class:`KdkitError`: the input was valid, the exporter or runtime produced something else.
+
+    Args:
+        message: What differs, where (image, output) and by how much, and where the unverified file was kept.
+    """
+
+
 def closest(bad: str | None, choices: Iterable[str] | None) -> list[str]:
     """Order ``choices`` so the ones most similar to ``bad`` come first.
 

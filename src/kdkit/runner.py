@@ -1,9 +1,10 @@
 """``kdkit run``: from a recipe to a finished run folder.
 
 A run folder holds ``recipe.yaml`` (the resolved recipe), ``resolved_params.yaml`` (every parameter of its
-distillation terms, defaults included), ``metrics.csv``/``metrics.json``, ``checkpoints/`` and, when finished,
-``summary.json``. A teacher named by ``teacher.recipe`` is
-trained first (or its finished run reused when the recipe's digest matches).
+distillation terms, defaults included), ``deploy.json`` and ``deploy_samples.safetensors`` (the deployed network's
+input, normalisation, class names and task, and its first test images: :mod:`kdkit.deployment`),
+``metrics.csv``/``metrics.json``, ``checkpoints/`` and, when finished, ``summary.json``. A teacher named by
+``teacher.recipe`` is trained first (or its finished run reused when the recipe's digest matches).
 
 One process writes a run folder at a time (:mod:`kdkit.locks`): a second run into a folder in use exits
 with code 2 naming the holder, since it would train something else into the same files (or the same thing
@@ -26,6 +27,7 @@ from kdkit._version import __version__
 from kdkit.assemble import assemble, check_same_recipe
 from kdkit.build import plan, resolve_device, resolved_terms, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed, remove_leftovers
+from kdkit.deployment import deployment_of, write_deployment
 from kdkit.distributed import DistContext, barrier, init_distributed
 from kdkit.engine import Callback
 from kdkit.errors import KdkitError
@@ -157,6 +159,10 @@ def _train(recipe: Recipe, *, source: Path | None, resume: bool, overwrite: bool
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        # what the deployed network takes and outputs, so exports and predictions need neither recipe nor data
+        assert built.data is not None and built.task is not None
+        write_deployment(run_dir, deployment_of(built.data, built.task.task, recipe.data.dataset, recipe.data.root,
+                                                recipe.data.params), built.data)
         if recipe.distill:
             atomic_write_text(run_dir / "resolved_params.yaml", RESOLVED_HEADER + yaml.safe_dump(
                 {"distill": resolved_terms(recipe)}, sort_keys=False))

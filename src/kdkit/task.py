@@ -80,6 +80,9 @@ class Task:
         loss_name: Log key of the supervised loss.
         train_metric: Name of the training score (``train_<name>``).
         deployed_output: What the deployed network outputs, in words (for reports and exports).
+        probabilities: How the deployed outputs become class probabilities: ``"softmax"`` over the classes,
+            ``"sigmoid"`` for each class on its own, or ``""`` when they are not class scores (``kdkit predict``,
+            exports and :func:`kdkit.export.load_deployed` apply it).
     """
 
     name: ClassVar[str] = ""
@@ -89,6 +92,7 @@ class Task:
     loss_name: ClassVar[str] = "loss"
     train_metric: ClassVar[str] = ""
     deployed_output: ClassVar[str] = ""
+    probabilities: ClassVar[str] = ""
 
     def metrics_for(self, data: ImageData | None) -> tuple[str, ...]:
         """The metrics meaningful on ``data`` (what a run on it reports); ``None`` (data unknown): all of them.
@@ -120,12 +124,16 @@ def higher_is_better(metrics: tuple[str, ...]) -> list[str]:
 
 
 TASKS: Registry[Task] = Registry("task", fix="run `kdkit ls tasks`")
+#: The values of :attr:`Task.probabilities`.
+PROBABILITIES = ("softmax", "sigmoid", "")
 
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: register one instance of a :class:`Task` subclass under ``cls.name``."""
     if not cls.name or not cls.metrics or cls.best not in cls.metrics:
         raise TypeError(f"{cls.__name__} needs a `name`, its `metrics` and a `best` metric among them")
+    if cls.probabilities not in PROBABILITIES:
+        raise TypeError(f"{cls.__name__}.probabilities is {cls.probabilities!r}; use one of {PROBABILITIES}")
     TASKS.add(cls.name, cls(), (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
     return cls
 

@@ -156,6 +156,7 @@ class Classification(Task):
     loss_name = "ce"
     train_metric = "top1"
     deployed_output = "class logits (B, K); softmax gives the class probabilities"
+    probabilities = "softmax"
 
     def metrics_for(self, data: Any) -> tuple[str, ...]:
         if data is None:

@@ -86,6 +86,7 @@ class Multilabel(Task):
     loss_name = "bce"
     train_metric = "label_acc"
     deployed_output = "one logit per class (B, K); sigmoid gives each class's probability"
+    probabilities = "sigmoid"
 
     def check_data(self, data: Any) -> str | None:
         problem = super().check_data(data)
