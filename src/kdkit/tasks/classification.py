@@ -159,8 +159,8 @@ class Classification(Task):
     probabilities = "softmax"
 
     def metrics_for(self, data: Any) -> tuple[str, ...]:
-        if data is None:
-            return self.metrics
+        if data is None:  # unknown data: no novel classes to cluster
+            return tuple(m for m in self.metrics if m != NOVEL)
         dropped = {"top5"} if data.num_classes <= TOP_K["top5"] else set()
         if not data.novel_classes:  # clustering accuracy is defined on novel classes only
             dropped.add(NOVEL)
