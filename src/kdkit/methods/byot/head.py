@@ -8,7 +8,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdkit.bridges import register_bridge
-from kdkit.bridges.roles import StructuredBridge
 from kdkit.errors import KdkitError
 
 TAPS_FIX = "give the term `student: [SHALLOW_TAP, DEEP_FEATURE_TAP, logits]`, e.g. [stage1, stage2, logits]"
@@ -23,11 +22,12 @@ def bottleneck(channels_in: int, channels_out: int, stride: int) -> nn.Sequentia
         nn.Conv2d(middle, channels_out, 1), nn.BatchNorm2d(channels_out), nn.ReLU())
 
 
-class ByotHead(StructuredBridge):
+class ByotHead(nn.Module):
     """A shallow classifier: its feature has the deep feature's shape, its logits the model's.
 
-    Reads ``[shallow map, deep feature, model logits]`` and returns ``(F_i, q_i, F_C, q_C)``, the last two detached
-    (targets: a shallow classifier must not train the deep layers through them).
+    Reads ``[shallow map, deep feature, model logits]`` and returns ``[F_i, q_i, F_C, q_C]``: the last two pass
+    through, for the ``byot`` loss, which treats them as targets (detached: a shallow classifier must not train the
+    deep layers through them).
 
     Args:
         channels_in: Channels of the shallow map.
@@ -44,16 +44,11 @@ class ByotHead(StructuredBridge):
         self.pool = nn.AdaptiveAvgPool2d(1) if len(deep_shape) == 1 else nn.Identity()
         self.fc = nn.Linear(math.prod(deep_shape), classes)
 
-    def forward(self, taps: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(F_i, q_i, F_C, q_C)`` from ``[shallow map, deep feature, model logits]``."""
+    def forward(self, taps: list[Tensor]) -> list[Tensor]:
+        """``[F_i, q_i, F_C, q_C]`` from ``[shallow map, deep feature, model logits]``."""
         shallow, deep, logits = taps
         feature = self.pool(self.bottleneck(shallow)).reshape(len(shallow), *self.deep_shape)
-        return feature, self.fc(feature.flatten(1)), deep.detach(), logits.detach()
-
-    def output_shape(self, input_shape: Any) -> list[tuple[int, ...]]:
-        """``[F_i, q_i, F_C, q_C]`` per-sample shapes."""
-        _, deep, logits = input_shape
-        return [tuple(deep), tuple(logits), tuple(deep), tuple(logits)]
+        return [feature, self.fc(feature.flatten(1)), deep, logits]
 
 
 def head_stride(shallow: tuple[int, ...], deep: tuple[int, ...]) -> int:
@@ -71,14 +66,15 @@ def head_stride(shallow: tuple[int, ...], deep: tuple[int, ...]) -> int:
 @register_bridge("byot_head", fuses_taps=True,
                  help="BYOT's shallow classifier (training-only): bottleneck + linear on an intermediate tap; reads "
                       "[shallow, deep feature, logits]",
-                 example_shapes=([(4, 8, 8), (8, 4, 4), (10,)], (10,)))
+                 example_shapes=([(4, 8, 8), (8, 4, 4), (10,)], [(8, 4, 4), (10,), (8, 4, 4), (10,)]))
 def byot_head(student_shape: Any, teacher_shape: Any) -> ByotHead:
     """A BYOT shallow classifier (Zhang et al., ICCV 2019; see :mod:`kdkit.methods.byot`).
 
     Args:
         student_shape: Per-sample shapes of the term's three student taps: the shallow map ``(C_i, H_i, W_i)``, the
             deep feature (``(C, H, W)`` or ``(C,)``) the model's classifier reads, and the logits ``(K,)``.
-        teacher_shape: The student's own logit shape (the term reads no teacher).
+        teacher_shape: Not used: the targets are the model's own (a ``byot`` term reads no teacher; its output
+            shapes are ``[deep feature, logits, deep feature, logits]``).
     """
     shapes = student_shape if isinstance(student_shape, list) else [student_shape]
     if len(shapes) != 3 or len(shapes[0]) != 3 or len(shapes[2]) != 1:

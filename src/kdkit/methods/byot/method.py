@@ -27,10 +27,10 @@ class ByotMethod(Method):
                             "train.ce_weight to 1 - alpha (0.9 with alpha 0.1)")
         if recipe.peers is not None:
             problems.append("BYOT distils a network into its own shallow classifiers: remove `peers:`")
-        for i, term in enumerate(recipe.distill):
-            if (term.loss == LOSS) != (term.bridge == BRIDGE):
-                problems.append(f"distill.{i}: the `{LOSS}` loss and the `{BRIDGE}` bridge go together: got loss "
-                                f"{term.loss!r} with bridge {term.bridge!r}; give `loss: {LOSS}, bridge: {BRIDGE}`")
+        for i, term in enumerate(recipe.distill):  # (the loss without the bridge: refused by its `requires_bridge`)
+            if term.bridge == BRIDGE and term.loss != LOSS:
+                problems.append(f"distill.{i}: the `{BRIDGE}` bridge feeds the `{LOSS}` loss, got loss {term.loss!r}; "
+                                f"set `loss: {LOSS}`")
         return problems
 
     def attach(self, built: Any, ctx: Any) -> MethodRun | None:
