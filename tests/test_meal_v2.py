@@ -212,3 +212,11 @@ def test_a_tiny_two_teacher_meal_v2_run_logs_both_terms_and_resumes_exactly(tiny
     b = json.loads((broken / "metrics.json").read_text())
     assert all("train_similarity" in r and "train_discriminator" in r and "train_ce" not in r for r in a)
     assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
+
+
+def test_one_teacher_is_enough(tiny_kd: dict, tmp_path: Path) -> None:
+    """`teacher:` (one) instead of `teachers:`: the terms read its logits."""
+    recipe = copy.deepcopy(tiny_kd)
+    recipe["distill"] = [{"loss": "kd", "temperature": 1}, {"loss": "meal_v2_discriminator", "hidden": 8}]
+    recipe["train"]["ce_weight"] = 0
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
