@@ -29,6 +29,7 @@ from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.losses import LOSSES, DistillLoss
 from kdkit.params import Range, accepted_params, check_params, value_range
+from kdkit.recipe import recipe_from_dict
 
 LOSS_NAMES = LOSSES.names()
 BRIDGE_NAMES = BRIDGES.names()
@@ -220,6 +221,23 @@ def test_ls_loss_lists_every_parameter_with_its_default_and_description(
         assert described.startswith("      ") and described.strip(), f"{name}.{param} has no `Args:` entry"
 
 
+def ce_weight_allowed(name: str) -> float:
+    """``train.ce_weight`` for the one-term recipe with loss ``name``: 1, unless only 0 makes it schema- and
+    method-valid (MEAL V2 refuses hard labels), so that the recipe's problem is the parameter under test."""
+
+    def accepted(ce_weight: float) -> bool:
+        try:
+            recipe_from_dict({"name": "probe", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits"},
+                              "teacher": {"arch": "cnn_teacher", "checkpoint": "teacher.safetensors"},
+                              "distill": [{"loss": name}],
+                              "train": {"epochs": 1, "ce_weight": ce_weight}})
+        except (KdkitError, ValueError):
+            return False
+        return True
+
+    return 0.0 if not accepted(1.0) and accepted(0.0) else 1.0
+
+
 BOUNDED_LOSS_PARAMS = [(name, param) for name in LOSS_NAMES for param in bounded_params(LOSSES.get(name))]
 
 
@@ -230,7 +248,7 @@ def test_loss_parameter_out_of_bounds_fails_validation_naming_the_bound(
     bad = outside(bounds)
     recipe = {"name": "bounds", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits"},
               "teacher": {"arch": "cnn_teacher", "checkpoint": str(tmp_path / "teacher.safetensors")},
-              "distill": [{"loss": name, param: bad}], "train": {"epochs": 1},
+              "distill": [{"loss": name, param: bad}], "train": {"epochs": 1, "ce_weight": ce_weight_allowed(name)},
               "output": {"dir": str(tmp_path / "run")}}
     assert main(["validate", str(write_recipe(tmp_path / "recipe.yaml", recipe))]) == 2
     err = capsys.readouterr().err

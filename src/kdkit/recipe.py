@@ -268,9 +268,14 @@ class RecipeCore(Strict):
 
     @model_validator(mode="after")
     def _terms_need_teacher(self) -> RecipeCore:
-        if self.teacher is None and self.teachers is None and any(
-                _needs_teacher(term.loss) and not self.reads_peer(term.teacher) for term in self.distill):
-            raise ValueError("`distill:` terms compare the model with a teacher, but no `teacher:` is given")
+        if self.teacher is not None or self.teachers is not None:
+            return self
+        needing = [f"distill.{i} ({term.loss})" for i, term in enumerate(self.distill)
+                   if _needs_teacher(term.loss) and not self.reads_peer(term.teacher)]
+        if needing:
+            raise ValueError(f"`distill:` terms compare the model with a teacher, but no `teacher:` is given: "
+                             f"{', '.join(needing)}; add `teacher:` (one) or `teachers:` (several, by name), or "
+                             "remove those terms")
         return self
 
     @model_validator(mode="after")
