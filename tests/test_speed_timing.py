@@ -11,13 +11,27 @@ import pytest
 
 from kdkit.bench.limits import parts_of
 from kdkit.bench.speed import ratios
-from kdkit.bench.timing import UNDECIDED, faster, interleaved, paired_ratios, spread, verdict
+from kdkit.bench.timing import UNDECIDED, faster, interleaved, median_interval, paired_ratios, spread, verdict
 
 
 def test_spread_is_the_median_with_quartiles_and_extremes() -> None:
     s = spread([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (s.median, s.q1, s.q3, s.low, s.high, s.n) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
-    assert spread([7.0]).to_dict() == {"median": 7.0, "q1": 7.0, "q3": 7.0, "low": 7.0, "high": 7.0, "n": 1}
+    assert spread([7.0]).to_dict() == {"median": 7.0, "q1": 7.0, "q3": 7.0, "low": 7.0, "high": 7.0, "n": 1,
+                                       "ci_low": 7.0, "ci_high": 7.0, "coverage": 0.0}
+
+
+def test_the_medians_interval_is_the_order_statistics_with_binomial_coverage() -> None:
+    # n = 15: P(B <= 3) = 0.0176 for B ~ Binomial(15, 1/2), so the 4th smallest and 4th largest cover 96.5 %;
+    # the 5th would cover only 1 - 2 P(B <= 4) = 88.2 %
+    values = [float(v) for v in range(15, 0, -1)]
+    low, high, coverage = median_interval(values)
+    assert (low, high) == (4.0, 12.0) and coverage == pytest.approx(1 - 2 * 576 / 2**15)
+    # fewer than 6 values: no pair reaches 95 %, the extremes are given with their coverage 1 - 2 / 2^n
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
+    # more rounds narrow the interval; the interquartile range (the spread of single rounds) does not
+    wide, narrow = spread([1.0, 2.0, 3.0, 4.0, 5.0, 6.0] * 2), spread([1.0, 2.0, 3.0, 4.0, 5.0, 6.0] * 20)
+    assert narrow.ci_high - narrow.ci_low < wide.ci_high - wide.ci_low
 
 
 @pytest.mark.parametrize(("kdkit_ms", "loop_ms", "call"), [
@@ -38,7 +52,7 @@ def test_pairing_by_round_cancels_drift_that_medians_of_rows_do_not() -> None:
     loop = [50.0, 50.0, 50.0, 60.0, 60.0, 60.0]
     kdkit = [v * 1.02 for v in loop]
     ratio = spread(paired_ratios(kdkit, loop))
-    assert ratio.q1 == ratio.q3 == pytest.approx(1.02) and verdict(ratio, 1.03) == "met"
+    assert ratio.ci_low == ratio.ci_high == pytest.approx(1.02) and verdict(ratio, 1.03) == "met"
     with pytest.raises(ValueError, match="pair the same rounds"):
         paired_ratios(kdkit, loop[:-1])
 

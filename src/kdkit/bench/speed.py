@@ -18,7 +18,7 @@ and the recipe's per-step lr schedule, so the hand-written loops do what kdkit's
 honest variants: each runs in both memory layouts (contiguous and channels-last) and the faster one is the
 reference. Each row shows its median over rounds with the interquartile range; the ratios c/b, d/a (and the
 bf16 ones) are taken per round and summarised the same way, and a target is called met or missed only when the
-whole spread is on one side of it.
+median's 95 % confidence interval (:func:`kdkit.bench.timing.median_interval`) is on one side of it.
 
 How far from the limit: FLOPs of the student's training step (forward + backward) and of the teacher's forward,
 counted by ``torch.utils.flop_counter``, the rate each reaches and its fraction of this CPU's peak
@@ -373,11 +373,13 @@ def format_speed(r: dict[str, Any]) -> str:
     for name, row in r["rows"].items():
         mark = " (the faster layout: the reference)" if name in kept else ""
         lines.append(f"| {labels[name]}{mark} | {_spread_text(row)} |")
-    lines += ["", "| ratio, per round | median [interquartile range] | target | verdict |", "|---|---:|---:|---|"]
+    lines += ["", "| ratio, per round | median [interquartile range] | median's 95% interval | target | verdict |",
+              "|---|---:|---:|---:|---|"]
     for name, ratio in r["ratios"].items():
         target = f"<= {ratio['target']:.2f}" if ratio["target"] is not None else "faster?"
-        lines.append(f"| {name}: {ratio['what']} | {_spread_text(ratio['spread'], 3)} | {target} | "
-                     f"{ratio['verdict']} |")
+        ci = ratio["spread"]
+        lines.append(f"| {name}: {ratio['what']} | {_spread_text(ci, 3)} | {ci['ci_low']:.3f}-{ci['ci_high']:.3f} "
+                     f"({100 * ci['coverage']:.1f}%) | {target} | {ratio['verdict']} |")
     lines += ["", f"train.amp=auto here: {r['amp_auto']['amp']} ({r['amp_auto']['reason']}).", ""]
     lines += format_limits(r["limits"], r["profile"])
     lines += ["", f"Batch loader: {r['loader_ms_per_batch']:.2f} ms / batch ({r['loader_images_per_s']:,.0f} "
@@ -385,8 +387,8 @@ def format_speed(r: dict[str, Any]) -> str:
               "the optimiser and the lr schedule.",
               f"Recipe {r['recipe']}, batch {r['batch_size']}, device {r['device']}; {r['rounds']} rounds of "
               f"interleaved blocks of {r['steps']} steps (order rotated each round), {r['warmup']} warm-up steps "
-              "per variant; ratios are taken per round, then summarised. A target is met or missed only when its "
-              "whole interquartile range is on one side of it.",
+              "per variant; ratios are taken per round, then summarised. A target is met or missed only when the "
+              "median's distribution-free 95% interval (order statistics of the rounds) is on one side of it.",
               f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']} "
               f"({r['machine']['torch_threads']} threads). Command: `{r['command']}`"]
     return "\n".join(lines)
