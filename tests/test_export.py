@@ -321,7 +321,7 @@ def test_export_command_prints_the_verification_and_writes_the_card(runs: Any, t
     assert main(["export", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert f"export: {run_dir / 'export' / 'model.onnx'} (onnx, cnn_student)" in out
-    assert "verified against PyTorch: max |diff|" in out and "top-1 agreement 100.0 % on 64 test images" in out
+    assert "verified against PyTorch: max abs diff" in out and "top-1 agreement 100.0 % on 64 test images" in out
     assert "latency at batch 1: PyTorch eager" in out
     card = (run_dir / "export" / "model_card.md").read_text()
     best = json.loads((run_dir / "summary.json").read_text())["best_top1"]
@@ -342,7 +342,7 @@ def test_bench_export_prints_the_latency_table(runs: Any, capsys: pytest.Capture
     assert main(["bench", "export", str(runs("cnn")), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "| runtime | batch 1 | batch 4 |" in out and "| PyTorch eager |" in out and "| ONNX Runtime |" in out
-    assert "median of 3 timed runs; torch threads 1" in out and "verified: max |diff|" in out
+    assert "median of 3 timed runs; torch threads 1" in out and "verified: max abs diff" in out
     assert main(["bench", "export", str(runs("cnn")), "--threads", "0"]) == 2
 
 
@@ -545,7 +545,7 @@ def test_an_export_that_computes_something_else_exits_1_and_says_where(
     assert main(["export", str(runs("cnn")), "--format", "torchscript", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "does not compute what PyTorch does: largest difference at test image #3, output 7 ('7')" in err
-    assert "max |diff| 0.5 (tolerance" in err and "model.pt.unverified" in err
+    assert "max abs diff 0.5 (tolerance" in err and "model.pt.unverified" in err
     assert (tmp_path / "model.pt.unverified").is_file() and not (tmp_path / "model.pt").exists()
 
 

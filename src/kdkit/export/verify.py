@@ -48,7 +48,7 @@ class Verification:
 
     def line(self) -> str:
         """One line for the user."""
-        return (f"max |diff| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), top-1 agreement "
+        return (f"max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), top-1 agreement "
                 f"{self.agreement:.1f} % on {self.images} test images")
 
 
