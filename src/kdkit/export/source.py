@@ -3,8 +3,8 @@
 The student is built by the planner (:func:`kdkit.build.plan_deployed`, the same stages a training run goes
 through), loaded with the checkpoint as it was trained, then cut down to what it deploys
 (:meth:`kdkit.distill.Student.deployment`): the network, plus the bridges that run at inference (a deploying bridge
-such as FM-KT's flow chain, a bridge that rewrites a tap); bridges that only serve a loss (FitNets' regressor, ...)
-are left out, and so are their weights, and so are the peers a deployed member learned with.
+such as a flow chain that replaces the classifier, a bridge that rewrites a tap); bridges that only serve a loss (a
+regressor, ...) are left out, and so are their weights, and so are the peers a deployed member learned with.
 """
 
 from __future__ import annotations
