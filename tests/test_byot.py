@@ -18,7 +18,7 @@ from kdkit.distill import Student
 from kdkit.errors import KdkitError
 from kdkit.methods.byot import byot_head, byot_loss
 from kdkit.models import build_model
-from kdkit.recipe import recipe_from_dict
+from kdkit.recipe import recipe_from_dict, set_by_path
 from kdkit.runner import run_recipe
 
 TERM = {"loss": "byot", "name": "byot_stage1", "student": ["stage1", "stage2", "logits"], "bridge": "byot_head",
@@ -135,11 +135,7 @@ def test_recipes_byot_cannot_work_with_are_refused(change: dict, message: str, t
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     recipe = byot_recipe(tiny)
     for key, value in change.items():
-        *path, last = key.split(".")
-        node = recipe
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[last] = value
+        set_by_path(recipe, key, value)
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from kdkit.data import load_dataset
 from kdkit.errors import KdkitError
 from kdkit.export.source import open_run
 from kdkit.hardware import choose_amp
-from kdkit.parallel import Job, choose_jobs, run_jobs
+from kdkit.parallel import Job, choose_jobs, run_jobs, threads_per_job
 from kdkit.profile import latency_ms, machine_info
 from kdkit.report import LATENCY_MEANING, deployed_latency, mean_std, write_report
 
@@ -112,7 +111,7 @@ def run_demo(out: Path, data: str = "auto", data_dir: str | None = None, seeds: 
                             after=("teacher",) if name == "kd" else (), overwrite=overwrite))
     workers = choose_jobs(jobs_requested, resolve_device("auto").type)
     if workers > 1:
-        print(f"kdkit demo: {len(jobs)} runs, {workers} at a time ({max(1, (os.cpu_count() or 1) // workers)} "
+        print(f"kdkit demo: {len(jobs)} runs, {workers} at a time ({threads_per_job(workers)} "
               "torch thread(s) each; --jobs 1 for one at a time)")
     summaries = run_jobs(jobs, workers, on_done=_announce)
     if workers > 1:  # each run timed its network while another run trained beside it: time them again, alone

@@ -530,9 +530,13 @@ class Engine:
         evaluations = sum(self.evaluates(epoch) for epoch in range(1, self.epochs + 1))
         return min(CHANCE_EPOCHS, evaluations)
 
+    def _evaluations(self, first: int, last: int) -> int:
+        """Evaluated epochs among epochs ``first``..``last`` (1-based, inclusive) of the history."""
+        return sum(f"test_{self.metric}" in row for row in self.history[first - 1:last])
+
     def _chance_warning(self, first: int, last: int) -> str:
         chance = self.history[last - 1][f"chance_{self.metric}"]
-        evaluated = sum(f"test_{self.metric}" in row for row in self.history[first - 1:last])
+        evaluated = self._evaluations(first, last)
         return (f"test {self.metric} sat at chance level ({chance:.4g}: what a model that learned nothing scores "
                 f"on this task) in {evaluated} consecutive evaluations (epochs {first}-{last}): check the learning "
                 "rate, "
@@ -544,8 +548,7 @@ class Engine:
         if not (self.ctx.is_main and streaks and streaks[-1][1] == self.epoch):
             return
         first, last = streaks[-1]
-        evaluated = sum(f"test_{self.metric}" in row for row in self.history[first - 1:last])
-        if evaluated == self._chance_needed():  # the streak has just become long enough
+        if self._evaluations(first, last) == self._chance_needed():  # the streak has just become long enough
             print(f"warning: {self._chance_warning(first, last)}", file=sys.stderr)
 
     # -- checkpoints ------------------------------------------------------------------------------

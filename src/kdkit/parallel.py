@@ -57,6 +57,11 @@ def choose_jobs(requested: int | None, device: str) -> int:
     return min(os.cpu_count() or 1, 2) if device == "cpu" else 1
 
 
+def threads_per_job(workers: int) -> int:
+    """Torch threads of each worker when ``workers`` run at once: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def run_jobs(jobs: Sequence[Job], workers: int, *, on_done: Callable[[Job, dict[str, Any], float], None] | None = None
              ) -> dict[str, dict[str, Any]]:
     """Train ``jobs`` with up to ``workers`` at once and return each job's summary by key.
@@ -79,7 +84,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, *, on_done: Callable[[Job, dict[
             if on_done is not None:
                 on_done(job, results[job.key], time.perf_counter() - started)
         return results
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_job(workers)
     pending, results = list(jobs), {}
     running: dict[Future[Any], tuple[Job, float]] = {}
     # spawn, not fork: a forked child would inherit this process's torch thread pools and locks
