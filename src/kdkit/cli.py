@@ -342,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "folder for export")
     bench.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     bench.add_argument("--methods", help="comma-separated recipe names (default: every recipe of the suite)")
-    bench.add_argument("--suite", default="fashion_mnist", help="folder of shipped recipes to benchmark: "
-                       "fashion_mnist (classification, default) or scenes (multi-label)")
+    bench.add_argument("--suite", default="fashion_mnist", help="folder of shipped recipes to benchmark: any "
+                       "folder of recipes/ holding a teacher.yaml and a student_* baseline (default fashion_mnist; "
+                       "a wrong name lists them)")
     bench.add_argument("--out", help="output folder (default runs/bench_methods or runs/bench_speed)")
     bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
     bench.add_argument("--format", default="onnx", help="export: the format timed against PyTorch eager (default "
