@@ -40,7 +40,7 @@ from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.metrics import MetricsLog
-from kdkit.optimizers import LOSS_PARTS, PartwiseOptimizer
+from kdkit.optimizers import DISTILLATION, LOSS_PARTS, PartwiseOptimizer
 from kdkit.progress import ProgressBar, progress_bar
 from kdkit.task import BoundTask, higher_is_better
 
@@ -437,7 +437,7 @@ class Engine:
                              bad=unknown[0], choices=LOSS_PARTS, fix="ask for the parts the objective splits into")
         missing = [p for p in optimizer.loss_parts if p not in self.objective.contributes()]
         if missing:
-            fix = ("add a distillation term" if missing[0] == "distillation" else "give the supervised loss a weight "
+            fix = ("add a distillation term" if missing[0] == DISTILLATION else "give the supervised loss a weight "
                    "above 0") + " or choose an optimiser that takes the total loss (e.g. sgd)"
             raise KdkitError(f"optimiser {name} backpropagates the loss's {' and '.join(optimizer.loss_parts)} parts "
                              f"separately, and this objective has no {missing[0]} part", fix=fix)

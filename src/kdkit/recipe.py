@@ -38,7 +38,7 @@ class MemberOptimizerSpec(Strict):
     ``train.optimizer.name``). The lr schedule scales every group alike (``min_lr`` scales with the group's lr)."""
 
     lr: float | None = Field(None, gt=0)
-    momentum: float | None = Field(None, ge=0, description="sgd only")
+    momentum: float | None = Field(None, ge=0, description="sgd and dot only")
     nesterov: bool | None = Field(None, description="sgd only")
     weight_decay: float | None = Field(None, ge=0)
     betas: tuple[float, float] | None = Field(None, description="adamw only")
