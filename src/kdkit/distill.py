@@ -23,6 +23,7 @@ from kdkit.data.base import UNLABELLED
 from kdkit.errors import KdkitError
 from kdkit.fold import fold_batchnorm
 from kdkit.losses.base import DistillLoss, compute_dtype, widen
+from kdkit.optimizers import DISTILLATION, SUPERVISED
 from kdkit.taps import LOGITS, Tap, TapRecorder, resolve_tap
 
 TapSpec = str | tuple[str, ...]
@@ -474,3 +475,26 @@ class Objective(nn.Module):
                 total = total + weight * widen(value)
         out["loss"] = total
         return out
+
+    def contributes(self) -> set[str]:
+        """The parts of :data:`~kdkit.optimizers.LOSS_PARTS` that have a component in this objective: supervised
+        (the supervised loss, and each trained peer's own) and distillation (every other term)."""
+        parts = {SUPERVISED} if self.ce_weight or any(isinstance(t.loss, SupervisedLoss) for t in self.terms) \
+            else set()
+        return parts | ({DISTILLATION} if any(not isinstance(t.loss, SupervisedLoss) for t in self.terms) else set())
+
+    def parts(self, comps: dict[str, Tensor], epoch: float = 0.0) -> dict[str, Tensor]:
+        """The total of ``comps`` (this objective's :meth:`forward` at ``epoch``) split by
+        :data:`~kdkit.optimizers.LOSS_PARTS`: ``{"supervised": ..., "distillation": ...}``, each the weighted sum of
+        its components (the two add up to the total, up to rounding). A part without a weighted component is a
+        constant zero (no gradient)."""
+        zero = comps["loss"].new_zeros(())
+        split = {SUPERVISED: zero, DISTILLATION: zero}
+        if self.ce_weight:
+            split[SUPERVISED] = split[SUPERVISED] + self.ce_weight * comps[self.supervised_name]
+        for term in self.terms:
+            weight = term.scale(epoch)
+            if weight:  # as in forward: a zero weight leaves the term out
+                part = SUPERVISED if isinstance(term.loss, SupervisedLoss) else DISTILLATION
+                split[part] = split[part] + weight * widen(comps[term.name])
+        return split

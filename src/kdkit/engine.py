@@ -40,6 +40,7 @@ from kdkit.distill import Objective, Student
 from kdkit.distributed import DistContext, all_reduce_sum, barrier
 from kdkit.errors import KdkitError, TrainingDiverged
 from kdkit.metrics import MetricsLog
+from kdkit.optimizers import DISTILLATION, LOSS_PARTS, PartwiseOptimizer
 from kdkit.progress import ProgressBar, progress_bar
 from kdkit.task import BoundTask, higher_is_better
 
@@ -232,6 +233,7 @@ class Engine:
         _check_partition(own, param_groups)
         self.optimizer, self.scheduler = make_optimizer(groups, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.partwise = self._partwise_optimizer()
         self.model: torch.nn.Module = student
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -388,8 +390,11 @@ class Engine:
                 comps = self.objective(logits, y, per_term, teacher_out, epoch_pos, index)
         self.optimizer.zero_grad(set_to_none=True)
         with step_part("kdkit.backward"):
-            loss = self.scaler.scale(comps["loss"]) if self.scaler is not None else comps["loss"]
-            loss.backward()
+            if self.partwise is not None:
+                self._backward_by_part(self.partwise, comps, epoch_pos)
+            else:
+                loss = self.scaler.scale(comps["loss"]) if self.scaler is not None else comps["loss"]
+                loss.backward()
         with step_part("kdkit.optimizer"):
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -398,6 +403,52 @@ class Engine:
                 self.optimizer.step()
             self.scheduler.step()
         return comps, logits, y
+
+    def _backward_by_part(self, optimizer: PartwiseOptimizer, comps: dict[str, Tensor], epoch: float) -> None:
+        """Backpropagate each part of the loss the optimiser asks for, in its order, from this step's one forward
+        pass (the graph is kept until the last part); each part but the last is handed over with ``take_part``,
+        the last stays in ``.grad`` for ``step``. A part that is a constant (every weight of it 0 at this epoch)
+        gives no gradient."""
+        parts = self.objective.parts(comps, epoch)
+        *first, last = optimizer.loss_parts
+        for name in first:
+            if parts[name].requires_grad:
+                parts[name].backward(retain_graph=True)
+            optimizer.take_part(name)
+        if parts[last].requires_grad:
+            parts[last].backward()
+
+    def _partwise_optimizer(self) -> PartwiseOptimizer | None:
+        """The optimiser, when it takes the loss's gradient by part (:class:`~kdkit.optimizers.PartwiseOptimizer`)
+        and this run can give it that; ``None`` for an ordinary optimiser.
+
+        Raises:
+            KdkitError: It asks for a part the objective does not have, or the run has what cannot backpropagate by
+                part: fp16's gradient scaler (one scale and unscale per step) or DDP (one gradient all-reduce per
+                forward).
+        """
+        optimizer = self.optimizer
+        if not isinstance(optimizer, PartwiseOptimizer):
+            return None
+        name = type(optimizer).__name__
+        unknown = [p for p in optimizer.loss_parts if p not in LOSS_PARTS]
+        if unknown:
+            raise KdkitError(f"optimiser {name} asks for loss part {unknown[0]!r}, which no objective has",
+                             bad=unknown[0], choices=LOSS_PARTS, fix="ask for the parts the objective splits into")
+        missing = [p for p in optimizer.loss_parts if p not in self.objective.contributes()]
+        if missing:
+            fix = ("add a distillation term" if missing[0] == DISTILLATION else "give the supervised loss a weight "
+                   "above 0") + " or choose an optimiser that takes the total loss (e.g. sgd)"
+            raise KdkitError(f"optimiser {name} backpropagates the loss's {' and '.join(optimizer.loss_parts)} parts "
+                             f"separately, and this objective has no {missing[0]} part", fix=fix)
+        if self.scaler is not None:
+            raise KdkitError(f"optimiser {name} backpropagates the loss by part, which fp16's gradient scaler does "
+                             "not support", bad="fp16", choices=["bf16", "off"], fix="use amp bf16 or off")
+        if self.ctx.enabled:
+            raise KdkitError(f"optimiser {name} backpropagates the loss by part, which DistributedDataParallel "
+                             "(one gradient all-reduce per forward) does not support",
+                             fix="train it in one process, or choose an optimiser that takes the total loss")
+        return optimizer
 
     # -- sync points: divergence and stop --------------------------------------------------------
 

@@ -38,10 +38,11 @@ class MemberOptimizerSpec(Strict):
     ``train.optimizer.name``). The lr schedule scales every group alike (``min_lr`` scales with the group's lr)."""
 
     lr: float | None = Field(None, gt=0)
-    momentum: float | None = Field(None, ge=0, description="sgd only")
+    momentum: float | None = Field(None, ge=0, description="sgd and dot only")
     nesterov: bool | None = Field(None, description="sgd only")
     weight_decay: float | None = Field(None, ge=0)
     betas: tuple[float, float] | None = Field(None, description="adamw only")
+    delta: float | None = Field(None, ge=0, description="dot only")
 
     def overrides(self) -> dict[str, Any]:
         """The keys that are set, as torch parameter-group keys."""
@@ -173,12 +174,45 @@ class TermSpec(BaseModel):
 
 
 class OptimizerSpec(Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "dot"] = Field(
+        "sgd", description="sgd, adamw, or dot: the Distillation-Oriented Trainer (Zhao et al., ICCV 2023), SGD with "
+        "momentum - delta on the supervised loss's gradient and momentum + delta on the distillation terms' (one "
+        "extra backward pass per step)")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    delta: float | None = Field(None, ge=0, description="dot only: the paper's Delta, in [0, momentum) with "
+                                "momentum + delta < 1 (default with dot: 0.075, the paper's CIFAR setting)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dot_delta(cls, data: Any) -> Any:
+        """An unset ``delta`` of dot becomes the paper's, so the resolved recipe shows what is used."""
+        if isinstance(data, dict) and data.get("name") == "dot" and data.get("delta") is None:
+            from kdkit.optimizers import DOT_DELTA  # lazy: torch is not needed to read a recipe
+
+            data = {**data, "delta": DOT_DELTA}
+        return data
+
+    @model_validator(mode="after")
+    def _family_keys(self) -> OptimizerSpec:
+        if self.name != "dot":
+            if self.delta is not None:
+                raise ValueError(f"delta {self.delta} is a setting of dot, not of {self.name!r}; remove delta or "
+                                 "set name: dot")
+            return self
+        if self.nesterov:
+            raise ValueError("dot has no Nesterov variant (neither the paper nor its code has one); remove "
+                             "nesterov: true or use name: sgd")
+        from kdkit.optimizers import dot_problem
+
+        assert self.delta is not None  # set by _dot_delta
+        problem = dot_problem(self.momentum, self.delta)
+        if problem:
+            raise ValueError(f"{problem[0]}; {problem[1]}")
+        return self
 
 
 class ScheduleSpec(Strict):
@@ -239,7 +273,7 @@ _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
     (("train", "eval_every"), 1),
     (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
-    (("data", "setting"), None),
+    (("data", "setting"), None), (("train", "optimizer", "delta"), None),
 )
 
 
@@ -316,14 +350,45 @@ class RecipeCore(Strict):
             raise ValueError("model.optimizer sets one network's own optimiser settings among peers; without "
                              "`peers:` set train.optimizer instead")
         family = self.train.optimizer.name
-        foreign = {"sgd": ("betas",), "adamw": ("momentum", "nesterov")}[family]
+        foreign = {"sgd": ("betas", "delta"), "adamw": ("momentum", "nesterov", "delta"),
+                   "dot": ("betas", "nesterov")}[family]
         for name, spec in self.trained_members().items():
             keys = sorted(spec.optimizer.overrides()) if spec.optimizer is not None else []
             wrong = [k for k in keys if k in foreign]
+            where = "model" if name == "model" else f"peers.{name}"
             if wrong:
-                where = "model" if name == "model" else f"peers.{name}"
                 raise ValueError(f"{where}.optimizer.{wrong[0]} does not apply to train.optimizer.name {family!r} "
                                  f"(one optimiser family per run); remove it or change train.optimizer.name")
+            if family == "dot" and spec.optimizer is not None:
+                self._check_member_dot(where, spec.optimizer)
+        return self
+
+    def _check_member_dot(self, where: str, spec: MemberOptimizerSpec) -> None:
+        """A network's own dot settings, with ``train.optimizer``'s where unset, must be a valid pair."""
+        from kdkit.optimizers import dot_problem
+
+        momentum = spec.momentum if spec.momentum is not None else self.train.optimizer.momentum
+        delta = spec.delta if spec.delta is not None else self.train.optimizer.delta
+        assert delta is not None  # dot always has one (OptimizerSpec._dot_delta)
+        problem = dot_problem(momentum, delta)
+        if problem:
+            raise ValueError(f"{where}.optimizer: {problem[0]}; {problem[1]}")
+
+    @model_validator(mode="after")
+    def _dot_has_both_parts(self) -> RecipeCore:
+        # DOT gives the supervised and the distillation gradients their own momentum: a run without one of them
+        # has nothing to separate (and fp16's gradient scaler sees only one backward pass)
+        if self.train.optimizer.name != "dot":
+            return self
+        if not self.distill:
+            raise ValueError("train.optimizer.name dot needs distillation terms (it gives their gradient its own "
+                             "momentum), and `distill:` is empty: add a term, or use name: sgd")
+        if not self.train.ce_weight:
+            raise ValueError("train.optimizer.name dot needs the supervised loss (it gives its gradient its own "
+                             "momentum), and train.ce_weight is 0: set ce_weight above 0, or use name: sgd")
+        if self.train.amp == "fp16":
+            raise ValueError("train.optimizer.name dot backpropagates the supervised and distillation losses "
+                             "separately, which fp16's gradient scaler does not support: use train.amp: bf16 or off")
         return self
 
     def trained_members(self) -> dict[str, TrainedSpec]:
@@ -409,6 +474,8 @@ class RecipeCore(Strict):
         for member in (data["model"], *(data.get("peers") or {}).values()):
             if member.get("optimizer", 0) is None:  # added later, like the keys above
                 del member["optimizer"]
+            elif member.get("optimizer", {}).get("delta", 0) is None:  # likewise
+                del member["optimizer"]["delta"]
         return data
 
     def digest(self) -> str:

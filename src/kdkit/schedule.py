@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from kdkit.optimizers import DOT
 from kdkit.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
                     spec: OptimizerSpec) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW over parameters or parameter groups (frozen ones left out;
-    a group's own keys, e.g. ``lr``, override the spec's)."""
+    """SGD (momentum, optional Nesterov), AdamW or DOT (:class:`kdkit.optimizers.DOT`) over parameters or parameter
+    groups (frozen ones left out; a group's own keys, e.g. ``lr``, override the spec's)."""
     items = list(params)
     groups = items if items and isinstance(items[0], dict) else [{"params": items}]
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
@@ -23,6 +24,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, An
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
                                weight_decay=spec.weight_decay)
+    if spec.name == "dot":
+        assert spec.delta is not None  # the schema sets dot's default
+        return DOT(groups, lr=spec.lr, momentum=spec.momentum, delta=spec.delta, weight_decay=spec.weight_decay)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
 
 
