@@ -32,6 +32,8 @@ earlier one, as a later-pasted scene object does.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,9 +341,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Raises:
         KdkitError: If the folder cannot be created or the write fails.
     """
-    import os
-    import tempfile
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
