@@ -335,3 +335,13 @@ def test_skipped_annotations_are_recorded_by_the_run(tmp_path: Path, tiny: dict,
     assert "warning: data: " in err and "skipped 1 annotations" in err
     summary = json.loads((Path(tiny["output"]["dir"]) / "summary.json").read_text())
     assert any("annotations whose category id is missing from the categories" in w for w in summary["warnings"])
+
+
+def test_root_under_params_is_refused_with_its_fix(tmp_path: Path, tiny: dict,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    coco_fixture(tmp_path / "coco")
+    tiny["data"] = {"dataset": "coco", "params": {"root": str(tmp_path / "coco"), "train": "train", "test": "val"}}
+    assert main(["validate", str(write_recipe(tmp_path / "recipe.yaml", tiny))]) == 2
+    assert "data.params: Value error, the data folder is data.root, not data.params.root" in capsys.readouterr().err
+    tiny["data"] = {"dataset": "coco", "root": str(tmp_path / "coco"), "params": {"train": "train", "test": "val"}}
+    assert main(["validate", str(write_recipe(tmp_path / "recipe.yaml", tiny))]) == 0
