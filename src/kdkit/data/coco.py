@@ -233,7 +233,8 @@ class _Split:
             label = self.labels[category]
             if ann.get("iscrowd", 0):
                 if mask is not None:
-                    semantic[mask], instances[mask] = label + 1, IGNORE
+                    np.putmask(semantic, mask, label + 1)
+                    np.putmask(instances, mask, IGNORE)
                 continue
             box = self.box(ann, w, h)
             if box is None:
@@ -244,7 +245,8 @@ class _Split:
             boxes.append(box)
             labels.append(label)
             if mask is not None:
-                semantic[mask], instances[mask] = label + 1, len(boxes)
+                np.putmask(semantic, mask, label + 1)  # putmask: several times faster than indexing
+                np.putmask(instances, mask, len(boxes))
         return DenseImage(str(self.image_dir / entry["file_name"]), image,
                           np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
                           semantic, instances)
