@@ -81,3 +81,60 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(KdkitError, match="No space left on device"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["instances_train.json"]
+
+
+def same_data(a: ImageData, b: ImageData) -> bool:
+    fields = ("name", "classes", "mean", "std", "source", "warnings")
+    tensors = ("train_images", "train_labels", "test_images", "test_labels")
+    return (all(getattr(a, f) == getattr(b, f) for f in fields)
+            and all(torch.equal(getattr(a, t), getattr(b, t)) for t in tensors)
+            and all(set(getattr(a, s)) == set(getattr(b, s)) and all(
+                torch.equal(v, getattr(b, s)[k]) and v.dtype == getattr(b, s)[k].dtype
+                for k, v in getattr(a, s).items()) for s in ("train_targets", "test_targets")))
+
+
+def test_cache_is_reused_rebuilt_when_a_file_changes_and_when_damaged(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_data_coco import coco_fixture, pixels, write_docs, write_image
+
+    from kdkit.data import coco as coco_mod
+
+    root, cache = tmp_path / "coco", tmp_path / "cache"
+    docs = coco_fixture(root)
+    docs["train"]["annotations"].append({"id": 30, "image_id": 10, "category_id": 99, "bbox": [1, 1, 2, 2]})
+    write_docs(root, docs)
+    params = {"root": root, "train": "train", "test": "val", "image_size": 16}
+    fresh = load_dataset("coco", **params)
+    first = load_dataset("coco", **params, cache_dir=cache)
+    (file,) = cache.iterdir()
+    assert same_data(first, fresh) and first.warnings  # the skipped annotation is still reported from the cache
+
+    def no_reading(*args: object) -> None:
+        raise AssertionError("the files were read again")
+
+    monkeypatch.setattr(coco_mod, "_read_coco", no_reading)
+    assert same_data(load_dataset("coco", **params, cache_dir=cache), fresh)
+    monkeypatch.undo()
+    write_image(root / "train" / "b.png", pixels(7))  # an image changes: a new key
+    changed = load_dataset("coco", **params, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2 and not torch.equal(changed.train_images[1], fresh.train_images[1])
+    assert same_data(changed, load_dataset("coco", **params))
+    newest = max(cache.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(newest.read_bytes()[:100])  # damaged: rebuilt, never half-read
+    assert same_data(load_dataset("coco", **params, cache_dir=cache), changed)
+    assert file.exists() and len(list(cache.iterdir())) == 2
+
+
+def test_cache_write_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_data_coco import coco_fixture
+
+    coco_fixture(tmp_path / "coco")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(KdkitError, match="No space left on device"):
+        load_dataset("coco", root=tmp_path / "coco", train="train", test="val", image_size=16,
+                     cache_dir=tmp_path / "cache")
+    assert os.listdir(tmp_path / "cache") == []

@@ -49,6 +49,7 @@ from kdkit.data.dense import (
     SkipLog,
     atomic_write_bytes,
     box_problem,
+    cached,
     check_image_size,
     clip_box,
     dense_image_data,
@@ -274,7 +275,7 @@ class _Split:
 @register_dataset("coco", help="COCO instances JSON + images: boxes, instance and semantic masks (needs data.root; "
                                "params train, test, image_size)")
 def coco(root: str | Path | None = None, *, train: str = "train2017", test: str = "val2017", image_size: int = 64,
-         grayscale: bool = False, max_objects: int | None = None) -> ImageData:
+         grayscale: bool = False, max_objects: int | None = None, cache_dir: str | Path | None = None) -> ImageData:
     """COCO instance annotations: boxes, instance masks and the semantic mask they make, fitted to ``image_size``.
 
     See the module docstring for the layout, the class order, how boxes and masks are converted and what bad
@@ -287,6 +288,9 @@ def coco(root: str | Path | None = None, *, train: str = "train2017", test: str 
         image_size: Every image is fitted to ``image_size x image_size``.
         grayscale: Read one-channel images instead of RGB.
         max_objects: Object rows per image ``K`` (padded, or the first ``K`` kept); ``None``: the most of any image.
+        cache_dir: Keep the loaded dataset in a cache file there (:func:`kdkit.data.dense.cached`), reused while
+            the parameters and every file under ``annotations/``, ``<train>/`` and ``<test>/`` stay the same;
+            ``None``: no cache.
 
     Returns:
         The dataset, with the dense targets of :mod:`kdkit.data.dense` and the skipped annotations in ``warnings``.
@@ -300,6 +304,15 @@ def coco(root: str | Path | None = None, *, train: str = "train2017", test: str 
     root = Path(root)
     files = {split: root / "annotations" / f"instances_{name}.json" for split, name in (("train", train),
                                                                                          ("test", test))}
+    params = {"root": str(root.resolve()), "train": train, "test": test, "image_size": size, "grayscale": grayscale,
+              "max_objects": max_objects}
+    return cached("coco", params, [*files.values(), root / train, root / test], cache_dir,
+                  lambda: _read_coco(root, files, train, test, size, grayscale, max_objects))
+
+
+def _read_coco(root: Path, files: dict[str, Path], train: str, test: str, size: int, grayscale: bool,
+               max_objects: int | None) -> ImageData:
+    """:func:`coco` without the cache."""
     docs = {split: read_coco_json(path) for split, path in files.items()}
     ids, classes = _categories(docs["train"])
     test_ids, test_classes = _categories(docs["test"])

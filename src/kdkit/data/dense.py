@@ -28,15 +28,24 @@ An image without any object has no label, so it is left out (and counted in :att
 
 Object order is the files' order (annotation order, XML order); where masks overlap, a later object covers an
 earlier one, as a later-pasted scene object does.
+
+Cache: with ``cache_dir``, a reader keeps what it loaded in one compressed ``.npz`` (:func:`cached`), keyed by its
+parameters and the size and modification time of every input file, written atomically, and rebuilt when damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -339,9 +348,9 @@ def check_image_size(value: object, name: str) -> int:
     return value
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename: a reader never sees
-    a half-written file, and an interrupted write leaves none (the temporary is removed).
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` with ``write(file)`` via a temporary file in the same folder and an atomic rename: a reader
+    never sees a half-written file, and an interrupted write leaves none (the temporary is removed).
 
     Raises:
         KdkitError: If the folder cannot be created or the write fails.
@@ -354,7 +363,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                          where=str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -364,3 +373,100 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise KdkitError(f"cannot write {path} ({e})", fix="free space on that disk or choose a writable folder",
                              where=str(path)) from None
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+# -- the cache --------------------------------------------------------------------------------------------------
+
+CACHE_VERSION = 1
+"""Bump when a reader's conversion or the cache layout changes, so old cache files are not reused."""
+
+
+def fingerprint(inputs: list[Path]) -> str:
+    """sha256 of the path, size and modification time of every file under ``inputs`` (files or folders).
+
+    Any file added, removed, replaced or edited changes it, so a cache keyed by it is never stale; nothing is read.
+    """
+    digest = hashlib.sha256()
+    for root in inputs:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.is_file() else []
+        digest.update(f"{root}\0{len(files)}\n".encode())
+        for file in files:
+            st = file.stat()
+            digest.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cached(reader: str, params: dict[str, object], inputs: list[Path], cache_dir: str | Path | None,
+           build: Callable[[], ImageData]) -> ImageData:
+    """``build()``, or, with a ``cache_dir``, the dataset it built before with the same params and input files.
+
+    The cache is one compressed ``.npz``, ``<reader>-<hash>.npz`` in ``cache_dir``, holding every field of the
+    dataset (its warnings too, so a run still records what was skipped) and its full key: the reader, ``params``,
+    :data:`CACHE_VERSION` and the :func:`fingerprint` of ``inputs``. It is written atomically; a file that cannot
+    be read completely, or whose key differs, is rebuilt.
+
+    Args:
+        reader: The reader's registered name.
+        params: Every parameter that changes the result (``root`` resolved).
+        inputs: The files and folders the reader reads.
+        cache_dir: Cache folder; ``None`` builds without a cache.
+        build: Builds the dataset from the files.
+
+    Returns:
+        The dataset.
+
+    Raises:
+        KdkitError: What ``build`` raises, or an unwritable cache folder.
+    """
+    if cache_dir is None:
+        return build()
+    key = hashlib.sha256(json.dumps({"reader": reader, "params": params, "version": CACHE_VERSION,
+                                     "files": fingerprint(inputs)}, sort_keys=True, default=str).encode()).hexdigest()
+    path = Path(cache_dir).expanduser() / f"{reader}-{key[:20]}.npz"
+    data = _read_cache(path, key)
+    if data is None:
+        data = build()
+        _write_cache(path, key, data)
+    return data
+
+
+def _read_cache(path: Path, key: str) -> ImageData | None:
+    """The cached dataset, or ``None`` if the file is missing, for another key, or damaged in any way."""
+    if not path.is_file():
+        return None
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return None
+        with loaded as npz:
+            if str(npz["key"]) != key:
+                return None
+            # every member is read fully here (zip CRCs checked) before anything is used: never half-read
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(str(arrays["meta"]))
+        tensors = {name: torch.from_numpy(arrays[name]) for name in arrays if name not in ("key", "meta")}
+        return ImageData(
+            name=meta["name"], classes=tuple(meta["classes"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+            source=meta["source"], warnings=tuple(meta["warnings"]),
+            **{f"{split}_{part}": tensors[f"{split}_{part}"] for split in ("train", "test")
+               for part in ("images", "labels")},
+            train_targets={k: tensors[f"train_target_{k}"] for k in meta["targets"]},
+            test_targets={k: tensors[f"test_target_{k}"] for k in meta["targets"]})
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error):  # KdkitError too
+        return None
+
+
+def _write_cache(path: Path, key: str, data: ImageData) -> None:
+    meta = {"name": data.name, "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std),
+            "source": data.source, "warnings": list(data.warnings), "targets": sorted(data.train_targets)}
+    arrays = {f"{split}_{part}": getattr(data, f"{split}_{part}").numpy() for split in ("train", "test")
+              for part in ("images", "labels")}
+    for split in ("train", "test"):
+        arrays.update({f"{split}_target_{k}": v.numpy() for k, v in getattr(data, f"{split}_targets").items()})
+    # masks are mostly runs of one value: compression shrinks the file several-fold for little time
+    atomic_write(path, lambda f: np.savez_compressed(f, key=np.array(key), meta=np.array(json.dumps(meta)), **arrays))

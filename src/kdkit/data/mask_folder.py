@@ -36,6 +36,7 @@ from kdkit.data.dense import (
     MAX_OBJECTS,
     DenseImage,
     SkipLog,
+    cached,
     check_image_size,
     check_same_size,
     dense_image_data,
@@ -145,7 +146,8 @@ def _class_names(classes: list[str] | None, largest: int, where: str) -> tuple[s
 @register_dataset("mask_folder", help="images/ + masks/ (class-index PNGs) per split; objects are the masks' "
                                       "connected regions (needs data.root)")
 def mask_folder(root: str | Path | None = None, *, image_size: int = 64, classes: list[str] | None = None,
-                grayscale: bool = False, max_objects: int | None = None) -> ImageData:
+                grayscale: bool = False, max_objects: int | None = None,
+                cache_dir: str | Path | None = None) -> ImageData:
     """Images and class-index masks from ``root/{train,val}/{images,masks}/``, fitted to ``image_size``.
 
     See the module docstring for the layout, the mask values and how objects are found.
@@ -156,6 +158,8 @@ def mask_folder(root: str | Path | None = None, *, image_size: int = 64, classes
         classes: Class names in index order (index ``k + 1`` is ``classes[k]``); default named by index.
         grayscale: Read one-channel images instead of RGB.
         max_objects: Object rows per image ``K`` (padded, or the first ``K`` kept); ``None``: the most of any image.
+        cache_dir: Keep the loaded dataset in a cache file there (:func:`kdkit.data.dense.cached`), reused while
+            the parameters and every file under the two split folders stay the same; ``None``: no cache.
 
     Returns:
         The dataset, with the dense targets of :mod:`kdkit.data.dense`.
@@ -172,6 +176,15 @@ def mask_folder(root: str | Path | None = None, *, image_size: int = 64, classes
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if test_dir is None:
         raise KdkitError(f"missing folder {root / 'val'} (or {root / 'test'})", fix=_LAYOUT, where="data.root")
+    params = {"root": str(root.resolve()), "image_size": size, "classes": classes, "grayscale": grayscale,
+              "max_objects": max_objects}
+    return cached("mask_folder", params, [root / "train", test_dir], cache_dir,
+                  lambda: _read_folder(root, test_dir, size, classes, grayscale, max_objects))
+
+
+def _read_folder(root: Path, test_dir: Path, size: int, classes: list[str] | None, grayscale: bool,
+                 max_objects: int | None) -> ImageData:
+    """:func:`mask_folder` without the cache."""
     skips = SkipLog("regions")
     read = {split: [_read_pair(i, m, grayscale, skips) for i, m in _pairs(folder)]
             for split, folder in (("train", root / "train"), ("test", test_dir))}

@@ -43,6 +43,7 @@ from kdkit.data.dense import (
     DenseImage,
     SkipLog,
     box_problem,
+    cached,
     check_image_size,
     check_same_size,
     clip_box,
@@ -221,7 +222,8 @@ class _Reader:
                               "data.root; params sets, difficult, image_size)")
 def voc(root: str | Path | None = None, *, sets: Literal["Segmentation", "Main"] = "Segmentation",
         train: str = "train", test: str = "val", image_size: int = 64, difficult: Literal["keep", "drop"] = "keep",
-        classes: list[str] | None = None, grayscale: bool = False, max_objects: int | None = None) -> ImageData:
+        classes: list[str] | None = None, grayscale: bool = False, max_objects: int | None = None,
+        cache_dir: str | Path | None = None) -> ImageData:
     """Pascal VOC boxes, class maps and object maps, fitted to ``image_size``.
 
     See the module docstring for the layout and the conversions.
@@ -236,6 +238,8 @@ def voc(root: str | Path | None = None, *, sets: Literal["Segmentation", "Main"]
         classes: Class names in palette order (index ``k + 1`` is ``classes[k]``); default the 20 VOC classes.
         grayscale: Read one-channel images instead of RGB.
         max_objects: Object rows per image ``K`` (padded, or the first ``K`` kept); ``None``: the most of any image.
+        cache_dir: Keep the loaded dataset in a cache file there (:func:`kdkit.data.dense.cached`), reused while
+            the parameters and every file the reader reads stay the same; ``None``: no cache.
 
     Returns:
         The dataset, with the dense targets of :mod:`kdkit.data.dense` and the skipped objects in ``warnings``.
@@ -260,6 +264,17 @@ def voc(root: str | Path | None = None, *, sets: Literal["Segmentation", "Main"]
     root = Path(root)
     if not root.is_dir():
         raise KdkitError(f"VOC folder {root} does not exist", fix=_LAYOUT, where="data.root")
+    params = {"root": str(root.resolve()), "sets": sets, "train": train, "test": test, "image_size": size,
+              "difficult": difficult, "classes": list(names), "grayscale": grayscale, "max_objects": max_objects}
+    inputs = [root / "ImageSets" / sets, *(root / d for d in ("Annotations", "JPEGImages", "SegmentationClass",
+                                                              "SegmentationObject"))]
+    return cached("voc", params, inputs, cache_dir,
+                  lambda: _read_voc(root, sets, train, test, size, difficult, names, grayscale, max_objects))
+
+
+def _read_voc(root: Path, sets: str, train: str, test: str, size: int, difficult: str, names: tuple[str, ...],
+              grayscale: bool, max_objects: int | None) -> ImageData:
+    """:func:`voc` without the cache."""
     skips = SkipLog("objects")
     reader = _Reader(root, sets, names, difficult, grayscale, skips)
     splits = {split: [fit(reader.image(i), size) for i in read_split_ids(root / "ImageSets" / sets / f"{name}.txt")]
