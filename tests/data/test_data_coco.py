@@ -281,8 +281,10 @@ def test_coco_all_annotations_bad_fails(tmp_path: Path) -> None:
     for ann in docs["train"]["annotations"]:
         ann["category_id"] = 42
     write_docs(tmp_path, docs)
-    with pytest.raises(KdkitError, match="coco train split has no image with an object"):
+    with pytest.raises(KdkitError, match="coco train split has no image with an object") as info:
         load(tmp_path)
+    # what was skipped is in the error, since no dataset (and so no warning) comes back
+    assert "skipped 4 annotations: 4 annotations whose category id is missing" in info.value.message
 
 
 def test_coco_needs_root_and_a_valid_image_size(tmp_path: Path) -> None:

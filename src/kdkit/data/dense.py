@@ -318,16 +318,13 @@ def dense_image_data(name: str, splits: dict[str, list[DenseImage]], classes: tu
             warnings.append(f"{name} {split} split: {len(over)} image(s) hold more than {k} objects; kept their first "
                             f"{k} (the others' pixels are {IGNORE}, ignore, in 'instances'; first: {over[0]})")
         kept[split] = [cap_objects(item, k) if len(item.labels) > k else item for item in items if len(item.labels)]
-        if not kept[split] and (split == "train" or items):
-            raise KdkitError(f"{name} {split} split has no image with an object ({len(items)} image(s) read)",
-                             fix="check the annotation files (see the warnings above for what was skipped)",
+        if not kept[split]:
+            skipped = f"; {' '.join(warnings)}" if warnings else ""
+            raise KdkitError(f"{name} {split} split has no image with an object ({len(items)} image(s) read)"
+                             f"{skipped}", fix="correct the annotations, or point data.root at other files",
                              where="data.root")
     train_images, train_labels, train_targets = _stack(kept["train"], k, len(classes))
-    if kept["test"]:
-        test_images, test_labels, test_targets = _stack(kept["test"], k, len(classes))
-    else:  # an empty test split keeps the train split's shapes
-        test_images, test_labels = train_images[:0], train_labels[:0]
-        test_targets = {key: value[:0] for key, value in train_targets.items()}
+    test_images, test_labels, test_targets = _stack(kept["test"], k, len(classes))
     mean, std = channel_stats(train_images)
     std = tuple(s if s > 0 else 1.0 for s in std)  # constant images: never divide by zero when normalising
     return ImageData(name=name, train_images=train_images, train_labels=train_labels, test_images=test_images,
