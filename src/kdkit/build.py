@@ -265,6 +265,7 @@ class _Planner:
         data = None
         try:
             data = load_dataset(recipe.data.dataset, recipe.data.root, **recipe.data.params)
+            self.warnings.extend(f"data: {warning}" for warning in data.warnings)  # e.g. skipped annotations
         except KdkitError as exc:
             known = recipe.data.dataset in KNOWN_SHAPES and "unknown dataset" not in exc.message
             if self.training or not known:

@@ -139,6 +139,15 @@ class DataSpec(Strict):
     setting: SettingSpec | None = Field(None, description="a data scenario built from the training split, e.g. "
                                         "{name: semi_supervised, labelled: 3000} (kdkit ls settings)")
 
+    @field_validator("params")
+    @classmethod
+    def _root_is_its_own_key(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # every reader takes its folder as data.root; under params it would reach the reader twice
+        if "root" in params:
+            raise ValueError("the data folder is data.root, not data.params.root: move root up one level "
+                             "(data: {dataset: NAME, root: FOLDER, params: {...}})")
+        return params
+
 
 class TermSpec(BaseModel):
     """A distillation term. Keys other than the fields below are the loss's parameters."""

@@ -222,7 +222,8 @@ def _summary(recipe: Recipe, built: Any, result: Any, ctx: DistContext) -> dict[
         "teacher_params": count_parameters(built.teacher.model) if built.teacher else None,
         "world_size": ctx.world_size, "device": str(built.device), "amp": built.precision.to_dict(),
         "kdkit": __version__,
-        "machine": machine_info(), "command": " ".join(sys.argv), "warnings": result.warnings,
+        "machine": machine_info(), "command": " ".join(sys.argv),
+        "warnings": [*built.warnings, *result.warnings],  # the plan's (e.g. skipped annotations), then the run's
     }
     if built.teacher is not None and ctx.is_main:
         summary["teacher_latency_ms"] = latency_ms(built.teacher.model, shape, device=built.device)

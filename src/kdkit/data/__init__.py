@@ -1,14 +1,26 @@
 """Datasets held in memory as uint8 tensors, and batched tensor augmentation.
 
 Importing this package registers every reader: ``fashion_mnist``, ``mnist``, ``digits``, ``cifar10``,
-``cifar100``, ``image_folder`` and ``fashion_mnist_scenes`` (:mod:`kdkit.data.scenes`: canvases of several
-real Fashion-MNIST objects with multi-label, mask and box targets). Load one with :func:`load_dataset`.
+``cifar100``, ``image_folder``, ``fashion_mnist_scenes`` (:mod:`kdkit.data.scenes`: canvases of several
+real Fashion-MNIST objects with multi-label, mask and box targets), and the readers of users' dense data in the
+standard formats with the same targets (:mod:`kdkit.data.dense`): ``coco``, ``voc`` and ``mask_folder``.
+Load one with :func:`load_dataset`.
 Settings (:mod:`kdkit.data.settings`) turn a dataset into a data scenario: few labels, a long tail, novel classes...
 """
 
 from __future__ import annotations
 
-from kdkit.data import cifar, digits, folder, idx, scenes, settings  # noqa: F401 - imported to register them
+from kdkit.data import (  # noqa: F401 - imported to register them
+    cifar,
+    coco,
+    digits,
+    folder,
+    idx,
+    mask_folder,
+    scenes,
+    settings,
+    voc,
+)
 from kdkit.data.augment import AugmentConfig, normalize, random_crop, random_hflip
 from kdkit.data.base import UNLABELLED, ImageData, subset
 from kdkit.data.idx import read_idx, write_idx

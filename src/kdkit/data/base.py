@@ -46,6 +46,8 @@ class ImageData:
         novel_classes: Classes of the test split that no training sample is labelled with and that the run must
             discover (novel class discovery): their training samples are unlabelled, and the classification task
             scores them by clustering accuracy (``novel_acc``). Empty for every other dataset.
+        warnings: What the reader left out of the files and why (e.g. skipped annotations, counted per file), one
+            sentence each; a run prints them and records them in its summary. Empty when nothing was left out.
 
     Raises:
         KdkitError: On a wrong dtype, shape, label range, mean/std length, or a target whose length
@@ -64,6 +66,7 @@ class ImageData:
     train_targets: dict[str, Tensor] = field(default_factory=dict)
     test_targets: dict[str, Tensor] = field(default_factory=dict)
     novel_classes: tuple[int, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check dtypes, shapes, label range and mean/std; make the images contiguous."""
@@ -107,6 +110,7 @@ class ImageData:
                                  f"{len(self.classes)} classes" + (f" ({UNLABELLED} marks an unlabelled training "
                                  "sample)" if split == "train" else ""), fix=fix, where=where)
         self._check_novel(where, fix)
+        object.__setattr__(self, "warnings", tuple(str(w) for w in self.warnings))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != c or len(self.std) != c:
@@ -237,6 +241,7 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
         train_targets={key: value[chosen].contiguous() for key, value in data.train_targets.items()},
         test_targets=data.test_targets,
         novel_classes=data.novel_classes,
+        warnings=data.warnings,
     )
 
 

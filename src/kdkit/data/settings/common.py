@@ -86,6 +86,7 @@ def with_train(data: ImageData, index: Tensor, labels: Tensor, *, name: str, sou
         train_targets={key: value[index].contiguous() for key, value in data.train_targets.items()},
         test_targets=test_targets,
         novel_classes=novel,
+        warnings=data.warnings,
     )
 
 
