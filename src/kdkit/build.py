@@ -21,7 +21,7 @@ from torch import nn
 from kdkit.bridges import BRIDGES, FUSING_BRIDGES, SHAPE_PARAMS, bridge_hint, bridges_for
 from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
-from kdkit.data import SETTINGS, ImageData, apply_setting, load_dataset, normalize, subset
+from kdkit.data import SETTINGS, ImageData, apply_setting, hold_out, load_dataset, normalize, subset
 from kdkit.data.settings import check_setting
 from kdkit.distill import (
     FrozenTeacher,
@@ -274,6 +274,8 @@ class _Planner:
                 self.warnings.append(f"data: {exc.render()}")
         if data is not None and recipe.data.subset is not None:
             data = self.attempt(subset, data, recipe.data.subset, recipe.data.subset_seed)
+        if data is not None and recipe.data.validation is not None:  # before the setting: it is scored by labels
+            data = self.attempt(hold_out, data, recipe.data.validation.fraction, recipe.data.validation.seed)
         setting = recipe.data.setting
         if setting is not None and self.attempt(check_setting, setting.name, setting.params) is not None \
                 and data is not None and not self.reads_teacher():  # else applied once the teacher is loaded

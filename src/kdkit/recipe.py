@@ -124,6 +124,14 @@ class SettingSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ValidationSpec(Strict):
+    """A validation split carved from the training split (after ``subset``), evaluated instead of the test split:
+    what a hyperparameter search (``kdkit sweep``) scores its trials on, so the test split is never read."""
+
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of the training images held out (class-balanced)")
+    seed: int = Field(0, description="seed of the held-out choice (independent of train.seed)")
+
+
 class DataSpec(Strict):
     """Which data, where, and how much of the training split."""
 
@@ -138,6 +146,8 @@ class DataSpec(Strict):
     strong: StrongAugmentSpec = Field(default_factory=StrongAugmentSpec)
     setting: SettingSpec | None = Field(None, description="a data scenario built from the training split, e.g. "
                                         "{name: semi_supervised, labelled: 3000} (kdkit ls settings)")
+    validation: ValidationSpec | None = Field(None, description="evaluate on a held-out part of the training split "
+                                              "instead of the test split, e.g. {fraction: 0.1, seed: 0}")
 
     @field_validator("params")
     @classmethod
@@ -282,7 +292,7 @@ _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("teacher", "cache"), None), (("train", "compile"), False), (("train", "best_metric"), None),
     (("train", "eval_every"), 1),
     (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
-    (("data", "setting"), None), (("train", "optimizer", "delta"), None),
+    (("data", "setting"), None), (("train", "optimizer", "delta"), None), (("data", "validation"), None),
 )
 
 

@@ -22,7 +22,7 @@ from kdkit.data import (  # noqa: F401 - imported to register them
     voc,
 )
 from kdkit.data.augment import AugmentConfig, normalize, random_crop, random_hflip
-from kdkit.data.base import UNLABELLED, ImageData, subset
+from kdkit.data.base import UNLABELLED, ImageData, hold_out, subset
 from kdkit.data.idx import read_idx, write_idx
 from kdkit.data.registry import DATASETS, load_dataset, register_dataset
 from kdkit.data.settings import SETTINGS, apply_setting, register_setting
@@ -34,6 +34,7 @@ __all__ = [
     "AugmentConfig",
     "ImageData",
     "apply_setting",
+    "hold_out",
     "load_dataset",
     "normalize",
     "random_crop",

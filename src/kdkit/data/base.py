@@ -277,3 +277,55 @@ def balanced_indices(labels: Tensor, num_classes: int, n: int, seed: int) -> Ten
     key = rank * k + torch.argsort(class_order)[shuffled]
     return perm[torch.argsort(key)[:n]].sort().values
 
+
+
+def hold_out(data: ImageData, fraction: float, seed: int) -> ImageData:
+    """Carve a validation split out of the train split: a class-balanced random ``fraction`` of the training
+    images becomes the evaluated split (``test_*``) and the rest stays the train split; the original test split is
+    dropped, so nothing downstream (evaluation, deployment samples, summaries) can read it.
+
+    This is what a hyperparameter search scores its trials on: choosing hyperparameters by test accuracy would
+    make the reported test accuracy optimistic.
+
+    Args:
+        data: The dataset (after ``subset``); every training sample labelled (the held-out part is scored).
+        fraction: Share of the training images held out, in ``(0, 1)``; at least one per class, at least one
+            left to train on per class.
+        seed: Seed of the choice; the same seed gives the same split.
+
+    Returns:
+        A new :class:`ImageData` whose name and source note the split.
+
+    Raises:
+        KdkitError: If ``fraction`` leaves a split without an image of some class, or samples are unlabelled.
+    """
+    total = data.train_images.shape[0]
+    n = round(total * fraction)
+    if data.num_labelled < total:
+        raise KdkitError(f"{data.name!r} has unlabelled training samples; a validation split is scored by its labels",
+                         fix="apply data.validation to a labelled dataset (it is carved before data.setting)",
+                         where="data.validation")
+    if not data.num_classes <= n <= total - data.num_classes:
+        raise KdkitError(f"validation fraction {fraction!r} holds out {n} of {total} training images; it needs "
+                         f"between {data.num_classes} and {total - data.num_classes} ({data.num_classes} classes)",
+                         fix="choose a fraction that holds out at least one image per class and leaves one to train",
+                         where="data.validation.fraction")
+    held = balanced_indices(data.train_labels, data.num_classes, n, seed)
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[held] = False
+    kept = keep.nonzero().squeeze(1)
+    return ImageData(
+        name=f"{data.name}-val{n}-seed{seed}",
+        train_images=data.train_images[kept].contiguous(),
+        train_labels=data.train_labels[kept].contiguous(),
+        test_images=data.train_images[held].contiguous(),
+        test_labels=data.train_labels[held].contiguous(),
+        classes=data.classes,
+        mean=data.mean,
+        std=data.std,
+        source=f"{data.source}; validation split of {n}/{total} training images (seed {seed}) evaluated instead "
+               "of the test split",
+        train_targets={key: value[kept].contiguous() for key, value in data.train_targets.items()},
+        test_targets={key: value[held].contiguous() for key, value in data.train_targets.items()},
+        novel_classes=data.novel_classes,
+    )
