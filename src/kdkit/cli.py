@@ -250,6 +250,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`kdkit sweep RECIPE SWEEP`: tune a recipe's keys with Optuna on a validation split (resumable)."""
+    from kdkit.sweep import run_sweep
+
+    result = run_sweep(args.recipe, args.sweep, out=args.out, trials=args.trials)
+    best = result["best"]
+    print(f"sweep: {result['complete']}/{result['budget']} trials finished; results in {result['out']}/sweep.json, "
+          f"report.md")
+    if best is not None:
+        print(f"best: trial {best['number']}, validation {result['objective']} {best['value']:.4f}, {best['params']}"
+              f"\ntrain it (test split): kdkit run {result['best_recipe']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """`kdkit report RUN ...`: HTML + PNG comparison of run folders."""
     from kdkit.report import write_report
@@ -361,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--device", help="device for the teacher (default: the recipe's train.device)")
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
     cache.set_defaults(fn=cmd_cache)
+
+    sweep = sub.add_parser("sweep", help="tune a recipe's keys with Bayesian optimisation (Optuna), each trial a run "
+                           "scored on a validation split; rerun the same command to resume")
+    sweep.add_argument("recipe", help="recipe YAML path or shipped name")
+    sweep.add_argument("sweep", help="sweep file: the keys to tune, objective, budget, sampler (docs/sweep.md)")
+    sweep.add_argument("--out", help="output folder (default runs/sweep_<recipe name>)")
+    sweep.add_argument("--trials", type=int, help="finished trials wanted (replaces the sweep file's `trials`)")
+    sweep.set_defaults(fn=cmd_sweep)
 
     rep = sub.add_parser("report", help="HTML + PNG report comparing run folders")
     rep.add_argument("runs", nargs="+", help="run folders")

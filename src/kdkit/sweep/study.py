@@ -1,0 +1,268 @@
+"""The sweep loop: Optuna proposes, each trial is an ordinary run in ``OUT/trials/<number>/``, scored on a
+validation split carved from the training set.
+
+Resuming loses nothing: every trial is recorded in the Optuna storage (SQLite ``OUT/sweep.db`` by default) with
+its full recipe. Rerunning the same command reuses the study; a trial left RUNNING by a process that died (same
+host, its process gone) is *resumed* under its own number from its run folder's latest checkpoint
+(:func:`kdkit.runner.run_or_continue`), with its recorded recipe, so its parameters and finished epochs are kept
+(re-enqueueing a copy would redo its epochs and give it a new number). The budget counts finished trials.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kdkit.build import plan
+from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.locks import exclusive
+from kdkit.recipe import Recipe, find_recipe, load_recipe, recipe_from_dict, set_by_path
+from kdkit.runner import run_or_continue
+from kdkit.sweep.boss import boss_recipe, check_boss
+from kdkit.sweep.output import write_outputs
+from kdkit.sweep.space import Param, SweepSpec, check_objective, check_space, load_sweep, open_storage, shown_url
+
+TRIALS = "trials"
+
+
+def run_sweep(recipe_path: str | Path, sweep_path: str | Path, *, out: str | Path | None = None,
+              trials: int | None = None) -> dict[str, Any]:
+    """Run (or continue) a sweep and return the content of ``OUT/sweep.json``.
+
+    Args:
+        recipe_path: The recipe to tune (a path or shipped name).
+        sweep_path: The sweep file (:class:`~kdkit.sweep.space.SweepSpec`).
+        out: Output folder (default ``runs/sweep_<recipe name>``).
+        trials: Budget of finished trials, replacing the sweep file's ``trials``.
+
+    Raises:
+        KdkitError: Any bad input (sweep file, space, objective, storage, recipe), before a trial runs.
+    """
+    optuna = _optuna()
+    source = find_recipe(recipe_path)
+    recipe = load_recipe(source)
+    spec = load_sweep(sweep_path, trials)
+    params = check_space(spec, recipe)
+    objective = check_objective(spec, recipe)
+    if spec.mode == "boss":
+        check_boss(recipe)
+    folder = Path(out or f"runs/sweep_{recipe.name}").resolve()
+    base = trial_base(recipe, source, spec, objective)
+    plan(recipe_from_dict(base), training=False, source=source)  # names, taps, shapes, files: before any trial
+    name = spec.study or study_name(recipe, base, spec)
+    url = spec.storage or f"sqlite:///{folder / 'sweep.db'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder, what="sweep folder", fix="wait for that sweep, stop it, or give this one its own --out"):
+        _same_study(folder, name)
+        storage = open_storage(url)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction, load_if_exists=True)
+        if study.direction.name.lower() != spec.direction:
+            raise KdkitError(f"study {name!r} in {shown_url(url)} was created to {study.direction.name.lower()}",
+                             where="direction", fix="keep its direction, or give a new `study:` name")
+        # a sampler seeded by the history: a restart must not replay the random draws of the first start
+        study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials))
+        header = {"study": name, "storage": shown_url(url), "recipe": str(source), "sweep": str(sweep_path),
+                  "objective": objective, "direction": spec.direction, "budget": spec.trials,
+                  "sampler": spec.sampler, "seed": spec.seed, "validation": spec.validation, "mode": spec.mode,
+                  "boss": spec.boss.model_dump() if spec.mode == "boss" else None, "out": str(folder)}
+        Sweep(study, spec, params, base, folder, objective, storage=url, header=header, original=recipe.to_dict()).run()
+        return write_outputs(folder, header, study, recipe.to_dict())
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise KdkitError("kdkit sweep needs Optuna, which is not installed",
+                         fix="pip install 'kdkit[search]' (or optuna)") from None
+    return optuna
+
+
+def make_sampler(name: str, seed: int) -> Any:
+    """The Optuna sampler ``name`` (``tpe``, ``gp`` or ``random``) seeded with ``seed``."""
+    import optuna
+
+    samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
+                "random": optuna.samplers.RandomSampler}
+    return samplers[name](seed=seed)
+
+
+def trial_base(recipe: Recipe, source: Path, spec: SweepSpec, objective: str) -> dict[str, Any]:
+    """The recipe every trial starts from: ``recipe`` scored on the validation split, with its teachers' recipe
+    paths made absolute (a trial's recipe lives in ``OUT/trials/N/``, not beside the original)."""
+    data = recipe.to_dict()
+    for name, teacher in recipe.frozen_teachers().items():
+        if teacher.recipe is not None and teacher.checkpoint is None:
+            key = recipe.teacher_key(name)
+            path = find_recipe(teacher.recipe, relative_to=source.parent, where=f"{key}.recipe").resolve()
+            set_by_path(data, f"{key}.recipe", str(path))
+    data["data"]["validation"] = {"fraction": spec.validation, "seed": spec.seed}
+    data["output"]["progress"] = False
+    data["train"]["best_metric"] = objective
+    return data
+
+
+def study_name(recipe: Recipe, base: dict[str, Any], spec: SweepSpec) -> str:
+    """``<recipe>-<hash>`` of the trial recipe and the sweep file without its budget: the same command finds its
+    study again, and a larger ``--trials`` extends it."""
+    blob = json.dumps([recipe_from_dict(base).digest(), spec.model_dump(mode="json", exclude={"trials"})],
+                      sort_keys=True)
+    return f"{recipe.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _same_study(folder: Path, name: str) -> None:
+    """Refuse an output folder holding another sweep (its trial folders would be overwritten)."""
+    record = folder / "sweep.json"
+    if record.is_file():
+        held = json.loads(record.read_text()).get("study")
+        if held != name:
+            raise KdkitError(f"{folder} holds sweep {held!r}, not {name!r} (another recipe or search space)",
+                             where="--out", fix="give this sweep its own --out, or rerun the command that made it")
+
+
+class Sweep:
+    """One process's part of a study: resume its orphaned trials, then ask for new ones until the budget of
+    finished trials is reached."""
+
+    def __init__(self, study: Any, spec: SweepSpec, params: list[Param], base: dict[str, Any], folder: Path,
+                 objective: str, *, storage: str, header: dict[str, Any], original: dict[str, Any]) -> None:
+        self.study, self.spec, self.params, self.base, self.original = study, spec, params, base, original
+        self.folder, self.objective, self.header = folder, objective, header
+        self.local = storage == f"sqlite:///{folder / 'sweep.db'}"  # only this process (holding OUT) writes it
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.failures = 0
+
+    def run(self) -> None:
+        """Resume every orphaned trial, then run new ones until ``budget`` trials are finished."""
+        import optuna
+
+        while True:
+            done = len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            if done >= self.spec.trials:
+                return
+            orphan = next(iter(self.orphans()), None)
+            if orphan is not None:
+                self.resume(orphan)
+                continue
+            if self.failures >= self.spec.trials:
+                print(f"sweep: stopping after {self.failures} failed trials in a row (see sweep.json)",
+                      file=sys.stderr)
+                return
+            self.new_trial()
+
+    def orphans(self) -> list[Any]:
+        """RUNNING trials whose process is gone: started on this host by a process that no longer exists, or
+        (local storage only, which no other process writes) not yet claimed by any process."""
+        import optuna
+
+        found = []
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            owner = t.user_attrs.get("owner")
+            if owner is None:
+                if self.local:
+                    found.append(t)
+            elif owner["host"] == self.owner["host"] and owner["pid"] != self.owner["pid"] \
+                    and not _alive(owner["pid"]):
+                found.append(t)
+        return found
+
+    def resume(self, trial: Any) -> None:
+        """Continue an orphaned trial under its own number from its run folder's checkpoint."""
+        storage, tid = self.study._storage, trial._trial_id
+        storage.set_trial_user_attr(tid, "owner", self.owner)
+        data = trial.user_attrs.get("recipe")
+        if data is None:  # died between the draw and the record: the recipe follows from the recorded draws
+            if set(trial.params) != {p.key for p in self.params}:
+                storage.set_trial_user_attr(tid, "error", "interrupted before its parameters were drawn")
+                self.study.tell(trial.number, state=_state("FAIL"))
+                return
+            data = self.recipe_of(trial.number, dict(trial.params), storage, tid)
+        storage.set_trial_user_attr(tid, "resumed", trial.user_attrs.get("resumed", 0) + 1)
+        print(f"sweep: resuming trial {trial.number} from {data['output']['dir']}", flush=True)
+        self.train(trial.number, tid, data)
+
+    def new_trial(self) -> None:
+        trial = self.study.ask()
+        trial.set_user_attr("owner", self.owner)
+        values = {p.key: p.suggest(trial) for p in self.params}
+        data = self.recipe_of(trial.number, values, self.study._storage, trial._trial_id)
+        self.train(trial.number, trial._trial_id, data)
+
+    def recipe_of(self, number: int, values: dict[str, Any], storage: Any, tid: int) -> dict[str, Any]:
+        """Trial ``number``'s recipe (the base and ``values``; in BOSS mode, from the best finished trials),
+        recorded in the storage before it trains."""
+        data = copy.deepcopy(self.base)
+        for key, value in values.items():
+            set_by_path(data, key, value)
+        run_dir = self.folder / TRIALS / str(number)
+        data["name"] = f"{data['name']}_trial{number}"
+        data["output"]["dir"] = str(run_dir)
+        sources = self.boss_sources()
+        if sources is not None:
+            init, teachers = sources
+            data = boss_recipe(data, init[1], teachers, self.spec.boss)
+            storage.set_trial_user_attr(tid, "boss", {"init": init[0], "teachers": [n for n, _ in teachers]})
+        storage.set_trial_user_attr(tid, "run_dir", str(run_dir))
+        storage.set_trial_user_attr(tid, "recipe", data)
+        return data
+
+    def boss_sources(self) -> tuple[tuple[int, Path], list[tuple[int, Path]]] | None:
+        """BOSS mode, once ``boss.startup`` trials finished: the best finished trial (initial weights) and the best
+        ``boss.k`` (teachers), as ``(number, run folder)``."""
+        import optuna
+
+        if self.spec.mode != "boss":
+            return None
+        done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(done) < self.spec.boss.startup:
+            return None
+        sign = -1 if self.spec.direction == "maximize" else 1
+        ranked = sorted(done, key=lambda t: (sign * t.value, t.number))
+        picked = [(t.number, Path(t.user_attrs["run_dir"])) for t in ranked[:self.spec.boss.k]]
+        return picked[0], picked
+
+    def train(self, number: int, tid: int, data: dict[str, Any]) -> None:
+        """Train (or continue, or reuse) trial ``number``'s run and record its value."""
+        storage = self.study._storage
+        recipe = recipe_from_dict(data)
+        started = time.perf_counter()
+        try:
+            summary = run_or_continue(recipe, progress=False)
+        except (TrainingDiverged, KdkitError) as exc:  # this trial's values: recorded, and the search goes on
+            self.failures += 1
+            storage.set_trial_user_attr(tid, "error", str(exc))
+            self.study.tell(number, state=_state("FAIL"))
+            print(f"sweep: trial {number} failed: {exc}", file=sys.stderr, flush=True)
+        else:
+            self.failures = 0
+            value = float(summary[f"best_{self.objective}"])
+            storage.set_trial_user_attr(tid, "train_seconds", summary.get("train_seconds"))
+            self.study.tell(number, value)
+            print(f"sweep: trial {number}: validation {self.objective} {value:.4f} "
+                  f"({time.perf_counter() - started:.1f} s) {self.study.trials[number].params}", flush=True)
+        write_outputs(self.folder, self.header, self.study, self.original)
+
+
+def _state(name: str) -> Any:
+    import optuna
+
+    return getattr(optuna.trial.TrialState, name)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
