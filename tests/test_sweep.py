@@ -142,3 +142,12 @@ def test_kill_9_mid_trial_then_rerun_finishes_that_trial_and_repeats_none(tmp_pa
     assert "validation" not in best["data"]  # the winner is evaluated on the test split again
     trial = yaml.safe_load((out / "trials" / "2" / "recipe.yaml").read_text())
     assert trial["data"]["validation"] == {"fraction": 0.2, "seed": 0}
+
+
+def test_a_float_loss_parameter_written_as_an_integer_takes_a_float_range(tiny_kd: dict) -> None:
+    from kdkit.sweep.space import SweepSpec, check_space
+
+    assert tiny_kd["distill"][0]["temperature"] == 4  # an int in the recipe; the loss declares a float
+    spec = SweepSpec.model_validate({"space": {"distill.0.temperature": {"low": 1.0, "high": 8.0},
+                                               "train.epochs": {"low": 1, "high": 3}}})
+    assert [p.kind for p in check_space(spec, recipe_from_dict(tiny_kd))] == ["float", "int"]

@@ -785,10 +785,19 @@ def recipes_root() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
+#: Shipped YAML files named ``sweep_*.yaml`` are sweep files (``kdkit sweep RECIPE SWEEP``), not recipes.
+SWEEP_PREFIX = "sweep_"
+
+
+def is_recipe_file(path: Path) -> bool:
+    """Whether a shipped YAML file is a recipe (not a ``sweep_*.yaml`` sweep file beside the recipes it tunes)."""
+    return path.suffix == ".yaml" and not path.name.startswith(SWEEP_PREFIX)
+
+
 def shipped_recipes() -> list[str]:
     """Names of shipped recipes, e.g. ``fashion_mnist/kd``."""
     root = recipes_root()
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if is_recipe_file(p))
 
 
 def find_recipe(path: str | Path, relative_to: Path | None = None, where: str | None = None) -> Path:

@@ -189,14 +189,14 @@ def check_space(spec: SweepSpec, recipe: Recipe, where: str = "space") -> list[P
         if key not in keys:
             raise KdkitError(f"{key!r} is not a key of recipe {recipe.name!r}", bad=key, choices=list(keys),
                              where=at, fix="use the dotted path of a recipe key, as in `kdkit run` overrides")
-        kind = _kind(key, ps, keys[key], at)
+        kind = _kind(key, ps, keys[key], at, base)
         for value in (ps.choices if ps.choices is not None else [ps.low, ps.high]):
             _accepted(base, key, value, at)
         params.append(Param(key, ps, kind))
     return params
 
 
-def _kind(key: str, ps: ParamSpec, current: Any, at: str) -> str:
+def _kind(key: str, ps: ParamSpec, current: Any, at: str, base: dict[str, Any]) -> str:
     if ps.choices is not None:
         return "choice"
     ends = (ps.low, ps.high)
@@ -204,7 +204,8 @@ def _kind(key: str, ps: ParamSpec, current: Any, at: str) -> str:
                                                                          or not isinstance(current, int | float))):
         raise KdkitError(f"{key!r} holds {current!r} ({type(current).__name__}); a range needs a number key",
                          where=at, fix=f"use choices: [...] for {key}")
-    if isinstance(current, int) and not all(isinstance(v, int) for v in ends):
+    integral = isinstance(current, int) and _refusal(base, key, float(current) + 0.5) is not None
+    if integral and not all(isinstance(v, int) for v in ends):  # an int in the recipe may be a float key (T: 4)
         raise KdkitError(f"{key!r} is an integer ({current!r}) but the range is low={ps.low!r}, high={ps.high!r}",
                          where=at, fix="give integer low and high")
     if ps.low > ps.high:
@@ -213,19 +214,26 @@ def _kind(key: str, ps: ParamSpec, current: Any, at: str) -> str:
     if ps.log and ps.low <= 0:
         raise KdkitError(f"a log range of {key!r} needs low > 0, got {ps.low!r}", where=at,
                          fix="set low to a positive value, or log: false")
-    return "int" if isinstance(current, int) or (current is None and all(isinstance(v, int) for v in ends)) \
-        else "float"
+    return "int" if integral or (current is None and all(isinstance(v, int) for v in ends)) else "float"
 
 
 def _accepted(base: dict[str, Any], key: str, value: Any, at: str) -> None:
-    """The recipe's schema accepts ``key = value`` (one end of a range, or a choice)."""
+    """The recipe accepts ``key = value`` (one end of a range, or a choice)."""
+    refusal = _refusal(base, key, value)
+    if refusal is not None:
+        raise KdkitError(f"the recipe refuses {key}={value!r}: {refusal.render()}", where=at,
+                         fix=f"keep the values of {key} within what the recipe accepts")
+
+
+def _refusal(base: dict[str, Any], key: str, value: Any) -> KdkitError | None:
+    """Why the recipe's schema or its terms' losses refuse ``key = value`` (``None``: accepted)."""
     data = copy.deepcopy(base)
     set_by_path(data, key, value)
     try:
-        recipe_from_dict(data)
+        resolved_terms(recipe_from_dict(data))  # the losses check their parameters' types and bounds
     except KdkitError as exc:
-        raise KdkitError(f"the recipe refuses {key}={value!r}: {exc.render()}", where=at,
-                         fix=f"keep the values of {key} within what the recipe accepts") from None
+        return exc
+    return None
 
 
 def check_objective(spec: SweepSpec, recipe: Recipe) -> str:
