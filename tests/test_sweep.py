@@ -151,3 +151,23 @@ def test_a_float_loss_parameter_written_as_an_integer_takes_a_float_range(tiny_k
     spec = SweepSpec.model_validate({"space": {"distill.0.temperature": {"low": 1.0, "high": 8.0},
                                                "train.epochs": {"low": 1, "high": 3}}})
     assert [p.kind for p in check_space(spec, recipe_from_dict(tiny_kd))] == ["float", "int"]
+
+
+@pytest.mark.slow
+def test_boss_trials_start_from_and_distil_from_the_best_finished_trials(tmp_path: Path, tiny: dict) -> None:
+    from kdkit.sweep import run_sweep
+
+    tiny["train"]["epochs"] = 1
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny)
+    sweep = sweep_file(tmp_path / "sweep.yaml", trials=3, sampler="random", mode="boss",
+                       boss={"startup": 2, "k": 2, "weight": 0.5})
+    result = run_sweep(recipe, sweep, out=tmp_path / "out")
+    rows = {r["number"]: r for r in result["trials"]}
+    assert [rows[n]["boss"] for n in (0, 1)] == [None, None]  # the start-up trials train from scratch
+    ranked = sorted((0, 1), key=lambda n: (-rows[n]["value"], n))
+    assert rows[2]["boss"] == {"init": ranked[0], "teachers": ranked}
+    trial = recipe_from_dict(yaml.safe_load((tmp_path / "out" / "trials" / "2" / "recipe.yaml").read_text()))
+    assert trial.model.checkpoint == rows[ranked[0]]["run_dir"]
+    assert {n: s.checkpoint for n, s in trial.frozen_teachers().items()} == {
+        f"trial{n}": rows[n]["run_dir"] for n in ranked}
+    assert [t.weight for t in trial.distill] == [0.25, 0.25]
