@@ -73,7 +73,8 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, *, out: str | Pat
                   "objective": objective, "direction": spec.direction, "budget": spec.trials,
                   "sampler": spec.sampler, "seed": spec.seed, "validation": spec.validation, "mode": spec.mode,
                   "boss": spec.boss.model_dump() if spec.mode == "boss" else None, "out": str(folder)}
-        Sweep(study, spec, params, base, folder, objective, storage=url, header=header, original=recipe.to_dict()).run()
+        Sweep(study, storage, spec, params, base, folder, objective, url=url, header=header,
+              original=recipe.to_dict()).run()
         return write_outputs(folder, header, study, recipe.to_dict())
 
 
@@ -132,11 +133,12 @@ class Sweep:
     """One process's part of a study: resume its orphaned trials, then ask for new ones until the budget of
     finished trials is reached."""
 
-    def __init__(self, study: Any, spec: SweepSpec, params: list[Param], base: dict[str, Any], folder: Path,
-                 objective: str, *, storage: str, header: dict[str, Any], original: dict[str, Any]) -> None:
-        self.study, self.spec, self.params, self.base, self.original = study, spec, params, base, original
+    def __init__(self, study: Any, storage: Any, spec: SweepSpec, params: list[Param], base: dict[str, Any],
+                 folder: Path, objective: str, *, url: str, header: dict[str, Any], original: dict[str, Any]) -> None:
+        self.study, self.storage, self.spec, self.params = study, storage, spec, params
+        self.base, self.original = base, original
         self.folder, self.objective, self.header = folder, objective, header
-        self.local = storage == f"sqlite:///{folder / 'sweep.db'}"  # only this process (holding OUT) writes it
+        self.local = url == f"sqlite:///{folder / 'sweep.db'}"  # only this process (holding OUT) writes it
         self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
         self.failures = 0
 
@@ -176,7 +178,7 @@ class Sweep:
 
     def resume(self, trial: Any) -> None:
         """Continue an orphaned trial under its own number from its run folder's checkpoint."""
-        storage, tid = self.study._storage, trial._trial_id
+        storage, tid = self.storage, trial._trial_id
         storage.set_trial_user_attr(tid, "owner", self.owner)
         data = trial.user_attrs.get("recipe")
         if data is None:  # died between the draw and the record: the recipe follows from the recorded draws
@@ -193,7 +195,7 @@ class Sweep:
         trial = self.study.ask()
         trial.set_user_attr("owner", self.owner)
         values = {p.key: p.suggest(trial) for p in self.params}
-        data = self.recipe_of(trial.number, values, self.study._storage, trial._trial_id)
+        data = self.recipe_of(trial.number, values, self.storage, trial._trial_id)
         self.train(trial.number, trial._trial_id, data)
 
     def recipe_of(self, number: int, values: dict[str, Any], storage: Any, tid: int) -> dict[str, Any]:
@@ -231,7 +233,7 @@ class Sweep:
 
     def train(self, number: int, tid: int, data: dict[str, Any]) -> None:
         """Train (or continue, or reuse) trial ``number``'s run and record its value."""
-        storage = self.study._storage
+        storage = self.storage
         recipe = recipe_from_dict(data)
         started = time.perf_counter()
         try:
