@@ -91,7 +91,8 @@ class SelfMixPartner:
                              "calibrated to softened hard labels; with the `ferkd:` section, hard-region mining and "
                              "SelfMix on the teacher cache")
 class FerkdLoss(DistillLoss):
-    """FerKD's term; see :func:`ferkd_loss`. Reads the labels. Recipe (with ``ferkd:`` and ``teacher.cache``)::
+    """FerKD's term; see :func:`ferkd_loss`. Reads the labels. Alone it is the label rule on whatever the teacher
+    sees (live or cached); the ``ferkd:`` section (which needs ``teacher.cache``) adds the mining and SelfMix::
 
         distill:
           - {loss: ferkd, calibrate_below: 0.5, smoothing: 0.1}

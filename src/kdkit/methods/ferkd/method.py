@@ -49,8 +49,6 @@ def cache_problems(recipe: Any) -> list[str]:
                 f"{None if recipe.teacher is None else recipe.teacher.cache!r} (choices: a teacher-output cache, "
                 "`teacher: {cache: {views: 30}}`); add teacher.cache to the recipe's teacher"]
     spec, views = recipe.ferkd, recipe.teacher.cache.views
-    if spec is None:
-        return []
     if recipe.data.augment.crop_padding == 0 and not recipe.data.augment.hflip:
         views = 1  # an identity augmentation stores one view (kdkit.teacher_cache)
     easy, hard = discarded(views, spec.discard_easy, spec.discard_hard)
@@ -143,15 +141,9 @@ class FerkdMethod(Method):
     spec = FerkdSpec
     needs_labels = True  # the mining ranks views by the true class's probability
 
-    def active(self, recipe: Any) -> bool:
-        return recipe.ferkd is not None or bool(ferkd_terms(recipe))
-
     def check(self, recipe: Any) -> list[str]:
         problems = cache_problems(recipe)
         terms = ferkd_terms(recipe)
-        if recipe.ferkd is None:
-            problems.append("a `ferkd` term mines and mixes the cache's views as the `ferkd:` section says: "
-                            "ferkd is None (choices: a `ferkd:` section); add `ferkd: {}` for the paper's defaults")
         if not terms:
             problems.append("the `ferkd:` section trains with FerKD's calibrated labels: no `ferkd` term in distill "
                             f"(terms: {[t.loss for t in recipe.distill]}); add `- {{loss: ferkd}}` to distill")
