@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from conftest import built_cache, straight_and_resumed, write_recipe
+from kdkit.assemble import assemble
+from kdkit.cache.views import apply_views
 from kdkit.cli import main
+from kdkit.data.augment import normalize
 from kdkit.method import active_methods
 from kdkit.methods.ferkd import (
     FerkdLoss,
@@ -153,6 +156,7 @@ def ferkd_recipe(cached: dict, **section: object) -> dict:
     return recipe
 
 
+@pytest.mark.slow
 def test_the_mined_replay_reads_only_kept_views_each_once_per_cycle(cached: dict) -> None:
     _recipe, built, cache, replay, teacher = built_cache(ferkd_recipe(cached))
     run = FerkdMethod().attach(built, None)
@@ -174,6 +178,30 @@ def test_the_mined_replay_reads_only_kept_views_each_once_per_cycle(cached: dict
     stats = run.summary(None)["ferkd"]
     assert (stats["views_stored"], stats["views_kept"], stats["dropped_easy"], stats["dropped_hard"]) == (6, 4, 1, 1)
     assert stats["confidence_mean_kept"] == pytest.approx(float(np.take_along_axis(conf, expected, 1).mean()), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_selfmix_pastes_a_box_of_another_kept_view_and_hands_its_stored_output_to_the_loss(cached: dict) -> None:
+    assembled = assemble(recipe_from_dict(ferkd_recipe(cached)))
+    engine, loader = assembled.engine, assembled.train_loader
+    run = next(r for m, r in assembled.methods if m.name == "ferkd")
+    run.on_event(engine, "epoch_start")
+    x, y, index = next(iter(loader.epoch(0)))
+    mixed, y_out, index_out = run.selfmix(engine, x, y, index)
+    assert torch.equal(y_out, y) and torch.equal(index_out, index)  # one image, one label
+    replay = engine.teacher.replay
+    rng = np.random.default_rng([0, 0, 0])  # train.seed 0, epoch 0, batch 0: the documented draw
+    partner = replay.kept[index, partner_slots(replay.slots(index, 0), 4, rng)]
+    mask, lam = cutmix_boxes(len(x), x.shape[-2], x.shape[-1], 1.0, rng)
+    assert (partner != replay.views(index, 0)).all()
+    assert all(p in row for p, row in zip(partner.tolist(), replay.kept[index].tolist(), strict=True))
+    pixels = normalize(apply_views(loader.images[index], replay.cache.views[index, partner], replay.augment),
+                       loader.mean, loader.std)
+    torch.testing.assert_close(mixed, torch.where(mask, pixels, x))
+    assert 0 < int(mask.sum()) < mask.numel()  # some pixels pasted, not all
+    pending = run.term.loss.partner
+    torch.testing.assert_close(pending.teacher, replay.cache.lookup(index, partner)["logits"])
+    torch.testing.assert_close(pending.lam, lam)
 
 
 @pytest.mark.parametrize(("change", "message"), [

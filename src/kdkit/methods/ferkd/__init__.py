@@ -14,8 +14,24 @@ teacher cache, whose stored crop/flip views are FKD's stored regions.
   image, the target mixed by area between the two regions' (calibrated) labels;
 * :mod:`~kdkit.methods.ferkd.method` -- the method: the ``ferkd:`` section, its refusals, the mining statistics.
 
-What is implemented as the paper describes it and what is kdkit's own choice is listed in the module docstrings
-above and in ``recipes/fashion_mnist/ferkd_cached.yaml``.
+Against the paper (the abstract and introduction: regions from a crop augmentation fall into easy positives, hard
+positives and hard negatives; hard-region mining + calibration of the less-confident regions with softened hard
+ground-truth labels; SelfMix, mixing similar regions of the same image to stabilise the mixed soft labels):
+
+* the paper's regions are RandomResizedCrops of ImageNet images with soft labels from large teachers; here they are
+  the cache's stored crop/flip views (``teacher.cache.views`` per image) and their stored teacher logits;
+* confidence is the teacher's probability of the ground-truth class on the region, as the paper ranks regions;
+* the mining's shares (``discard_easy``/``discard_hard``, default 10 % each), the calibration threshold
+  (``calibrate_below`` 0.5) and the smoothing (``smoothing`` 0.1) are parameters with kdkit's defaults: the paper's
+  exact values could not be read here (only its abstract and introduction were available, and the released code is
+  FKD's trainer on FerKD's preprocessed soft labels, which hold the paper's choices baked in), so check them against
+  the paper before quoting results as a reproduction;
+* SelfMix is CutMix (a box pasted from the other region, labels mixed by the box's area) between two kept views of
+  the same image; the paper mixes regions of one image within a batch of FKD's several crops per image. kdkit's
+  batches hold one view per image, so the second region is read from the cache beside the batch (its pixels and its
+  stored teacher output) instead of being another row of the batch;
+* FKD's trainer uses soft cross-entropy at temperature 1 and no separate CE; the recipe does the same
+  (``train.ce_weight: 0``; the calibrated targets carry the labels).
 """
 
 from kdkit.methods.ferkd.loss import FerkdLoss, SelfMixPartner, calibrated_targets, ferkd_loss, soft_cross_entropy
