@@ -22,6 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kdkit"
 GREY = ["brightness", "contrast", "rotate", "shear_x"]
 #: What names a built-in method in code: its folder's module path, its losses, bridges and helpers.
 NAMES = {
+    "ferkd": r"kdkit\.methods\.ferkd|\bferkd\b|\bFerkd[A-Z]\w*|\bFerKD\b|\bSelfMix\w*",
     "dho": r"kdkit\.methods\.dho|\bdho(_head)?\b|\bDho[A-Z]\w*|\bDHO\b|dual-head",
     "tst": r"kdkit\.methods\.tst|\btst\b|\bTst[A-Z]\w*|\bTST\b",
     "fmkt": r"kdkit\.methods\.fmkt|fm-?kt|\bflow_feature\b|\bFlowBridge\b|\bflow_costs\b|\bhas_flow\b",

@@ -29,10 +29,37 @@ class ViewReplay:
         self.cache = cache
         self.augment = augment
         self.phase = view_phase(cache.num_samples, cache.num_views, seed)
+        self.kept: Tensor | None = None
+
+    def keep(self, kept: Tensor) -> None:
+        """Replay only some stored views of each image: image ``i`` reads ``kept[i, (epoch + r_i) mod K']``.
+
+        For methods that select views by their stored teacher outputs (the loader and the cached teacher share
+        this replay, so both switch together). ``kept`` must be a pure function of the cache, so a resumed run
+        selects the same views.
+
+        Args:
+            kept: ``(N, K')`` int64 view indices, ``1 <= K' <= K``.
+        """
+        n, k = self.cache.num_samples, self.cache.num_views
+        if kept.ndim != 2 or kept.shape[0] != n or not 1 <= kept.shape[1] <= k:
+            raise ValueError(f"kept views must be (N={n}, K') with 1 <= K' <= {k}, got {tuple(kept.shape)}")
+        if int(kept.min()) < 0 or int(kept.max()) >= k:
+            raise ValueError(f"kept views must index the {k} stored views, got values in "
+                             f"[{int(kept.min())}, {int(kept.max())}]")
+        self.kept = kept.to(torch.int64)
+
+    def slots(self, index: Tensor, epoch: int) -> Tensor:
+        """Which of its replayed views (a column of the kept table, or a stored view) each sample reads."""
+        width = self.cache.num_views if self.kept is None else self.kept.shape[1]
+        return view_schedule(self.phase, index, epoch, width)
 
     def views(self, index: Tensor, epoch: int) -> Tensor:
-        """The view each sample of ``index`` reads in ``epoch``."""
-        return view_schedule(self.phase, index, epoch, self.cache.num_views)
+        """The stored view each sample of ``index`` reads in ``epoch``."""
+        slots = self.slots(index, epoch)
+        if self.kept is None:
+            return slots
+        return self.kept.to(index.device)[index, slots]
 
     def __call__(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
         """Replay the stored views of ``images`` (the raw images of samples ``index``)."""
