@@ -699,10 +699,20 @@ def recipes_root() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
+#: Shipped YAML files whose name starts with one of these are not recipes: search spaces (``search_space.yaml``,
+#: :mod:`kdkit.grammar`) name a base recipe instead of being one.
+NOT_RECIPES = ("search_space",)
+
+
+def shipped_recipe_files() -> list[Path]:
+    """The shipped recipe files (every ``*.yaml`` under ``recipes/`` but the search spaces), sorted."""
+    return sorted(p for p in recipes_root().rglob("*.yaml") if not p.stem.startswith(NOT_RECIPES))
+
+
 def shipped_recipes() -> list[str]:
     """Names of shipped recipes, e.g. ``fashion_mnist/kd``."""
     root = recipes_root()
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return [str(p.relative_to(root).with_suffix("")) for p in shipped_recipe_files()]
 
 
 def find_recipe(path: str | Path, relative_to: Path | None = None, where: str | None = None) -> Path:

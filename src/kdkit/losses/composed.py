@@ -50,6 +50,10 @@ def resolve_chain(names: Sequence[str], params: dict[str, dict[str, Any]] | None
                              fix="name each transform once (their order is the order applied)",
                              where=f"transforms.{i}")
         seen.add(name)
+        if transforms[i].terminal and i != len(names) - 1:
+            raise KdkitError(f"transform {name!r} ends a chain (what follows it compares probabilities), but the chain "
+                             f"{list(names)} continues after it", fix=f"move {name} to the end of `transforms:`",
+                             where=f"transforms.{i}")
     given = dict(params or {})
     for name in given:
         if name not in seen:

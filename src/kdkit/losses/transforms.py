@@ -69,6 +69,8 @@ class Transform:
         symbol: ``symbol(x, **params)``: the transform applied to the expression ``x``, for formulas.
         paired: ``fn`` sees both sides at once (masks drawn once and applied to both, or read from the teacher).
         distribution: ``fn`` returns log-probabilities over dim 1, kept as a distribution (:class:`Value`).
+        terminal: The transform ends a chain (the softmaxes: what follows compares probabilities, it does not
+            transform them further).
         factor: ``factor(**params)``: the term is multiplied by it (``T²`` for a temperature softmax).
         factor_symbol: ``factor_symbol(**params)``: that factor in formulas (``""`` when it is 1).
     """
@@ -79,6 +81,7 @@ class Transform:
     symbol: Callable[..., str]
     paired: bool = False
     distribution: bool = False
+    terminal: bool = False
     factor: Callable[..., float] = lambda **_: 1.0
     factor_symbol: Callable[..., str] = lambda **_: ""
 
@@ -97,7 +100,7 @@ TRANSFORMS: Registry[Transform] = Registry("transform", fix="see docs/distiller-
 
 
 def register_transform(name: str, *, rule: ShapeRule, symbol: Callable[..., str], paired: bool = False,
-                       distribution: bool = False, factor: Callable[..., float] | None = None,
+                       distribution: bool = False, terminal: bool = False, factor: Callable[..., float] | None = None,
                        factor_symbol: Callable[..., str] | None = None) -> Callable[[Callable[..., Any]],
                                                                                     Callable[..., Any]]:
     """Register ``fn`` as transform ``name`` (see :class:`Transform` for the arguments); its docstring's first
@@ -105,7 +108,7 @@ def register_transform(name: str, *, rule: ShapeRule, symbol: Callable[..., str]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         extra = {k: v for k, v in (("factor", factor), ("factor_symbol", factor_symbol)) if v is not None}
-        TRANSFORMS.add(name, Transform(name, fn, rule, symbol, paired, distribution, **extra))
+        TRANSFORMS.add(name, Transform(name, fn, rule, symbol, paired, distribution, terminal, **extra))
         return fn
 
     return deco
@@ -189,35 +192,43 @@ def _t2(temperature: float = 4.0) -> float:
     return temperature**2
 
 
-@register_transform("softmax_t", rule=_unary(_with_channels), distribution=True, factor=_t2,
-                    symbol=lambda x, temperature=4.0: f"softmax({x}/{temperature:g})",
-                    factor_symbol=lambda temperature=4.0: f"{temperature:g}²")
-def softmax_t(x: Tensor, *, temperature: Annotated[float, Gt(0)] = 4.0) -> Tensor:
-    r"""Temperature softmax over dim 1, :math:`p = \mathrm{softmax}(z / T)` (Hinton et al., 2015); the term is
-    multiplied by :math:`T^2`.
+def _log_softmax(x: Tensor, temperature: float) -> Tensor:
+    """``log softmax(x / T)`` over each sample's values, or over each channel's positions for ``(B, C, H, W)``."""
+    flat = x.flatten(2) if x.dim() == 4 else x.flatten(1)
+    return F.log_softmax(flat / temperature, dim=-1).view_as(x)
 
-    Returns the log-probabilities :math:`\log p` (the chain keeps :math:`p` and :math:`\log p`, so the divergences
-    are exact on saturated softmaxes). ``(B, K)`` logits -> ``(B, K)``; ``(B, C, ...)`` -> softmax over channels.
-    The :math:`T^2` factor keeps the gradient's scale independent of :math:`T` (Hinton's KD).
+
+@register_transform("softmax_t", rule=_unary(_any), distribution=True, terminal=True, factor=_t2,
+                    symbol=lambda x, temperature=4.0: f"softmax({x}/{temperature:g})",
+                    factor_symbol=lambda temperature=4.0: f"{temperature:g}²" if temperature != 1 else "")
+def softmax_t(x: Tensor, *, temperature: Annotated[float, Gt(0)] = 4.0) -> Tensor:
+    r"""Temperature softmax, :math:`p = \mathrm{softmax}(z / T)` (Hinton et al., 2015); the term is multiplied by
+    :math:`T^2`.
+
+    Over each sample's values (``(B, K)`` logits: over the classes, Hinton's KD); for ``(B, C, H, W)`` maps over each
+    channel's spatial positions (channel-wise distillation, Shu et al., ICCV 2021). Returns the log-probabilities
+    :math:`\log p` (the chain keeps :math:`p` and :math:`\log p`, so the divergences are exact on saturated
+    softmaxes). The :math:`T^2` factor keeps the gradient's scale independent of :math:`T` (Hinton's KD). Ends a
+    chain.
 
     Args:
-        x: ``(B, C, ...)`` tensor.
+        x: ``(B, ...)`` tensor.
         temperature: Softening temperature ``T`` (KD on CIFAR: 4).
     """
-    return F.log_softmax(x / temperature, dim=1)
+    return _log_softmax(x, temperature)
 
 
-@register_transform("log_softmax_t", rule=_unary(_with_channels),
+@register_transform("log_softmax_t", rule=_unary(_any), terminal=True,
                     symbol=lambda x, temperature=1.0: f"log softmax({x}/{temperature:g})")
 def log_softmax_t(x: Tensor, *, temperature: Annotated[float, Gt(0)] = 1.0) -> Tensor:
-    r"""Log of the temperature softmax over dim 1, :math:`\log\mathrm{softmax}(z/T)`, as plain values (e.g. to
-    regress log-probabilities with MSE); no :math:`T^2` factor.
+    r"""Log of the temperature softmax (over the same values as ``softmax_t``) as plain values, e.g. to regress
+    log-probabilities with MSE; no :math:`T^2` factor. Ends a chain.
 
     Args:
-        x: ``(B, C, ...)`` tensor.
+        x: ``(B, ...)`` tensor.
         temperature: Softening temperature ``T``.
     """
-    return F.log_softmax(x / temperature, dim=1)
+    return _log_softmax(x, temperature)
 
 
 @register_transform("standardize", rule=_unary(_vector), symbol=lambda x: f"std({x})")
