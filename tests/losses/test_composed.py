@@ -221,6 +221,20 @@ def test_teacher_mask_keeps_the_teachers_most_attended_positions() -> None:
     assert out_s[0, 0].tolist() == [[0.0, 1.0], [0.0, 0.0]]
 
 
+def test_softmax_t_on_maps_is_a_distribution_over_each_channels_positions() -> None:
+    s, t = randn(B, 3, 4, 4, seed=34), randn(B, 3, 4, 4, seed=35)
+    loss = composed(["softmax_t"], "kl", transform_params={"softmax_t": {"temperature": 2.0}})
+    log_p_s, log_p_t = (x.flatten(2).div(2.0).log_softmax(-1) for x in (s, t))
+    expected = 4.0 * (log_p_t.exp() * (log_p_t - log_p_s)).sum() / B  # channel-wise distillation, T² batch mean
+    torch.testing.assert_close(loss(s, t, None), expected, **EXACT)
+
+
+def test_a_softmax_ends_the_chain() -> None:
+    with pytest.raises(KdkitError, match="ends a chain") as err:
+        composed(["softmax_t", "l2_normalize"], "mse")
+    assert err.value.where == "transforms.0"
+
+
 def test_pool_makes_maps_of_different_sizes_comparable() -> None:
     s, t = randn(B, 4, 8, 8, seed=32), randn(B, 4, 4, 4, seed=33)
     loss = composed(["pool"], "mse")
