@@ -80,11 +80,13 @@ def test_shipped_example_size_is_the_stated_one(example: BoundSpace) -> None:
     assert "896 valid terms (cores), 6,418,944 distillers" in EXAMPLE.read_text()
 
 
-def test_every_term_of_the_shipped_space_builds_and_computes_a_finite_loss(example: BoundSpace) -> None:
+@pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow), 29])
+def test_every_term_of_the_shipped_space_builds_and_computes_a_finite_loss(example: BoundSpace, stride: int) -> None:
+    """Every core (slow: 896 losses built), or every 29th (31 cores, every chain length, pair and distance family)."""
     shapes = {("logits", "logits"): ((10,), (10,)), ("stage1", "stage1"): ((8, 14, 14), (32, 14, 14)),
               ("stage2", "stage2"): ((16, 7, 7), (64, 7, 7))}
     generator = torch.Generator().manual_seed(0)
-    for core in example.cores:
+    for core in example.cores[::stride]:
         entry = {k: v for k, v in core_entry(core).items() if k in ("transforms", "transform_params", "distance",
                                                                      "distance_params")}
         loss = ComposedLoss(**entry)
@@ -102,6 +104,7 @@ def core_entry(core: Any) -> dict[str, Any]:
     return Candidate(((core, 1.0),)).to_distill()[0]
 
 
+@pytest.mark.slow  # validating the Fashion-MNIST base recipe reads its data (~9 s)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_sampled_candidate_is_an_ordinary_recipe(example: BoundSpace, seed: int, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,3 +181,13 @@ def test_missing_base_recipe_and_space_file_are_refused(tmp_path: Path) -> None:
         open_space(path)
     with pytest.raises(KdkitError, match="no search space file"):
         open_space(tmp_path / "absent.yaml")
+
+
+def test_validate_checks_a_space_file_and_states_its_size(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["validate", str(EXAMPLE)]) == 0
+    assert "896 terms, 6,418,944 distillers of 1/2 term(s)" in capsys.readouterr().out
+    bad = tmp_path / "search_space.yaml"
+    bad.write_text(yaml.safe_dump({**copy.deepcopy(SMALL), "distances": {"kld": {}}}))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "distances.kld: unknown distance 'kld'; valid choices: kl" in err and "fix:" in err
