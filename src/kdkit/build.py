@@ -523,6 +523,9 @@ class _Planner:
             else [(s_shape, t_shape)]
         for j, (one_s, one_t) in enumerate(pairs):
             problem = loss.check_shapes(one_s, one_t)
+            if isinstance(problem, KdkitError):  # the loss names the valid choices and the fix itself
+                self.errors.append(_located(problem, where))
+                continue
             if problem:
                 s_name = as_specs(s_spec)[j] if len(pairs) > 1 else s_spec
                 t_name = as_specs(t_spec)[j] if len(pairs) > 1 and t_spec is not None else t_spec

@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """`kdkit validate RECIPE ...`: build and check recipes without training."""
     from kdkit.build import plan
-    from kdkit.recipe import Recipe, find_recipe
+    from kdkit.recipe import SEARCH_SPACE_PREFIX, Recipe, find_recipe
 
     if args.schema:
         print(json.dumps(Recipe.model_json_schema(), indent=1))
@@ -83,6 +83,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise KdkitError("no recipe given", fix="kdkit validate RECIPE.yaml [key=value ...]")
     failed = 0
     for name in names:
+        if Path(name).stem.startswith(SEARCH_SPACE_PREFIX) and Path(name).is_file():
+            failed += not _validate_space(name, overrides)
+            continue
         try:
             source = find_recipe(name)
             recipe = _load_checked(source, overrides)
@@ -98,6 +101,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for warning in built.warnings:
             print(f"     warning: {warning}")
     return 2 if failed else 0
+
+
+def _validate_space(name: str, overrides: list[str]) -> bool:
+    """Check a search space file (``search_space*.yaml``) as `kdkit validate` does a recipe; whether it is valid."""
+    from kdkit.grammar import open_space
+
+    try:
+        if overrides:
+            raise KdkitError(f"overrides {overrides} apply to recipes, not to the search space {name!r}",
+                             fix="edit the space file, or override keys of its base recipe when a search runs it")
+        space = open_space(name)
+    except KdkitError as exc:
+        print(f"FAIL {name}\n{exc.render()}", file=sys.stderr)
+        return False
+    print(f"ok   {name}: search space over {space.spec.recipe}, {len(space.cores)} terms, {space.size():,} "
+          f"distillers of {'/'.join(str(n) for n in space.term_counts)} term(s)")
+    return True
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -319,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(fn=cmd_run)
 
-    val = sub.add_parser("validate", help="check recipes without training; reports every problem")
+    val = sub.add_parser("validate", help="check recipes (and search_space*.yaml files) without training; reports "
+                                          "every problem")
     val.add_argument("recipes", nargs="*", help="recipe paths or names, then key=value overrides")
     val.add_argument("--schema", action="store_true", help="print the recipe JSON schema")
     val.set_defaults(fn=cmd_validate)

@@ -785,19 +785,23 @@ def recipes_root() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
-#: Shipped YAML files named ``sweep_*.yaml`` are sweep files (``kdkit sweep RECIPE SWEEP``), not recipes.
+#: Shipped YAML files whose name starts with one of these are not recipes: search spaces (``search_space*.yaml``,
+#: :mod:`kdkit.grammar`) and sweep files (``sweep_*.yaml``, ``kdkit sweep RECIPE SWEEP``) name a base recipe
+#: instead of being one.
+SEARCH_SPACE_PREFIX = "search_space"
 SWEEP_PREFIX = "sweep_"
+NOT_RECIPES = (SEARCH_SPACE_PREFIX, SWEEP_PREFIX)
 
 
-def is_recipe_file(path: Path) -> bool:
-    """Whether a shipped YAML file is a recipe (not a ``sweep_*.yaml`` sweep file beside the recipes it tunes)."""
-    return path.suffix == ".yaml" and not path.name.startswith(SWEEP_PREFIX)
+def shipped_recipe_files() -> list[Path]:
+    """The shipped recipe files (every ``*.yaml`` under ``recipes/`` but search spaces and sweep files), sorted."""
+    return sorted(p for p in recipes_root().rglob("*.yaml") if not p.stem.startswith(NOT_RECIPES))
 
 
 def shipped_recipes() -> list[str]:
     """Names of shipped recipes, e.g. ``fashion_mnist/kd``."""
     root = recipes_root()
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if is_recipe_file(p))
+    return [str(p.relative_to(root).with_suffix("")) for p in shipped_recipe_files()]
 
 
 def find_recipe(path: str | Path, relative_to: Path | None = None, where: str | None = None) -> Path:

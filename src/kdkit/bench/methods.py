@@ -23,7 +23,7 @@ from kdkit.method import METHODS, active_methods
 from kdkit.models import build_model
 from kdkit.pages import html_table
 from kdkit.profile import count_flops, machine_info
-from kdkit.recipe import find_recipe, is_recipe_file, load_recipe, recipes_root
+from kdkit.recipe import find_recipe, load_recipe, recipes_root, shipped_recipe_files
 from kdkit.report import LATENCY_MEANING, deployed_latency, mean_std, write_report
 from kdkit.runner import run_or_continue
 
@@ -41,7 +41,7 @@ def suites() -> list[str]:
 
 def method_recipes(suite: str = SUITE) -> list[str]:
     """The method recipes of a suite: the labels-only baseline (``student_*``) first, then KD, then alphabetical."""
-    names = sorted(p.stem for p in (recipes_root() / suite).glob("*.yaml") if is_recipe_file(p)
+    names = sorted(p.stem for p in shipped_recipe_files() if p.parent == recipes_root() / suite
                    and p.stem not in NOT_METHODS and not p.stem.startswith("teacher_"))  # teacher_*: more teachers
     return sorted(names, key=lambda n: (not n.startswith("student_"), n != "kd", n))
 

@@ -4,6 +4,7 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     affinity,
     at,
     cka,
+    composed,
     crd,
     dist,
     dkd,

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kdkit.errors import KdkitError
 from kdkit.params import enforce_bounds
 from kdkit.registry import Registry
 
@@ -131,10 +132,12 @@ class DistillLoss(nn.Module):
         labels = torch.randint(0, 10, (batch,), generator=generator)
         return draw(student_shape), teacher, labels, torch.arange(batch)
 
-    def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | None:
+    def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | KdkitError | None:
         """Say why these per-sample shapes cannot be compared, or ``None`` when they can.
 
-        The default asks for identical shapes; losses comparing e.g. Gram matrices override it.
+        The default asks for identical shapes; losses comparing e.g. Gram matrices override it. A loss that knows
+        better choices than a bridge (``composed``: the transforms or distances that fit) returns a
+        :class:`~kdkit.errors.KdkitError` naming them and the fix instead of a sentence.
         """
         if tuple(student) != tuple(teacher):
             return f"student shape {tuple(student)} differs from teacher shape {tuple(teacher)}"

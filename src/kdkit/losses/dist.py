@@ -11,7 +11,7 @@ from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
 from kdkit.losses.standardize import standardize_logits
 
 
-def _mean_row_pearson(a: Tensor, b: Tensor, eps: float) -> Tensor:
+def mean_row_pearson(a: Tensor, b: Tensor, eps: float) -> Tensor:
     """Mean over rows of the Pearson correlation of ``a[i, :]`` and ``b[i, :]`` (eps added to the denominator)."""
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
@@ -67,8 +67,8 @@ def dist_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0,
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     y_s = (z_s / temperature).softmax(dim=1)
     y_t = (z_t / temperature).softmax(dim=1)
-    inter = 1 - _mean_row_pearson(y_s, y_t, eps)
-    intra = 1 - _mean_row_pearson(y_s.t(), y_t.t(), eps)
+    inter = 1 - mean_row_pearson(y_s, y_t, eps)
+    intra = 1 - mean_row_pearson(y_s.t(), y_t.t(), eps)
     loss = temperature**2 * (beta * inter + gamma * intra)
     return loss.to(student_logits.dtype)
 
