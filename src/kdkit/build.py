@@ -101,8 +101,8 @@ def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
                                        bad=method.name, fix=f"leave method {method.name!r} out of this recipe",
                                        where=method.section or "distill"))
     if recipe.teacher is not None and recipe.teacher.cache is not None:
-        problems.append(KdkitError(f"teacher.cache stores one logit vector per stored view; it does not store "
-                                   f"the per-pixel outputs of task {recipe.task!r} yet",
+        problems.append(KdkitError(f"the teacher-output cache stores one logit vector per stored view; it does not "
+                                   f"store the per-pixel outputs of task {recipe.task!r} yet",
                                    fix="remove teacher.cache (the teacher runs on every batch)",
                                    where="teacher.cache"))
     return problems

@@ -17,7 +17,8 @@ EPS = 1e-8
 
 def pool_nodes(feat: Tensor, scale: float) -> Tensor:
     """The feature map max-pooled into nodes: windows of ``max(1, int(H * scale)) x max(1, int(W * scale))`` with
-    that stride and ``ceil_mode`` (the official ``MaxPool2d``), so ``scale=0.5`` gives a 2x2 grid of nodes and
+    that stride and ``ceil_mode`` (the official ``MaxPool2d``), so ``scale=0.5`` gives a 2x2 grid of nodes on an
+    even-sided map (3x3 on a 7x7 one: windows of 3, the last one partial) and
     ``scale=1/H`` keeps every pixel a node.
 
     Args:

@@ -89,7 +89,7 @@ class BoundSegmentation:
         self.num_classes = task.outputs(data.num_classes)
         self.split_targets = {split: getattr(data, f"{split}_targets")[task.target].to(device).long()
                               for split in ("train", "test")}
-        self._chance = background_chance(self.split_targets["test"], self.num_classes)
+        self._test_masks = data.test_targets[task.target]  # where the data lives (the device may be meta)
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         masks = self.split_targets[split].index_select(0, index)
@@ -109,7 +109,7 @@ class BoundSegmentation:
         return SegmentationEvaluator(self.num_classes, self.device, ctx)
 
     def chance(self) -> dict[str, float]:
-        return dict(self._chance)
+        return background_chance(self._test_masks, self.num_classes)
 
 
 @register_task
