@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import write_recipe
+from kdkit.bench.methods import METRIC_HEADERS, method_recipes, suites
 from kdkit.build import plan
 from kdkit.cli import main
 from kdkit.data import DATASETS, ImageData
 from kdkit.data.base import UNLABELLED
 from kdkit.distributed import DistContext
 from kdkit.models import build_model
-from kdkit.recipe import recipe_from_dict, set_by_path
+from kdkit.recipe import find_recipe, load_recipe, recipe_from_dict, set_by_path
 from kdkit.runner import run_recipe
 from kdkit.task import TASKS
 
@@ -216,3 +217,16 @@ def test_structured_and_channel_wise_distillation_run_end_to_end(segmentation: d
     assert {"train_ce", "train_pixel_kd", "train_cwd", "train_pairwise_kd", "train_pixel_acc", "test_pixel_acc",
             "test_loss"} <= set(rows[-1])
     assert all(math.isfinite(r["train_loss"]) for r in rows) and "test_top1" not in rows[-1]
+
+
+def test_the_segmentation_recipes_are_a_benchmark_suite_with_the_labels_only_baseline_first() -> None:
+    assert "scenes_seg" in suites()
+    assert method_recipes("scenes_seg") == ["student_ce", "cwd", "pixel_kd", "structured"]
+    teacher = load_recipe(find_recipe("scenes_seg/teacher"))
+    for name in method_recipes("scenes_seg"):
+        recipe = load_recipe(find_recipe(f"scenes_seg/{name}"))
+        assert recipe.task == "segmentation" and recipe.data == load_recipe(
+            find_recipe("scenes_seg/student_ce")).data  # one subset and data for every method
+        assert recipe.teacher is None or recipe.teacher.recipe == "teacher.yaml"
+    assert teacher.data.augment.hflip is False and teacher.data.augment.crop_padding == 0
+    assert METRIC_HEADERS["miou"] == "mIoU (%)"

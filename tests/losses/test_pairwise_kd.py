@@ -38,7 +38,8 @@ def pairwise_reference(f_s: np.ndarray, f_t: np.ndarray, scale: float) -> float:
     return total / len(f_s)
 
 
-@pytest.mark.parametrize(("shape", "scale", "nodes"), [((8, 8), 0.5, 4), ((7, 7), 0.5, 9), ((12, 12), 0.25, 16), ((6, 6), 1 / 6, 36)])
+@pytest.mark.parametrize(("shape", "scale", "nodes"),
+                         [((8, 8), 0.5, 4), ((7, 7), 0.5, 9), ((12, 12), 0.25, 16), ((6, 6), 1 / 6, 36)])
 def test_pairwise_matches_the_official_computation(shape: tuple[int, int], scale: float, nodes: int) -> None:
     gen = torch.Generator().manual_seed(0)
     f_s = torch.randn(2, 3, *shape, generator=gen, dtype=torch.float64)

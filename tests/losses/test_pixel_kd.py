@@ -30,7 +30,7 @@ def pixel_kd_reference(z_s: np.ndarray, z_t: np.ndarray, temperature: float) -> 
 
 def official_cross_entropy(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     """The official CriterionPixelWise.forward, transcribed: sum of -q_t log q_s over every pixel / (W H)."""
-    n, c, w, h = z_s.shape
+    _, c, w, h = z_s.shape
     p_t = torch.softmax(z_t.permute(0, 2, 3, 1).reshape(-1, c), dim=1)
     log_s = torch.log_softmax(z_s.permute(0, 2, 3, 1).reshape(-1, c), dim=1)
     return torch.sum(-p_t * log_s) / w / h

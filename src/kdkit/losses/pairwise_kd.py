@@ -56,7 +56,7 @@ def pairwise_kd_loss(student: Tensor, teacher: Tensor, scale: float = 0.5, detac
     similarities of all node pairs (:func:`node_similarity`) are matched:
 
     .. math::
-        \ell_{pa} = \frac{1}{N}\sum_{n=1}^{N}\frac{1}{M^2}\sum_{i=1}^{M}\sum_{j=1}^{M}\big(a^s_{n,ij} - a^t_{n,ij}\big)^2
+        \ell_{pa} = \frac{1}{N}\sum_{n}\frac{1}{M^2}\sum_{i=1}^{M}\sum_{j=1}^{M}\big(a^s_{n,ij} - a^t_{n,ij}\big)^2
 
     The channel counts may differ (only ``M x M`` matrices are compared); the spatial sizes must match. As the
     official ``CriterionPairWiseforWholeFeatAfterPool`` with ``sim_dis_compute``: node windows of half the map's

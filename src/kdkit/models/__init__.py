@@ -23,8 +23,8 @@ from kdkit.models import (
     cifar,  # noqa: F401 - registers the CIFAR KD zoo
     small_cnn,  # noqa: F401 - registers the small CNNs
 )
-from kdkit.models.segmentation import torchvision_segmenter, torchvision_segmenters
 from kdkit.models.registry import MODELS, register_model
+from kdkit.models.segmentation import torchvision_segmenter, torchvision_segmenters
 from kdkit.params import check_params
 
 #: Factory parameters kdkit fills in from the data (not settable in ``model.params``).
