@@ -77,6 +77,37 @@ class Plan:
     task: BoundTask | None = None  # None only when validating without the data files
 
 
+def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
+    """Why ``recipe`` cannot train ``task``, whose targets are pixel maps read by sample index: everything that
+    moves the training images' pixels (a crop, a flip, RandAugment's strong view, a method's learned augmentation)
+    would leave the maps where they were, a silent misalignment. Empty when nothing does."""
+    why = (f"task {recipe.task!r} reads each image's {task.target!r} map by sample index, so the map would not "
+           "follow")
+    problems = []
+    augment = recipe.data.augment
+    if augment.crop_padding:
+        problems.append(KdkitError(f"{why} the random crop (data.augment.crop_padding {augment.crop_padding})",
+                                   bad=str(augment.crop_padding), fix="set data.augment.crop_padding: 0",
+                                   where="data.augment.crop_padding"))
+    if augment.hflip:
+        problems.append(KdkitError(f"{why} the horizontal flip (data.augment.hflip)", bad="true",
+                                   fix="set data.augment.hflip: false", where="data.augment.hflip"))
+    if recipe.data.views == 2:
+        problems.append(KdkitError(f"{why} the strong view's RandAugment (shears, rotations, translations)",
+                                   bad="2", fix="set data.views: 1", where="data.views"))
+    for method in active_methods(recipe):
+        if method.moves_pixels:
+            problems.append(KdkitError(f"{why} method {method.name!r}, which changes the training images' geometry",
+                                       bad=method.name, fix=f"leave method {method.name!r} out of this recipe",
+                                       where=method.section or "distill"))
+    if recipe.teacher is not None and recipe.teacher.cache is not None:
+        problems.append(KdkitError(f"the teacher-output cache stores one logit vector per stored view; it does not "
+                                   f"store the per-pixel outputs of task {recipe.task!r} yet",
+                                   fix="remove teacher.cache (the teacher runs on every batch)",
+                                   where="teacher.cache"))
+    return problems
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else is checked."""
     if spec == "auto":
@@ -342,6 +373,8 @@ class _Planner:
             self.errors.append(KdkitError(f"task {recipe.task!r} {problem}", choices=tasks_serving(data),
                                           bad=recipe.task, fix=f"use a task dataset {data.name!r} serves, or a "
                                           "dataset with these targets (`kdkit ls datasets`)", where="task"))
+        if task is not None and task.pixel_targets:
+            self.errors += geometry_problems(recipe, task)
         metric = recipe.train.best_metric
         if task is not None and metric is not None and metric not in task.selectable(data):
             self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by"
@@ -353,7 +386,11 @@ class _Planner:
 
     # -- stage 2: the networks ------------------------------------------------------------------------
     def network(self, spec: Any, shape: DataShape, at: str) -> nn.Module | None:
-        return self.attempt(build_model, spec.arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
+        # the task decides the networks' outputs (segmentation adds background); an unknown task is reported
+        # by stage 1, and the networks are then built for the classes alone
+        task = TASKS.get(self.recipe.task) if self.recipe.task in TASKS else None
+        outputs = task.outputs(shape.num_classes) if task is not None else shape.num_classes
+        return self.attempt(build_model, spec.arch, num_classes=outputs, in_channels=shape.in_channels,
                             image_size=shape.image_size, params=spec.params, where=f"{at}.arch")
 
     def trained(self, shape: DataShape) -> nn.Module | None:

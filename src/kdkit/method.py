@@ -60,6 +60,8 @@ class Method:
             crop/flip views, so a teacher-output cache cannot stand in for it.
         needs_labels: The method reads the label of every training sample (e.g. a phase with its own
             cross-entropy), so data with unlabelled samples (:data:`kdkit.data.base.UNLABELLED`) is refused.
+        moves_pixels: The method changes the training images' geometry (shears, rotations, translations), so a
+            task whose targets are pixel maps read by sample index (:attr:`kdkit.task.Task.pixel_targets`) refuses it.
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +69,7 @@ class Method:
     spec: ClassVar[type[Strict] | None] = None
     feeds_teacher_new_images: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    moves_pixels: ClassVar[bool] = False
 
     def active(self, recipe: Any) -> bool:
         """Whether ``recipe`` uses this method. Default: its section is present."""

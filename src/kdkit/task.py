@@ -83,6 +83,9 @@ class Task:
         probabilities: How the deployed outputs become class probabilities: ``"softmax"`` over the classes,
             ``"sigmoid"`` for each class on its own, or ``""`` when they are not class scores (``kdkit predict``,
             exports and :func:`kdkit.export.load_deployed` apply it).
+        pixel_targets: The targets are maps aligned with the image's pixels (segmentation masks), read by sample
+            index: a crop, flip or other geometric change of the image would not move them, so recipes that
+            change the images' geometry are refused.
     """
 
     name: ClassVar[str] = ""
@@ -93,6 +96,12 @@ class Task:
     train_metric: ClassVar[str] = ""
     deployed_output: ClassVar[str] = ""
     probabilities: ClassVar[str] = ""
+    pixel_targets: ClassVar[bool] = False
+
+    def outputs(self, num_classes: int) -> int:
+        """The outputs (channels) of the task's networks on data with ``num_classes`` classes. Default: one per
+        class; segmentation adds background."""
+        return num_classes
 
     def metrics_for(self, data: ImageData | None) -> tuple[str, ...]:
         """The metrics meaningful on ``data`` (what a run on it reports); ``None`` (data unknown): all of them.

@@ -24,6 +24,7 @@ from kdkit.models import (
     small_cnn,  # noqa: F401 - registers the small CNNs
 )
 from kdkit.models.registry import MODELS, register_model
+from kdkit.models.segmentation import torchvision_segmenter, torchvision_segmenters
 from kdkit.params import check_params
 
 #: Factory parameters kdkit fills in from the data (not settable in ``model.params``).
@@ -55,6 +56,9 @@ def _external(prefix: str, name: str, num_classes: int, in_channels: int, params
     if name not in names:
         raise KdkitError(f"unknown torchvision model {name!r}", choices=names, bad=name,
                          fix="use a name from torchvision.models.list_models()", where=where)
+    if name in torchvision_segmenters():  # dict outputs and a fixed 3-channel stem: adapted
+        return torchvision_segmenter(name, num_classes=num_classes, in_channels=in_channels, params=params,
+                                     where=where)
     if in_channels != 3:
         raise KdkitError(f"torchvision:{name} expects 3-channel images, the data has {in_channels}",
                          fix="use a kdkit or timm model (timm adapts the stem), or RGB data", where=where)

@@ -37,6 +37,7 @@ class TstMethod(Method):
     section = "tst"
     spec = TstSpec
     feeds_teacher_new_images = True  # the policy's augmented images
+    moves_pixels = True  # its operations include shears, translations and rotations
     needs_labels = True  # the policy phase scores the labels: -log p_T(y) - log(1 - p_S(y))
 
     def check(self, recipe: Any) -> list[str]:

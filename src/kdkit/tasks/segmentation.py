@@ -1,0 +1,145 @@
+"""Semantic segmentation: per-pixel cross-entropy, mIoU and pixel accuracy (torchmetrics), best by mIoU.
+
+Targets are the dataset's per-image class maps (``ImageData.train_targets["semantic"]``, ``uint8 (N, S, S)``:
+0 for background, ``k + 1`` where an object of class ``k`` shows), read by the batch's sample indices. The
+network outputs ``K + 1`` logits per pixel at the input's resolution, ``(B, K + 1, H, W)``, channel 0 being
+background: :meth:`Segmentation.outputs` makes every model of a segmentation recipe be built with ``K + 1``
+outputs. ``softmax`` over the channels gives each pixel's class probabilities.
+
+mIoU is the mean over the ``K + 1`` classes, background included (as Pascal VOC's 21-class mIoU), of
+``TP / (TP + FP + FN)`` counted over every test pixel; pixel accuracy is the share of test pixels whose argmax
+is their class. The masks are read by sample index, so they would not follow a crop or flip of the image:
+the task declares :attr:`~kdkit.task.Task.pixel_targets`, and recipes with geometric augmentation are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdkit.data.base import UNLABELLED
+from kdkit.distill import labelled_cross_entropy
+from kdkit.distributed import DistContext, all_reduce_sum
+from kdkit.task import Task, register_task
+
+
+class SegmentationEvaluator:
+    """mIoU and pixel accuracy (%) from torchmetrics over every test pixel, and the mean per-pixel cross-entropy.
+
+    Under DDP torchmetrics gathers the states of every process when it computes (``torch.distributed``); the
+    cross-entropy sums are reduced with :func:`~kdkit.distributed.all_reduce_sum`.
+
+    Args:
+        num_classes: Classes including background (``K + 1``).
+        device: Device of the metric states.
+        ctx: Distributed context.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device, ctx: DistContext) -> None:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+        self.ctx = ctx
+        self.iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro").to(device)
+        self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+        self.totals = torch.zeros(2, dtype=torch.float64, device=device)  # ce sum over pixels, pixels
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        predicted, truth = logits.argmax(1), targets.long()
+        self.iou.update(predicted, truth)
+        self.acc.update(predicted, truth)
+        ce = F.cross_entropy(logits.float(), truth, reduction="sum")
+        self.totals += torch.stack([ce.double(), ce.new_tensor(float(truth.numel()), dtype=torch.float64)])
+
+    def compute(self) -> dict[str, float]:
+        ce, pixels = all_reduce_sum(self.totals, self.ctx).tolist()
+        return {"miou": 100.0 * float(self.iou.compute()), "pixel_acc": 100.0 * float(self.acc.compute()),
+                "loss": ce / max(pixels, 1.0)}
+
+
+def background_chance(masks: Tensor, num_classes: int) -> dict[str, float]:
+    """What a model that calls every pixel background scores on ``masks`` (%).
+
+    Pixel accuracy is the background share ``b``; background's IoU is ``b`` too (every pixel is in the union),
+    every other class's is 0 (predicted nowhere), so mIoU is ``b / num_classes``.
+
+    Args:
+        masks: Class maps ``(N, H, W)``, 0 for background.
+        num_classes: Classes including background.
+    """
+    share = float((masks == 0).double().mean()) if masks.numel() else 0.0
+    return {"miou": 100.0 * share / num_classes, "pixel_acc": 100.0 * share}
+
+
+class BoundSegmentation:
+    """Semantic segmentation on one run's data: each sample's class map, gathered by index.
+
+    Args:
+        task: The registered task.
+        data: The dataset (its ``semantic`` targets).
+        device: Device of the batches.
+        label_smoothing: Of the per-pixel cross-entropy.
+    """
+
+    def __init__(self, task: Task, data: Any, device: torch.device, label_smoothing: float) -> None:
+        self.task, self.device, self.metrics = task, device, task.metrics_for(data)
+        self.label_smoothing = label_smoothing
+        self.num_classes = task.outputs(data.num_classes)
+        self.split_targets = {split: getattr(data, f"{split}_targets")[task.target].to(device).long()
+                              for split in ("train", "test")}
+        self._test_masks = data.test_targets[task.target]  # where the data lives (the device may be meta)
+
+    def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
+        masks = self.split_targets[split].index_select(0, index)
+        # an unlabelled sample's pixels are ignored by the loss and the training score, like its label
+        return masks.masked_fill((labels == UNLABELLED).view(-1, 1, 1), UNLABELLED)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return labelled_cross_entropy(logits, targets, self.label_smoothing)
+
+    def train_score(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        # each labelled sample's pixel accuracy, summed over the batch
+        labelled = targets[:, 0, 0] != UNLABELLED
+        right = (logits.detach().argmax(1) == targets).flatten(1).float().mean(1)
+        return (right * labelled).sum(), labelled.sum().float()
+
+    def evaluator(self, ctx: DistContext) -> SegmentationEvaluator:
+        return SegmentationEvaluator(self.num_classes, self.device, ctx)
+
+    def chance(self) -> dict[str, float]:
+        return background_chance(self._test_masks, self.num_classes)
+
+
+@register_task
+class Segmentation(Task):
+    """Semantic segmentation: per-pixel cross-entropy, mIoU and pixel accuracy (torchmetrics, %), best by mIoU."""
+
+    name = "segmentation"
+    target = "semantic"
+    metrics = ("miou", "pixel_acc", "loss")
+    best = "miou"
+    loss_name = "ce"
+    train_metric = "pixel_acc"
+    deployed_output = ("per-pixel logits (B, K + 1, H, W), channel 0 background; softmax over the channels gives "
+                       "each pixel's class probabilities")
+    probabilities = "softmax"
+    pixel_targets = True
+
+    def outputs(self, num_classes: int) -> int:
+        """Background plus the ``num_classes`` object classes."""
+        return num_classes + 1
+
+    def check_data(self, data: Any) -> str | None:
+        problem = super().check_data(data)
+        if problem is not None:
+            return problem
+        masks = data.train_targets[self.target]
+        if masks.shape[1:] != data.train_images.shape[2:]:
+            return (f"needs {self.target!r} targets of the images' size (N, {data.train_images.shape[2]}, "
+                    f"{data.train_images.shape[3]}), got {tuple(masks.shape)}")
+        return None
+
+    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0) -> BoundSegmentation:
+        return BoundSegmentation(self, data, device, label_smoothing)
