@@ -339,6 +339,8 @@ class _Planner:
             self.errors.append(KdkitError(f"task {recipe.task!r} {problem}", choices=tasks_serving(data),
                                           bad=recipe.task, fix=f"use a task dataset {data.name!r} serves, or a "
                                           "dataset with these targets (`kdkit ls datasets`)", where="task"))
+        if task is not None and (problem := misaligning_augmentation(recipe, task)) is not None:
+            self.errors.append(problem)
         metric = recipe.train.best_metric
         if task is not None and metric is not None and metric not in task.selectable(data):
             self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by"
@@ -569,6 +571,27 @@ def teacher_logits(model: nn.Module, data: ImageData, batch_size: int = 1000) ->
         model.train(was_training)
 
 
+def misaligning_augmentation(recipe: Recipe, task: Task) -> KdkitError | None:
+    """Why the recipe's augmentation would misalign ``task``'s pixel-tied targets (``None`` when it would not).
+
+    The loader crops and flips the images only; targets are gathered by index afterwards and never see the
+    crop offset or the flip, so for boxes or masks these augmentations are refused rather than silently wrong.
+    """
+    if not task.pixel_targets:
+        return None
+    augment = recipe.data.augment
+    used = [key for key, on in (("crop_padding", augment.crop_padding > 0), ("hflip", augment.hflip)) if on]
+    if recipe.data.views == 2:
+        used.append("views")  # the strong view's RandAugment moves pixels too
+    if not used:
+        return None
+    keys = ", ".join(f"data.augment.{k}" if k != "views" else "data.views" for k in used)
+    return KdkitError(f"task {task.name!r} has targets tied to pixel positions, and {keys} would move the image "
+                      "but not its targets (the boxes or masks would no longer match)", bad=used[0],
+                      fix="remove " + keys + " (train without geometric augmentation)",
+                      where="data.augment" if used[0] != "views" else "data.views")
+
+
 def _example(net: nn.Module, shape: DataShape) -> torch.Tensor:
     """A probe batch of two blank images on ``net``'s device (the meta device for shape-only networks)."""
     where = next(net.parameters(), None)
@@ -610,7 +633,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     stage.raise_errors()
     assert model is not None and task is not None
     dev = dev if training else torch.device("meta")  # validation built everything on the meta device
-    bound = stage.attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) \
+    bound = stage.attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing, model=model) \
         if data is not None else None
     stage.raise_errors()
     terms = [Term(name, found.losses[name], found.reads[name][0], found.reads[name][1], term.weight,
