@@ -278,3 +278,23 @@ def test_packed_targets_round_trip() -> None:
     b, lab = unpack_targets(pack_targets(boxes, labels, 48), 48)
     assert torch.allclose(b, boxes) and torch.equal(lab, labels)
 
+
+
+def test_torchvision_fcos_parts_give_the_dense_tensor_taps_and_a_trainable_loss() -> None:
+    from kdkit.taps import tap_shapes
+
+    torch.manual_seed(0)
+    model = build_model("tv_fcos", num_classes=3, in_channels=1, image_size=40)
+    shapes = tap_shapes(model, ["logits", "p2", "p3", "p4", "stage2"], (1, 40, 40))
+    assert shapes["logits"] == (10 * 10 + 5 * 5 + 3 * 3, 3 + 4 + 1)
+    assert shapes["p2"] == (32, 10, 10) and shapes["p4"] == (32, 3, 3)
+    data = boxes_data()
+    bound = TASKS.get("detection").bind(data, "cpu", model=model)
+    out = model(torch.randn(4, 1, 40, 40))
+    loss = bound.loss(out, bound.targets(data.train_labels, torch.arange(4), "train"))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.head.regression_head.bbox_reg.weight.grad.abs().sum() > 0  # the box loss reaches torchvision's head
+    # linear coding: torchvision's ReLU'd regression r at stride s is a distance r * s
+    spec = model.dense_spec
+    assert torch.equal(spec.distances(torch.full((1, 4), 2.0), torch.tensor([8.0])), torch.full((1, 4), 16.0))

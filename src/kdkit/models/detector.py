@@ -9,6 +9,8 @@ level, row-major) and each location's ``C`` channels are, in order (see :class:`
   (General Focal Loss's discretised regression: the distance is the distribution's expectation);
 * 1 centerness logit.
 
+``tv_fcos`` builds the same output from torchvision's own FCOS head and feature pyramid classes.
+
 The model declares this layout as ``model.dense_spec`` (a :class:`DenseSpec`); the detection task reads it to
 place the locations, assign targets and decode boxes. The engine, taps and teacher cache see one tensor.
 """
@@ -35,12 +37,15 @@ class DenseSpec:
         size_ranges: Per level, the ``(low, high]`` range of a location's largest regression distance
             (pixels) that the level is responsible for (FCOS's scale assignment).
         box_bins: 0 for 4 direct distances; ``n > 0`` for 4 distributions over ``0..n`` strides (GFL).
+        box_coding: How 4 direct distances are coded: ``exp`` (``exp(raw) * stride``, FCOS's paper) or ``linear``
+            (``raw * stride``, torchvision's FCOS, whose head already applies a ReLU).
     """
 
     num_classes: int
     strides: tuple[int, ...]
     size_ranges: tuple[tuple[float, float], ...]
     box_bins: int = 0
+    box_coding: str = "exp"
 
     @property
     def box_channels(self) -> int:
@@ -80,6 +85,8 @@ class DenseSpec:
             probs = box.unflatten(-1, (4, self.box_bins + 1)).softmax(-1)
             bins = torch.arange(self.box_bins + 1, device=box.device, dtype=probs.dtype)
             return (probs * bins).sum(-1) * stride.unsqueeze(-1)
+        if self.box_coding == "linear":
+            return box * stride.unsqueeze(-1)
         # exp as FCOS, clamped so a wild early step cannot overflow (e^8 strides is far past any canvas)
         return torch.exp(box.clamp(max=8.0)) * stride.unsqueeze(-1)
 
@@ -198,3 +205,54 @@ def det_student(*, num_classes: int, in_channels: int = 1, width: int = 8, fpn_w
     """FCOS-style student: the teacher's layout at half the widths (same strides, so the dense outputs align)."""
     return TinyFCOS(num_classes=num_classes, in_channels=in_channels, widths=(width, 2 * width, 4 * width, 4 * width),
                     fpn_width=fpn_width, box_bins=box_bins, size_ranges=SCENE_RANGES)
+
+
+class TorchvisionFCOS(nn.Module):
+    """torchvision's FCOS head (``torchvision.models.detection.fcos.FCOSHead``) and feature pyramid
+    (``torchvision.ops.FeaturePyramidNetwork``) on a small conv backbone, returning kdkit's one dense tensor.
+
+    torchvision's ``FCOS`` model takes lists of images and returns losses or detections, which the engine, taps and
+    teacher cache cannot carry; its parts are plain modules. The output concatenates the head's ``cls_logits``,
+    ``bbox_regression`` (ReLU'd, ``linear`` coding: distances in strides, torchvision's box coder with anchors of
+    one stride) and ``bbox_ctrness``. No pretrained weights are loaded.
+
+    Taps: ``stage1``.. (backbone) and ``p2``, ``p3``, .. (the FPN's output convs ``fpn.layer_blocks.<i>``).
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int, widths: tuple[int, ...], fpn_width: int,
+                 size_ranges: tuple[tuple[float, float], ...], head_convs: int = 2) -> None:
+        super().__init__()
+        from torchvision.models.detection.fcos import FCOSHead as TVFCOSHead
+        from torchvision.ops import FeaturePyramidNetwork
+
+        chans = [in_channels, *widths]
+        self.stages = nn.ModuleList(_stage(a, b) for a, b in pairwise(chans))
+        levels = len(size_ranges)
+        strides = tuple(2 ** (i + 1) for i in range(len(widths)))[-levels:]
+        self.dense_spec = DenseSpec(num_classes, strides, tuple(size_ranges), 0, "linear")
+        self.fpn = FeaturePyramidNetwork(list(widths[-levels:]), fpn_width)
+        self.head = TVFCOSHead(fpn_width, num_anchors=1, num_classes=num_classes, num_convs=head_convs)
+        self.feature_taps = {f"stage{i + 1}": f"stages.{i}" for i in range(len(widths))}
+        self.feature_taps.update({f"p{s.bit_length() - 1}": f"fpn.layer_blocks.{i}" for i, s in enumerate(strides)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Dense predictions ``(B, L, K + 4 + 1)`` for images ``(B, in_channels, H, W)``."""
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        picked = features[-len(self.dense_spec.strides):]
+        levels = list(self.fpn({str(i): f for i, f in enumerate(picked)}).values())
+        out = self.head(levels)
+        return torch.cat([out["cls_logits"], out["bbox_regression"], out["bbox_ctrness"]], dim=-1)
+
+
+@register_model("tv_fcos", help="torchvision's FCOS head and FPN on a small conv backbone (strides 4-16), one "
+                                "dense output; no pretrained weights")
+def tv_fcos(*, num_classes: int, in_channels: int = 1, width: int = 16, fpn_width: int = 32,
+            head_convs: int = 2) -> TorchvisionFCOS:
+    """torchvision FCOS parts: backbone stages of ``width, 2w, 4w, 4w``; ``fpn_width`` a multiple of 32 (the head's
+    GroupNorm has 32 groups)."""
+    return TorchvisionFCOS(num_classes=num_classes, in_channels=in_channels,
+                           widths=(width, 2 * width, 4 * width, 4 * width), fpn_width=fpn_width,
+                           size_ranges=SCENE_RANGES, head_convs=head_convs)
