@@ -298,3 +298,41 @@ def test_torchvision_fcos_parts_give_the_dense_tensor_taps_and_a_trainable_loss(
     # linear coding: torchvision's ReLU'd regression r at stride s is a distance r * s
     spec = model.dense_spec
     assert torch.equal(spec.distances(torch.full((1, 4), 2.0), torch.tensor([8.0])), torch.full((1, 4), 16.0))
+
+
+@pytest.mark.slow
+def test_a_tiny_detection_distillation_runs_end_to_end(tmp_path) -> None:
+    """FGD on the FPN levels (reading the GT boxes) plus LD on the dense outputs, one epoch on a few real scenes."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from kdkit.data.idx import FASHION_MNIST_ROOT
+    from kdkit.recipe import recipe_from_dict
+    from kdkit.runner import run_recipe
+
+    if not Path(FASHION_MNIST_ROOT).is_dir():
+        pytest.skip("the Fashion-MNIST files are not installed")
+    torch.manual_seed(0)
+    teacher = build_model("det_teacher", num_classes=10, in_channels=1, image_size=48,
+                          params={"box_bins": 4, "width": 8})
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    recipe = {
+        "name": "det_tiny", "task": "detection",
+        "model": {"arch": "det_student", "params": {"box_bins": 4, "width": 4}},
+        "teacher": {"arch": "det_teacher", "params": {"box_bins": 4, "width": 8},
+                    "checkpoint": str(tmp_path / "t.safetensors")},
+        "data": {"dataset": "fashion_mnist_scenes",
+                 "params": {"size": 48, "train_scenes": 48, "test_scenes": 16, "cache_dir": str(tmp_path / "cache")}},
+        "distill": [{"loss": "fgd", "student": ["p2", "p3"], "teacher": ["p2", "p3"], "weight": 1.0},
+                    {"loss": "ld", "bins": 4, "weight": 0.25}],
+        "train": {"epochs": 1, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.002}, "seed": 0},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    summary = run_recipe(recipe_from_dict(recipe))
+    assert summary["task"] == "detection" and summary["metric"] == "map"
+    row = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]
+    assert {"train_fcos", "train_fgd", "train_ld", "train_fg_acc", "test_map", "test_map50", "test_loss"} <= set(row)
+    assert all(math.isfinite(row[k]) for k in ("train_fcos", "train_fgd", "train_ld", "test_map"))
+    assert row["train_fgd"] > 0 and row["train_ld"] > 0
