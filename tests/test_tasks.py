@@ -176,7 +176,7 @@ def test_a_task_declares_how_its_outputs_become_probabilities() -> None:
     from kdkit.task import Task, register_task
 
     assert {name: task.probabilities for name, task in TASKS.items()} == {"classification": "softmax",
-                                                                         "multilabel": "sigmoid"}
+                                                                         "multilabel": "sigmoid", "detection": ""}
 
     class Scores(Task):
         """Outputs that are probabilities some other way."""
