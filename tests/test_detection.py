@@ -336,3 +336,13 @@ def test_a_tiny_detection_distillation_runs_end_to_end(tmp_path) -> None:
     assert {"train_fcos", "train_fgd", "train_ld", "train_fg_acc", "test_map", "test_map50", "test_loss"} <= set(row)
     assert all(math.isfinite(row[k]) for k in ("train_fcos", "train_fgd", "train_ld", "test_map"))
     assert row["train_fgd"] > 0 and row["train_ld"] > 0
+
+
+@pytest.mark.parametrize("arch", ["det_student", "tv_fcos"])
+def test_ls_taps_lists_a_detectors_levels_and_skips_what_captures_no_tensor(arch: str, capsys) -> None:
+    from kdkit.cli import main
+
+    assert main(["ls", "taps", arch]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"logits", "p2", "p3", "p4", "stage1", "stage4"} <= set(listed)
+    assert "stages" not in listed and "fpn" not in listed  # a ModuleList never called; torchvision's FPN gives a dict
