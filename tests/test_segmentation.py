@@ -169,7 +169,7 @@ def test_data_without_masks_of_the_image_size_cannot_serve_segmentation() -> Non
     assert "images' size" in task.check_data(bad)
 
 
-MOVED = "reads each image's 'semantic' map by sample index, so the map would not follow"
+MOVED = "reads each image's 'semantic' targets by sample index, so they would not follow"
 
 
 @pytest.mark.parametrize(("key", "value", "why", "fix"), [

@@ -81,7 +81,7 @@ def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
     """Why ``recipe`` cannot train ``task``, whose targets are pixel maps read by sample index: everything that
     moves the training images' pixels (a crop, a flip, RandAugment's strong view, a method's learned augmentation)
     would leave the maps where they were, a silent misalignment. Empty when nothing does."""
-    why = (f"task {recipe.task!r} reads each image's {task.target!r} map by sample index, so the map would not "
+    why = (f"task {recipe.task!r} reads each image's {task.target!r} targets by sample index, so they would not "
            "follow")
     problems = []
     augment = recipe.data.augment
@@ -653,7 +653,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
     stage.raise_errors()
     assert model is not None and task is not None
     dev = dev if training else torch.device("meta")  # validation built everything on the meta device
-    bound = stage.attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing) \
+    bound = stage.attempt(task.bind, data, dev, label_smoothing=recipe.train.label_smoothing, model=model) \
         if data is not None else None
     stage.raise_errors()
     terms = [Term(name, found.losses[name], found.reads[name][0], found.reads[name][1], term.weight,

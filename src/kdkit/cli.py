@@ -153,9 +153,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         import torch
 
         taps = [resolve_tap(model, spec) for spec in tap_choices(model)]
-        shapes = probe_shapes(model, taps, torch.zeros(2, channels, size, size))
+        shapes = probe_shapes(model, taps, torch.zeros(2, channels, size, size), only_tensors=True)
         friendly = getattr(model, "feature_taps", {})
-        for tap in taps:
+        for tap in (t for t in taps if t.spec in shapes):
             note = f"  (= {friendly[tap.spec]})" if tap.spec in friendly else ""
             print(f"{tap.spec:40s} {shapes.get(tap.spec)!s}{note}")
         return 0

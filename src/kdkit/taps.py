@@ -122,13 +122,16 @@ class TapRecorder:
 
 
 @torch.no_grad()
-def probe_shapes(model: nn.Module, taps: list[Tap], example: Tensor) -> dict[str, tuple[int, ...]]:
+def probe_shapes(model: nn.Module, taps: list[Tap], example: Tensor, *,
+                 only_tensors: bool = False) -> dict[str, tuple[int, ...]]:
     """Shapes (without the batch dimension) of each tap, from one forward in eval mode.
 
     Args:
         model: The model.
         taps: Resolved taps.
         example: A small input batch (B >= 1) on the model's device.
+        only_tensors: Leave out the taps that capture no tensor (a container such as an ``nn.ModuleList`` that
+            the forward only iterates, a module returning a dict) instead of failing (for listing a model's taps).
 
     Raises:
         KdkitError: When a tapped module produces something other than a tensor.
@@ -145,6 +148,8 @@ def probe_shapes(model: nn.Module, taps: list[Tap], example: Tensor) -> dict[str
     shapes: dict[str, tuple[int, ...]] = {}
     for tap in taps:
         value = logits if tap.capture == "logits" else captured.get(tap.spec)
+        if only_tensors and not isinstance(value, Tensor):
+            continue
         if not isinstance(value, Tensor):
             raise KdkitError(f"tap {tap.spec!r} ({tap.path}:{tap.capture}) captured {type(value).__name__}, "
                              "not a tensor", fix="tap a module whose output (or first input) is a tensor")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdkit.registry import Registry
 
@@ -80,6 +80,8 @@ class Task:
         loss_name: Log key of the supervised loss.
         train_metric: Name of the training score (``train_<name>``).
         deployed_output: What the deployed network outputs, in words (for reports and exports).
+        pixel_targets: The targets are tied to pixel positions (boxes, masks): geometric augmentation of the images
+            alone (crop, flip, a strong view) would misalign them, so a recipe using it is refused.
         probabilities: How the deployed outputs become class probabilities: ``"softmax"`` over the classes,
             ``"sigmoid"`` for each class on its own, or ``""`` when they are not class scores (``kdkit predict``,
             exports and :func:`kdkit.export.load_deployed` apply it).
@@ -122,8 +124,10 @@ class Task:
                     f"(it has: {have})")
         return None
 
-    def bind(self, data: ImageData, device: torch.device, *, label_smoothing: float = 0.0) -> BoundTask:
-        """The task for one run on ``data`` (targets moved to ``device`` once)."""
+    def bind(self, data: ImageData, device: torch.device, *, label_smoothing: float = 0.0,
+             model: nn.Module | None = None) -> BoundTask:
+        """The task for one run on ``data`` (targets moved to ``device`` once) and the trained ``model``, whose declared
+        output layout a dense task reads (a detector's ``dense_spec``); other tasks ignore it."""
         raise NotImplementedError
 
 

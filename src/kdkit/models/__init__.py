@@ -21,6 +21,7 @@ from torch import nn
 from kdkit.errors import KdkitError
 from kdkit.models import (
     cifar,  # noqa: F401 - registers the CIFAR KD zoo
+    detector,  # noqa: F401 - registers the FCOS-style detectors
     small_cnn,  # noqa: F401 - registers the small CNNs
 )
 from kdkit.models.registry import MODELS, register_model

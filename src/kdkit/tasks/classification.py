@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdkit.data.base import UNLABELLED
 from kdkit.distill import labelled_cross_entropy
@@ -166,7 +166,8 @@ class Classification(Task):
             dropped.add(NOVEL)
         return tuple(m for m in self.metrics if m not in dropped)
 
-    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0) -> BoundClassification:
+    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0,
+             model: nn.Module | None = None) -> BoundClassification:
         # data may be None: the labels are the targets (chance level then unknown)
         test = (data.test_labels, data.num_classes) if data is not None else None
         novel = tuple(data.novel_classes) if data is not None else ()

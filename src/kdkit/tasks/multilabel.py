@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.errors import KdkitError
@@ -95,7 +95,8 @@ class Multilabel(Task):
                     f"{tuple(data.train_targets[self.target].shape)}")
         return problem
 
-    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0) -> BoundMultilabel:
+    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0,
+             model: nn.Module | None = None) -> BoundMultilabel:
         if label_smoothing:
             raise KdkitError(f"label smoothing ({label_smoothing}) is defined for single-label targets; the "
                              "multilabel task trains each class's binary cross-entropy",

@@ -1,0 +1,294 @@
+"""Object detection: FCOS's loss on a dense detector's one-tensor output, COCO mAP by torchmetrics, best by mAP.
+
+Targets: each image's padded boxes and labels, gathered by the batch's sample indices from
+``ImageData.train_targets["boxes"]`` ``(N, M, 4)`` (pixels, ``x0, y0, x1, y1``) and ``["box_labels"]``
+``(N, M)`` (-1 for padding), as one tensor ``(B, M, 5)``: the boxes divided by the image size (so losses that
+place boxes on a feature map need no image size) and the label (-1 for padding). See :func:`pack_targets`.
+
+The deployed network outputs ``(B, L, C)`` dense predictions laid out as its ``dense_spec`` says
+(:class:`kdkit.models.detector.DenseSpec`); the task reads that spec from the model it is bound with, so the
+engine stays ignorant of strides and locations.
+
+Loss (Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, as torchvision's
+``FCOS.compute_loss``): a location is positive for the smallest-area box that contains it, whose centre is within
+``1.5`` strides of it (center sampling) and whose largest regression distance lies in the level's size range;
+sigmoid focal loss (alpha 0.25, gamma 2) over every location and class, GIoU loss on the decoded boxes of the
+positives and BCE of the centerness at the positives, each summed and divided by the number of positives. A
+distribution box head (``box_bins > 0``) adds General Focal Loss's distribution focal loss (weight 0.25, Li et al.,
+NeurIPS 2020).
+
+Decoding (torchvision's ``FCOS.postprocess_detections``): score ``sqrt(sigmoid(class) * sigmoid(centerness))``
+above 0.05, the best 1000 per level, boxes clipped to the image, per-class NMS at IoU 0.6, at most 100 per image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdkit.distributed import DistContext, all_reduce_sum
+from kdkit.errors import KdkitError
+from kdkit.models.detector import DenseSpec
+from kdkit.task import Task, register_task
+
+CENTER_SAMPLING_RADIUS = 1.5
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
+DFL_WEIGHT = 0.25
+SCORE_THRESH, NMS_THRESH, TOPK_PER_LEVEL, DETECTIONS_PER_IMAGE = 0.05, 0.6, 1000, 100
+#: The COCO area ranges (pixels², as pycocotools): a size metric is reported only when the test split has a box
+#: in its range (mAP over no boxes is undefined; torchmetrics gives -1).
+AREA_RANGES = {"map_small": (0.0, 32.0**2), "map_medium": (32.0**2, 96.0**2), "map_large": (96.0**2, math.inf)}
+
+
+def pack_targets(boxes: Tensor, labels: Tensor, image_size: int) -> Tensor:
+    """``(N, M, 5)`` float32 targets: pixel boxes ``(N, M, 4)`` over ``image_size``, then the labels ``(N, M)``."""
+    return torch.cat([boxes.float() / image_size, labels.float().unsqueeze(-1)], dim=-1)
+
+
+def unpack_targets(targets: Tensor, image_size: int) -> tuple[Tensor, Tensor]:
+    """Pixel boxes ``(B, M, 4)`` and int64 labels ``(B, M)`` (-1 padding) of packed targets."""
+    return targets[..., :4] * image_size, targets[..., 4].round().long()
+
+
+def assign(locations: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
+    """Index of the box each location regresses, ``(B, L)`` int64, -1 for background (FCOS with center sampling).
+
+    Args:
+        locations: ``(L, 5)`` from :meth:`DenseSpec.locations` (x, y, stride, size-range low, high).
+        boxes: ``(B, M, 4)`` pixel boxes.
+        labels: ``(B, M)`` labels, -1 for padding (never assigned).
+    """
+    x, y, stride, low, high = (locations[:, i].view(1, -1, 1) for i in range(5))
+    x0, y0, x1, y1 = (boxes[..., i].unsqueeze(1) for i in range(4))  # (B, 1, M)
+    dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=-1)  # (B, L, M, 4)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    match = torch.maximum((x - cx).abs(), (y - cy).abs()) < CENTER_SAMPLING_RADIUS * stride
+    match &= dist.min(-1).values > 0
+    reach = dist.max(-1).values
+    match &= (reach > low) & (reach <= high) & (labels.unsqueeze(1) >= 0)
+    # several matches: the smallest box (torchvision's 1e8 - area trick, written as a masked argmin)
+    area = ((x1 - x0) * (y1 - y0)).expand_as(match)
+    area = torch.where(match, area, torch.full_like(area, math.inf))
+    best = area.argmin(-1)
+    return torch.where(match.any(-1), best, torch.full_like(best, -1))
+
+
+def decode_boxes(spec: DenseSpec, locations: Tensor, box: Tensor) -> Tensor:
+    """Pixel boxes ``(B, L, 4)`` from the box regression ``(B, L, box_channels)`` at ``locations`` ``(L, 5)``."""
+    d = spec.distances(box, locations[:, 2])
+    x, y = locations[:, 0], locations[:, 1]
+    return torch.stack([x - d[..., 0], y - d[..., 1], x + d[..., 2], y + d[..., 3]], dim=-1)
+
+
+def _distribution_focal_loss(box: Tensor, target: Tensor, bins: int) -> Tensor:
+    """GFL's DFL summed over edges: ``-((r - t) log p_l + (t - l) log p_r)`` with ``l = floor(t), r = l + 1``."""
+    t = target.clamp(0, bins - 1e-3)
+    left = t.floor()
+    logp = box.unflatten(-1, (4, bins + 1)).log_softmax(-1)
+    lp = logp.gather(-1, left.long().unsqueeze(-1)).squeeze(-1)
+    rp = logp.gather(-1, left.long().add(1).unsqueeze(-1)).squeeze(-1)
+    return -((left + 1 - t) * lp + (t - left) * rp).sum()
+
+
+def fcos_loss(spec: DenseSpec, locations: Tensor, dense: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
+    """FCOS's loss (see the module docstring), a scalar in the dense output's precision (at least float32).
+
+    Args:
+        spec: The output's layout.
+        locations: ``(L, 5)`` from :meth:`DenseSpec.locations`.
+        dense: ``(B, L, C)`` predictions.
+        boxes: ``(B, M, 4)`` pixel boxes.
+        labels: ``(B, M)`` int64 labels, -1 for padding.
+    """
+    from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+    dtype = torch.promote_types(dense.dtype, torch.float32)
+    dense, locations, boxes = dense.to(dtype), locations.to(dtype), boxes.to(dtype)
+    cls, box, ctr = spec.split(dense)
+    matched = assign(locations, boxes, labels)
+    fg = matched >= 0
+    num_fg = fg.sum().clamp(min=1).to(dtype)
+    gt_cls = torch.zeros_like(cls)
+    safe = matched.clamp(min=0)
+    gt_label = labels.gather(1, safe)
+    gt_cls[fg] = F.one_hot(gt_label[fg], spec.num_classes).to(dtype)
+    loss = sigmoid_focal_loss(cls, gt_cls, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="sum")
+    if bool(fg.any()):
+        gt_box = boxes.gather(1, safe.unsqueeze(-1).expand(-1, -1, 4))[fg]  # (P, 4)
+        loc = locations.unsqueeze(0).expand(fg.shape[0], -1, -1)[fg]  # (P, 5)
+        pred = decode_boxes(spec, loc, box[fg])
+        loss = loss + generalized_box_iou_loss(pred, gt_box, reduction="sum")
+        ltrb = torch.stack([loc[:, 0] - gt_box[:, 0], loc[:, 1] - gt_box[:, 1], gt_box[:, 2] - loc[:, 0],
+                            gt_box[:, 3] - loc[:, 1]], dim=-1)
+        lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
+        gt_ctr = torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
+        loss = loss + F.binary_cross_entropy_with_logits(ctr[fg], gt_ctr, reduction="sum")
+        if spec.box_bins:
+            dfl = _distribution_focal_loss(box[fg], ltrb / loc[:, 2:3], spec.box_bins)
+            loss = loss + DFL_WEIGHT * dfl / 4  # GFL averages DFL over the four edges
+    return loss / num_fg
+
+
+def decode(spec: DenseSpec, locations: Tensor, dense: Tensor, image_size: int) -> list[dict[str, Tensor]]:
+    """Detections per image, ``{"boxes": (D, 4) pixels, "scores": (D,), "labels": (D,)}`` (see module docstring)."""
+    from torchvision.ops import batched_nms
+
+    dense = dense.float()
+    cls, box, ctr = spec.split(dense)
+    boxes_all = decode_boxes(spec, locations.float(), box).clamp(0, image_size)
+    scores_all = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr).unsqueeze(-1))  # (B, L, K)
+    sizes = [s * s for s in spec.grid_sizes(image_size)]
+    out = []
+    for b in range(dense.shape[0]):
+        keep_boxes, keep_scores, keep_labels = [], [], []
+        for scores, boxes in zip(scores_all[b].split(sizes), boxes_all[b].split(sizes), strict=True):
+            flat = scores.flatten()
+            idx = torch.nonzero(flat > SCORE_THRESH).squeeze(1)
+            top = flat[idx].topk(min(TOPK_PER_LEVEL, idx.numel())).indices
+            idx = idx[top]
+            keep_scores.append(flat[idx])
+            keep_boxes.append(boxes[idx // spec.num_classes])
+            keep_labels.append(idx % spec.num_classes)
+        boxes, scores, labels = torch.cat(keep_boxes), torch.cat(keep_scores), torch.cat(keep_labels)
+        keep = batched_nms(boxes, scores, labels, NMS_THRESH)[:DETECTIONS_PER_IMAGE]
+        out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return out
+
+
+def ground_truth(boxes: Tensor, labels: Tensor) -> list[dict[str, Tensor]]:
+    """Per image ``{"boxes": (G, 4), "labels": (G,)}`` of the padded ``(B, M, 4)`` / ``(B, M)`` (padding dropped)."""
+    return [{"boxes": box[lab >= 0].float(), "labels": lab[lab >= 0]} for box, lab in zip(boxes, labels, strict=True)]
+
+
+class DetectionEvaluator:
+    """COCO box mAP (%) by torchmetrics' ``MeanAveragePrecision`` (pycocotools backend) and the mean FCOS loss.
+
+    Under DDP torchmetrics gathers the detections of every process when it computes.
+    """
+
+    def __init__(self, bound: BoundDetection, ctx: DistContext) -> None:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        self.bound, self.ctx = bound, ctx
+        self.map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools").to(bound.device)
+        self.totals = torch.zeros(2, dtype=torch.float64, device=bound.device)  # loss x batch size, images
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        boxes, labels = unpack_targets(targets, self.bound.image_size)
+        self.add(decode(self.bound.spec, self.bound.locations, logits, self.bound.image_size),
+                 ground_truth(boxes, labels))
+        loss = self.bound.loss(logits, targets).double() * len(targets)
+        self.totals += torch.stack([loss, loss.new_tensor(float(len(targets)))])
+
+    def add(self, detections: list[dict[str, Tensor]], truths: list[dict[str, Tensor]]) -> None:
+        """Add decoded detections and the ground truth of the same images (the mAP's inputs, one dict per image)."""
+        self.map.update(detections, truths)
+
+    def compute(self) -> dict[str, float]:
+        result = self.map.compute()
+        loss, n = all_reduce_sum(self.totals, self.ctx).tolist()
+        names = {"map": "map", "map50": "map_50", "map75": "map_75", "map_small": "map_small",
+                 "map_medium": "map_medium", "map_large": "map_large"}
+        out = {ours: 100.0 * float(result[theirs]) for ours, theirs in names.items() if ours in self.bound.metrics}
+        out["loss"] = loss / max(n, 1.0)
+        return out
+
+
+class BoundDetection:
+    """Detection on one run's data with one model's dense layout."""
+
+    def __init__(self, task: Task, data: Any, device: torch.device, spec: DenseSpec) -> None:
+        self.task, self.device, self.spec, self.metrics = task, device, spec, task.metrics_for(data)
+        self.image_size = int(data.train_images.shape[-1])
+        self.split_targets = {split: pack_targets(getattr(data, f"{split}_targets")["boxes"],
+                                                  getattr(data, f"{split}_targets")["box_labels"],
+                                                  self.image_size).to(device) for split in ("train", "test")}
+        self.locations = spec.locations(self.image_size, device)
+
+    def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
+        return self.split_targets[split].index_select(0, index)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        boxes, labels = unpack_targets(targets, self.image_size)
+        return fcos_loss(self.spec, self.locations, logits, boxes, labels)
+
+    def train_score(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        # per image, the share of its positive locations whose top class is the assigned box's class
+        boxes, labels = unpack_targets(targets, self.image_size)
+        matched = assign(self.locations, boxes.float(), labels)
+        fg = matched >= 0
+        right = (self.spec.split(logits.detach())[0].argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
+        has = fg.any(1)
+        share = right.sum(1).float() / fg.sum(1).clamp(min=1).float()
+        return share[has].sum(), has.sum().float()
+
+    def evaluator(self, ctx: DistContext) -> DetectionEvaluator:
+        return DetectionEvaluator(self, ctx)
+
+    def chance(self) -> dict[str, float]:
+        return {}  # a detector that learned nothing finds nothing: 0 mAP, which needs no warning level
+
+
+def dense_spec_of(model: nn.Module | None) -> DenseSpec:
+    """The :class:`DenseSpec` a detector declares, or a :class:`KdkitError` naming the detectors."""
+    spec = getattr(model, "dense_spec", None)
+    if not isinstance(spec, DenseSpec):
+        from kdkit.models import MODELS
+
+        detectors = [name for name in MODELS.names() if name.startswith(("det_", "fcos"))]
+        raise KdkitError(f"task detection needs a dense detector (a model with a `dense_spec`), got "
+                         f"{type(model).__name__}", choices=detectors,
+                         fix="set model.arch to a detector, e.g. det_student", where="model.arch")
+    return spec
+
+
+@register_task
+class Detection(Task):
+    """Object detection: FCOS loss on dense per-location predictions, COCO box mAP (%, torchmetrics), best by mAP."""
+
+    name = "detection"
+    target = "boxes"
+    metrics = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss")
+    best = "map"
+    loss_name = "fcos"
+    train_metric = "fg_acc"
+    deployed_output = ("dense per-location predictions (B, L, K + box + 1) over the FPN levels (the model's "
+                       "dense_spec); decoding with NMS gives boxes, scores and labels")
+    probabilities = ""
+    pixel_targets = True
+
+    def metrics_for(self, data: Any) -> tuple[str, ...]:
+        if data is None:
+            return self.metrics
+        boxes, labels = data.test_targets["boxes"], data.test_targets["box_labels"]
+        areas = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[labels >= 0]
+        empty = {name for name, (low, high) in AREA_RANGES.items() if not bool(((areas >= low) & (areas < high)).any())}
+        return tuple(m for m in self.metrics if m not in empty)
+
+    def check_data(self, data: Any) -> str | None:
+        problem = super().check_data(data)
+        if problem is None and "box_labels" not in data.train_targets:
+            return f"needs per-sample 'box_labels' targets beside 'boxes', which dataset {data.name!r} does not provide"
+        return problem
+
+    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0,
+             model: nn.Module | None = None) -> BoundDetection:
+        if label_smoothing:
+            raise KdkitError(f"label smoothing ({label_smoothing}) is defined for single-label targets; the "
+                             "detection task trains FCOS's focal loss", fix="remove train.label_smoothing",
+                             where="train.label_smoothing")
+        _require_coco_backend()
+        return BoundDetection(self, data, device, dense_spec_of(model))
+
+
+def _require_coco_backend() -> None:
+    """Fail before training when the mAP's COCO backend is missing (torchmetrics would fail at the first test)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pycocotools") is None:
+        raise KdkitError("task detection computes COCO mAP with torchmetrics, whose backend pycocotools is not "
+                         "installed", fix="pip install 'kdkit[dense]'", where="task")
