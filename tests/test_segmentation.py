@@ -136,6 +136,36 @@ def test_chance_is_what_calling_every_pixel_background_scores() -> None:
     assert got["pixel_acc"] == pytest.approx(chance["pixel_acc"], abs=1e-4)
 
 
+def test_void_pixels_count_for_no_loss_score_or_metric() -> None:
+    """IGNORE (255) marks pixels whose truth a dataset does not give (VOC's borders, COCO's crowds)."""
+    from kdkit.data.dense import IGNORE
+
+    data = squares()
+    for masks in (data.train_targets["semantic"], data.test_targets["semantic"]):
+        masks[:, 0, :] = IGNORE  # a void top row in every image, as VOC's object borders
+    bound = TASKS.get("segmentation").bind(data, torch.device("cpu"))
+    index = torch.arange(4)
+    targets = bound.targets(data.train_labels[index], index, "train")
+    assert (targets[:, 0, :] == UNLABELLED).all() and (targets[:, 1:, :] != UNLABELLED).all()
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, CLASSES + 1, SIZE, SIZE, generator=gen)
+    kept_logits, kept = logits[:, :, 1:, :], targets[:, 1:, :]
+    torch.testing.assert_close(bound.loss(logits, targets), torch.nn.functional.cross_entropy(kept_logits, kept))
+    score, scored = bound.train_score(logits, targets)
+    right = (kept_logits.argmax(1) == kept).float().mean((1, 2)).sum()
+    assert scored.item() == 4 and score.item() == pytest.approx(right.item())
+    test_masks = data.test_targets["semantic"].long()
+    test_targets = bound.targets(data.test_labels, torch.arange(len(test_masks)), "test")
+    test_logits = torch.randn(len(test_masks), CLASSES + 1, SIZE, SIZE, generator=gen)
+    evaluator = bound.evaluator(DistContext())
+    evaluator.update(test_logits, test_targets)
+    got = evaluator.compute()
+    expected = reference_metrics(test_logits[:, :, 1:, :].double().numpy(), test_masks[:, 1:, :].numpy(), CLASSES + 1)
+    assert got == pytest.approx(expected, abs=1e-4, rel=1e-5)
+    share = float((test_masks[:, 1:, :] == 0).double().mean())
+    assert bound.chance() == pytest.approx({"miou": 100 * share / (CLASSES + 1), "pixel_acc": 100 * share})
+
+
 def test_label_smoothing_reaches_the_per_pixel_cross_entropy() -> None:
     data = squares()
     bound = TASKS.get("segmentation").bind(data, torch.device("cpu"), label_smoothing=0.2)

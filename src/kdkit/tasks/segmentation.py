@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdkit.data.base import UNLABELLED
+from kdkit.data.dense import IGNORE
 from kdkit.distill import labelled_cross_entropy
 from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.task import Task, register_task
@@ -42,16 +43,18 @@ class SegmentationEvaluator:
         from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
         self.ctx = ctx
-        self.iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro").to(device)
-        self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+        # void pixels (targets UNLABELLED) are scored by no metric
+        self.iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=UNLABELLED).to(device)
+        self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=UNLABELLED).to(device)
         self.totals = torch.zeros(2, dtype=torch.float64, device=device)  # ce sum over pixels, pixels
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
         predicted, truth = logits.argmax(1), targets.long()
         self.iou.update(predicted, truth)
         self.acc.update(predicted, truth)
-        ce = F.cross_entropy(logits.float(), truth, reduction="sum")
-        self.totals += torch.stack([ce.double(), ce.new_tensor(float(truth.numel()), dtype=torch.float64)])
+        ce = F.cross_entropy(logits.float(), truth, reduction="sum", ignore_index=UNLABELLED)
+        scored = (truth != UNLABELLED).sum().double()
+        self.totals += torch.stack([ce.double(), scored])
 
     def compute(self) -> dict[str, float]:
         ce, pixels = all_reduce_sum(self.totals, self.ctx).tolist()
@@ -66,10 +69,11 @@ def background_chance(masks: Tensor, num_classes: int) -> dict[str, float]:
     every other class's is 0 (predicted nowhere), so mIoU is ``b / num_classes``.
 
     Args:
-        masks: Class maps ``(N, H, W)``, 0 for background.
+        masks: Class maps ``(N, H, W)``, 0 for background, :data:`~kdkit.data.dense.IGNORE` for void pixels.
         num_classes: Classes including background.
     """
-    share = float((masks == 0).double().mean()) if masks.numel() else 0.0
+    scored = masks != IGNORE  # void pixels count for no metric
+    share = float((masks == 0).sum()) / float(scored.sum()) if scored.any() else 0.0
     return {"miou": 100.0 * share / num_classes, "pixel_acc": 100.0 * share}
 
 
@@ -93,17 +97,20 @@ class BoundSegmentation:
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         masks = self.split_targets[split].index_select(0, index)
-        # an unlabelled sample's pixels are ignored by the loss and the training score, like its label
-        return masks.masked_fill((labels == UNLABELLED).view(-1, 1, 1), UNLABELLED)
+        # an unlabelled sample's pixels are ignored by the loss and the training score, like its label; so are the
+        # void pixels of a dataset (IGNORE: VOC's object borders, COCO's crowd regions), pixel by pixel
+        return masks.masked_fill((labels == UNLABELLED).view(-1, 1, 1) | (masks == IGNORE), UNLABELLED)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return labelled_cross_entropy(logits, targets, self.label_smoothing)
 
     def train_score(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        # each labelled sample's pixel accuracy, summed over the batch
-        labelled = targets[:, 0, 0] != UNLABELLED
-        right = (logits.detach().argmax(1) == targets).flatten(1).float().mean(1)
-        return (right * labelled).sum(), labelled.sum().float()
+        # each labelled sample's pixel accuracy over its scored (non-void) pixels, summed over the batch
+        scored = (targets != UNLABELLED).flatten(1)
+        right = ((logits.detach().argmax(1) == targets).flatten(1) & scored).sum(1)
+        pixels = scored.sum(1)
+        labelled = pixels > 0
+        return (right / pixels.clamp_min(1)).sum(), labelled.sum().float()
 
     def evaluator(self, ctx: DistContext) -> SegmentationEvaluator:
         return SegmentationEvaluator(self.num_classes, self.device, ctx)
@@ -141,5 +148,6 @@ class Segmentation(Task):
                     f"{data.train_images.shape[3]}), got {tuple(masks.shape)}")
         return None
 
-    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0) -> BoundSegmentation:
+    def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0,
+             model: nn.Module | None = None) -> BoundSegmentation:
         return BoundSegmentation(self, data, device, label_smoothing)
