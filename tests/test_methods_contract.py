@@ -31,6 +31,11 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
          "tst.policy_epochs [2] are not before train.epochs 2"),
         ("teacher cache", lambda r: r["teacher"].update(cache={}), {}, "cannot be combined with method 'tst'"),
     ],
+    "ferkd": [
+        ("no teacher cache", lambda r: r.update(distill=[{"loss": "ferkd"}], train={**r["train"], "ce_weight": 0}),
+         {}, "FerKD mines the stored views of a teacher cache: teacher.cache is None"),
+        ("no ferkd term", lambda r: r["teacher"].update(cache={}), {}, "no `ferkd` term in distill"),
+    ],
 }
 
 #: For each method with a section: (bad section value, the key the CLI must name, text of the fix it must give).
@@ -38,6 +43,10 @@ BAD_VALUES: dict[str, list[tuple[dict[str, Any], str, str]]] = {
     "tst": [
         ({"num_ops": 0}, "tst.num_ops", "greater than or equal to 1"),
         ({"ops": ["rotate", "sharpen"]}, "tst.ops.1", "'sharpness'"),  # the valid names are listed
+    ],
+    "ferkd": [
+        ({"selfmix_alpha": 0}, "ferkd.selfmix_alpha", "greater than 0"),
+        ({"discard_easy": 1.0}, "ferkd.discard_easy", "less than 1"),
     ],
 }
 
