@@ -44,6 +44,13 @@ def test_speed_bench_quick(tmp_path: Path) -> None:
     assert "(d) kdkit KD step reading the teacher cache |" in (tmp_path / "results.md").read_text()
 
 
+def test_speed_bench_needs_two_rounds_for_an_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "speed", "fashion_mnist/kd", "--rounds", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--rounds must be at least 2, got 1" in err and "fix:" in err
+    assert not (tmp_path / "speed.json").exists()
+
+
 @pytest.mark.slow
 @needs_fashion
 def test_speed_bench_takes_any_recipe(tmp_path: Path) -> None:

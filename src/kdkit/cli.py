@@ -217,9 +217,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         names, overrides = _names_and_overrides(args.overrides)
         if len(names) > 1:
             raise KdkitError(f"bench speed takes one recipe, got {names}", fix="kdkit bench speed fashion_mnist/kd")
-        steps = ["--quick"] if args.quick else []
-        run_speed_bench(names[0] if names else "fashion_mnist/kd", Path(args.out or "runs/bench_speed"),
-                        **({"steps": 2, "rounds": 2, "warmup": 1, "profile_steps": 2} if steps else {}),
+        if args.rounds < 2:
+            raise KdkitError(f"--rounds must be at least 2, got {args.rounds}", bad=args.rounds,
+                             fix="use --rounds 15 (the default) or more for a narrower interval")
+        quick = {"steps": 2, "rounds": 2, "warmup": 1, "profile_steps": 2} if args.quick else {"rounds": args.rounds}
+        run_speed_bench(names[0] if names else "fashion_mnist/kd", Path(args.out or "runs/bench_speed"), **quick,
                         overrides=overrides)
         return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -382,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "a wrong name lists them)")
     bench.add_argument("--out", help="output folder (default runs/bench_methods or runs/bench_speed)")
     bench.add_argument("--quick", action="store_true", help="one epoch per run, for smoke tests")
+    bench.add_argument("--rounds", type=int, default=15, help="speed: interleaved blocks per variant (default 15; "
+                       "more rounds narrow the median's interval)")
     bench.add_argument("--format", default="onnx", help="export: the format timed against PyTorch eager (default "
                        "onnx)")
     bench.add_argument("--threads", type=int, help="export: CPU threads of both runtimes (default: torch's)")
