@@ -346,3 +346,17 @@ def test_ls_taps_lists_a_detectors_levels_and_skips_what_captures_no_tensor(arch
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert {"logits", "p2", "p3", "p4", "stage1", "stage4"} <= set(listed)
     assert "stages" not in listed and "fpn" not in listed  # a ModuleList never called; torchvision's FPN gives a dict
+
+
+def test_the_detection_recipes_are_their_own_benchmark_suite() -> None:
+    from kdkit.bench.methods import method_recipes, suites
+    from kdkit.recipe import find_recipe, load_recipe
+
+    assert "scenes_det" in suites()
+    assert method_recipes("scenes_det") == ["student_ce", "fgd", "fitnets", "ld"]
+    assert all(load_recipe(find_recipe(f"scenes/{n}")).task == "multilabel" for n in method_recipes("scenes"))
+    data = load_recipe(find_recipe("scenes_det/student_ce")).data
+    for name in method_recipes("scenes_det"):
+        recipe = load_recipe(find_recipe(f"scenes_det/{name}"))
+        assert recipe.task == "detection" and recipe.data == data  # one subset and data for every method
+        assert recipe.teacher is None or recipe.teacher.recipe == "teacher.yaml"
