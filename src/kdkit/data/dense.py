@@ -345,19 +345,26 @@ def check_image_size(value: object, name: str) -> int:
     return value
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *,
+                 fix: str = "free space on that disk or choose a writable folder", where: str | None = None) -> None:
     """Write ``path`` with ``write(file)`` via a temporary file in the same folder and an atomic rename: a reader
     never sees a half-written file, and an interrupted write leaves none (the temporary is removed).
+
+    Args:
+        path: The file to write.
+        write: Writes the content to the open binary file.
+        fix: The error's fix (how the user gets a writable place, e.g. the reader's ``cache_dir``).
+        where: The error's location (default: ``path``).
 
     Raises:
         KdkitError: If the folder cannot be created or the write fails.
     """
+    where = where or str(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise KdkitError(f"cannot write in {path.parent} ({e})", fix="choose a writable folder",
-                         where=str(path)) from None
+        raise KdkitError(f"cannot write in {path.parent} ({e})", fix=fix, where=where) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -367,8 +374,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise KdkitError(f"cannot write {path} ({e})", fix="free space on that disk or choose a writable folder",
-                             where=str(path)) from None
+            raise KdkitError(f"cannot write {path} ({e})", fix=fix, where=where) from None
         raise
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, fields
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdkit.data.base import ImageData, channel_stats
+from kdkit.data.dense import atomic_write
 from kdkit.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, fashion_mnist
 from kdkit.data.registry import register_dataset
 from kdkit.errors import KdkitError
@@ -353,23 +353,8 @@ def _write_cache(path: Path, key: str, splits: dict[str, Scenes]) -> None:
     arrays = {f"{split}_{f.name}": getattr(scenes, f.name).numpy() for split, scenes in splits.items()
               for f in fields(Scenes)}
     fix = "set cache_dir (or the KDKIT_DATA_CACHE environment variable) to a writable folder"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise KdkitError(f"cannot write the scenes cache in {path.parent} ({e})", fix=fix, where="data") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # Masks are mostly zeros: compression shrinks the file several-fold for little time.
-            np.savez_compressed(f, key=np.array(key), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise KdkitError(f"cannot write the scenes cache {path} ({e})", fix=fix, where="data") from None
-        raise
+    # Masks are mostly zeros: compression shrinks the file several-fold for little time.
+    atomic_write(path, lambda f: np.savez_compressed(f, key=np.array(key), **arrays), fix=fix, where="data")
 
 
 def load_scene_splits(root: str | Path | None = None, *, size: int = 64, train_scenes: int = 10000,
