@@ -79,6 +79,23 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
+def edit_recipe(recipe: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``{dotted.key: value}`` to a recipe dict with :func:`kdkit.recipe.set_by_path`; a key one past the end
+    of a list (``distill.1`` on a one-term recipe) appends the value. Returns the recipe."""
+    from kdkit.recipe import set_by_path
+
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node: Any = recipe
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list) and last.isdigit() and int(last) == len(node):
+            node.append(value)
+        else:
+            set_by_path(recipe, key, value)
+    return recipe
+
+
 def straight_and_resumed(recipe: dict[str, Any], tmp_path: Path, step: int) -> tuple[Path, Path]:
     """Run ``recipe`` once uninterrupted and once interrupted (SIGINT) at global ``step`` then resumed; return the
     two run folders, for tests that compare them."""

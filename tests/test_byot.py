@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import straight_and_resumed, write_recipe
+from conftest import edit_recipe, straight_and_resumed, write_recipe
 from kdkit.cli import main
 from kdkit.distill import Student
 from kdkit.errors import KdkitError
 from kdkit.methods.byot import byot_head, byot_loss
 from kdkit.models import build_model
-from kdkit.recipe import recipe_from_dict, set_by_path
+from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
 
 TERM = {"loss": "byot", "name": "byot_stage1", "student": ["stage1", "stage2", "logits"], "bridge": "byot_head",
@@ -134,8 +134,7 @@ def test_the_shipped_recipe_validates() -> None:
 def test_recipes_byot_cannot_work_with_are_refused(change: dict, message: str, tiny: dict, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     recipe = byot_recipe(tiny)
-    for key, value in change.items():
-        set_by_path(recipe, key, value)
+    edit_recipe(recipe, change)
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err
 

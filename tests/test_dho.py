@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import straight_and_resumed, write_recipe
+from conftest import edit_recipe, straight_and_resumed, write_recipe
 from kdkit.bench.methods import method_recipes, suites
 from kdkit.cli import main
 from kdkit.data import UNLABELLED
@@ -100,15 +100,7 @@ def test_training_keeps_the_models_logits_and_the_deployed_network_combines_both
 def test_recipes_dho_cannot_work_with_are_refused(change: dict, message: str, tiny_kd: dict, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     recipe = dho_recipe(tiny_kd)
-    for key, value in change.items():
-        *path, last = key.split(".")
-        node = recipe
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        if isinstance(node, list):
-            node.append(value)
-        else:
-            node[last] = value
+    edit_recipe(recipe, change)
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import built_cache, straight_and_resumed, write_recipe
+from conftest import built_cache, edit_recipe, straight_and_resumed, write_recipe
 from kdkit.assemble import assemble
 from kdkit.cache.views import apply_views
 from kdkit.cli import main
@@ -216,15 +216,7 @@ def test_selfmix_pastes_a_box_of_another_kept_view_and_hands_its_stored_output_t
 def test_recipes_ferkd_cannot_work_with_are_refused(change: dict, message: str, cached: dict, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     recipe = ferkd_recipe(cached)
-    for key, value in change.items():
-        *path, last = key.split(".")
-        node = recipe
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        if isinstance(node, list):
-            node.append(value)
-        else:
-            node[last] = value
+    edit_recipe(recipe, change)
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err
 
