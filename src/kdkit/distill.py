@@ -10,7 +10,7 @@ parameter in one forward; the teacher is a separate module that is never wrapped
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -457,24 +457,31 @@ class Objective(nn.Module):
             ``{"loss": total, "ce": ce, **{term.name: value}}``.
         """
         out: dict[str, Tensor] = {}
-        total = logits.new_zeros((), dtype=compute_dtype(logits))  # float64 logits: a float64 objective
         if self.ce_weight:
-            ce = self.supervised(logits, labels) if self.supervised is not None else \
+            out[self.supervised_name] = self.supervised(logits, labels) if self.supervised is not None else \
                 labelled_cross_entropy(logits, labels, self.label_smoothing)
-            out[self.supervised_name] = ce
-            total = total + self.ce_weight * ce
         for term in self.terms:
             if term.teacher_is_peer:
                 target = student[f"{term.name}:teacher"]
             else:
                 target = pick(teacher, term.teacher_tap) if term.teacher_tap is not None else None
-            value = term.loss.compute(student[term.name], target, labels, index)
-            out[term.name] = value
-            weight = term.scale(epoch)
-            if weight:
-                total = total + weight * widen(value)
+            out[term.name] = term.loss.compute(student[term.name], target, labels, index)
+        total = logits.new_zeros((), dtype=compute_dtype(logits))  # float64 logits: a float64 objective
+        for _, weighted in self._weighted(out, epoch):
+            total = total + weighted
         out["loss"] = total
         return out
+
+    def _weighted(self, comps: dict[str, Tensor], epoch: float) -> Iterator[tuple[str, Tensor]]:
+        """Each weighted component of the total, in the order :meth:`forward` adds them, with its part of
+        :data:`~kdkit.optimizers.LOSS_PARTS`; a term whose weight is 0 at ``epoch`` is left out."""
+        if self.ce_weight:
+            yield SUPERVISED, self.ce_weight * comps[self.supervised_name]
+        for term in self.terms:
+            weight = term.scale(epoch)
+            if weight:
+                part = SUPERVISED if isinstance(term.loss, SupervisedLoss) else DISTILLATION
+                yield part, weight * widen(comps[term.name])
 
     def contributes(self) -> set[str]:
         """The parts of :data:`~kdkit.optimizers.LOSS_PARTS` that have a component in this objective: supervised
@@ -490,11 +497,6 @@ class Objective(nn.Module):
         constant zero (no gradient)."""
         zero = comps["loss"].new_zeros(())
         split = {SUPERVISED: zero, DISTILLATION: zero}
-        if self.ce_weight:
-            split[SUPERVISED] = split[SUPERVISED] + self.ce_weight * comps[self.supervised_name]
-        for term in self.terms:
-            weight = term.scale(epoch)
-            if weight:  # as in forward: a zero weight leaves the term out
-                part = SUPERVISED if isinstance(term.loss, SupervisedLoss) else DISTILLATION
-                split[part] = split[part] + weight * widen(comps[term.name])
+        for part, weighted in self._weighted(comps, epoch):
+            split[part] = split[part] + weighted
         return split
