@@ -533,9 +533,9 @@ def _needs_teacher(loss: str) -> bool:
 
 # -- loading -------------------------------------------------------------------------------------
 
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """The valid keys of the schema object at recipe location ``loc`` (for unknown-key errors)."""
-    model: Any = Recipe
+def fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the schema object at location ``loc`` under the schema ``root`` (for unknown-key errors)."""
+    model: Any = root
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
@@ -551,21 +551,24 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if model is not None and hasattr(model, "model_fields") else []
 
 
-def _to_errors(exc: ValidationError, source: str | None) -> list[KdkitError]:
+def schema_errors(exc: ValidationError, root: type[BaseModel], *, fix: str, whole: str) -> list[KdkitError]:
+    """One :class:`KdkitError` per problem pydantic found validating a file against the schema ``root``: unknown
+    keys with the valid ones, missing keys, and bad values with ``fix``. ``whole`` names the file's top level (the
+    location of a problem of the file as a whole)."""
     errors = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        where = ".".join(str(p) for p in loc) or "recipe"
+        where = ".".join(str(p) for p in loc) or whole
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
-            errors.append(KdkitError(f"unknown key {key!r}", choices=_fields_at(loc[:-1]), bad=key,
+            errors.append(KdkitError(f"unknown key {key!r}", choices=fields_at(root, loc[:-1]), bad=key,
                                      fix="remove it or correct its spelling", where=where))
         elif err["type"] == "missing":
             errors.append(KdkitError("required key is missing", fix=f"add `{loc[-1]}:`", where=where))
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            errors.append(KdkitError(err["msg"] + shown, where=where, fix="see `kdkit validate --schema`"))
+            errors.append(KdkitError(err["msg"] + shown, where=where, fix=fix))
     return errors
 
 
@@ -659,7 +662,7 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None, s
         return Recipe.model_validate(data)
     except ValidationError as exc:
         partial, left_out = _without_refused_values(data, exc)
-        schema = _to_errors(exc, source)
+        schema = schema_errors(exc, Recipe, fix="see `kdkit validate --schema`", whole="recipe")
         seen = {e.render() for e in schema}
         named = [e for e in name_problems(data) if e.render() not in seen]  # the schema may name them already
         raise RecipeErrors(schema + named, source, partial=partial, left_out=left_out) from None

@@ -43,7 +43,7 @@ from kdkit.losses.distances import DISTANCES
 from kdkit.losses.transforms import TRANSFORMS, Misfit, Shape, fit_chain
 from kdkit.models import build_model
 from kdkit.params import check_params
-from kdkit.recipe import Recipe, find_recipe, load_recipe
+from kdkit.recipe import Recipe, find_recipe, load_recipe, schema_errors
 from kdkit.schema import Strict, read_yaml
 from kdkit.taps import probe_shapes, resolve_tap
 
@@ -210,25 +210,12 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpaceSpec:
     try:
         spec = SearchSpaceSpec.model_validate(data)
     except ValidationError as exc:
-        raise RecipeErrors([_schema_error(err) for err in exc.errors()], source) from None
+        raise RecipeErrors(schema_errors(exc, SearchSpaceSpec, fix="see docs/distiller-grammar.md for the keys",
+                                         whole="space"), source) from None
     errors = _piece_errors(spec)
     if errors:
         raise RecipeErrors(errors, source)
     return spec
-
-
-def _schema_error(err: Any) -> KdkitError:
-    loc = tuple(err["loc"])
-    where = ".".join(str(p) for p in loc) or "space"
-    if err["type"] == "extra_forbidden":
-        parent: Any = SearchSpaceSpec if len(loc) == 1 else PairSpec
-        return KdkitError(f"unknown key {loc[-1]!r}", choices=list(parent.model_fields), bad=str(loc[-1]),
-                          fix="remove it or correct its spelling", where=where)
-    if err["type"] == "missing":
-        return KdkitError("required key is missing", fix=f"add `{loc[-1]}:`", where=where)
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return KdkitError(err["msg"] + shown, fix="see docs/distiller-grammar.md for the keys", where=where)
 
 
 def _piece_errors(spec: SearchSpaceSpec) -> list[KdkitError]:
