@@ -470,6 +470,27 @@ class _Planner:
                 self.attempt(BRIDGES.get, term.bridge, where=f"{where}.bridge")
         return found
 
+    def cached_taps(self, found: _Terms, teacher_model: nn.Module | None) -> None:
+        """``teacher.cache.taps``: resolve each listed tap on the teacher (the cache stores them all) and refuse a
+        term reading a teacher tap the list leaves out (the cache would not hold it)."""
+        cache = self.recipe.teacher.cache if self.recipe.teacher is not None else None
+        if cache is None or cache.taps is None or teacher_model is None:
+            return
+        for i, spec in enumerate(cache.taps):
+            tap = self.attempt(resolve_tap, teacher_model, spec, where=f"teacher.cache.taps.{i}")
+            if tap is not None:
+                found.teacher_taps.setdefault(spec, tap)
+        listed = set(cache.taps)
+        for name, (_, t_spec) in found.reads.items():
+            if t_spec is None or name in found.peer_teacher:
+                continue
+            for one in as_specs(t_spec):
+                if one not in listed:
+                    self.errors.append(KdkitError(
+                        f"term {name!r} reads teacher tap {one!r}, which teacher.cache.taps does not store",
+                        choices=list(cache.taps), bad=one, where="teacher.cache.taps",
+                        fix=f"add {one!r} to teacher.cache.taps, or remove the list (then the terms' taps are stored)"))
+
     def loss(self, term: Any, where: str) -> DistillLoss | None:
         loss_cls = self.attempt(LOSSES.get, term.loss, where=f"{where}.loss")
         if loss_cls is None:
@@ -647,6 +668,7 @@ def plan(recipe: Recipe, *, training: bool, source: Path | None = None, device: 
         teacher_model = stage.frozen(shape)
         data = stage.teacher_setting(data, teacher_model)
         found = stage.terms(model, teacher_model)
+        stage.cached_taps(found, teacher_model)
         stage.unlabelled(data, found)
         bridges, tap_shapes = stage.bridges(found, model, teacher_model, shape,
                                             len(data.train_labels) if data is not None else 50_000)

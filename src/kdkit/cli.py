@@ -272,6 +272,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """`kdkit search SPACE`: find a distiller by proxy runs on a validation split (resumable)."""
+    from kdkit.search import run_search
+
+    result = run_search(args.space, args.overrides, out=args.out, trials=args.trials, strategy=args.strategy)
+    best, cost = result["best"], result["cost"]
+    print(f"search: {result['complete']}/{result['budget']} trials finished ({cost['seconds_total']} s, "
+          f"{cost['teacher_forwards']:,} teacher forwards); results in {result['out']}/search.json, report.md")
+    if best is not None:
+        print(f"best: trial {best['number']}, validation {result['objective']} {best['value']:.4f}: {best['formula']}"
+              f"\ntrain it (test split): kdkit run {result['best_recipe']}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`kdkit sweep RECIPE SWEEP`: tune a recipe's keys with Optuna on a validation split (resumable)."""
     from kdkit.sweep import run_sweep
@@ -408,6 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="output folder (default runs/sweep_<recipe name>)")
     sweep.add_argument("--trials", type=int, help="finished trials wanted (replaces the sweep file's `trials`)")
     sweep.set_defaults(fn=cmd_sweep)
+
+    search = sub.add_parser("search", help="find a distiller in a space of the distiller grammar (MCTS as Auto-KD, "
+                            "evolution as KD-Zero, random), each candidate a proxy run on a validation split; rerun "
+                            "the same command to resume")
+    search.add_argument("space", help="SPACE.yaml: base recipe, tap pairs, transforms, distances, weights, terms and "
+                        "the search: section (docs/search.md; recipes/fashion_mnist/search_space.yaml)")
+    search.add_argument("overrides", nargs="*", help="key=value overrides of the base recipe, as for kdkit run "
+                        "(e.g. teacher.checkpoint=runs/teacher teacher.recipe=null)")
+    search.add_argument("--strategy", help="mcts (default), evolution or random (replaces search.strategy)")
+    search.add_argument("--trials", type=int, help="finished trials wanted (replaces search.trials)")
+    search.add_argument("--out", help="output folder (default runs/search_<space file>_<strategy>)")
+    search.set_defaults(fn=cmd_search)
 
     rep = sub.add_parser("report", help="HTML + PNG report comparing run folders")
     rep.add_argument("runs", nargs="+", help="run folders")

@@ -73,6 +73,9 @@ class CacheSpec(Strict):
     seed: int = Field(0, description="seed of the stored views (independent of train.seed, so every "
                       "student seed shares one cache)")
     batch_size: int = Field(512, gt=0, description="images per teacher forward while building")
+    taps: list[str] | None = Field(None, min_length=1, description="teacher taps to store (default: those the "
+                                   "terms read); a superset lets recipes that read different taps share one "
+                                   "cache (kdkit search stores every tap of its space)")
 
 
 class TeacherSpec(ModelSpec):
@@ -293,6 +296,7 @@ _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("train", "eval_every"), 1),
     (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
     (("data", "setting"), None), (("train", "optimizer", "delta"), None), (("data", "validation"), None),
+    (("teacher", "cache", "taps"), None),
 )
 
 

@@ -38,7 +38,11 @@ def recipe_augment(recipe: Recipe) -> AugmentConfig:
 
 
 def stored_taps(built: Plan) -> list[str]:
-    """Teacher tap specs the recipe's terms read, in first-use order."""
+    """Teacher tap specs the cache stores: ``teacher.cache.taps`` when given (the planner checked that it covers
+    every tap the terms read), else the taps the terms read, in first-use order."""
+    spec = built.recipe.teacher.cache if built.recipe.teacher is not None else None
+    if spec is not None and spec.taps is not None:
+        return list(spec.taps)
     specs: list[str] = []
     for term in built.objective.terms:
         if term.teacher_tap is None or term.teacher_is_peer:  # no frozen teacher behind it

@@ -30,7 +30,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from annotated_types import Ge, Gt
@@ -58,6 +58,49 @@ class PairSpec(Strict):
     teacher: str
 
 
+class ProxySpec(Strict):
+    """How a candidate is scored: a short run of the base recipe on a validation split of its training images."""
+
+    epochs: int = Field(3, ge=1, description="epochs of each proxy run (the base recipe's schedule, shortened)")
+    validation: float = Field(0.1, gt=0, lt=1, description="share of the training images held out to score "
+                              "candidates (class-balanced; the test split is never read by a trial)")
+    cache: bool = Field(True, description="read the teacher from a cache of `epochs` stored views, holding every "
+                        "tap of `pairs:`: the teacher runs once per search, not once per trial")
+
+
+class MctsSpec(Strict):
+    """Monte-Carlo tree search (Auto-KD): UCT over one component per tree level."""
+
+    exploration: float = Field(1.0, gt=0, description="UCT constant c in Q + c*sqrt(ln N_parent / N_child), "
+                               "rewards min-max normalised over the finished trials")
+    widening: float = Field(0.5, gt=0, le=1, description="progressive widening: a node visited N times may have "
+                            "tried max(1, N^widening) children (1: every child before any is exploited)")
+
+
+class EvolutionSpec(Strict):
+    """Steady-state evolution (KD-Zero): tournament selection from the best finished trials, crossover, mutation."""
+
+    population: int = Field(8, ge=2, description="random candidates first, then the best `population` finished "
+                            "trials are the parents")
+    tournament: int = Field(3, ge=1, description="parents drawn per tournament (the best of them is picked)")
+    crossover: float = Field(0.5, ge=0, le=1, description="probability that a child mixes two parents' terms")
+
+
+class SearchSettings(Strict):
+    """The search itself: strategy, budget, seeds, proxy runs and where trials are recorded."""
+
+    strategy: Literal["mcts", "evolution", "random"] = Field("mcts", description="mcts (Auto-KD, the default), "
+                                                             "evolution (KD-Zero) or random (the baseline)")
+    trials: int = Field(20, ge=1, description="finished trials wanted (--trials replaces it)")
+    seed: int = Field(0, description="seed of the strategy and of the validation split")
+    proxy: ProxySpec = Field(default_factory=ProxySpec)
+    objective: str | None = Field(None, description="summary metric to maximise (default: the task's best metric)")
+    storage: str | None = Field(None, description="Optuna storage URL (default sqlite:///OUT/search.db)")
+    study: str | None = Field(None, description="study name (default: derived from the space and base recipe)")
+    mcts: MctsSpec = Field(default_factory=MctsSpec)
+    evolution: EvolutionSpec = Field(default_factory=EvolutionSpec)
+
+
 class SearchSpaceSpec(Strict):
     """The schema of ``SPACE.yaml`` (see the module docstring)."""
 
@@ -71,6 +114,8 @@ class SearchSpaceSpec(Strict):
                                                "choices of its parameters")
     weights: list[Annotated[float, Gt(0)]] = Field([1.0], min_length=1, description="term weight choices")
     terms: list[Annotated[int, Ge(1)]] = Field([1], min_length=1, description="choices of the number of terms")
+    search: SearchSettings = Field(default_factory=SearchSettings, description="how `kdkit search` explores the "
+                                   "space (strategy, budget, proxy runs)")
 
 
 @dataclass(frozen=True)
@@ -260,8 +305,15 @@ def load_space(path: str | Path) -> tuple[SearchSpaceSpec, Path]:
     return spec, find_recipe(spec.recipe, relative_to=file.parent, where="recipe")
 
 
-def pair_shapes(spec: SearchSpaceSpec, recipe: Recipe) -> dict[tuple[str, str], tuple[Shape, Shape]]:
+def pair_shapes(spec: SearchSpaceSpec, recipe: Recipe, data_shape: tuple[int, int, int] | None = None
+                ) -> dict[tuple[str, str], tuple[Shape, Shape]]:
     """Per-sample shapes of each tap pair, probed once on the base recipe's student and teacher (random weights).
+
+    Args:
+        spec: The space.
+        recipe: Its base recipe.
+        data_shape: ``(classes, channels, image size)`` of the recipe's data; default: the dataset's known shape
+            (the space is then checked without loading the data).
 
     Raises:
         KdkitError: The recipe has no teacher, or a tap that neither network has (closest taps first).
@@ -269,12 +321,12 @@ def pair_shapes(spec: SearchSpaceSpec, recipe: Recipe) -> dict[tuple[str, str], 
     if recipe.teacher is None:
         raise KdkitError("the base recipe has no teacher to distil from", where="recipe",
                          fix="point recipe: at a recipe with a teacher: section (e.g. fashion_mnist/kd)")
-    if recipe.data.dataset not in KNOWN_SHAPES:  # the space is checked without loading the data
+    if data_shape is None and recipe.data.dataset not in KNOWN_SHAPES:
         raise KdkitError(f"the base recipe's dataset {recipe.data.dataset!r} has no known image shape",
                          choices=list(KNOWN_SHAPES), bad=recipe.data.dataset, where="recipe",
                          fix="use a base recipe on one of these datasets, or add the dataset's (classes, channels, "
                              "size) to kdkit.build.KNOWN_SHAPES")
-    classes, channels, size = KNOWN_SHAPES[recipe.data.dataset]
+    classes, channels, size = data_shape or KNOWN_SHAPES[recipe.data.dataset]
     shapes: dict[str, dict[str, Shape]] = {}
     for side, net in (("student", recipe.model), ("teacher", recipe.teacher)):
         model = build_model(net.arch, num_classes=classes, in_channels=channels, image_size=size, params=net.params)

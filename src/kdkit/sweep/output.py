@@ -68,13 +68,14 @@ def write_outputs(out: Path, header: dict[str, Any], study: Any, base: dict[str,
                           f"test split: kdkit run {out / 'best.yaml'}\n" + yaml.safe_dump(recipe, sort_keys=False))
         result["best_recipe"] = str(out / "best.yaml")
     atomic_write_text(out / "sweep.json", json.dumps(result, indent=1))
-    plotted = _plot(out / "value.png", rows, header)
+    plotted = plot_values(out / "value.png", rows, header["objective"], header["direction"])
     atomic_write_text(out / "report.md", _report(result, plotted))
     return result
 
 
-def _plot(path: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> bool:
-    """Value of each finished trial, in finishing order, and the best so far."""
+def plot_values(path: Path, rows: list[dict[str, Any]], objective: str, direction: str) -> bool:
+    """Plot the value of each finished trial, in finishing order, and the best so far, to ``path`` (atomically);
+    False when no trial finished."""
     done = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["finished"])
     if not done:
         return False
@@ -84,13 +85,13 @@ def _plot(path: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> boo
     import matplotlib.pyplot as plt
 
     values = [r["value"] for r in done]
-    pick = max if header["direction"] == "maximize" else min
+    pick = max if direction == "maximize" else min
     running = [pick(values[:i + 1]) for i in range(len(values))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(values) + 1), values, "o", label="trial")
     ax.step(range(1, len(values) + 1), running, where="post", label="best so far")
     ax.set_xlabel("finished trials")
-    ax.set_ylabel(f"validation {header['objective']}")
+    ax.set_ylabel(f"validation {objective}")
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")

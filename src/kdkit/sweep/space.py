@@ -236,15 +236,15 @@ def _refusal(base: dict[str, Any], key: str, value: Any) -> KdkitError | None:
     return None
 
 
-def check_objective(spec: SweepSpec, recipe: Recipe) -> str:
-    """The metric trials are scored by: ``objective``, else the recipe's ``train.best_metric``, else the task's
+def check_objective(chosen: str | None, recipe: Recipe, where: str = "objective") -> str:
+    """The metric trials are scored by: ``chosen``, else the recipe's ``train.best_metric``, else the task's
     best metric; it must be one that can pick a best epoch (every task metric but ``loss``)."""
     task = TASKS.get(recipe.task, where="task")
     valid = task.selectable(None)
-    objective = spec.objective or recipe.train.best_metric or task.best
+    objective = chosen or recipe.train.best_metric or task.best
     if objective not in valid:
         raise KdkitError(f"objective {objective!r} is not a metric of task {recipe.task!r} that picks a best epoch",
-                         bad=objective, choices=valid, where="objective", fix="set objective: to one of the choices")
+                         bad=objective, choices=valid, where=where, fix=f"set {where}: to one of the choices")
     return objective
 
 

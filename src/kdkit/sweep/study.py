@@ -13,23 +13,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import socket
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from kdkit.build import plan
-from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.errors import KdkitError
 from kdkit.locks import exclusive
 from kdkit.recipe import Recipe, find_recipe, load_recipe, recipe_from_dict, set_by_path
-from kdkit.runner import run_or_continue
 from kdkit.sweep.boss import boss_recipe, check_boss
 from kdkit.sweep.output import write_outputs
 from kdkit.sweep.space import Param, SweepSpec, check_objective, check_space, load_sweep, open_storage, shown_url
-
-TRIALS = "trials"
+from kdkit.sweep.trials import TrialLoop, trial_base
 
 
 def run_sweep(recipe_path: str | Path, sweep_path: str | Path, *, out: str | Path | None = None,
@@ -45,16 +39,16 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, *, out: str | Pat
     Raises:
         KdkitError: Any bad input (sweep file, space, objective, storage, recipe), before a trial runs.
     """
-    optuna = _optuna()
+    optuna = require_optuna()
     source = find_recipe(recipe_path)
     recipe = load_recipe(source)
     spec = load_sweep(sweep_path, trials)
     params = check_space(spec, recipe)
-    objective = check_objective(spec, recipe)
+    objective = check_objective(spec.objective, recipe)
     if spec.mode == "boss":
         check_boss(recipe)
     folder = Path(out or f"runs/sweep_{recipe.name}").resolve()
-    base = trial_base(recipe, source, spec, objective)
+    base = trial_base(recipe, source, validation=spec.validation, seed=spec.seed, objective=objective)
     plan(recipe_from_dict(base), training=False, source=source)  # names, taps, shapes, files: before any trial
     name = spec.study or study_name(recipe, base, spec)
     url = spec.storage or f"sqlite:///{folder / 'sweep.db'}"
@@ -78,11 +72,12 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, *, out: str | Pat
         return write_outputs(folder, header, study, recipe.to_dict())
 
 
-def _optuna() -> Any:
+def require_optuna() -> Any:
+    """The ``optuna`` module, or a KdkitError saying how to install it."""
     try:
         import optuna
     except ImportError:
-        raise KdkitError("kdkit sweep needs Optuna, which is not installed",
+        raise KdkitError("kdkit sweep and kdkit search need Optuna, which is not installed",
                          fix="pip install 'kdkit[search]' (or optuna)") from None
     return optuna
 
@@ -94,21 +89,6 @@ def make_sampler(name: str, seed: int) -> Any:
     samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
                 "random": optuna.samplers.RandomSampler}
     return samplers[name](seed=seed)
-
-
-def trial_base(recipe: Recipe, source: Path, spec: SweepSpec, objective: str) -> dict[str, Any]:
-    """The recipe every trial starts from: ``recipe`` scored on the validation split, with its teachers' recipe
-    paths made absolute (a trial's recipe lives in ``OUT/trials/N/``, not beside the original)."""
-    data = recipe.to_dict()
-    for name, teacher in recipe.frozen_teachers().items():
-        if teacher.recipe is not None and teacher.checkpoint is None:
-            key = recipe.teacher_key(name)
-            path = find_recipe(teacher.recipe, relative_to=source.parent, where=f"{key}.recipe").resolve()
-            set_by_path(data, f"{key}.recipe", str(path))
-    data["data"]["validation"] = {"fraction": spec.validation, "seed": spec.seed}
-    data["output"]["progress"] = False
-    data["train"]["best_metric"] = objective
-    return data
 
 
 def study_name(recipe: Recipe, base: dict[str, Any], spec: SweepSpec) -> str:
@@ -129,67 +109,21 @@ def _same_study(folder: Path, name: str) -> None:
                              where="--out", fix="give this sweep its own --out, or rerun the command that made it")
 
 
-class Sweep:
-    """One process's part of a study: resume its orphaned trials, then ask for new ones until the budget of
-    finished trials is reached."""
+class Sweep(TrialLoop):
+    """A sweep's trial loop: Optuna's sampler draws each trial's values (see :class:`TrialLoop`)."""
 
     def __init__(self, study: Any, storage: Any, spec: SweepSpec, params: list[Param], base: dict[str, Any],
                  folder: Path, objective: str, *, url: str, header: dict[str, Any], original: dict[str, Any]) -> None:
-        self.study, self.storage, self.spec, self.params = study, storage, spec, params
-        self.base, self.original = base, original
-        self.folder, self.objective, self.header = folder, objective, header
-        self.local = url == f"sqlite:///{folder / 'sweep.db'}"  # only this process (holding OUT) writes it
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
-        self.failures = 0
+        super().__init__(study, storage, folder, objective, budget=spec.trials, label="sweep",
+                         local=url == f"sqlite:///{folder / 'sweep.db'}")
+        self.spec, self.params, self.base = spec, params, base
+        self.header, self.original = header, original
 
-    def run(self) -> None:
-        """Resume every orphaned trial, then run new ones until ``budget`` trials are finished."""
-        import optuna
-
-        while True:
-            done = len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-            if done >= self.spec.trials:
-                return
-            orphan = next(iter(self.orphans()), None)
-            if orphan is not None:
-                self.resume(orphan)
-                continue
-            if self.failures >= self.spec.trials:
-                print(f"sweep: stopping after {self.failures} failed trials in a row (see sweep.json)",
-                      file=sys.stderr)
-                return
-            self.new_trial()
-
-    def orphans(self) -> list[Any]:
-        """RUNNING trials whose process is gone: started on this host by a process that no longer exists, or
-        (local storage only, which no other process writes) not yet claimed by any process."""
-        import optuna
-
-        found = []
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            owner = t.user_attrs.get("owner")
-            if owner is None:
-                if self.local:
-                    found.append(t)
-            elif owner["host"] == self.owner["host"] and owner["pid"] != self.owner["pid"] \
-                    and not _alive(owner["pid"]):
-                found.append(t)
-        return found
-
-    def resume(self, trial: Any) -> None:
-        """Continue an orphaned trial under its own number from its run folder's checkpoint."""
-        storage, tid = self.storage, trial._trial_id
-        storage.set_trial_user_attr(tid, "owner", self.owner)
-        data = trial.user_attrs.get("recipe")
-        if data is None:  # died between the draw and the record: the recipe follows from the recorded draws
-            if set(trial.params) != {p.key for p in self.params}:
-                storage.set_trial_user_attr(tid, "error", "interrupted before its parameters were drawn")
-                self.study.tell(trial.number, state=_state("FAIL"))
-                return
-            data = self.recipe_of(trial.number, dict(trial.params), storage, tid)
-        storage.set_trial_user_attr(tid, "resumed", trial.user_attrs.get("resumed", 0) + 1)
-        print(f"sweep: resuming trial {trial.number} from {data['output']['dir']}", flush=True)
-        self.train(trial.number, tid, data)
+    def recover(self, trial: Any) -> dict[str, Any] | None:
+        """A trial that died between the draw and the record: its recipe follows from the recorded draws."""
+        if set(trial.params) != {p.key for p in self.params}:
+            return None
+        return self.recipe_of(trial.number, dict(trial.params), self.storage, trial._trial_id)
 
     def new_trial(self) -> None:
         trial = self.study.ask()
@@ -204,7 +138,7 @@ class Sweep:
         data = copy.deepcopy(self.base)
         for key, value in values.items():
             set_by_path(data, key, value)
-        run_dir = self.folder / TRIALS / str(number)
+        run_dir = self.trial_dir(number)
         data["name"] = f"{data['name']}_trial{number}"
         data["output"]["dir"] = str(run_dir)
         sources = self.boss_sources()
@@ -219,11 +153,9 @@ class Sweep:
     def boss_sources(self) -> tuple[tuple[int, Path], list[tuple[int, Path]]] | None:
         """BOSS mode, once ``boss.startup`` trials finished: the best finished trial (initial weights) and the best
         ``boss.k`` (teachers), as ``(number, run folder)``."""
-        import optuna
-
         if self.spec.mode != "boss":
             return None
-        done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        done = self.finished()
         if len(done) < self.spec.boss.startup:
             return None
         sign = -1 if self.spec.direction == "maximize" else 1
@@ -231,40 +163,5 @@ class Sweep:
         picked = [(t.number, Path(t.user_attrs["run_dir"])) for t in ranked[:self.spec.boss.k]]
         return picked[0], picked
 
-    def train(self, number: int, tid: int, data: dict[str, Any]) -> None:
-        """Train (or continue, or reuse) trial ``number``'s run and record its value."""
-        storage = self.storage
-        recipe = recipe_from_dict(data)
-        started = time.perf_counter()
-        try:
-            summary = run_or_continue(recipe, progress=False)
-        except (TrainingDiverged, KdkitError) as exc:  # this trial's values: recorded, and the search goes on
-            self.failures += 1
-            storage.set_trial_user_attr(tid, "error", str(exc))
-            self.study.tell(number, state=_state("FAIL"))
-            print(f"sweep: trial {number} failed: {exc}", file=sys.stderr, flush=True)
-        else:
-            self.failures = 0
-            value = float(summary[f"best_{self.objective}"])
-            storage.set_trial_user_attr(tid, "train_seconds", summary.get("train_seconds"))
-            self.study.tell(number, value)
-            print(f"sweep: trial {number}: validation {self.objective} {value:.4f} "
-                  f"({time.perf_counter() - started:.1f} s) {self.study.trials[number].params}", flush=True)
+    def write(self) -> None:
         write_outputs(self.folder, self.header, self.study, self.original)
-
-
-def _state(name: str) -> Any:
-    import optuna
-
-    return getattr(optuna.trial.TrialState, name)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True

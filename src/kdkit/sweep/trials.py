@@ -1,0 +1,172 @@
+"""The trial loop shared by ``kdkit sweep`` and ``kdkit search``: each trial is an ordinary run in
+``OUT/trials/<number>/`` whose recipe is recorded in an Optuna storage before it trains.
+
+Resuming loses nothing: a trial left RUNNING by a process that died (same host, its process gone) is *resumed*
+under its own number from its run folder's latest checkpoint (:func:`kdkit.runner.run_or_continue`) with its
+recorded recipe, so its values and finished epochs are kept (re-enqueueing a copy would redo its epochs and give it
+a new number). The budget counts finished trials. What a trial is (Optuna's draws, a searched distiller) is the
+subclass's :meth:`TrialLoop.new_trial`; what is written after each trial is its :meth:`TrialLoop.write`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.recipe import Recipe, find_recipe, recipe_from_dict, set_by_path
+from kdkit.runner import run_or_continue
+
+TRIALS = "trials"
+
+
+def trial_base(recipe: Recipe, source: Path, *, validation: float, seed: int, objective: str) -> dict[str, Any]:
+    """The recipe every trial starts from: ``recipe`` scored by ``objective`` on a class-balanced ``validation``
+    share of its training split (split seed ``seed``), without progress bars, with its teachers' recipe paths made
+    absolute (a trial's recipe lives in ``OUT/trials/N/``, not beside the original)."""
+    data = recipe.to_dict()
+    for name, teacher in recipe.frozen_teachers().items():
+        if teacher.recipe is not None and teacher.checkpoint is None:
+            key = recipe.teacher_key(name)
+            path = find_recipe(teacher.recipe, relative_to=source.parent, where=f"{key}.recipe").resolve()
+            set_by_path(data, f"{key}.recipe", str(path))
+    data["data"]["validation"] = {"fraction": validation, "seed": seed}
+    data["output"]["progress"] = False
+    data["train"]["best_metric"] = objective
+    return data
+
+
+class TrialLoop:
+    """One process's part of a study: resume its orphaned trials, then start new ones until ``budget`` trials have
+    finished (or ``budget`` trials in a row failed).
+
+    Args:
+        study: The Optuna study (its storage records every trial).
+        storage: The study's storage (user attributes are written through it, also for resumed trials).
+        folder: The output folder (``folder/trials/<number>/`` are the runs).
+        objective: The summary metric a trial is scored by (``best_<objective>``).
+        budget: Finished trials wanted.
+        local: Whether the storage is a file in ``folder``, which only this process (holding the folder's lock)
+            writes: then a RUNNING trial no process has claimed yet is an orphan too.
+        label: The command, prefixing progress lines (``sweep``, ``search``).
+    """
+
+    def __init__(self, study: Any, storage: Any, folder: Path, objective: str, *, budget: int, local: bool,
+                 label: str) -> None:
+        self.study, self.storage, self.folder, self.objective, self.budget = study, storage, folder, objective, budget
+        self.local, self.label = local, label
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.failures = 0
+
+    # -- what a subclass provides -------------------------------------------------------------------------------------
+
+    def new_trial(self) -> None:
+        """Ask the study for a trial, record its recipe (user attributes ``recipe`` and ``run_dir``) and
+        :meth:`train` it."""
+        raise NotImplementedError
+
+    def recover(self, trial: Any) -> dict[str, Any] | None:
+        """The recipe of an orphaned trial that died before its recipe was recorded, or None (it is then failed)."""
+        return None
+
+    def write(self) -> None:
+        """Write the output folder's records (called after every trial)."""
+        raise NotImplementedError
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Resume every orphaned trial, then run new ones until ``budget`` trials are finished."""
+        while True:
+            if len(self.finished()) >= self.budget:
+                return
+            orphan = next(iter(self.orphans()), None)
+            if orphan is not None:
+                self.resume(orphan)
+                continue
+            if self.failures >= self.budget:
+                print(f"{self.label}: stopping after {self.failures} failed trials in a row (see the records)",
+                      file=sys.stderr)
+                return
+            self.new_trial()
+
+    def finished(self) -> list[Any]:
+        """The COMPLETE trials, in number order."""
+        return self.study.get_trials(deepcopy=False, states=(_state("COMPLETE"),))
+
+    def trial_dir(self, number: int) -> Path:
+        """Trial ``number``'s run folder."""
+        return self.folder / TRIALS / str(number)
+
+    def orphans(self) -> list[Any]:
+        """RUNNING trials whose process is gone: started on this host by a process that no longer exists, or
+        (local storage only, which no other process writes) not yet claimed by any process."""
+        found = []
+        for t in self.study.get_trials(deepcopy=False, states=(_state("RUNNING"),)):
+            owner = t.user_attrs.get("owner")
+            if owner is None:
+                if self.local:
+                    found.append(t)
+            elif owner["host"] == self.owner["host"] and owner["pid"] != self.owner["pid"] \
+                    and not _alive(owner["pid"]):
+                found.append(t)
+        return found
+
+    def resume(self, trial: Any) -> None:
+        """Continue an orphaned trial under its own number from its run folder's checkpoint."""
+        storage, tid = self.storage, trial._trial_id
+        storage.set_trial_user_attr(tid, "owner", self.owner)
+        data = trial.user_attrs.get("recipe") or self.recover(trial)
+        if data is None:
+            storage.set_trial_user_attr(tid, "error", "interrupted before its recipe was recorded")
+            self.study.tell(trial.number, state=_state("FAIL"))
+            return
+        storage.set_trial_user_attr(tid, "resumed", trial.user_attrs.get("resumed", 0) + 1)
+        print(f"{self.label}: resuming trial {trial.number} from {data['output']['dir']}", flush=True)
+        self.train(trial.number, tid, data)
+
+    def train(self, number: int, tid: int, data: dict[str, Any]) -> None:
+        """Train (or continue, or reuse) trial ``number``'s run and record its value; a run that diverges or cannot
+        be built is recorded as FAIL with its error, and the loop goes on."""
+        storage = self.storage
+        started = time.perf_counter()
+        try:
+            summary = run_or_continue(recipe_from_dict(data), progress=False)
+        except (TrainingDiverged, KdkitError) as exc:
+            self.failures += 1
+            storage.set_trial_user_attr(tid, "error", str(exc))
+            self.study.tell(number, state=_state("FAIL"))
+            print(f"{self.label}: trial {number} failed: {exc}", file=sys.stderr, flush=True)
+        else:
+            self.failures = 0
+            value = float(summary[f"best_{self.objective}"])
+            storage.set_trial_user_attr(tid, "train_seconds", summary.get("train_seconds"))
+            self.study.tell(number, value)
+            print(f"{self.label}: trial {number}: validation {self.objective} {value:.4f} "
+                  f"({time.perf_counter() - started:.1f} s) {self.describe(number)}", flush=True)
+        self.write()
+
+    def describe(self, number: int) -> str:
+        """One line about trial ``number`` for the progress output (its parameters)."""
+        return str(self.study.trials[number].params)
+
+
+def _state(name: str) -> Any:
+    import optuna
+
+    return getattr(optuna.trial.TrialState, name)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
