@@ -171,3 +171,33 @@ def test_boss_trials_start_from_and_distil_from_the_best_finished_trials(tmp_pat
     assert {n: s.checkpoint for n, s in trial.frozen_teachers().items()} == {
         f"trial{n}": rows[n]["run_dir"] for n in ranked}
     assert [t.weight for t in trial.distill] == [0.25, 0.25]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--sampler", "tpee"], ["unknown sampler 'tpee'", "valid choices: tpe, gp, random"]),
+    (["--mode", "bos"], ["'bos'", "boss"]),
+    (["train.optimizer.learning_rate=0.1"], ["learning_rate", "lr"]),
+], ids=["sampler-flag", "mode-flag", "override-key"])
+def test_command_line_replacements_and_overrides_are_checked_before_any_trial(
+        tmp_path: Path, tiny: dict, args: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny)
+    out = tmp_path / "out"
+    assert main(["sweep", str(recipe), str(sweep_file(tmp_path / "s.yaml")), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, err
+    assert not (out / "trials").exists()
+
+
+@pytest.mark.slow
+def test_overrides_and_flags_reach_every_trial(tmp_path: Path, tiny: dict) -> None:
+    tiny["train"]["epochs"] = 1
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny)
+    out = tmp_path / "out"
+    assert main(["sweep", str(recipe), str(sweep_file(tmp_path / "s.yaml", sampler="tpe")), "train.epochs=2",
+                 "--sampler", "random", "--trials", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["sampler"] == "random" and result["complete"] == 2
+    for n in (0, 1):
+        assert yaml.safe_load((out / "trials" / str(n) / "recipe.yaml").read_text())["train"]["epochs"] == 2
+    assert yaml.safe_load((out / "best.yaml").read_text())["train"]["epochs"] == 2

@@ -290,7 +290,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """`kdkit sweep RECIPE SWEEP`: tune a recipe's keys with Optuna on a validation split (resumable)."""
     from kdkit.sweep import run_sweep
 
-    result = run_sweep(args.recipe, args.sweep, out=args.out, trials=args.trials)
+    result = run_sweep(args.recipe, args.sweep, args.overrides, out=args.out, trials=args.trials,
+                       sampler=args.sampler, mode=args.mode)
     best = result["best"]
     print(f"sweep: {result['complete']}/{result['budget']} trials finished; results in {result['out']}/sweep.json, "
           f"report.md")
@@ -419,8 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "scored on a validation split; rerun the same command to resume")
     sweep.add_argument("recipe", help="recipe YAML path or shipped name")
     sweep.add_argument("sweep", help="sweep file: the keys to tune, objective, budget, sampler (docs/sweep.md)")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides of the recipe, as for kdkit run")
     sweep.add_argument("--out", help="output folder (default runs/sweep_<recipe name>)")
     sweep.add_argument("--trials", type=int, help="finished trials wanted (replaces the sweep file's `trials`)")
+    sweep.add_argument("--sampler", help="tpe, gp or random (replaces the sweep file's `sampler`)")
+    sweep.add_argument("--mode", help="plain or boss (replaces the sweep file's `mode`)")
     sweep.set_defaults(fn=cmd_sweep)
 
     search = sub.add_parser("search", help="find a distiller in a space of the distiller grammar (MCTS as Auto-KD, "

@@ -96,8 +96,9 @@ class Param:
         return trial.suggest_float(self.key, float(s.low), float(s.high), step=s.step, log=s.log)
 
 
-def load_sweep(path: str | Path, trials: int | None = None) -> SweepSpec:
-    """Read and validate a sweep file; ``trials`` (``--trials``) replaces its budget.
+def load_sweep(path: str | Path, replace: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file; ``replace`` (the command line's ``--trials``, ``--sampler``, ``--mode``)
+    replaces its keys of those names.
 
     Raises:
         KdkitError: Missing file, bad YAML, a schema problem, an unknown sampler/mode/direction, an empty space or
@@ -113,8 +114,7 @@ def load_sweep(path: str | Path, trials: int | None = None) -> SweepSpec:
         raise KdkitError(f"{file} is not valid YAML: {exc}", fix="fix the YAML syntax") from None
     if not isinstance(data, dict):
         raise KdkitError(f"{file} must hold a mapping of sweep keys, got {type(data).__name__}", fix=DOCS)
-    if trials is not None:
-        data["trials"] = trials
+    data.update({key: value for key, value in (replace or {}).items() if value is not None})
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:

@@ -26,23 +26,27 @@ from kdkit.sweep.space import Param, SweepSpec, check_objective, check_space, lo
 from kdkit.sweep.trials import TrialLoop, trial_base
 
 
-def run_sweep(recipe_path: str | Path, sweep_path: str | Path, *, out: str | Path | None = None,
-              trials: int | None = None) -> dict[str, Any]:
+def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[str] | None = None, *,
+              out: str | Path | None = None, trials: int | None = None, sampler: str | None = None,
+              mode: str | None = None) -> dict[str, Any]:
     """Run (or continue) a sweep and return the content of ``OUT/sweep.json``.
 
     Args:
         recipe_path: The recipe to tune (a path or shipped name).
         sweep_path: The sweep file (:class:`~kdkit.sweep.space.SweepSpec`).
+        overrides: ``key=value`` overrides of the recipe (as ``kdkit run`` takes), applied before the sweep's values.
         out: Output folder (default ``runs/sweep_<recipe name>``).
         trials: Budget of finished trials, replacing the sweep file's ``trials``.
+        sampler: Replaces the sweep file's ``sampler`` (``tpe``, ``gp``, ``random``).
+        mode: Replaces the sweep file's ``mode`` (``plain``, ``boss``).
 
     Raises:
         KdkitError: Any bad input (sweep file, space, objective, storage, recipe), before a trial runs.
     """
     optuna = require_optuna()
     source = find_recipe(recipe_path)
-    recipe = load_recipe(source)
-    spec = load_sweep(sweep_path, trials)
+    recipe = load_recipe(source, overrides)
+    spec = load_sweep(sweep_path, {"trials": trials, "sampler": sampler, "mode": mode})
     params = check_space(spec, recipe)
     objective = check_objective(spec.objective, recipe)
     if spec.mode == "boss":
