@@ -28,6 +28,7 @@ NAMES = {
     "dho": r"kdkit\.methods\.dho|\bdho(_head)?\b|\bDho[A-Z]\w*|\bDHO\b|dual-head",
     "tst": r"kdkit\.methods\.tst|\btst\b|\bTst[A-Z]\w*|\bTST\b",
     "fmkt": r"kdkit\.methods\.fmkt|fm-?kt|\bflow_feature\b|\bFlowBridge\b|\bflow_costs\b|\bhas_flow\b",
+    "orc": r"kdkit\.methods\.orc|\borc\b|\bOrc[A-Z]\w*|online role change",
 }
 
 
