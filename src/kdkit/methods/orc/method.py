@@ -54,7 +54,8 @@ def group_problems(recipe: Any, i: int) -> list[str]:
         return [f"distill.{i}.student is {term.student!r}: ORC trains every network of the group through its term, "
                 f"which reads each trained network's logits once, the pivot teacher last (choices: a list of "
                 f"{example} in any order); set distill.{i}.student to such a list"]
-    promote = int(term.params.get("promote", 1))
+    promote = term.params.get("promote", 1)
+    promote = promote if isinstance(promote, int) else 1  # a wrong type is reported by the loss's parameter check
     problems = []
     if len(names) < promote + 2:
         problems.append(f"ORC with promote {promote} needs a pivot teacher, {promote} temporary teacher(s) and at "
