@@ -235,3 +235,11 @@ def test_a_tiny_orc_run_refines_the_pivot_deploys_the_model_and_resumes_exactly(
 
     run_recipe(plan_recipe, callbacks=[pivot_moves])
     assert seen["moved"]
+
+
+def test_the_report_says_how_often_each_student_taught() -> None:
+    summary = {"orc": {"pivot": "pivot", "promotions": {"model": 1, "peer": 3}, "steps": 4, "refined_steps": 2,
+                       "feedback_samples": 7}}
+    text = OrcMethod().report_section("run", summary, Path("runs/x"))
+    assert "model 25.0 %, peer 75.0 % of 4 steps" in text and "refined in 2 steps on 7 error samples" in text
+    assert OrcMethod().report_section("run", {}, Path("runs/x")) == ""

@@ -71,7 +71,8 @@ def intensive_loss(pivot_mixed: Tensor, labels: Tensor, partner_labels: Tensor, 
 
 def group_loss(students: list[Tensor], pivot: Tensor, labels: Tensor, teachers: Tensor, beta: float,
                temperature: float, teaching: Teaching = "individual") -> Tensor:
-    r"""Private and group teaching of the student group, given who is promoted.
+    r"""ORC's private and group teaching (Choi, Cho, Cheung & Hwang, "ORC: Network Group-based Knowledge Distillation
+    using Online Role Change", ICCV 2023) of the student group, given who is promoted.
 
     A temporary teacher ``j`` (in ``teachers``) learns from the pivot teacher alone (private teaching),
     :math:`(1-\beta)\,\mathrm{CE}(y, z_j) + \beta\,\mathrm{KD}_T(z_j, z_{PT})`; every other student ``i`` from the
