@@ -284,3 +284,12 @@ def test_mdcs_resumes_exactly(tiny: dict, tmp_path: Path) -> None:
 def test_the_long_tailed_suite_is_a_benchmark_suite_with_its_baselines_first() -> None:
     assert "long_tailed" in suites()
     assert method_recipes("long_tailed") == ["student_ce", "kd", "mdcs"]
+
+
+def test_a_run_whose_setting_leaves_a_class_empty_stops_before_training(tiny: dict, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = mdcs_recipe(tiny)
+    recipe["data"]["setting"] = {"name": "long_tailed", "imbalance": 100, "max_per_class": 20}  # tail: int(0.2) = 0
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
+    assert "has no training image, so MDCS's prior shift" in capsys.readouterr().err
+    assert not (Path(tiny["output"]["dir"]) / "metrics.json").exists()
