@@ -102,8 +102,10 @@ def mdcs_experts(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
         hidden: Width of an expert-own hidden layer before each classifier (0: none). The official experts own
             the network's last two stages (RIDE's layout); kdkit's bridge cannot split a registered model, and this
             layer is the cheap stand-in.
-        classifier: ``cosine`` (the official CIFAR configs' ``use_norm: true``, ``NormedLinear`` times ``s = 30``)
-            or ``linear``.
+        classifier: ``cosine`` (default: the official CIFAR configs' ``use_norm: true``, ``NormedLinear`` times
+            ``s = 30``) or ``linear``. On kdkit's 12k-parameter CNN student trained from scratch (long-tailed
+            Fashion-MNIST, 15 epochs) linear heads scored 77.9 % top-1 and cosine ones 49.6 %: the shipped recipe
+            uses ``linear``.
         scale: ``s``, the cosine classifier's logit scale (30, the official code's).
     """
     return MdcsExperts(math.prod(student_shape), teacher_shape[-1], experts, hidden, classifier, scale)
