@@ -27,7 +27,7 @@ def shifted_logits(logits: Tensor, log_prior: Tensor, lambdas: Sequence[float]) 
     1 balanced softmax (a uniform test prior), above 1 a tail-leaning expert and below 0 a head-leaning one.
     """
     shift = torch.as_tensor(lambdas, dtype=logits.dtype, device=logits.device).view(1, -1, 1)
-    return logits + shift * log_prior.to(logits.dtype).view(1, 1, -1)
+    return logits + shift * log_prior.to(device=logits.device, dtype=logits.dtype).view(1, 1, -1)
 
 
 def split_views(values: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,8 +169,7 @@ class MdcsLoss(DistillLoss):
                              "infinite for it", bad=str(empty), where="data",
                              fix="train on data where every class has an image (a larger data.subset or a smaller "
                                  "data.setting.imbalance)")
-        prior = counts.double() / counts.sum()
-        self.log_prior = prior.log().to(self.log_prior.device if self.log_prior.numel() else counts.device)
+        self.log_prior = (counts.double() / counts.sum()).log()
 
     def ramp(self, epoch: float) -> None:
         """Set the consistency warm-up at (fractional) ``epoch``: ``min(epoch / warmup, 1)``."""

@@ -111,7 +111,7 @@ class MdcsMethod(Method):
         assert isinstance(built.student.bridges[term.name], MdcsExperts)
         loss: MdcsLoss = term.loss  # type: ignore[assignment]
         loss.set_prior(class_counts(built.data.train_labels, built.data.num_classes))
-        loss.log_prior = loss.log_prior.to(built.device)
+        loss.log_prior = loss.log_prior.to(built.device)  # once, not every step
         return MdcsRun(loss, term.name)
 
     def report_section(self, label: str, summary: dict[str, Any], folder: Path) -> str:
