@@ -221,13 +221,15 @@ def test_ls_loss_lists_every_parameter_with_its_default_and_description(
         assert described.startswith("      ") and described.strip(), f"{name}.{param} has no `Args:` entry"
 
 
-def ce_weight_allowed(name: str) -> float:
-    """``train.ce_weight`` for the one-term recipe with loss ``name``: 1, unless only 0 makes it schema- and
-    method-valid (MEAL V2 refuses hard labels), so that the recipe's problem is the parameter under test."""
+def probe_allowed(name: str) -> tuple[float, int]:
+    """``(train.ce_weight, data.views)`` for the one-term recipe with loss ``name``: ``(1, 1)``, unless only another
+    pair makes it schema- and method-valid (MEAL V2 refuses hard labels, MDCS needs two views and no
+    ce_weight), so that the recipe's problem is the parameter under test."""
 
-    def accepted(ce_weight: float) -> bool:
+    def accepted(ce_weight: float, views: int) -> bool:
         try:
-            recipe_from_dict({"name": "probe", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits"},
+            recipe_from_dict({"name": "probe", "model": {"arch": "cnn_student"},
+                              "data": {"dataset": "digits", "views": views},
                               "teacher": {"arch": "cnn_teacher", "checkpoint": "teacher.safetensors"},
                               "distill": [{"loss": name}],
                               "train": {"epochs": 1, "ce_weight": ce_weight}})
@@ -235,7 +237,8 @@ def ce_weight_allowed(name: str) -> float:
             return False
         return True
 
-    return 0.0 if not accepted(1.0) and accepted(0.0) else 1.0
+    pairs = [(1.0, 1), (0.0, 1), (1.0, 2), (0.0, 2)]
+    return next((pair for pair in pairs if accepted(*pair)), pairs[0])
 
 
 BOUNDED_LOSS_PARAMS = [(name, param) for name in LOSS_NAMES for param in bounded_params(LOSSES.get(name))]
@@ -246,9 +249,10 @@ def test_loss_parameter_out_of_bounds_fails_validation_naming_the_bound(
         name: str, param: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bounds = bounded_params(LOSSES.get(name))[param]
     bad = outside(bounds)
-    recipe = {"name": "bounds", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits"},
+    ce_weight, views = probe_allowed(name)
+    recipe = {"name": "bounds", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits", "views": views},
               "teacher": {"arch": "cnn_teacher", "checkpoint": str(tmp_path / "teacher.safetensors")},
-              "distill": [{"loss": name, param: bad}], "train": {"epochs": 1, "ce_weight": ce_weight_allowed(name)},
+              "distill": [{"loss": name, param: bad}], "train": {"epochs": 1, "ce_weight": ce_weight},
               "output": {"dir": str(tmp_path / "run")}}
     assert main(["validate", str(write_recipe(tmp_path / "recipe.yaml", recipe))]) == 2
     err = capsys.readouterr().err

@@ -23,6 +23,7 @@ GREY = ["brightness", "contrast", "rotate", "shear_x"]
 #: What names a built-in method in code: its folder's module path, its losses, bridges and helpers.
 NAMES = {
     "ferkd": r"kdkit\.methods\.ferkd|\bferkd\b|\bFerkd[A-Z]\w*|\bFerKD\b|\bSelfMix\w*",
+    "mdcs": r"kdkit\.methods\.mdcs|\bmdcs(_experts)?\b|\bMdcs[A-Z]\w*|\bMDCS\b",
     "meal_v2": r"kdkit\.methods\.meal_v2|\bmeal[ _]?v2\w*|\bMealV2\w*",
     "byot": r"kdkit\.methods\.byot|\bbyot\w*|\bByot[A-Z]\w*|be your own teacher",
     "dho": r"kdkit\.methods\.dho|\bdho(_head)?\b|\bDho[A-Z]\w*|\bDHO\b|dual-head",
