@@ -73,6 +73,7 @@ def write_outputs(out: Path, header: dict[str, Any], study: Any, base: dict[str,
         recipe["train"]["epochs"] = base["train"]["epochs"]  # the proxy's schedule was for scoring only
         recipe["train"]["schedule"] = base["train"]["schedule"]
         recipe["teacher"] = base["teacher"]  # the proxy's short teacher cache neither (the base's own, if any)
+        recipe["description"] = f"distiller found by {header['strategy']} search: {best['formula']}"
         atomic_write_text(out / "best.yaml", f"# The best distiller ({best['formula']}) of search {header['study']!r}"
                           f" (trial {best['number']}, validation {header['objective']} {best['value']:.4g} after "
                           f"{header['proxy']['epochs']} proxy epochs), as a recipe on the test split with the base "
