@@ -36,6 +36,9 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
          {}, "FerKD mines the stored views of a teacher cache: teacher.cache is None"),
         ("no ferkd term", lambda r: r["teacher"].update(cache={}), {}, "no `ferkd` term in distill"),
     ],
+    "orc": [
+        ("no orc term", lambda r: None, {}, "and distill has none"),
+    ],
 }
 
 #: For each method with a section: (bad section value, the key the CLI must name, text of the fix it must give).
@@ -47,6 +50,10 @@ BAD_VALUES: dict[str, list[tuple[dict[str, Any], str, str]]] = {
     "ferkd": [
         ({"selfmix_alpha": 0}, "ferkd.selfmix_alpha", "greater than 0"),
         ({"discard_easy": 1.0}, "ferkd.discard_easy", "less than 1"),
+    ],
+    "orc": [
+        ({"alpha": 0}, "orc.alpha", "greater than 0"),
+        ({"feedback": "most"}, "orc.feedback", "'any'"),
     ],
 }
 
