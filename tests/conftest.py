@@ -138,3 +138,32 @@ def nearly_equal_maps(*shape: int, gap: float = 1e-6, seed: int = 1) -> tuple[to
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3
     return a, a + gap * torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+#: A ``python -c`` script running ``kdkit`` (argv[2:]) that writes argv[1] and sleeps (to be killed) once trial 1
+#: of a sweep or search has its epoch-1 checkpoint.
+KILL_IN_TRIAL_1 = """
+import sys, time
+from pathlib import Path
+from kdkit import checkpoint
+real = checkpoint._replace_text
+
+def dies_mid_trial_1(path, text):
+    real(path, text)
+    if path.name == "latest.json" and path.parent.parent.name == "1" and '"epoch_0001"' in text:
+        Path(sys.argv[1]).write_text("trial 1 has a checkpoint")
+        time.sleep(600)  # killed here, between its epochs
+
+checkpoint._replace_text = dies_mid_trial_1
+from kdkit.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def optuna_trials(db: Path) -> list[Any]:
+    """Every trial of the one study in the SQLite file ``db``."""
+    import optuna
+
+    storage = f"sqlite:///{db}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import KILL_IN_TRIAL_1 as KILLER
+from conftest import optuna_trials as _trials
 from conftest import write_recipe
 from kdkit.cli import main
 from kdkit.grammar import BoundSpace, parse_space
@@ -206,32 +208,6 @@ def test_search_trials_are_proxy_runs_on_a_validation_split_sharing_one_teacher_
     assert best["distill"][0]["loss"] == "composed"
     report = (out / "report.md").read_text()
     assert result["best"]["formula"] in report and "teacher forwards" in report
-
-
-KILLER = """
-import sys, time
-from pathlib import Path
-from kdkit import checkpoint
-real = checkpoint._replace_text
-
-def dies_mid_trial_1(path, text):
-    real(path, text)
-    if path.name == "latest.json" and path.parent.parent.name == "1" and '"epoch_0001"' in text:
-        Path(sys.argv[1]).write_text("trial 1 has a checkpoint")
-        time.sleep(600)  # killed here, between its epochs
-
-checkpoint._replace_text = dies_mid_trial_1
-from kdkit.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def _trials(db: Path) -> list[Any]:
-    import optuna
-
-    storage = f"sqlite:///{db}"
-    (summary,) = optuna.get_all_study_summaries(storage)
-    return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from kdkit.search.output import write_outputs
 from kdkit.search.strategies import Tried, propose
 from kdkit.sweep.space import check_objective, open_storage, shown_url
 from kdkit.sweep.study import require_optuna
-from kdkit.sweep.trials import TrialLoop, trial_base
+from kdkit.sweep.trials import TrialLoop, same_study, trial_base
 
 STRATEGY_CHOICES = ("mcts", "evolution", "random")
 
@@ -64,7 +64,7 @@ def run_search(space_path: str | Path, overrides: list[str] | None = None, *, ou
     url = settings.storage or f"sqlite:///{folder / 'search.db'}"
     folder.mkdir(parents=True, exist_ok=True)
     with exclusive(folder, what="search folder", fix="wait for that search, stop it, or give this one its own --out"):
-        _same_study(folder, name)
+        same_study(folder, name, "search")
         storage = open_storage(url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
@@ -116,16 +116,6 @@ def study_name(recipe: Recipe, base: dict[str, Any], space: dict[str, Any], sett
     blob = json.dumps([base, {k: v for k, v in space.items() if k != "search"},
                        settings.model_dump(mode="json", exclude={"trials"})], sort_keys=True)
     return f"{recipe.name}-{settings.strategy}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-
-
-def _same_study(folder: Path, name: str) -> None:
-    """Refuse an output folder holding another search (its trial folders would be overwritten)."""
-    record = folder / "search.json"
-    if record.is_file():
-        held = json.loads(record.read_text()).get("study")
-        if held != name:
-            raise KdkitError(f"{folder} holds search {held!r}, not {name!r} (another space, strategy or setting)",
-                             where="--out", fix="give this search its own --out, or rerun the command that made it")
 
 
 class Search(TrialLoop):

@@ -23,7 +23,7 @@ from kdkit.recipe import Recipe, find_recipe, load_recipe, recipe_from_dict, set
 from kdkit.sweep.boss import boss_recipe, check_boss
 from kdkit.sweep.output import write_outputs
 from kdkit.sweep.space import Param, SweepSpec, check_objective, check_space, load_sweep, open_storage, shown_url
-from kdkit.sweep.trials import TrialLoop, trial_base
+from kdkit.sweep.trials import TrialLoop, same_study, trial_base
 
 
 def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[str] | None = None, *,
@@ -58,7 +58,7 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[s
     url = spec.storage or f"sqlite:///{folder / 'sweep.db'}"
     folder.mkdir(parents=True, exist_ok=True)
     with exclusive(folder, what="sweep folder", fix="wait for that sweep, stop it, or give this one its own --out"):
-        _same_study(folder, name)
+        same_study(folder, name, "sweep")
         storage = open_storage(url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction, load_if_exists=True)
@@ -101,16 +101,6 @@ def study_name(recipe: Recipe, base: dict[str, Any], spec: SweepSpec) -> str:
     blob = json.dumps([recipe_from_dict(base).digest(), spec.model_dump(mode="json", exclude={"trials"})],
                       sort_keys=True)
     return f"{recipe.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-
-
-def _same_study(folder: Path, name: str) -> None:
-    """Refuse an output folder holding another sweep (its trial folders would be overwritten)."""
-    record = folder / "sweep.json"
-    if record.is_file():
-        held = json.loads(record.read_text()).get("study")
-        if held != name:
-            raise KdkitError(f"{folder} holds sweep {held!r}, not {name!r} (another recipe or search space)",
-                             where="--out", fix="give this sweep its own --out, or rerun the command that made it")
 
 
 class Sweep(TrialLoop):

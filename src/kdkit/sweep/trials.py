@@ -10,6 +10,7 @@ subclass's :meth:`TrialLoop.new_trial`; what is written after each trial is its 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -38,6 +39,17 @@ def trial_base(recipe: Recipe, source: Path, *, validation: float, seed: int, ob
     data["output"]["progress"] = False
     data["train"]["best_metric"] = objective
     return data
+
+
+def same_study(folder: Path, name: str, command: str) -> None:
+    """Refuse an output folder holding another ``command``'s study (``sweep``/``search``: its ``<command>.json``
+    names the study), whose trial folders would be overwritten."""
+    record = folder / f"{command}.json"
+    if record.is_file():
+        held = json.loads(record.read_text()).get("study")
+        if held != name:
+            raise KdkitError(f"{folder} holds {command} {held!r}, not {name!r} (another recipe, space or setting)",
+                             where="--out", fix=f"give this {command} its own --out, or rerun the command that made it")
 
 
 class TrialLoop:
