@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from kdkit.grammar.space import BoundSpace, Candidate, Core
@@ -62,9 +63,13 @@ class Decisions:
                 if k < len(steps) and steps[k] not in self._children.setdefault(steps[:k], []):
                     self._children[steps[:k]].append(steps[k])
 
+    def canonical(self, terms: Sequence[tuple[Core, float]]) -> Candidate:
+        """The distiller of ``terms``, its terms in the space's core order (the order :meth:`path` takes them in)."""
+        return Candidate(tuple(sorted(terms, key=lambda term: self._index[term[0]])))
+
     def path(self, candidate: Candidate) -> Path:
         """The decisions that build ``candidate``."""
-        terms = sorted(candidate.terms, key=lambda term: self._index[term[0]])
+        terms = self.canonical(candidate.terms).terms
         steps: list[str] = [f"n:{len(terms)}"]
         for core, weight in terms:
             steps += [*core_steps(core, self.space.spec.max_chain), f"w:{weight:g}"]

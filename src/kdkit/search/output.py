@@ -15,25 +15,19 @@ from kdkit.checkpoint import atomic_write_text
 from kdkit.grammar.space import BoundSpace
 from kdkit.search.actions import Decisions, candidate_of
 from kdkit.search.strategies import Tree, Tried
-from kdkit.sweep.output import best_recipe, plot_values
+from kdkit.sweep.output import best_recipe, plot_values, trial_row
 
 #: Best distillers listed in the report.
 SHOWN = 10
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
-    """Every trial: number, state, formula, value, run folder, seconds, resume count, error."""
+    """Every trial: :func:`~kdkit.sweep.output.trial_row` plus its distiller (formula, core indices, weights)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        wall = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else None
         candidate = t.user_attrs.get("candidate") or {}
-        rows.append({"number": t.number, "state": t.state.name, "formula": candidate.get("formula"),
-                     "cores": candidate.get("cores"), "weights": candidate.get("weights"), "value": t.value,
-                     "run_dir": t.user_attrs.get("run_dir"), "train_seconds": t.user_attrs.get("train_seconds"),
-                     "wall_seconds": None if wall is None else round(wall, 2),
-                     "resumed": t.user_attrs.get("resumed", 0), "error": t.user_attrs.get("error"),
-                     "finished": t.datetime_complete.isoformat() if t.datetime_complete else None})
+        rows.append({**trial_row(t), "formula": candidate.get("formula"), "cores": candidate.get("cores"),
+                     "weights": candidate.get("weights")})
     return rows
 
 

@@ -25,12 +25,12 @@ from kdkit.locks import exclusive
 from kdkit.recipe import Recipe, load_recipe, recipe_from_dict
 from kdkit.search.actions import Decisions, candidate_of, candidate_record
 from kdkit.search.output import write_outputs
-from kdkit.search.strategies import Tried, propose
+from kdkit.search.strategies import STRATEGIES, Tried, propose
 from kdkit.sweep.space import check_objective, open_storage, shown_url
 from kdkit.sweep.study import require_optuna
 from kdkit.sweep.trials import TrialLoop, same_study, trial_base
 
-STRATEGY_CHOICES = ("mcts", "evolution", "random")
+STRATEGY_CHOICES = tuple(STRATEGIES)
 
 
 def run_search(space_path: str | Path, overrides: list[str] | None = None, *, out: str | Path | None = None,
@@ -72,9 +72,10 @@ def run_search(space_path: str | Path, overrides: list[str] | None = None, *, ou
                   "objective": objective, "strategy": settings.strategy, "budget": settings.trials,
                   "seed": settings.seed, "proxy": settings.proxy.model_dump(), "space_size": space.size(),
                   "cores": len(space.cores), "out": str(folder)}
+        original = recipe.to_dict()
         Search(study, storage, space, settings, base, folder, objective, url=url, header=header,
-               original=recipe.to_dict()).run()
-        return write_outputs(folder, header, study, recipe.to_dict(), space)
+               original=original).run()
+        return write_outputs(folder, header, study, original, space)
 
 
 def _settings(settings: SearchSettings, trials: int | None, strategy: str | None) -> SearchSettings:

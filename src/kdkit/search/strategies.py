@@ -69,11 +69,6 @@ def _untried(draw: Callable[[int], Candidate], seen: set[Candidate]) -> Candidat
                      fix="enlarge the space (more transforms, distances, weights or terms) or lower the budget")
 
 
-def _canonical(terms: Sequence[tuple[Core, float]], space: BoundSpace) -> Candidate:
-    order = {core: i for i, core in enumerate(space.cores)}
-    return Candidate(tuple(sorted(terms, key=lambda term: order[term[0]])))
-
-
 # -- random -----------------------------------------------------------------------------------------------------------
 
 def random_search(space: BoundSpace, decisions: Decisions, history: Sequence[Tried], rng: random.Random,
@@ -184,7 +179,7 @@ def evolution(space: BoundSpace, decisions: Decisions, history: Sequence[Tried],
         # a child already tried mutates further: one more mutation every 10 attempts (the population has converged)
         for _ in range(1 + attempt // 10):
             terms = _mutate(terms, space, rng)
-        return _canonical(terms, space)
+        return decisions.canonical(terms)
 
     return _untried(child, seen)
 

@@ -14,19 +14,22 @@ import yaml
 from kdkit.checkpoint import atomic_write_text
 
 
+def trial_row(t: Any) -> dict[str, Any]:
+    """What every trial loop records of a trial ``t``: number, state, value, run folder, seconds, resume count,
+    error and finishing time (sweep and search add their own fields)."""
+    wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+        else None
+    return {"number": t.number, "state": t.state.name, "value": t.value, "run_dir": t.user_attrs.get("run_dir"),
+            "train_seconds": t.user_attrs.get("train_seconds"),
+            "wall_seconds": None if wall is None else round(wall, 2), "resumed": t.user_attrs.get("resumed", 0),
+            "error": t.user_attrs.get("error"),
+            "finished": t.datetime_complete.isoformat() if t.datetime_complete else None}
+
+
 def trial_rows(study: Any) -> list[dict[str, Any]]:
-    """Every trial of ``study``: number, state, params, value, run folder, seconds, BOSS sources."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        wall = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else None
-        rows.append({"number": t.number, "state": t.state.name, "params": dict(t.params), "value": t.value,
-                     "run_dir": t.user_attrs.get("run_dir"), "train_seconds": t.user_attrs.get("train_seconds"),
-                     "wall_seconds": None if wall is None else round(wall, 2),
-                     "resumed": t.user_attrs.get("resumed", 0),
-                     "boss": t.user_attrs.get("boss"), "error": t.user_attrs.get("error"),
-                     "finished": t.datetime_complete.isoformat() if t.datetime_complete else None})
-    return rows
+    """Every trial of ``study``: :func:`trial_row` plus its params and BOSS sources."""
+    return [{**trial_row(t), "params": dict(t.params), "boss": t.user_attrs.get("boss")}
+            for t in study.get_trials(deepcopy=False)]
 
 
 def best_row(rows: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:

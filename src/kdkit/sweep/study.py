@@ -71,9 +71,9 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[s
                   "objective": objective, "direction": spec.direction, "budget": spec.trials,
                   "sampler": spec.sampler, "seed": spec.seed, "validation": spec.validation, "mode": spec.mode,
                   "boss": spec.boss.model_dump() if spec.mode == "boss" else None, "out": str(folder)}
-        Sweep(study, storage, spec, params, base, folder, objective, url=url, header=header,
-              original=recipe.to_dict()).run()
-        return write_outputs(folder, header, study, recipe.to_dict())
+        original = recipe.to_dict()
+        Sweep(study, storage, spec, params, base, folder, objective, url=url, header=header, original=original).run()
+        return write_outputs(folder, header, study, original)
 
 
 def require_optuna() -> Any:
