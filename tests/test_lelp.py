@@ -199,6 +199,8 @@ def lelp_recipe(tiny: dict, teacher: Path) -> dict:
 @pytest.mark.parametrize(("change", "message"), [
     ({"teacher": None}, "add `teacher:`"),
     ({"distill.1": dict(TERM)}, "a second `lelp` term"),
+    ({"teacher": None, "teachers": {"a": {"arch": "cnn_teacher", "checkpoint": "TEACHER"}}},
+     "LELP projects one teacher's embeddings"),
     ({"distill.0.bridge": None}, "loss 'lelp' reads the output of the 'lelp_head' bridge"),
     ({"distill.0.loss": "kd"}, "the `lelp_head` bridge is trained by the `lelp` loss"),
     ({"distill.0.teacher": ["logits", "no_such_layer"]}, "no module at path 'no_such_layer'"),
@@ -208,6 +210,7 @@ def lelp_recipe(tiny: dict, teacher: Path) -> dict:
 ])
 def test_recipes_lelp_cannot_work_with_are_refused(change: dict, message: str, tiny: dict, binary_teacher: Path,
                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    change = json.loads(json.dumps(change).replace("TEACHER", str(binary_teacher)))
     recipe = edit_recipe(lelp_recipe(tiny, binary_teacher), change)
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err

@@ -48,7 +48,8 @@ def subclass_targets(teacher_logits: Tensor, coords: Tensor, temperature: float,
 
 def lelp_loss(subclass_logits: Tensor, teacher_logits: Tensor, embeddings: Tensor, directions: Tensor, means: Tensor,
               temperature: float = 1.0, subclass_temperature: float = 1.0) -> Tensor:
-    """LELP's distillation loss (module docstring), mean over the batch.
+    """Loo, Iliopoulos, Hu, Vee, "Linear Projections of Teacher Embeddings for Few-Class Distillation" (2024): the
+    ``tau^2 KL`` of the teacher's class probabilities split into pseudo-subclasses (module docstring), batch mean.
 
     Args:
         subclass_logits: ``(B, C * S)`` student pseudo-subclass logits (class-major).
