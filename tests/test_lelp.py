@@ -124,16 +124,16 @@ def reference_loss(student: torch.Tensor, teacher: torch.Tensor, h: torch.Tensor
     total = 0.0
     for i in range(len(student)):
         class_norm = sum(math.exp(teacher[i, k].item() / tau) for k in range(classes))
-        sub_norm = sum(math.exp(student[i, j].item() / tau) for j in range(classes * subclasses))
+        sub_norm = sum(math.exp(student[i, j].item()) for j in range(classes * subclasses))
         for c in range(classes):
             z = [sum(directions[c, s, k].item() * (h[i, k].item() - means[c, k].item()) for k in range(d))
                  for s in range(subclasses)]
             split_norm = sum(math.exp(v / beta) for v in z)
             for s in range(subclasses):
                 p = math.exp(teacher[i, c].item() / tau) / class_norm * math.exp(z[s] / beta) / split_norm
-                q = math.exp(student[i, c * subclasses + s].item() / tau) / sub_norm
+                q = math.exp(student[i, c * subclasses + s].item()) / sub_norm
                 total += p * math.log(p / q)
-    return tau**2 * total / len(student)
+    return total / len(student)
 
 
 @pytest.mark.parametrize(("tau", "beta"), [(1.0, 1.0), (4.0, 0.5), (0.5, 3.0)])
@@ -149,7 +149,10 @@ def test_targets_split_the_teachers_class_probabilities_and_a_matching_student_s
     log_p = subclass_targets(teacher / 1, coordinates(h, directions, means), 2.0, 0.7)
     torch.testing.assert_close(log_p.exp().unflatten(1, (3, 2)).sum(2), torch.softmax(teacher / 2.0, 1),
                                rtol=1e-12, atol=0)
-    matching = 2.0 * log_p  # softmax(u / tau) = p
+    matching = log_p + 3.0  # softmax(u) = p (the student's softmax has no temperature)
+    # so the deployed class probabilities of a student that matches the targets are the teacher's (softened) ones
+    torch.testing.assert_close(torch.softmax(class_logits(matching, 3), 1), torch.softmax(teacher / 2.0, 1),
+                               rtol=1e-12, atol=0)
     assert abs(lelp_loss(matching, teacher, h, directions, means, 2.0, 0.7).item()) < 1e-12
     assert lelp_loss(student, teacher, h, directions, means, 2.0, 0.7).item() > 1e-3
 

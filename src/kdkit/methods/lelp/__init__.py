@@ -11,7 +11,7 @@ summing its subclasses' probabilities.
 
 * :mod:`~kdkit.methods.lelp.projection` -- the projections (null space, per-class PCA, rotation; pure functions);
 * :mod:`~kdkit.methods.lelp.head` -- the ``lelp_head`` bridge (the student's ``C * S`` output layer, deployed);
-* :mod:`~kdkit.methods.lelp.loss` -- the ``lelp`` loss (``tau^2 KL`` of the pseudo-subclass targets);
+* :mod:`~kdkit.methods.lelp.loss` -- the ``lelp`` loss (KL of the pseudo-subclass targets to the student's softmax);
 * :mod:`~kdkit.methods.lelp.method` -- the method: checks, the teacher pass before training, ``summary.json``.
 
 What the paper fixes and what kdkit chose (no official code was found; the paper's main text and its reviews were
@@ -23,10 +23,10 @@ read, not its appendix):
   be turned off (the paper's ablations). One Haar-random rotation per class, seeded by ``train.seed``.
 * Coordinates: the PCA coordinates ``V_c^T (h - mu_c)`` (centred on the class mean); the paper does not say
   whether it centres.
-* Loss: the paper's unified cross-entropy over ``C * S`` targets, written as ``tau^2 KL`` (same gradient); the
-  student's subclass logits are divided by ``tau`` as the teacher's class logits are. ``tau = 1``, ``beta = 1``,
-  ``S = 4`` are defaults, not the paper's (it tunes them per task); ``beta`` is in the embedding's units, so the
-  run's ``summary.json`` gives each direction's spread.
+* Loss: the paper's unified cross-entropy over ``C * S`` targets, written as a KL (same gradient); ``tau`` softens
+  the teacher's class probabilities only (the student's softmax has none, so the class probability it is trained on
+  is the one deployed). ``tau = 1``, ``beta = 1``, ``S = 4`` are defaults, not the paper's (it tunes them per task);
+  ``beta`` is in the embedding's units, so the run's ``summary.json`` gives each direction's spread.
 * ``alpha`` (``train.ce_weight``) = 0 in the paper's experiments, for every method; kdkit accepts any.
 * Many classes: the paper expects no gain there (its limitations) but does not forbid it; kdkit does not refuse.
 """
