@@ -9,6 +9,7 @@ from kdkit.methods import byot  # noqa: F401, I001
 from kdkit.methods import dho  # noqa: F401
 from kdkit.methods import ferkd  # noqa: F401
 from kdkit.methods import fmkt  # noqa: F401
+from kdkit.methods import lelp  # noqa: F401
 from kdkit.methods import mdcs  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
 from kdkit.methods import orc  # noqa: F401
