@@ -12,3 +12,4 @@ from kdkit.methods import ferkd  # noqa: F401
 from kdkit.methods import fmkt  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
+from kdkit.methods import wad  # noqa: F401
