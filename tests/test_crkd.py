@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import edit_recipe, write_recipe
+from conftest import edit_recipe, straight_and_resumed, write_recipe
 from kdkit.bench.methods import method_recipes, suites
 from kdkit.cli import main
 from kdkit.data import UNLABELLED, apply_setting, load_dataset
@@ -210,3 +210,19 @@ def test_a_tiny_discovery_run_trains_both_terms_and_reports_novel_acc(tiny_kd: d
 def test_the_novel_classes_suite_is_a_benchmark_suite_with_its_baselines_first() -> None:
     assert "novel_classes" in suites()
     assert method_recipes("novel_classes") == ["student_ce", "kd", "crkd", "uno"]
+
+
+@pytest.mark.slow
+def test_crkd_resumes_exactly(tiny_kd: dict, tmp_path: Path) -> None:
+    # stateless between steps (Sinkhorn per batch, the strong view seeded per batch): resuming must change nothing
+    straight, broken = straight_and_resumed(crkd_recipe(tiny_kd), tmp_path, 8)
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((broken / "metrics.json").read_text())
+    assert [(r["train_loss"], r["test_novel_acc"]) for r in a] == [(r["train_loss"], r["test_novel_acc"]) for r in b]
+
+
+def test_novel_acc_is_a_python_float_so_a_checkpoint_holding_it_loads_weights_only() -> None:
+    from kdkit.tasks.classification import cluster_accuracy
+
+    value = cluster_accuracy(torch.tensor([[0.0, 4.0], [3.0, 1.0]]))
+    assert type(value) is float and value == pytest.approx(100.0 * 7 / 8)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import edit_recipe, write_recipe
+from conftest import edit_recipe, straight_and_resumed, write_recipe
 from kdkit.bench.methods import method_recipes, suites
 from kdkit.build import plan
 from kdkit.cli import main
@@ -196,3 +196,12 @@ def test_data_without_unlabelled_samples_or_with_an_unlabelled_class_is_refused_
     labels[labels == 2] = UNLABELLED
     (problem,) = data_problems(type(mismatch)(**{**mismatch.__dict__, "train_labels": labels}))
     assert "classes [2] have none" in problem.message
+
+
+@pytest.mark.slow
+def test_wad_resumes_exactly(tiny_kd: dict, wad_teacher: Path, tmp_path: Path) -> None:
+    # the tables are not checkpointed: a resumed run recomputes them from the frozen teacher, the same numbers
+    straight, broken = straight_and_resumed(wad_recipe(tiny_kd, wad_teacher), tmp_path, 8)
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((broken / "metrics.json").read_text())
+    assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
