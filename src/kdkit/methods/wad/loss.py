@@ -35,7 +35,7 @@ def weighted_pseudo_label_ce(logits: Tensor, labels: Tensor, pseudo: Tensor, wei
     return (weight[unlabelled].to(dtype) * ce).mean()
 
 
-@register_loss("wad", help="WAD (Du et al., 2023): pseudo-labels and weights of the unlabelled samples from the "
+@register_loss("wad", help="WAD (Du et al., ICCV 2023): pseudo-labels and weights of the unlabelled samples from the "
                            "teacher's representation (nearest labelled sample per class), weighted CE")
 class WadLoss(DistillLoss):
     """WAD's weighted pseudo-label CE (see :func:`weighted_pseudo_label_ce`).

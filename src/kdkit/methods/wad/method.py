@@ -54,7 +54,7 @@ def data_problems(data: Any) -> list[KdkitError]:
 
 @register_method
 class WadMethod(Method):
-    """WAD: weight-aware distillation under class distribution mismatch (Du et al., 2023)."""
+    """WAD: weight-aware distillation under class distribution mismatch (Du et al., ICCV 2023)."""
 
     name = "wad"
 
