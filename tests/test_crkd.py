@@ -104,7 +104,7 @@ def official_crkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     if weighting == "none":
         weights = [1.0] * len(rows)
     elif weighting == "detached":
-        weights = [float(x) / float(w_mean) for x in w]
+        weights = [float(x.detach()) / float(w_mean.detach()) for x in w]
     else:
         weights = [x / w_mean for x in w]
     return sum(weights[j] * ce[j] * temperature**2 for j in range(len(rows))) / len(rows)
