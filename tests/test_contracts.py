@@ -221,24 +221,38 @@ def test_ls_loss_lists_every_parameter_with_its_default_and_description(
         assert described.startswith("      ") and described.strip(), f"{name}.{param} has no `Args:` entry"
 
 
-def probe_allowed(name: str) -> tuple[float, int]:
-    """``(train.ce_weight, data.views)`` for the one-term recipe with loss ``name``: ``(1, 1)``, unless only another
-    pair makes it schema- and method-valid (MEAL V2 refuses hard labels, MDCS needs two views and no
-    ce_weight), so that the recipe's problem is the parameter under test."""
+#: What a one-term recipe may need to be schema- and method-valid, tried in order: the plain recipe, no hard labels
+#: (MEAL V2 refuses them), two views (MDCS, also without hard labels), or the data a method is for (Cr-KD's novel
+#: classes seen in two views; WAD's mismatched unlabelled pool).
+CONTEXTS: list[dict[str, Any]] = [
+    {"train": {"ce_weight": 1.0}},
+    {"train": {"ce_weight": 0.0}},
+    {"train": {"ce_weight": 1.0}, "data": {"views": 2}},
+    {"train": {"ce_weight": 0.0}, "data": {"views": 2}},
+    {"train": {"ce_weight": 1.0}, "data": {"setting": {"name": "novel_classes"}, "views": 2}},
+    {"train": {"ce_weight": 1.0}, "data": {"setting": {"name": "class_mismatch", "labelled": 60, "unlabelled": 100}}},
+]
 
-    def accepted(ce_weight: float, views: int) -> bool:
+
+def one_term_recipe(term: dict[str, Any], context: dict[str, Any], **top: Any) -> dict[str, Any]:
+    """A one-term recipe on digits in ``context`` (one of :data:`CONTEXTS`)."""
+    return {"name": "probe", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits", **context.get("data", {})},
+            "teacher": {"arch": "cnn_teacher", "checkpoint": "teacher.safetensors"}, "distill": [term],
+            "train": {"epochs": 1, **context["train"]}, **top}
+
+
+def context_allowed(name: str) -> dict[str, Any]:
+    """The first of :data:`CONTEXTS` in which the one-term recipe with loss ``name`` is schema- and method-valid, so
+    that the recipe's problem is the parameter under test."""
+
+    def accepted(context: dict[str, Any]) -> bool:
         try:
-            recipe_from_dict({"name": "probe", "model": {"arch": "cnn_student"},
-                              "data": {"dataset": "digits", "views": views},
-                              "teacher": {"arch": "cnn_teacher", "checkpoint": "teacher.safetensors"},
-                              "distill": [{"loss": name}],
-                              "train": {"epochs": 1, "ce_weight": ce_weight}})
+            recipe_from_dict(one_term_recipe({"loss": name}, context))
         except (KdkitError, ValueError):
             return False
         return True
 
-    pairs = [(1.0, 1), (0.0, 1), (1.0, 2), (0.0, 2)]
-    return next((pair for pair in pairs if accepted(*pair)), pairs[0])
+    return next((c for c in CONTEXTS if accepted(c)), CONTEXTS[0])
 
 
 BOUNDED_LOSS_PARAMS = [(name, param) for name in LOSS_NAMES for param in bounded_params(LOSSES.get(name))]
@@ -249,11 +263,8 @@ def test_loss_parameter_out_of_bounds_fails_validation_naming_the_bound(
         name: str, param: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bounds = bounded_params(LOSSES.get(name))[param]
     bad = outside(bounds)
-    ce_weight, views = probe_allowed(name)
-    recipe = {"name": "bounds", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits", "views": views},
-              "teacher": {"arch": "cnn_teacher", "checkpoint": str(tmp_path / "teacher.safetensors")},
-              "distill": [{"loss": name, param: bad}], "train": {"epochs": 1, "ce_weight": ce_weight},
-              "output": {"dir": str(tmp_path / "run")}}
+    recipe = one_term_recipe({"loss": name, param: bad}, context_allowed(name), output={"dir": str(tmp_path / "run")})
+    recipe["teacher"]["checkpoint"] = str(tmp_path / "teacher.safetensors")
     assert main(["validate", str(write_recipe(tmp_path / "recipe.yaml", recipe))]) == 2
     err = capsys.readouterr().err
     expected = f"distill.0.{param}: loss {name!r}: {param} must be {bounds}"

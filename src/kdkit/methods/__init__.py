@@ -6,6 +6,7 @@ lookup. Methods never import each other.
 
 # one registration line per method (ruff's isort would merge them: keep them apart)
 from kdkit.methods import byot  # noqa: F401, I001
+from kdkit.methods import crkd  # noqa: F401
 from kdkit.methods import dho  # noqa: F401
 from kdkit.methods import ferkd  # noqa: F401
 from kdkit.methods import fmkt  # noqa: F401
@@ -14,3 +15,4 @@ from kdkit.methods import mdcs  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
 from kdkit.methods import orc  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
+from kdkit.methods import wad  # noqa: F401

@@ -43,7 +43,7 @@ def cluster_accuracy(confusion: Tensor) -> float:
 
     counts = confusion.detach().double().cpu().numpy()
     rows, cols = linear_sum_assignment(counts, maximize=True)
-    total = counts.sum()
+    total = float(counts.sum())  # a Python float: numpy scalars in a checkpoint fail weights-only loading
     return 100.0 * float(counts[rows, cols].sum()) / total if total > 0 else 0.0
 
 
