@@ -9,5 +9,6 @@ from kdkit.methods import byot  # noqa: F401, I001
 from kdkit.methods import dho  # noqa: F401
 from kdkit.methods import ferkd  # noqa: F401
 from kdkit.methods import fmkt  # noqa: F401
+from kdkit.methods import kd3  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
