@@ -14,8 +14,16 @@ import torch
 from conftest import edit_recipe, straight_and_resumed, write_recipe
 from kdkit.bench.methods import method_recipes, suites
 from kdkit.cli import main
-from kdkit.methods.kd3 import (Kd3Loss, classifier_alignment, draw_mix, mix_contrast, mix_distribution,
-                               select_instances, selected_kd, weighted_feature_alignment)
+from kdkit.methods.kd3 import (
+    Kd3Loss,
+    classifier_alignment,
+    draw_mix,
+    mix_contrast,
+    mix_distribution,
+    select_instances,
+    selected_kd,
+    weighted_feature_alignment,
+)
 from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
 

@@ -21,8 +21,14 @@ three alignment weights 1, InfoNCE at 0.1, MixDistribution at the input with ``B
 mixing distribution); none of these defaults is claimed to be the paper's.
 """
 
-from kdkit.methods.kd3.loss import (Kd3Loss, classifier_alignment, mix_contrast, select_instances, selected_kd,
-                                    weighted_feature_alignment)
+from kdkit.methods.kd3.loss import (
+                                    Kd3Loss,
+                                    classifier_alignment,
+                                    mix_contrast,
+                                    select_instances,
+                                    selected_kd,
+                                    weighted_feature_alignment,
+)
 from kdkit.methods.kd3.method import Kd3Method
 from kdkit.methods.kd3.mix import draw_mix, mix_distribution
 
