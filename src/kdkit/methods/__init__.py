@@ -11,4 +11,5 @@ from kdkit.methods import ferkd  # noqa: F401
 from kdkit.methods import fmkt  # noqa: F401
 from kdkit.methods import kd3  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
+from kdkit.methods import mst_distill  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
