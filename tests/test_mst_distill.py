@@ -175,6 +175,16 @@ def test_recipes_mst_distill_cannot_work_with_are_refused(change: dict, message:
     assert message in capsys.readouterr().err
 
 
+def test_the_default_route_epoch_is_refused_before_training_when_it_is_the_last_epoch(
+        tiny: dict, two_teachers: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = mst_recipe(tiny, two_teachers)
+    recipe.pop("mst_distill")  # default route_epoch 1
+    recipe["train"]["epochs"] = 1
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
+    assert "routing would never start" in capsys.readouterr().err
+    assert not (Path(tiny["output"]["dir"]) / "metrics.json").exists()
+
+
 def test_a_pooled_head_teacher_is_refused_before_training(tiny: dict, two_teachers: dict, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(5)

@@ -42,6 +42,15 @@ def settings(recipe: Any) -> MstDistillSpec:
     return recipe.mst_distill if recipe.mst_distill is not None else MstDistillSpec()
 
 
+def never_routes(recipe: Any) -> str:
+    """Why routing would never start (``route_epoch`` not before ``train.epochs``), or ``""``."""
+    route = settings(recipe).route_epoch
+    if route < recipe.train.epochs:
+        return ""
+    return (f"mst_distill.route_epoch {route} is not before train.epochs {recipe.train.epochs}: routing would never "
+            "start; lower it or train longer")
+
+
 def classifier_reading(member: nn.Module, feature_spec: str, probe: torch.Tensor, where: str) -> tuple[nn.Linear, int]:
     """The linear classifier of ``member`` that reads its ``feature_spec`` map flattened, checked on ``probe``, and
     the map's channel count.
@@ -151,13 +160,17 @@ class MstDistillMethod(Method):
                             f"exactly one ({{loss: {LOSS}, teacher: [a.logits, b.logits, a.stage2, b.stage2]}})")
         if recipe.peers is not None:
             problems.append("MST-Distill distils frozen teachers into one student: remove `peers:`")
-        spec = settings(recipe)
-        if spec.route_epoch >= recipe.train.epochs:
-            problems.append(f"mst_distill.route_epoch {spec.route_epoch} is not before train.epochs "
-                            f"{recipe.train.epochs}: routing would never start; lower it or train longer")
+        if recipe.mst_distill is not None and never_routes(recipe):
+            problems.append(never_routes(recipe))
         return problems
 
     def attach(self, built: Any, ctx: Any) -> MethodRun:
+        # (the default route_epoch is checked here, before training: `check` sees only an explicit section, so that
+        # a one-term recipe stays valid for the loss's own parameter checks)
+        problem = never_routes(built.recipe)
+        if problem:
+            raise KdkitError(problem, bad=str(settings(built.recipe).route_epoch),
+                             fix="set mst_distill.route_epoch below train.epochs", where="mst_distill.route_epoch")
         term = next(t for t in built.objective.terms if isinstance(t.loss, MstDistillLoss))
         spec = settings(built.recipe)
         specs = next(i for i in built.recipe.distill if i.loss == LOSS).teacher
