@@ -36,6 +36,12 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
          {}, "FerKD mines the stored views of a teacher cache: teacher.cache is None"),
         ("no ferkd term", lambda r: r["teacher"].update(cache={}), {}, "no `ferkd` term in distill"),
     ],
+    "kd3": [
+        ("no kd3 term", lambda r: None, {}, "0 `kd3` terms in distill"),
+    ],
+    "mst_distill": [
+        ("no mst_distill term", lambda r: None, {"route_epoch": 1}, "0 `mst_distill` terms in distill"),
+    ],
 }
 
 #: For each method with a section: (bad section value, the key the CLI must name, text of the fix it must give).
@@ -47,6 +53,13 @@ BAD_VALUES: dict[str, list[tuple[dict[str, Any], str, str]]] = {
     "ferkd": [
         ({"selfmix_alpha": 0}, "ferkd.selfmix_alpha", "greater than 0"),
         ({"discard_easy": 1.0}, "ferkd.discard_easy", "less than 1"),
+    ],
+    "kd3": [
+        ({"mix_alpha": 0}, "kd3.mix_alpha", "greater than 0"),
+    ],
+    "mst_distill": [
+        ({"route_epoch": 0}, "mst_distill.route_epoch", "greater than or equal to 1"),
+        ({"mask_lr": 0}, "mst_distill.mask_lr", "greater than 0"),
     ],
 }
 
