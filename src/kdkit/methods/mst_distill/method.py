@@ -11,6 +11,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.engine import Engine, Hooks, Phase
 from kdkit.errors import KdkitError
 from kdkit.method import Method, MethodRun, register_method
@@ -82,9 +83,9 @@ def classifier_reading(member: nn.Module, feature_spec: str, probe: torch.Tensor
 class MstRun(MethodRun):
     """The stage switch, the masking phase and the masks' checkpointed state."""
 
-    def __init__(self, loss: MstDistillLoss, masks: nn.ModuleList, feature_taps: list[str],
-                 spec: MstDistillSpec) -> None:
-        self.loss, self.masks, self.feature_taps, self.spec = loss, masks, feature_taps, spec
+    def __init__(self, loss: MstDistillLoss, masks: nn.ModuleList, feature_taps: list[str], spec: MstDistillSpec,
+                 ctx: DistContext) -> None:
+        self.loss, self.masks, self.feature_taps, self.spec, self.ctx = loss, masks, feature_taps, spec, ctx
         phase = Phase("mst_masks", due=lambda e: e.epoch == spec.route_epoch and e.batch == 0, run=self.train_masks)
         super().__init__(Hooks(callbacks=[self.on_event], phases=[phase], state={"mst_masks": masks}))
 
@@ -122,6 +123,10 @@ class MstRun(MethodRun):
                         loss = kd_per_sample(out, s_logits, self.loss.temperature).mean()
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                        if self.ctx.enabled:  # every process's mask takes the same, averaged step
+                            for param in mask.parameters():
+                                if param.grad is not None:
+                                    param.grad = all_reduce_sum(param.grad, self.ctx) / self.ctx.world_size
                         opt.step()
                         total += float(loss.detach())
                     count += 1
@@ -192,5 +197,5 @@ class MstDistillMethod(Method):
             classifiers.append(fc)
         modules = nn.ModuleList(masks).to(built.device)
         term.loss.bind(list(modules), classifiers)
-        return MstRun(term.loss, modules, feature_taps, spec)
+        return MstRun(term.loss, modules, feature_taps, spec, ctx)
 
