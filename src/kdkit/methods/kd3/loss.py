@@ -114,7 +114,7 @@ class Kd3Loss(DistillLoss):
     r"""KD³'s objective on a batch ``[x; MixDistribution(x)]`` (the ``kd3`` method's batch transform doubles it):
 
     .. math::
-        \mathcal{L} = \mathcal{L}_{KD}^{sel} + \alpha\,\mathcal{L}_{feat} + \beta\,\mathcal{L}_{cls}
+        \mathcal{L} = \mathcal{L}_{KD}^{sel} + \alpha\,\mathcal{L}_{feat} + \delta\,\mathcal{L}_{cls}
                       + \gamma\,\mathcal{L}_{mix}
 
     :func:`select_instances` and :func:`selected_kd`, :func:`weighted_feature_alignment` (on the originals),
@@ -134,7 +134,7 @@ class Kd3Loss(DistillLoss):
         teacher_weight: :math:`\beta` of the combined prediction (0.5: teacher and student alike).
         threshold: Confidence of the combined prediction from which an instance is selected.
         feature_weight: :math:`\alpha`.
-        classifier_weight: :math:`\beta` of :math:`\mathcal{L}_{cls}`.
+        classifier_weight: :math:`\delta`.
         contrast_weight: :math:`\gamma`.
         contrast_temperature: :math:`\tau` of :func:`mix_contrast`.
     """
