@@ -39,6 +39,12 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
     "orc": [
         ("no orc term", lambda r: None, {}, "and distill has none"),
     ],
+    "kd3": [
+        ("no kd3 term", lambda r: None, {}, "0 `kd3` terms in distill"),
+    ],
+    "mst_distill": [
+        ("no mst_distill term", lambda r: None, {"route_epoch": 1}, "0 `mst_distill` terms in distill"),
+    ],
 }
 
 #: For each method with a section: (bad section value, the key the CLI must name, text of the fix it must give).
@@ -54,6 +60,13 @@ BAD_VALUES: dict[str, list[tuple[dict[str, Any], str, str]]] = {
     "orc": [
         ({"alpha": 0}, "orc.alpha", "greater than 0"),
         ({"feedback": "most"}, "orc.feedback", "'any'"),
+    ],
+    "kd3": [
+        ({"mix_alpha": 0}, "kd3.mix_alpha", "greater than 0"),
+    ],
+    "mst_distill": [
+        ({"route_epoch": 0}, "mst_distill.route_epoch", "greater than or equal to 1"),
+        ({"mask_lr": 0}, "mst_distill.mask_lr", "greater than 0"),
     ],
 }
 

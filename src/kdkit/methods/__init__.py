@@ -10,9 +10,11 @@ from kdkit.methods import crkd  # noqa: F401
 from kdkit.methods import dho  # noqa: F401
 from kdkit.methods import ferkd  # noqa: F401
 from kdkit.methods import fmkt  # noqa: F401
+from kdkit.methods import kd3  # noqa: F401
 from kdkit.methods import lelp  # noqa: F401
 from kdkit.methods import mdcs  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
+from kdkit.methods import mst_distill  # noqa: F401
 from kdkit.methods import orc  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
 from kdkit.methods import wad  # noqa: F401

@@ -66,12 +66,26 @@ class SmallCNN(nn.Module):
         head: ``flatten`` (flatten + linear, position-aware), ``pool`` (global average pool + linear,
             translation-invariant) or ``queries`` (:class:`LabelQueryHead`, label-wise embeddings for
             multi-label distillation).
+        channels: The input channels the network reads (e.g. one modality of ``two_modalities`` images, where
+            channel ``C`` is the edges); ``None``: all ``in_channels``.
+
+    Raises:
+        ValueError: A channel is not below ``in_channels``, is repeated, or none is given.
     """
 
     def __init__(self, *, num_classes: int, in_channels: int, image_size: int, widths: tuple[int, int],
-                 head: Literal["flatten", "pool", "queries"] = "flatten") -> None:
+                 head: Literal["flatten", "pool", "queries"] = "flatten",
+                 channels: tuple[int, ...] | None = None) -> None:
         super().__init__()
         c1, c2 = widths
+        if channels is not None:
+            if not channels or len(set(channels)) != len(channels) or not all(0 <= c < in_channels for c in channels):
+                raise ValueError(f"channels {list(channels)} must be distinct input channels in 0..{in_channels - 1} "
+                                 f"(the data has {in_channels}); e.g. [0] for the image of two_modalities data")
+            self.register_buffer("channels", torch.tensor(channels, dtype=torch.int64), persistent=False)
+            in_channels = len(channels)
+        else:
+            self.channels = None
         self.stage1 = nn.Sequential(_conv_bn_relu(in_channels, c1), _conv_bn_relu(c1, c1), nn.MaxPool2d(2))
         self.stage2 = nn.Sequential(_conv_bn_relu(c1, c2), _conv_bn_relu(c2, c2), nn.MaxPool2d(2))
         self.head_kind = head
@@ -86,6 +100,8 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape (B, num_classes) for images (B, C, H, W)."""
+        if self.channels is not None:
+            x = x.index_select(1, self.channels)
         features = self.stage2(self.stage1(x))
         if self.head_kind == "queries":
             return self.head(features)
@@ -94,15 +110,19 @@ class SmallCNN(nn.Module):
 
 @register_model("cnn_teacher", help="small CNN teacher for 28x28 images (32/64 channels, ~97k params)")
 def cnn_teacher(*, num_classes: int, in_channels: int = 1, image_size: int = 28, width: int = 32,
-                head: Literal["flatten", "pool", "queries"] = "flatten") -> SmallCNN:
-    """Small CNN teacher: stages of ``width`` and ``2*width`` channels (``head``: see :class:`SmallCNN`)."""
+                head: Literal["flatten", "pool", "queries"] = "flatten",
+                channels: tuple[int, ...] | None = None) -> SmallCNN:
+    """Small CNN teacher: stages of ``width`` and ``2*width`` channels (``head``, ``channels``: see
+    :class:`SmallCNN`)."""
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, image_size=image_size, widths=(width, 2 * width),
-                    head=head)
+                    head=head, channels=channels)
 
 
 @register_model("cnn_student", help="small CNN student for 28x28 images (8/16 channels, ~12k params)")
 def cnn_student(*, num_classes: int, in_channels: int = 1, image_size: int = 28, width: int = 8,
-                head: Literal["flatten", "pool", "queries"] = "flatten") -> SmallCNN:
-    """Small CNN student: stages of ``width`` and ``2*width`` channels (``head``: see :class:`SmallCNN`)."""
+                head: Literal["flatten", "pool", "queries"] = "flatten",
+                channels: tuple[int, ...] | None = None) -> SmallCNN:
+    """Small CNN student: stages of ``width`` and ``2*width`` channels (``head``, ``channels``: see
+    :class:`SmallCNN`)."""
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, image_size=image_size, widths=(width, 2 * width),
-                    head=head)
+                    head=head, channels=channels)
