@@ -183,7 +183,7 @@ TINY_SCENES = {"size": 48, "train_scenes": 48, "test_scenes": 16}
 def shipped(name: str, tmp_path: Path) -> dict:
     """A shipped recipe as a dict on tiny scenes, with a teacher checkpoint instead of its teacher recipe."""
     recipe = load_recipe(find_recipe(name)).model_dump(mode="json")
-    recipe.pop("name", None)
+    recipe["name"] = name.replace("/", "_")
     return edit_recipe(recipe, {
         "teacher.recipe": None, "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
         "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")}, "output.dir": str(tmp_path / "run"),

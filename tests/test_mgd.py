@@ -166,7 +166,7 @@ TINY_SCENES = {"size": 48, "train_scenes": 48, "test_scenes": 16}
 def shipped(name: str) -> dict:
     """A shipped recipe as a dict (its teacher recipe dropped: the tests give a checkpoint)."""
     recipe = load_recipe(find_recipe(name)).model_dump(mode="json")
-    recipe.pop("name", None)
+    recipe["name"] = name.replace("/", "_")
     return recipe
 
 
