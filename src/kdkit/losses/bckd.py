@@ -76,7 +76,7 @@ def bckd_terms(student: Tensor, teacher: Tensor, num_classes: int, bins: int, *,
         coding: Direct regressions' coding (``bins = 0`` only).
         iou: ``iou`` (:math:`1 - \mathrm{IoU}`) or ``giou`` (:math:`1 - \mathrm{GIoU}`).
     """
-    k, box = num_classes, 4 * (bins + 1) if bins else 4
+    k, box = num_classes, (4 * (bins + 1) if bins else 4)
     teacher = teacher.detach()
     logit_s, logit_t = student[..., :k], teacher[..., :k]
     p_s, p_t = torch.sigmoid(logit_s), torch.sigmoid(logit_t)
