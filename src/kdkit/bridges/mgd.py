@@ -84,8 +84,8 @@ def mgd_bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *
     Args:
         student_shape: Per-sample student tap shape ``(C_s, H, W)``.
         teacher_shape: Per-sample teacher tap shape ``(C_t, H, W)``.
-        mask_ratio: :math:`\lambda`, the share of masked pixels: 0.65 (the official detection configs and the
-            loss's default), 0.75 for segmentation (the official segmentation configs).
+        mask_ratio: :math:`\lambda`, the share of masked pixels: 0.65 (the default: the official detection
+            configs), 0.75 for segmentation (the official segmentation configs).
 
     Raises:
         KdkitError: The taps are not ``(C, H, W)`` maps of one spatial size.
