@@ -198,4 +198,4 @@ __all__ = ["BRIDGES", "EXAMPLE_SHAPES", "FUSING_BRIDGES", "SHAPE_PARAMS", "SHAPE
 
 
 # Bridges in their own modules register on import (after BRIDGES exists).
-from kdkit.bridges import abf, convreg  # noqa: E402, F401
+from kdkit.bridges import abf, convreg, mgd  # noqa: E402, F401

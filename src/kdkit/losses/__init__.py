@@ -3,6 +3,7 @@
 from kdkit.losses import (  # noqa: F401 - each module registers its losses on import
     affinity,
     at,
+    bckd,
     cka,
     composed,
     crd,
@@ -12,6 +13,7 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     fgd,
     fitnets,
     ld,
+    mgd,
     mlkd,
     multi_teacher,
     multilabel,
