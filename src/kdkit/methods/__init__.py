@@ -10,4 +10,6 @@ from kdkit.methods import dho  # noqa: F401
 from kdkit.methods import ferkd  # noqa: F401
 from kdkit.methods import fmkt  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
+from kdkit.methods import source_select  # noqa: F401
+from kdkit.methods import ssld  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
