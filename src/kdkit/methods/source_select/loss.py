@@ -70,6 +70,9 @@ class SourceKDLoss(DistillLoss):
         super().__init__()
         self.temperature = temperature
         self.sources = 0
+        # kept on the host, so that no step waits for the device to say which sources count
+        self.active: list[int] = []  # the sources of weight > 0
+        self.fitted: list[bool] = []  # which sources have a head (the identity, or fitted by the method)
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:
@@ -97,28 +100,32 @@ class SourceKDLoss(DistillLoss):
             self.register_buffer(f"head_weight_{s}", weight)
             self.register_buffer(f"head_bias_{s}", torch.zeros(classes))
             fitted.append(identity)
-        self.register_buffer("fitted", torch.tensor(fitted))
+        self.fitted = fitted
+        self.active = list(range(self.sources))
 
     def configure(self, weights: Tensor, heads: dict[int, tuple[Tensor, Tensor]]) -> None:
-        """Set the sources' weights ``(S,)`` and the fitted heads ``{s: (W (K, D_s), b (K,))}`` (others kept)."""
+        """Set the sources' weights ``(S,)`` and the fitted heads ``{s: (W (K, D_s), b (K,))}`` (others kept). A source
+        of weight 0 (DistillNearest's unselected ones) needs no head: the loss skips it."""
         self.weights.copy_(weights)
+        self.active = [s for s, w in enumerate(weights.tolist()) if w > 0]
         for s, (weight, bias) in heads.items():
             getattr(self, f"head_weight_{s}").copy_(weight)
             getattr(self, f"head_bias_{s}").copy_(bias)
             self.fitted[s] = True
 
-    def target_logits(self, source_taps: list[Tensor]) -> list[Tensor]:
-        """Each source's ``(B, K)`` target-class logits: its tap through its head, in the tap's precision (float32
-        or wider)."""
-        if not bool(self.fitted.all()):
-            missing = [s for s in range(self.sources) if not bool(self.fitted[s])]
+    def target_logits(self, source_taps: list[Tensor]) -> dict[int, Tensor]:
+        """The ``(B, K)`` target-class logits of each source of weight > 0 (by index): its tap through its head, in
+        the tap's precision (float32 or wider)."""
+        missing = [s for s in self.active if not self.fitted[s]]
+        if missing:
             raise RuntimeError(f"source_kd: source(s) {missing} read a feature wider than the classes and have no "
                                "target head; the `source_select:` section fits them before training")
         dtype = compute_dtype(*source_taps)
-        return [F.linear(tap.to(dtype), getattr(self, f"head_weight_{s}").to(dtype),
-                         getattr(self, f"head_bias_{s}").to(dtype)) for s, tap in enumerate(source_taps)]
+        return {s: F.linear(source_taps[s].to(dtype), getattr(self, f"head_weight_{s}").to(dtype),
+                            getattr(self, f"head_bias_{s}").to(dtype)) for s in self.active}
 
     def forward(self, student: Tensor, teacher: Tensor | list[Tensor], labels: Tensor) -> Tensor:
         """Loss of ``(B, K)`` student logits against the sources' taps."""
         taps = teacher if isinstance(teacher, list) else [teacher]
-        return source_kd_loss(student, self.target_logits(taps), self.weights, self.temperature)
+        logits = self.target_logits(taps)
+        return source_kd_loss(student, list(logits.values()), self.weights[list(logits)], self.temperature)

@@ -144,7 +144,7 @@ class SourceSelectMethod(Method):
         recipe = built.recipe
         spec = recipe.source_select
         term = next(t for t in built.objective.terms if isinstance(t.loss, SourceKDLoss))
-        term_taps = list(term.teacher_tap) if isinstance(term.teacher_tap, list) else [term.teacher_tap]
+        term_taps = list(term.teacher_tap) if isinstance(term.teacher_tap, (list, tuple)) else [term.teacher_tap]
         score_taps = [f"{source_name(t)}.{spec.feature}" for t in term_taps]
         features, labels = labelled_features(built, sorted(set(score_taps + term_taps)), recipe.train.eval_batch_size)
         classes = len(built.data.classes)
