@@ -257,6 +257,19 @@ def test_a_single_teacher_is_refused(tiny_kd: dict, tmp_path: Path, capsys: pyte
     assert "`teacher:` (one) (choices: 2 or more named teachers)" in capsys.readouterr().err
 
 
+def test_a_source_of_another_class_count_is_refused_before_training(tiny: dict, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """kdkit builds every teacher with the run's classes: a 5-class source does not load (exit code 2), whatever head
+    the section asks for."""
+    recipe = select_recipe(tiny, tmp_path)
+    torch.manual_seed(7)
+    five = build_model("cnn_teacher", num_classes=5, in_channels=1, image_size=8)
+    save_file({k: v.contiguous() for k, v in five.state_dict().items()}, str(tmp_path / "five.safetensors"))
+    recipe["teachers"]["s2"]["checkpoint"] = str(tmp_path / "five.safetensors")
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
+    assert "teachers.s2.checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["weighted", "nearest"])
 def test_a_tiny_run_records_the_scores_of_the_labelled_training_images(mode: str, tiny: dict,
