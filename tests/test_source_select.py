@@ -294,7 +294,8 @@ def test_a_tiny_run_records_the_scores_of_the_labelled_training_images(mode: str
         load_model_weights(model, spec["checkpoint"])
         captured = {}
         model.fc.register_forward_pre_hook(lambda _m, inputs, c=captured: c.update(f=inputs[0]))
-        model.eval()(x)
+        with torch.no_grad():
+            model.eval()(x)
         scores[name] = gbc_score(captured["f"], data.train_labels[labelled], 10, pca_dims=8)
     assert record["scores"] == pytest.approx(scores, rel=1e-4)
     best = max(scores, key=scores.get)
