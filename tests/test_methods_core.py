@@ -28,6 +28,9 @@ NAMES = {
     "dho": r"kdkit\.methods\.dho|\bdho(_head)?\b|\bDho[A-Z]\w*|\bDHO\b|dual-head",
     "tst": r"kdkit\.methods\.tst|\btst\b|\bTst[A-Z]\w*|\bTST\b",
     "fmkt": r"kdkit\.methods\.fmkt|fm-?kt|\bflow_feature\b|\bFlowBridge\b|\bflow_costs\b|\bhas_flow\b",
+    "source_select": r"kdkit\.methods\.source_select|\bsource_(select|kd)\b|\bSource(Select|KD)\w*"
+                     r"|distill ?(nearest|weighted)",
+    "ssld": r"kdkit\.methods\.ssld|\bssld\b|\bSSLD\w*",
 }
 
 
