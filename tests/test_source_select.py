@@ -227,7 +227,7 @@ def test_the_shipped_recipes_validate(recipe: str) -> None:
 @pytest.mark.parametrize(("change", "message"), [
     ({"teachers": {"s1": {"arch": "cnn_teacher", "checkpoint": "x"}}, "distill.0.teacher": ["s1.penultimate"]},
      "source_select selects among or weighs several source models: 1 teacher(s)"),
-    ({"source_select": None}, "needs the weights and target heads the `source_select:` section computes"),
+    ({"source_select": None}, "distill.0.teacher reads a feature: source_kd needs the weights and target heads"),
     ({"distill": []}, "source_select configures one source_kd term, the recipe has 0"),
     ({"distill.0.teacher": ["s1.logits", "s2.logits", "s3.logits"]},
      "head: probe fits each source's target head on its 'penultimate' feature"),
@@ -247,6 +247,13 @@ def test_recipes_source_select_cannot_work_with_are_refused(change: dict, messag
             edit_recipe(recipe, {key: value})
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_term_alone_on_the_teachers_logits_is_uniform_multi_teacher_kd(tiny: dict, tmp_path: Path) -> None:
+    recipe = select_recipe(tiny, tmp_path)
+    recipe.pop("source_select")
+    recipe["distill"][0]["teacher"] = ["s1.logits", "s2.logits", "s3.logits"]
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
 
 
 def test_a_single_teacher_is_refused(tiny_kd: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

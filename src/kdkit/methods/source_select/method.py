@@ -43,6 +43,11 @@ class SourceSelectSpec(Strict):
     probe_l2: float = Field(1e-4, ge=0, description="L2 penalty on each target head's weights")
 
 
+def as_list(taps: Any) -> list[Any]:
+    """A term's tap spec as a list."""
+    return list(taps) if isinstance(taps, (list, tuple)) else [taps]
+
+
 def source_terms(recipe: Any) -> list[int]:
     """Indices of the recipe's ``source_kd`` terms."""
     return [i for i, t in enumerate(recipe.distill) if t.loss == LOSS]
@@ -55,7 +60,7 @@ def tap_problems(recipe: Any, index: int) -> list[str]:
     names = list(recipe.teachers or {})
     wanted = "logits" if spec.head == "source" else spec.feature
     expected = [f"{n}.{wanted}" for n in names]
-    taps = term.teacher if isinstance(term.teacher, list) else [term.teacher]
+    taps = as_list(term.teacher)
     if sorted(map(str, taps)) != sorted(expected):
         why = ("head: source distils each source's own outputs" if spec.head == "source" else
                f"head: probe fits each source's target head on its {spec.feature!r} feature")
@@ -68,9 +73,14 @@ def recipe_problems(recipe: Any) -> list[str]:
     """Why a recipe using ``source_kd`` or ``source_select:`` cannot run (empty when it can)."""
     terms = source_terms(recipe)
     spec = getattr(recipe, SECTION, None)
-    if spec is None:
-        return [f"distill.{terms[0]} ({LOSS}) needs the weights and target heads the `source_select:` section "
-                "computes before training; add `source_select: {mode: weighted}` (or nearest)"]
+    if spec is None:  # the term alone: uniform weights over the teachers' own outputs (identity heads)
+        wide = [f"distill.{i}.teacher" for i in terms if any(not str(t).endswith("logits") for t in
+                                                              as_list(recipe.distill[i].teacher or "logits"))]
+        if wide:
+            return [f"{wide[0]} reads a feature: {LOSS} needs the weights and target heads the `source_select:` "
+                    "section computes before training; add `source_select: {mode: weighted}` (or nearest), or read "
+                    "the teachers' logits"]
+        return []
     if len(terms) != 1:
         return [f"source_select configures one {LOSS} term, the recipe has {len(terms)}; give exactly one "
                 f"`{{loss: {LOSS}, teacher: [NAME.{spec.feature}, ...]}}` term"]
@@ -144,7 +154,7 @@ class SourceSelectMethod(Method):
         recipe = built.recipe
         spec = recipe.source_select
         term = next(t for t in built.objective.terms if isinstance(t.loss, SourceKDLoss))
-        term_taps = list(term.teacher_tap) if isinstance(term.teacher_tap, (list, tuple)) else [term.teacher_tap]
+        term_taps = as_list(term.teacher_tap)
         score_taps = [f"{source_name(t)}.{spec.feature}" for t in term_taps]
         features, labels = labelled_features(built, sorted(set(score_taps + term_taps)), recipe.train.eval_batch_size)
         classes = len(built.data.classes)
