@@ -323,3 +323,24 @@ def test_source_select_resumes_exactly(tiny: dict, tmp_path: Path) -> None:
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((broken / "metrics.json").read_text())
     assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
+
+
+@pytest.mark.slow
+def test_the_shipped_distill_nearest_recipe_runs_on_a_slice(tmp_path: Path) -> None:
+    """The shipped recipe as written (three cnn_teacher sources on Fashion-MNIST's penultimate 3,136 features, PCA 64,
+    probe heads), on 600 images and one epoch, with random sources instead of the trained ones."""
+    from kdkit.recipe import find_recipe, load_recipe
+
+    overrides = ["train.epochs=1", "data.subset=600", "data.setting.labelled=300", "train.batch_size=64",
+                 f"output.dir={tmp_path / 'run'}", "output.progress=false"]
+    for seed, name in enumerate(("full", "long_tailed", "small")):
+        torch.manual_seed(seed)
+        model = build_model("cnn_teacher", num_classes=10, in_channels=1, image_size=28)
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        overrides += [f"teachers.{name}.checkpoint={path}", f"teachers.{name}.recipe=null"]
+    summary = run_recipe(load_recipe(find_recipe("semi_supervised/distill_nearest"), overrides))
+    record = summary["source_select"]
+    assert record["labelled_images"] == 300 and record["mode"] == "nearest"
+    assert sorted(record["weights"].values()) == [0.0, 0.0, 1.0]
+    assert record["selected"] == max(record["scores"], key=record["scores"].get)

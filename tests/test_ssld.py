@@ -108,3 +108,21 @@ def test_a_tiny_label_free_run_learns_from_the_teacher_alone(tiny_kd: dict) -> N
     rows = json.loads((Path(tiny_kd["output"]["dir"]) / "metrics.json").read_text())
     assert all("train_ssld" in r and "train_ce" not in r for r in rows)
     assert summary["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_the_shipped_label_free_recipe_runs_on_a_slice(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from kdkit.models import build_model
+    from kdkit.recipe import find_recipe, load_recipe
+
+    torch.manual_seed(0)
+    teacher = build_model("cnn_teacher", num_classes=10, in_channels=1, image_size=28)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    overrides = ["train.epochs=1", "data.subset=600", "data.setting.labelled=300", "train.batch_size=64",
+                 f"teacher.checkpoint={tmp_path / 't.safetensors'}", "teacher.recipe=null",
+                 f"output.dir={tmp_path / 'run'}", "output.progress=false"]
+    summary = run_recipe(load_recipe(find_recipe("semi_supervised/label_free"), overrides))
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["epochs"] == 1 and all("train_ssld" in r and "train_ce" not in r for r in rows)
