@@ -89,6 +89,18 @@ def test_a_class_with_one_labelled_image_is_refused() -> None:
         gbc_score(torch.randn(4, 2), torch.tensor([0, 0, 0, 1]), 2, pca_dims=0)
 
 
+def test_randomized_pca_finds_the_largest_variances_of_a_wide_matrix() -> None:
+    """400 x 300 features with a decaying spectrum: 8 directions + 10 extra columns < 300 take the randomized path."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(400, 300, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64)).Q
+    x = u @ torch.diag(0.7 ** torch.arange(300, dtype=torch.float64) * 100) @ v.T
+    projected = pca_project(x, 8)
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(x.numpy(), rowvar=False, bias=True)))[::-1][:8]
+    np.testing.assert_allclose(projected.var(0, unbiased=False).numpy(), eigenvalues, rtol=1e-8)
+    assert torch.equal(projected, pca_project(x, 8))  # the seeded draw: the same projection every time
+
+
 def test_pca_directions_carry_the_largest_variances() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(50, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)

@@ -16,10 +16,15 @@ from torch import Tensor
 from kdkit.errors import KdkitError
 
 
-def pca_project(features: Tensor, dims: int) -> Tensor:
+def pca_project(features: Tensor, dims: int, power_iterations: int = 7, oversample: int = 10) -> Tensor:
     """The centred ``(N, D)`` features projected on their top ``dims`` principal directions (``(N, dims)``).
 
-    ``dims`` 0 keeps the features as they are. The signs of the directions are arbitrary; the Gaussian Bhattacharyya
+    ``dims`` 0 keeps the features as they are. When ``dims + oversample`` reaches ``min(N, D)`` the directions are the
+    exact SVD's; otherwise they come from a randomized range finder (Halko et al. 2011: a Gaussian block drawn from a
+    generator seeded 0, ``power_iterations`` QR-orthonormalised power iterations, then the SVD of the small projected
+    matrix) -- what GBC's reference code gets from scikit-learn's ``PCA(64)``, whose default solver is randomized at
+    these sizes (7 iterations, 10 extra columns), and a few seconds instead of minutes on 3,000 x 3,136 features. The
+    fixed seed makes it deterministic. The signs of the directions are arbitrary; the Gaussian Bhattacharyya
     coefficient does not depend on them (a sign flip of a dimension moves every class mean alike).
 
     Raises:
@@ -33,7 +38,16 @@ def pca_project(features: Tensor, dims: int) -> Tensor:
                          f"labelled images with {d} features", bad=str(dims), fix=f"set pca_dims <= {min(n, d)} "
                          "(0: no projection)", where="source_select.pca_dims")
     centred = features - features.mean(0, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    width = dims + oversample
+    if width >= min(n, d):
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        return centred @ vh[:dims].T
+    generator = torch.Generator(device=features.device).manual_seed(0)
+    block = torch.randn(d, width, generator=generator, dtype=features.dtype, device=features.device)
+    basis = torch.linalg.qr(centred @ block).Q  # (N, width): spans the top of the column space
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(centred @ torch.linalg.qr(centred.T @ basis).Q).Q
+    _, _, vh = torch.linalg.svd(basis.T @ centred, full_matrices=False)
     return centred @ vh[:dims].T
 
 
