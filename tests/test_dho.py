@@ -138,4 +138,5 @@ def test_dho_resumes_exactly(tiny_kd: dict, tmp_path: Path) -> None:
 
 def test_the_semi_supervised_suite_is_a_benchmark_suite_with_its_baselines_first() -> None:
     assert "semi_supervised" in suites()
-    assert method_recipes("semi_supervised") == ["student_ce", "kd", "dho"]
+    assert method_recipes("semi_supervised") == ["student_ce", "kd", "dho", "distill_nearest", "distill_weighted",
+                                                "label_free"]

@@ -30,6 +30,9 @@ NAMES = {
     "tst": r"kdkit\.methods\.tst|\btst\b|\bTst[A-Z]\w*|\bTST\b",
     "fmkt": r"kdkit\.methods\.fmkt|fm-?kt|\bflow_feature\b|\bFlowBridge\b|\bflow_costs\b|\bhas_flow\b",
     "orc": r"kdkit\.methods\.orc|\borc\b|\bOrc[A-Z]\w*|online role change",
+    "source_select": r"kdkit\.methods\.source_select|\bsource_(select|kd)\b|\bSource(Select|KD)\w*"
+                     r"|distill ?(nearest|weighted)",
+    "ssld": r"kdkit\.methods\.ssld|\bssld\b|\bSSLD\w*",
 }
 
 

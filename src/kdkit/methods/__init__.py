@@ -16,5 +16,7 @@ from kdkit.methods import mdcs  # noqa: F401
 from kdkit.methods import meal_v2  # noqa: F401
 from kdkit.methods import mst_distill  # noqa: F401
 from kdkit.methods import orc  # noqa: F401
+from kdkit.methods import source_select  # noqa: F401
+from kdkit.methods import ssld  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
 from kdkit.methods import wad  # noqa: F401
