@@ -45,6 +45,9 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
     "mst_distill": [
         ("no mst_distill term", lambda r: None, {"route_epoch": 1}, "0 `mst_distill` terms in distill"),
     ],
+    "source_select": [
+        ("no source_kd term", lambda r: None, {}, "source_select configures one source_kd term, the recipe has 0"),
+    ],
 }
 
 #: For each method with a section: (bad section value, the key the CLI must name, text of the fix it must give).
@@ -67,6 +70,10 @@ BAD_VALUES: dict[str, list[tuple[dict[str, Any], str, str]]] = {
     "mst_distill": [
         ({"route_epoch": 0}, "mst_distill.route_epoch", "greater than or equal to 1"),
         ({"mask_lr": 0}, "mst_distill.mask_lr", "greater than 0"),
+    ],
+    "source_select": [
+        ({"mode": "farthest"}, "source_select.mode", "'nearest'"),
+        ({"temperature": 0}, "source_select.temperature", "greater than 0"),
     ],
 }
 
