@@ -23,6 +23,7 @@ from kdkit.cli import main
 from kdkit.recipe import recipe_from_dict
 from kdkit.sweep.boss import boss_recipe
 from kdkit.sweep.space import BossSpec
+from kdkit.sweep.study import make_sampler
 
 pytest.importorskip("optuna")
 
@@ -45,10 +46,11 @@ def sweep_file(path: Path, **keys: Any) -> Path:
     ({"space": {}}, ["the search space is empty", "fix: name at least one"]),
     ({"trials": 0}, ["a budget of 0 trials runs nothing", "fix: set trials"]),
     ({"sampler": "tpee"}, ["unknown sampler 'tpee'", "valid choices: tpe, gp, random"]),
+    ({"startup": -1}, ["startup", "greater than or equal to 0"]),
     ({"storage": "sqlite:////no/such/folder/sweep.db"}, ["storage 'sqlite:////no/such/folder/sweep.db' cannot be "
                                                          "opened", "fix: give a reachable database URL"]),
 ], ids=["unknown-key", "float-range-on-int", "range-on-string", "low-above-high", "refused-end", "empty-space",
-        "budget-0", "unknown-sampler", "storage-unopenable"])
+        "budget-0", "unknown-sampler", "negative-startup", "storage-unopenable"])
 def test_bad_input_exits_2_before_any_trial(tmp_path: Path, tiny: dict, keys: dict, expected: list[str],
                                             capsys: pytest.CaptureFixture[str]) -> None:
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny)
@@ -58,6 +60,15 @@ def test_bad_input_exits_2_before_any_trial(tmp_path: Path, tiny: dict, keys: di
     for text in expected:
         assert text in err
     assert not (out / "trials").exists() and not Path(tiny["output"]["dir"]).exists()
+
+
+@pytest.mark.parametrize("name", ["tpe", "gp"])
+def test_modelling_samplers_draw_the_sweep_files_startup_trials_at_random(name: str) -> None:
+    import optuna
+
+    sampler = make_sampler(name, seed=3, startup=4)
+    assert isinstance(sampler, {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler}[name])
+    assert sampler._n_startup_trials == 4  # Optuna keeps no public accessor for it
 
 
 def test_a_budget_of_0_on_the_command_line_exits_2(tmp_path: Path, tiny: dict,

@@ -69,6 +69,8 @@ class SweepSpec(Strict):
     direction: str = "maximize"
     trials: int = Field(20, description="finished trials wanted (the budget)")
     sampler: str = "tpe"
+    startup: int = Field(10, ge=0, description="trials tpe and gp draw at random before they model the finished "
+                         "ones (Optuna's n_startup_trials, default 10: lower it for budgets of a few tens of trials)")
     seed: int = Field(0, description="seed of the sampler and of the validation split")
     storage: str | None = Field(None, description="Optuna storage URL (default: sqlite file sweep.db in the output "
                                 "folder; postgresql:// or mysql:// URLs are passed to Optuna as they are)")

@@ -66,10 +66,11 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[s
             raise KdkitError(f"study {name!r} in {shown_url(url)} was created to {study.direction.name.lower()}",
                              where="direction", fix="keep its direction, or give a new `study:` name")
         # a sampler seeded by the history: a restart must not replay the random draws of the first start
-        study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials))
+        study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials), spec.startup)
         header = {"study": name, "storage": shown_url(url), "recipe": str(source), "sweep": str(sweep_path),
                   "objective": objective, "direction": spec.direction, "budget": spec.trials,
-                  "sampler": spec.sampler, "seed": spec.seed, "validation": spec.validation, "mode": spec.mode,
+                  "sampler": spec.sampler, "startup": spec.startup, "seed": spec.seed, "validation": spec.validation,
+                  "mode": spec.mode,
                   "boss": spec.boss.model_dump() if spec.mode == "boss" else None, "out": str(folder)}
         original = recipe.to_dict()
         Sweep(study, storage, spec, params, base, folder, objective, url=url, header=header, original=original).run()
@@ -86,13 +87,15 @@ def require_optuna() -> Any:
     return optuna
 
 
-def make_sampler(name: str, seed: int) -> Any:
-    """The Optuna sampler ``name`` (``tpe``, ``gp`` or ``random``) seeded with ``seed``."""
+def make_sampler(name: str, seed: int, startup: int) -> Any:
+    """The Optuna sampler ``name`` (``tpe``, ``gp`` or ``random``) seeded with ``seed``; tpe and gp draw the first
+    ``startup`` trials at random."""
     import optuna
 
-    samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
-                "random": optuna.samplers.RandomSampler}
-    return samplers[name](seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    modelled = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler}[name]
+    return modelled(seed=seed, n_startup_trials=startup)
 
 
 def study_name(recipe: Recipe, base: dict[str, Any], spec: SweepSpec) -> str:
