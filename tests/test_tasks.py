@@ -187,3 +187,52 @@ def test_a_task_declares_how_its_outputs_become_probabilities() -> None:
     with pytest.raises(TypeError, match="probabilities is 'relu'; use one of"):
         register_task(Scores)
     assert "scores" not in TASKS
+
+
+def shipped_with_terms(suite: str, terms: list[dict], tmp_path: Path) -> Path:
+    """The labels-only student recipe of ``recipes/<suite>/`` with ``terms`` and a (missing) teacher file, written to
+    ``tmp_path``."""
+    import yaml
+
+    folder = Path(__file__).parents[1] / "recipes" / suite
+    recipe = yaml.safe_load((folder / "teacher.yaml").read_text())
+    student = yaml.safe_load(next(folder.glob("student_*.yaml")).read_text())
+    student["teacher"] = {**recipe["model"], "checkpoint": str(tmp_path / "teacher.safetensors")}
+    student["distill"] = terms
+    return write_recipe(tmp_path / "recipe.yaml", student)
+
+
+@pytest.mark.parametrize(("suite", "loss", "layout", "choices"), [
+    ("scenes_det", "kd", "dense per-location detector outputs", "valid choices: bckd, ld"),
+    ("scenes_det", "dkd", "dense per-location detector outputs", "valid choices: bckd, ld"),
+    ("scenes_seg", "kd", "per-pixel class scores (B, K, H, W)", "valid choices: pixel_kd"),
+    ("scenes", "dist", "independent per-class scores (B, K)", "valid choices: multilabel_kd"),
+])
+def test_a_classification_loss_on_another_tasks_logits_is_refused_naming_the_losses_made_for_them(
+        suite: str, loss: str, layout: str, choices: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = shipped_with_terms(suite, [{"loss": loss}], tmp_path)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"distill.0.loss: loss {loss!r} reads class scores (B, K)" in err and layout in err and choices in err
+    assert "add a `bridge:`" in err
+
+
+@pytest.mark.parametrize(("suite", "terms"), [
+    # a distance reads any tensor; LD reads detections
+    ("scenes_det", [{"loss": "mse", "student": "logits", "teacher": "logits"}, {"loss": "ld"}]),
+    ("scenes_seg", [{"loss": "pixel_kd"}, {"loss": "cwd"}]),
+    ("scenes", [{"loss": "multilabel_kd"}]),
+])
+def test_losses_that_read_a_dense_tasks_logits_validate(suite: str, terms: list[dict], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(shipped_with_terms(suite, terms, tmp_path))]) == 0, capsys.readouterr().err
+
+
+def test_a_dense_loss_on_class_logits_is_refused(tiny_kd: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_kd["distill"] = [{"loss": "pixel_kd"}]
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", tiny_kd))]) == 2
+    err = capsys.readouterr().err
+    assert "loss 'pixel_kd' reads per-pixel class scores" in err and "task 'classification' are class scores" in err
+    listed = err.split("valid choices: ")[1].split("; fix")[0].split(", ")
+    assert {"kd", "dkd"} <= set(listed) and "pixel_kd" not in listed  # the losses that read class scores

@@ -43,7 +43,7 @@ from kdkit.models import build_model
 from kdkit.params import check_params, with_defaults
 from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
 from kdkit.taps import LOGITS, Tap, probe_shapes, resolve_tap
-from kdkit.task import TASKS, BoundTask, Task, tasks_serving
+from kdkit.task import LOGITS_LAYOUTS, TASKS, BoundTask, Task, tasks_serving
 
 # Shapes of datasets whose files may be absent when a recipe is only validated.
 KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -517,6 +517,8 @@ class _Planner:
                                           f"bridge {term.bridge!r}", choices=[required], bad=str(term.bridge),
                                           fix=f"add `bridge: {required}` to the term", where=f"{where}.bridge"))
             return False
+        if not self.reads_task_output(term, loss_cls, s_spec, t_spec, where):
+            return False
         if loss_cls.teacher_list and not isinstance(s_spec, str):
             self.errors.append(KdkitError(f"loss {term.loss!r} compares one student tap with a list of teacher "
                                           f"taps, got student taps {list(as_specs(s_spec))}",
@@ -529,6 +531,29 @@ class _Planner:
                                           where=where))
             return False
         return True
+
+    def reads_task_output(self, term: Any, loss_cls: type[DistillLoss], s_spec: TapSpec, t_spec: TapSpec | None,
+                          where: str) -> bool:
+        """Whether a loss that reads the networks' ``logits`` tap without a bridge understands what the task's
+        logits are (KD's softmax over classes means nothing on a detector's dense outputs; recording why not)."""
+        layouts = loss_cls.reads_logits
+        task = TASKS.get(self.recipe.task) if self.recipe.task in TASKS else None
+        if layouts is None or task is None or task.logits_layout in layouts or term.bridge is not None:
+            return True
+        taps = [*as_specs(s_spec), *(as_specs(t_spec) if t_spec is not None else ())]
+        logits = sorted({str(t) for t in taps if str(t).rsplit(".", 1)[-1] == LOGITS})
+        if not logits:
+            return True
+        fitting = sorted(name for name, cls in LOSSES.items()
+                         if cls.reads_logits is not None and task.logits_layout in cls.reads_logits)
+        wanted = " or ".join(LOGITS_LAYOUTS[layout] for layout in sorted(layouts))
+        self.errors.append(KdkitError(
+            f"loss {term.loss!r} reads {wanted} from tap(s) {logits}, but the `logits` of task {task.name!r} are "
+            f"{LOGITS_LAYOUTS[task.logits_layout]}", choices=fitting, bad=term.loss,
+            fix="use a loss made for these outputs (the choices), read feature taps with a feature loss (fitnets, "
+                "cwd, mgd ...), or add a `bridge:` that maps the outputs to what the loss reads",
+            where=f"{where}.loss"))
+        return False
 
     # -- stage 4: shapes and bridges (one probe forward per network) ---------------------------------
     def bridges(self, found: _Terms, model: nn.Module | None, teacher_model: nn.Module | None, shape: DataShape,

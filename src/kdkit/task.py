@@ -88,6 +88,9 @@ class Task:
         pixel_targets: The targets are maps aligned with the image's pixels (segmentation masks), read by sample
             index: a crop, flip or other geometric change of the image would not move them, so recipes that
             change the images' geometry are refused.
+        logits_layout: What the networks' ``logits`` tap holds (one of :data:`LOGITS_LAYOUTS`): a loss that reads
+            it as one kind of output (:attr:`kdkit.losses.base.DistillLoss.reads_logits`, e.g. KD's softmax over
+            classes) is refused before training on a task whose logits are another kind, unless a bridge maps them.
     """
 
     name: ClassVar[str] = ""
@@ -99,6 +102,7 @@ class Task:
     deployed_output: ClassVar[str] = ""
     probabilities: ClassVar[str] = ""
     pixel_targets: ClassVar[bool] = False
+    logits_layout: ClassVar[str] = "classes"
 
     def outputs(self, num_classes: int) -> int:
         """The outputs (channels) of the task's networks on data with ``num_classes`` classes. Default: one per
@@ -139,6 +143,13 @@ def higher_is_better(metrics: tuple[str, ...]) -> list[str]:
 TASKS: Registry[Task] = Registry("task", fix="run `kdkit ls tasks`")
 #: The values of :attr:`Task.probabilities`.
 PROBABILITIES = ("softmax", "sigmoid", "")
+#: The values of :attr:`Task.logits_layout`, each with what it means.
+LOGITS_LAYOUTS = {
+    "classes": "class scores (B, K), one class per sample (softmax)",
+    "labels": "independent per-class scores (B, K), several labels per sample (sigmoid)",
+    "pixels": "per-pixel class scores (B, K, H, W)",
+    "detections": "dense per-location detector outputs (B, L, K + box + 1)",
+}
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -147,6 +158,8 @@ def register_task(cls: type[Task]) -> type[Task]:
         raise TypeError(f"{cls.__name__} needs a `name`, its `metrics` and a `best` metric among them")
     if cls.probabilities not in PROBABILITIES:
         raise TypeError(f"{cls.__name__}.probabilities is {cls.probabilities!r}; use one of {PROBABILITIES}")
+    if cls.logits_layout not in LOGITS_LAYOUTS:
+        raise TypeError(f"{cls.__name__}.logits_layout is {cls.logits_layout!r}; use one of {list(LOGITS_LAYOUTS)}")
     TASKS.add(cls.name, cls(), (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
     return cls
 

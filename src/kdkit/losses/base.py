@@ -97,6 +97,10 @@ class DistillLoss(nn.Module):
     #: unlabelled samples (:data:`kdkit.data.base.UNLABELLED`), and a recipe that would feed it some is refused.
     #: A class attribute; a loss whose parameters decide it (``label_relation``'s ``use_labels``) sets it per instance.
     uses_labels: bool = False
+    #: The task output layouts (:data:`kdkit.task.LOGITS_LAYOUTS`) the loss understands when it reads a network's
+    #: ``logits`` tap without a bridge: ``{"classes"}`` for a softmax over classes (KD), ``None`` for a loss that
+    #: treats any tensor alike (MSE, CKA). A recipe pairing it with another task's logits is refused before training.
+    reads_logits: ClassVar[frozenset[str] | None] = None
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:

@@ -126,6 +126,7 @@ class BCKDLoss(DistillLoss):
         loc_weight: :math:`\lambda_{loc}`.
         iou: ``iou`` (the paper's :math:`1 - \mathrm{IoU}`) or ``giou`` (the official config's GIoU loss).
     """
+    reads_logits = frozenset({"detections"})
 
     uses_labels = True  # it counts the GT boxes of the detection targets
 

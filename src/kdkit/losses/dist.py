@@ -97,6 +97,7 @@ class DISTLoss(DistillLoss):
         temperature: Softening temperature (default 1).
         standardize: Z-score teacher and student logits before softening.
     """
+    reads_logits = frozenset({"classes"})
 
     def __init__(self, *, beta: Annotated[float, Ge(0)] = 1.0, gamma: Annotated[float, Ge(0)] = 1.0,
                  temperature: Annotated[float, Gt(0)] = 1.0, standardize: bool = False) -> None:

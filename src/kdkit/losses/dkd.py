@@ -126,6 +126,7 @@ class DKDLoss(DistillLoss):
         temperature: Softening temperature (default 4, the CIFAR setting).
         standardize: Z-score teacher and student logits before softening.
     """
+    reads_logits = frozenset({"classes"})
 
     default_warmup_epochs = 20.0
     uses_labels = True  # the target class splits the distribution

@@ -59,6 +59,7 @@ class KDLoss(DistillLoss):
         temperature: Softening temperature (default 4, the CIFAR setting).
         standardize: Z-score teacher and student logits before softening.
     """
+    reads_logits = frozenset({"classes"})
 
     def __init__(self, *, temperature: Annotated[float, Gt(0)] = 4.0, standardize: bool = False) -> None:
         super().__init__()

@@ -64,6 +64,7 @@ class LDLoss(DistillLoss):
         bins: The detectors' ``box_bins`` :math:`n` (each edge has :math:`n + 1` logits).
         temperature: The softening temperature :math:`\tau` (LD's default 10).
     """
+    reads_logits = frozenset({"detections"})
 
     def __init__(self, *, bins: Annotated[int, Ge(1)] = 8, temperature: Annotated[float, Gt(0)] = 10.0) -> None:
         super().__init__()

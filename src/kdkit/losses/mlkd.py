@@ -270,6 +270,7 @@ class MLKDLoss(DistillLoss):
         slip_temperatures: Official variant: temperatures at which the strong-view instance term reads the weak
             view, as in the official code (default 2, 6; ``[]`` removes the slip).
     """
+    reads_logits = frozenset({"classes"})
 
     def __init__(self, *, temperatures: Temperatures = DEFAULT_TEMPERATURES, views: Literal[1, 2] = 2,
                  standardize: bool = False, standardize_relations: bool = False,

@@ -59,6 +59,7 @@ class MultiTeacherKDLoss(DistillLoss):
     Args:
         temperature: Softening temperature (default 4).
     """
+    reads_logits = frozenset({"classes"})
 
     pairwise = False
     teacher_list = True

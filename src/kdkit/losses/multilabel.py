@@ -176,6 +176,7 @@ class MultiLabelKDLoss(DistillLoss):
         temperature: Softening temperature (default 1, as the paper; the loss is scaled by ``T^2``).
         clamp_eps: Clamp probabilities to ``[eps, 1 - eps]`` (0: exact; ``1e-8``: the official code).
     """
+    reads_logits = frozenset({"labels", "classes"})  # per-class binary KL: single-label logits too (L2D MLD)
 
     def __init__(self, *, temperature: Annotated[float, Gt(0)] = 1.0,
                  clamp_eps: Annotated[float, Interval(ge=0, lt=0.5)] = 0.0) -> None:

@@ -59,6 +59,7 @@ class PixelKDLoss(DistillLoss):
         temperature: Softening temperature (the paper and official code: 1); the loss is scaled by its square.
         batch: ``mean`` over the images, or ``sum`` as the official code.
     """
+    reads_logits = frozenset({"pixels"})
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:

@@ -260,6 +260,7 @@ class Detection(Task):
                        "dense_spec); decoding with NMS gives boxes, scores and labels")
     probabilities = ""
     pixel_targets = True
+    logits_layout = "detections"
 
     def metrics_for(self, data: Any) -> tuple[str, ...]:
         if data is None:

@@ -87,6 +87,7 @@ class Multilabel(Task):
     train_metric = "label_acc"
     deployed_output = "one logit per class (B, K); sigmoid gives each class's probability"
     probabilities = "sigmoid"
+    logits_layout = "labels"
 
     def check_data(self, data: Any) -> str | None:
         problem = super().check_data(data)

@@ -133,6 +133,7 @@ class Segmentation(Task):
                        "each pixel's class probabilities")
     probabilities = "softmax"
     pixel_targets = True
+    logits_layout = "pixels"
 
     def outputs(self, num_classes: int) -> int:
         """Background plus the ``num_classes`` object classes."""

@@ -77,6 +77,7 @@ class CrKdLoss(DistillLoss):
         temperature: ``T`` (official 4), with the ``T^2`` factor.
         weighting: ``learnable`` (official), ``detached`` or ``none`` (the ablation without the weighting function).
     """
+    reads_logits = frozenset({"classes"})
 
     def __init__(self, *, known: Annotated[int, Ge(1)] = 5, tau: Annotated[float, Gt(0)] = 0.1,
                  temperature: Annotated[float, Gt(0)] = 4.0, weighting: Weighting = "learnable") -> None:

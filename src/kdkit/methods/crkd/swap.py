@@ -75,6 +75,7 @@ class NcdSwapLoss(DistillLoss):
             for the same reason).
         iterations: Sinkhorn rounds (UNO: 3).
     """
+    reads_logits = frozenset({"classes"})
 
     needs_teacher = False
 

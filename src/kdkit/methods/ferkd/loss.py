@@ -101,6 +101,7 @@ class FerkdLoss(DistillLoss):
         calibrate_below: A region whose teacher confidence on the true class is below it is calibrated.
         smoothing: Label smoothing of the calibrated (softened hard) label.
     """
+    reads_logits = frozenset({"classes"})
 
     uses_labels = True
 

@@ -138,6 +138,7 @@ class Kd3Loss(DistillLoss):
         contrast_weight: :math:`\gamma`.
         contrast_temperature: :math:`\tau` of :func:`mix_contrast`.
     """
+    reads_logits = frozenset({"classes"})
 
     pairwise = False
     # a tuple: the two taps each side gives at once (the recipe's list)

@@ -112,6 +112,7 @@ class MealV2DiscriminatorLoss(DistillLoss):
             student and discriminator minimise the discriminator's loss together).
         final_relu: ReLU on the discriminator's output logits (the official code's; default off).
     """
+    reads_logits = frozenset({"classes"})
 
     pairwise = False
     teacher_list = True

@@ -115,6 +115,7 @@ class MstDistillLoss(DistillLoss):
         balance: Load-balancing loss, ``kl`` (the code's default ``--lb_mode``) or ``cv``.
         balance_weight: Its weight (the code's ``--w_lb`` 1).
     """
+    reads_logits = frozenset({"classes"})
 
     pairwise = False
     teacher_list = True

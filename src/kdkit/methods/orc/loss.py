@@ -156,6 +156,7 @@ class OrcLoss(DistillLoss):
         teaching: ``individual`` (one KD term per teacher, the paper's) or ``mean`` (KD to the teachers' mean logits,
             the paper's ensemble ablation).
     """
+    reads_logits = frozenset({"classes"})
 
     pairwise = False
     needs_teacher = False

@@ -62,6 +62,7 @@ class SourceKDLoss(DistillLoss):
     Args:
         temperature: ``T`` (default 1: the sources' pseudo-labels as they are).
     """
+    reads_logits = frozenset({"classes"})
 
     pairwise = False
     teacher_list = True

@@ -62,6 +62,7 @@ class SSLDLoss(DistillLoss):
         divergence: ``js`` (default, PaddleClas's SSLD) or ``soft_ce`` (its soft cross-entropy baseline).
         temperature: Softening temperature (default 1).
     """
+    reads_logits = frozenset({"classes"})
 
     def __init__(self, *, divergence: Literal["js", "soft_ce"] = "js",
                  temperature: Annotated[float, Gt(0)] = 1.0) -> None:

@@ -44,6 +44,7 @@ class WadLoss(DistillLoss):
     from the teacher tap the term names (``teacher: penultimate`` by default, the representation), and looked up by
     sample index; the teacher's per-step output is not read. Takes no parameters.
     """
+    reads_logits = frozenset({"classes"})
 
     default_teacher_tap = "penultimate"
     needs_index = True
