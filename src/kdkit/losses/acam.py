@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from torch import Tensor, nn
 
+from kdkit.errors import KdkitError
 from kdkit.losses.base import DistillLoss, compute_dtype, register_loss, run_widened
 
 
@@ -34,7 +35,7 @@ def cross_attention_fusion(query_map: Tensor, key_map: Tensor, w_q: Tensor, w_k:
     Returns:
         ``(B, C, H, W)`` the fused map.
     """
-    b, c, h, w = query_map.shape
+    b, _, h, w = query_map.shape
     q = torch.einsum("qc,bcn->bqn", w_q, query_map.flatten(2))
     k = torch.einsum("qc,bcn->bqn", w_k, key_map.flatten(2))
     v = torch.einsum("oc,bcn->bon", w_v, key_map.flatten(2))
@@ -80,10 +81,11 @@ def masked_distillation(student: Tensor, teacher: Tensor, channel: Tensor, spati
     Returns:
         ``(L^c, L^s)``, scalars.
     """
-    b, c, h, w = teacher.shape
+    _, c, h, w = teacher.shape
     error = (teacher - student).pow(2).flatten(2)  # (B, C, HW)
-    per_channel = torch.einsum("bmk,bk->bm", channel.pow(2), error.sum(2)) / (h * w * channel.sum(2))
-    per_pixel = torch.einsum("bmp,bp->bm", spatial.pow(2), error.sum(1)) / (c * spatial.sum(2))
+    tiny = torch.finfo(error.dtype).tiny  # a mask saturated to 0 everywhere selects nothing: 0 / tiny = 0, not NaN
+    per_channel = torch.einsum("bmk,bk->bm", channel.pow(2), error.sum(2)) / (h * w * channel.sum(2)).clamp_min(tiny)
+    per_pixel = torch.einsum("bmp,bp->bm", spatial.pow(2), error.sum(1)) / (c * spatial.sum(2)).clamp_min(tiny)
     return per_channel.mean(), per_pixel.mean()
 
 
@@ -93,14 +95,14 @@ def dice_diversity(masks: Tensor, form: Literal["pairwise", "pooled"] = "pairwis
     ``pairwise`` (MasKD's ``dice_coeff``): the mean over the ordered pairs :math:`i \ne j` of
     :math:`2\langle M_i, M_j\rangle / (\|M_i\|^2 + \|M_j\|^2)`, in :math:`[0, 1]`. ``pooled``: the paper's formula read
     literally, :math:`2\sum_i\sum_{j\ne i}\langle M_i, M_j\rangle / (\sum_i \|M_i\|^2 + \sum_j \|M_j\|^2)`, which
-    ranges over :math:`[0, M - 1]`.
+    ranges over :math:`[0, M - 1]`. Each squared norm gets MasKD's :math:`10^{-12}`, so masks saturated to 0 give 0.
 
     Args:
         masks: ``(B, M, N)`` masks over ``N`` channels or pixels, ``M >= 2``.
         form: ``pairwise`` or ``pooled``.
     """
     gram = torch.einsum("bin,bjn->bij", masks, masks)  # (B, M, M)
-    norms = torch.diagonal(gram, dim1=1, dim2=2)  # (B, M)
+    norms = torch.diagonal(gram, dim1=1, dim2=2) + 1e-12  # (B, M), MasKD's eps
     off = 1.0 - torch.eye(masks.shape[1], dtype=masks.dtype, device=masks.device)
     if form == "pooled":
         return (2 * (gram * off).sum((1, 2)) / (2 * norms.sum(1))).mean()
@@ -168,6 +170,11 @@ class ACAMLoss(DistillLoss):
       grow with :math:`M`); ``pooled`` is the paper's formula read literally. The paper does not say which mask
       sets it covers; here both (channel and spatial).
     * **Query side** (``query``): ``teacher`` (the paper's choice) or ``student`` (its Table 9 ablation).
+    * **Gradient through the masks** (``mask_grad``): the paper trains everything jointly and says nothing of
+      stopping gradients, so by default (``through``) the student also receives the gradient of the masked terms
+      and of the diversity through the keys and values of STCA-FF; ``stop`` detaches the student map on its way
+      into STCA-FF (as MasKD computes its student masks under ``no_grad``), so the student learns only from the
+      masked error and the masks only move the fusion and the selection units.
 
     Not from the paper: ``attention_pool`` > 1 average-pools both maps by that factor for the cross-attention only
     (the fused map is repeated back to full size), for maps whose :math:`(HW)^2` attention would not fit.
@@ -181,6 +188,7 @@ class ACAMLoss(DistillLoss):
         diversity: ``pairwise`` (MasKD's Dice, the default) or ``pooled`` (the paper's formula).
         query: ``teacher`` (the paper) or ``student``: the map the queries come from.
         attention_pool: Pooling factor of the cross-attention's inputs (1: none, the paper).
+        mask_grad: ``through`` (the default: the student map feeds the masks with its gradient) or ``stop``.
     """
 
     pairwise = False  # one set of modules per level
@@ -189,10 +197,11 @@ class ACAMLoss(DistillLoss):
 
     def __init__(self, *, num_masks: Annotated[int, Ge(2)] = 6, alpha: Annotated[float, Ge(0)] = 1.0,
                  lambda_: Annotated[float, Ge(0)] = 1.0, diversity: Literal["pairwise", "pooled"] = "pairwise",
-                 query: Literal["teacher", "student"] = "teacher", attention_pool: Annotated[int, Ge(1)] = 1) -> None:
+                 query: Literal["teacher", "student"] = "teacher", attention_pool: Annotated[int, Ge(1)] = 1,
+                 mask_grad: Literal["through", "stop"] = "through") -> None:
         super().__init__()
         self.num_masks, self.alpha, self.lambda_ = num_masks, alpha, lambda_
-        self.diversity, self.query, self.attention_pool = diversity, query, attention_pool
+        self.diversity, self.query, self.attention_pool, self.mask_grad = diversity, query, attention_pool, mask_grad
         self.levels = nn.ModuleList()
 
     @classmethod
@@ -200,19 +209,27 @@ class ACAMLoss(DistillLoss):
         """Two levels: a 4-channel student and an 8-channel teacher (so ``align`` is exercised)."""
         return [(4, 6, 6), (4, 3, 3)], [(8, 6, 6), (8, 3, 3)]
 
-    def check_shapes(self, student: Any, teacher: Any) -> str | None:
-        """Each level: ``(C, H, W)`` maps of one spatial size, divisible by ``attention_pool``."""
+    def check_shapes(self, student: Any, teacher: Any) -> KdkitError | None:
+        """Each level: ``(C, H, W)`` maps of one spatial size, divisible by ``attention_pool``.
+
+        Refused with the fix (tap feature maps), not a bridge: a bridge cannot turn vectors into maps.
+        """
         if isinstance(student, list) and len(student) != len(teacher):
-            return f"{len(student)} student levels but {len(teacher)} teacher levels"
+            return KdkitError(f"acam pairs the levels, but got {len(student)} student and {len(teacher)} teacher "
+                              f"levels", fix="list as many student taps as teacher taps")
         pairs = zip(student, teacher, strict=True) if isinstance(student, list) else [(student, teacher)]
         for s, t in pairs:
             if len(s) != 3 or len(t) != 3 or tuple(s[1:]) != tuple(t[1:]):
-                return (f"ACAM-KD compares (C, H, W) feature maps of one spatial size; got student {tuple(s)} and "
-                        f"teacher {tuple(t)}: tap feature maps of the same resolution on both networks (detection: "
-                        f"the FPN levels p2, p3, p4; segmentation: the logits)")
+                return KdkitError(f"ACAM-KD compares (C, H, W) feature maps of one spatial size; got student "
+                                  f"{tuple(s)} and teacher {tuple(t)}",
+                                  fix="tap feature maps of the same resolution on both networks (detection: the "
+                                      "FPN levels p2, p3, p4; segmentation: the logits)")
             if t[1] % self.attention_pool or t[2] % self.attention_pool:
-                return (f"attention_pool {self.attention_pool} does not divide the {t[1]}x{t[2]} map: use a factor "
-                        f"of both sides (or 1)")
+                divisors = [d for d in range(1, min(t[1], t[2]) + 1) if t[1] % d == 0 and t[2] % d == 0]
+                closest = sorted(divisors, key=lambda d: (abs(d - self.attention_pool), d))
+                return KdkitError(f"attention_pool {self.attention_pool} does not divide the {t[1]}x{t[2]} map",
+                                  fix=f"set attention_pool to a factor of both sides of every level, closest first: "
+                                      f"{', '.join(map(str, closest))} (1: no pooling)")
         return None
 
     def setup(self, student_shape: Any, teacher_shape: Any, num_samples: int) -> None:
@@ -226,6 +243,8 @@ class ACAMLoss(DistillLoss):
         """Level ``i``'s channel ``(B, M, C)`` and spatial ``(B, M, HW)`` masks from the aligned student map."""
         level = self.levels[i]
         dtype = student.dtype
+        if self.mask_grad == "stop":
+            student = student.detach()
         queries, keys = (teacher, student) if self.query == "teacher" else (student, teacher)
         if self.attention_pool > 1:
             queries, keys = (F.avg_pool2d(x, self.attention_pool) for x in (queries, keys))
