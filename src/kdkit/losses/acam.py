@@ -179,6 +179,12 @@ class ACAMLoss(DistillLoss):
     Not from the paper: ``attention_pool`` > 1 average-pools both maps by that factor for the cross-attention only
     (the fused map is repeated back to full size), for maps whose :math:`(HW)^2` attention would not fit.
 
+    Recipes (detection: the FPN levels; segmentation: the logit maps, one mask per class)::
+
+        distill:
+          - {loss: acam, student: [p2, p3, p4], teacher: [p2, p3, p4], num_masks: 6}
+          - {loss: acam, student: logits, teacher: logits, num_masks: 11, attention_pool: 4, mask_grad: stop}
+
     Shapes: student ``(B, C_s, H, W)`` and teacher ``(B, C, H, W)`` (or lists, one per level); targets unused.
 
     Args:
