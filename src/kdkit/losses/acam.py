@@ -2,7 +2,9 @@ r"""ACAM-KD: masked feature distillation with masks generated from a student-tea
 
 Lan and Tian, "ACAM-KD: Adaptive and Cooperative Attention Masking for Knowledge Distillation" (ICCV 2025,
 arXiv 2503.06307). No official code is published; the masked loss and the Dice diversity term follow MasKD
-(Huang et al., ICLR 2023, ``hunto/MasKD``), on which the paper builds its masks.
+(Huang et al., ICLR 2023, ``hunto/MasKD``), on which the paper builds its masks. The equations here were checked
+against two transcriptions of the paper's method section and an excerpt of its loss equations (the mask-sum
+normalisers), not against the full text, which could not be read when this was written.
 """
 
 from __future__ import annotations
