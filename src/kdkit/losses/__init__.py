@@ -1,6 +1,7 @@
 """Distillation losses: pure functions plus thin registered modules (``kdkit ls losses``)."""
 
 from kdkit.losses import (  # noqa: F401 - each module registers its losses on import
+    acam,
     affinity,
     at,
     bckd,
