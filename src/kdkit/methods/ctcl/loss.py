@@ -7,7 +7,7 @@ from the other and detaches every target. See :mod:`kdkit.methods.ctcl` for the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -225,6 +225,8 @@ class PairLoss(DistillLoss):
 
     pairwise = False
     needs_teacher = False
+    #: What ``taught`` counts.
+    unit: ClassVar[str] = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -297,6 +299,7 @@ class RegionBsdLoss(PairLoss):
     """
 
     uses_labels = True
+    unit = "regions"
 
     def __init__(self, *, regions: Annotated[int, Ge(1)] = 4, normalize: bool = True) -> None:
         super().__init__()
@@ -346,6 +349,7 @@ class PixelBsdLoss(PairLoss):
     """
 
     uses_labels = True
+    unit = "pixels"
 
     def __init__(self, *, temperature: Annotated[float, Gt(0)] = 1.0, rule: Rule = "lower_ce") -> None:
         super().__init__()

@@ -100,8 +100,7 @@ class CtclRun(MethodRun):
         for term in self.terms:
             names = [spec.split(".", 1)[0] for spec in as_specs(term.student_tap)[:2]]
             counts = term.loss.taught.tolist()
-            shares[term.name] = {"taught": dict(zip(names, counts, strict=True)),
-                                 "unit": "regions" if term.loss.__class__.__name__.startswith("Region") else "pixels"}
+            shares[term.name] = {"taught": dict(zip(names, counts, strict=True)), "unit": term.loss.unit}
         return {"ctcl": shares}
 
 
