@@ -231,14 +231,23 @@ CONTEXTS: list[dict[str, Any]] = [
     {"train": {"ce_weight": 0.0}, "data": {"views": 2}},
     {"train": {"ce_weight": 1.0}, "data": {"setting": {"name": "novel_classes"}, "views": 2}},
     {"train": {"ce_weight": 1.0}, "data": {"setting": {"name": "class_mismatch", "labelled": 60, "unlabelled": 100}}},
+    # CTCL's terms: a CNN and a ViT segmenter trained together, each term reading both networks' taps
+    {"train": {"ce_weight": 1.0}, "data": {"dataset": "fashion_mnist_scenes"},
+     "top": {"task": "segmentation", "model": {"arch": "segnet_student"},
+             "peers": {"vit": {"arch": "vit_seg_student"}}},
+     "student": {"hfd": ["model.stage1", "vit.low"], "pixel_bsd": ["model.logits", "vit.logits"],
+                 "region_bsd": ["model.decoder1", "vit.high", "model.logits", "vit.logits"]}},
 ]
 
 
 def one_term_recipe(term: dict[str, Any], context: dict[str, Any], **top: Any) -> dict[str, Any]:
-    """A one-term recipe on digits in ``context`` (one of :data:`CONTEXTS`)."""
+    """A one-term recipe on digits in ``context`` (one of :data:`CONTEXTS`: its ``data``, ``train`` and ``top`` keys,
+    and the ``student`` taps it gives the term's loss)."""
+    taps = context.get("student", {}).get(term["loss"])
     return {"name": "probe", "model": {"arch": "cnn_student"}, "data": {"dataset": "digits", **context.get("data", {})},
-            "teacher": {"arch": "cnn_teacher", "checkpoint": "teacher.safetensors"}, "distill": [term],
-            "train": {"epochs": 1, **context["train"]}, **top}
+            "teacher": {"arch": "cnn_teacher", "checkpoint": "teacher.safetensors"},
+            "distill": [{"student": taps, **term} if taps else term], "train": {"epochs": 1, **context["train"]},
+            **context.get("top", {}), **top}
 
 
 def context_allowed(name: str) -> dict[str, Any]:

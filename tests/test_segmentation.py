@@ -251,7 +251,8 @@ def test_structured_and_channel_wise_distillation_run_end_to_end(segmentation: d
 
 def test_the_segmentation_recipes_are_a_benchmark_suite_with_the_labels_only_baseline_first() -> None:
     assert "scenes_seg" in suites()
-    assert method_recipes("scenes_seg") == ["student_ce", "acam", "cwd", "mgd", "pixel_kd", "structured"]
+    assert method_recipes("scenes_seg") == ["student_ce", "acam", "ctcl", "cwd", "dml_cnn_vit", "mgd", "pixel_kd",
+                                            "structured"]
     teacher = load_recipe(find_recipe("scenes_seg/teacher"))
     for name in method_recipes("scenes_seg"):
         recipe = load_recipe(find_recipe(f"scenes_seg/{name}"))

@@ -312,9 +312,10 @@ class Engine:
         return epoch % self.eval_every == 0 or epoch == self.epochs
 
     @torch.no_grad()
-    def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
-        """The task's metrics (``test_<name>``) of the deployed model (:meth:`Student.predict`) on ``loader``
-        (default: the eval loader)."""
+    def evaluate(self, loader: BatchLoader | None = None,
+                 predict: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """The task's metrics (``test_<name>``) of the deployed model (:meth:`Student.predict`), or of ``predict``
+        (e.g. one member of a group of trained networks), on ``loader`` (default: the eval loader)."""
         loader = loader or self.eval_loader
         net = self.student
         was_training = net.training
@@ -322,7 +323,7 @@ class Engine:
         evaluator = self.task.evaluator(self.ctx)
         with self.autocast():
             for x, y, index in loader.epoch(0):
-                evaluator.update(net.predict(x).float(), self.task.targets(y, index, "test"))
+                evaluator.update((predict or net.predict)(x).float(), self.task.targets(y, index, "test"))
         if self.student.recorder is not None:
             self.student.recorder.pop()  # do not keep eval activations alive
         net.train(was_training)

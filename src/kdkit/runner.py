@@ -28,8 +28,9 @@ from kdkit.assemble import assemble, check_same_recipe
 from kdkit.build import plan, resolve_device, resolved_terms, teacher_run_recipe
 from kdkit.checkpoint import atomic_write_text, pointed, remove_leftovers
 from kdkit.deployment import deployment_of, write_deployment
+from kdkit.distill import PeerGroup
 from kdkit.distributed import DistContext, barrier, init_distributed
-from kdkit.engine import Callback
+from kdkit.engine import Callback, Engine
 from kdkit.errors import KdkitError
 from kdkit.locks import exclusive
 from kdkit.models import count_parameters
@@ -184,6 +185,8 @@ def _train(recipe: Recipe, *, source: Path | None, resume: bool, overwrite: bool
         print(built.precision.describe())
     result = run.engine.fit(resume=resume)
     summary = _summary(recipe, built, result, ctx)
+    if isinstance(built.student.model, PeerGroup):  # every process: evaluation all-reduces
+        summary["peers"] = peer_metrics(run.engine, built.student.model)
     if run.cache_info is not None:
         summary["teacher_cache"] = run.cache_info
     if ctx.is_main:
@@ -192,6 +195,13 @@ def _train(recipe: Recipe, *, source: Path | None, resume: bool, overwrite: bool
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)
     return summary
+
+
+def peer_metrics(engine: Engine, group: PeerGroup) -> dict[str, dict[str, float]]:
+    """Each trained network's test metrics with its final weights, by name (any of them can be deployed)."""
+    return {name: {metric.removeprefix("test_"): value
+                   for metric, value in engine.evaluate(predict=getattr(group, name)).items()}
+            for name in group.names}
 
 
 def _teacher_arch(recipe: Recipe) -> str:

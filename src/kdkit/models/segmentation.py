@@ -7,6 +7,10 @@ Every network here outputs per-pixel logits ``(B, num_classes, H, W)`` at the in
   2x2 max-pooling, two decoder stages that upsample and add the encoder's skip features, a 1x1 classifier).
   Taps ``stage1``-``stage3`` (encoder, full, 1/2 and 1/4 resolution), ``decoder2`` (1/2), ``decoder1`` (full,
   the classifier's input).
+* ``vit_seg_student``: :class:`ViTSegmenter`, a real timm ``VisionTransformer`` (small depth and width, patch 4,
+  no class token; the ``zoo`` extra) with a light decoder to per-pixel logits. Taps ``low`` (the first
+  transformer block's tokens as a ``(D, H/p, W/p)`` map) and ``high`` (the decoder's full-resolution features,
+  the classifier's input).
 * ``torchvision:lraspp_mobilenet_v3_large``, ``deeplabv3_*``, ``fcn_*`` (:func:`torchvision_segmenter`): random
   weights (``weights=None`` and ``weights_backbone=None``: nothing is downloaded), the first convolution
   rebuilt for the data's channels, the output dict's ``"out"`` returned as the logits, and the backbone's stages
@@ -83,6 +87,82 @@ def segnet_teacher(*, num_classes: int, in_channels: int = 1, width: int = 32) -
 def segnet_student(*, num_classes: int, in_channels: int = 1, width: int = 8) -> SegNet:
     """Segmentation student: encoder stages of ``width``, ``2*width``, ``4*width`` channels."""
     return SegNet(num_classes=num_classes, in_channels=in_channels, widths=(width, 2 * width, 4 * width))
+
+
+# -- a small ViT segmenter (timm) ------------------------------------------------------------------------------------
+
+class ViTSegmenter(nn.Module):
+    """A small Vision Transformer for per-pixel classification: timm's ``VisionTransformer`` and a light decoder.
+
+    Encoder: timm's patch embedding (``patch_size``), learned position embedding, ``depth`` pre-norm transformer
+    blocks of width ``embed_dim`` and the final norm, no class token (every token is a patch). The first block's
+    tokens, laid out as a ``(embed_dim, H/p, W/p)`` map, are the ``low`` tap. Decoder: the last tokens as a map, a
+    1x1 conv-BN-ReLU to ``decoder_width``, bilinear upsampling to the input's size and a 3x3 conv-BN-ReLU (the
+    ``high`` tap), then a 1x1 classifier.
+
+    Args:
+        num_classes: Output channels (classes per pixel, background included).
+        in_channels: Image channels.
+        image_size: Image height and width (a multiple of ``patch_size``).
+        patch_size: Side of a patch; 4 on 48x48 scenes gives a 12x12 token grid.
+        embed_dim: Token width.
+        depth: Transformer blocks (at least 1; the first one's output is ``low``).
+        num_heads: Attention heads (dividing ``embed_dim``).
+        mlp_ratio: Hidden width of each block's MLP over ``embed_dim``.
+        decoder_width: Channels of the decoder's features.
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int, image_size: int, patch_size: int = 4,
+                 embed_dim: int = 32, depth: int = 2, num_heads: int = 2, mlp_ratio: float = 2.0,
+                 decoder_width: int = 16) -> None:
+        super().__init__()
+        try:
+            from timm.models.vision_transformer import VisionTransformer
+        except ImportError as err:  # pragma: no cover - the zoo extra is installed in development
+            raise KdkitError("the ViT segmenter is built from timm, which is not installed", bad="timm",
+                             fix="pip install 'kdkit[zoo]'") from err
+        if image_size % patch_size:
+            raise KdkitError(f"image size {image_size} is not a multiple of the patch size {patch_size}",
+                             bad=str(patch_size), fix="give a patch_size that divides the image size")
+        self.vit = VisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=in_channels,
+                                     num_classes=0, global_pool="", class_token=False, embed_dim=embed_dim,
+                                     depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.low = nn.Identity()  # tap points: named modules the maps pass through
+        self.high = nn.Identity()
+        self.reduce = nn.Sequential(nn.Conv2d(embed_dim, decoder_width, 1, bias=False), nn.BatchNorm2d(decoder_width),
+                                    nn.ReLU(inplace=True))
+        self.refine = _conv_bn_relu(decoder_width, decoder_width)
+        self.classifier = nn.Conv2d(decoder_width, num_classes, 1)
+        self.feature_taps = {"low": "low", "high": "high"}
+
+    def _grid(self, tokens: Tensor, x: Tensor) -> Tensor:
+        """``(B, N, D)`` patch tokens as a ``(B, D, H/p, W/p)`` map."""
+        patch = self.vit.patch_embed.patch_size
+        h, w = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+        return tokens.transpose(1, 2).reshape(len(tokens), -1, h, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes, H, W)`` for images ``(B, C, H, W)`` of the built size."""
+        vit = self.vit
+        tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        tokens = vit.blocks[0](tokens)
+        self.low(self._grid(tokens, x))
+        for block in vit.blocks[1:]:
+            tokens = block(tokens)
+        features = self.reduce(self._grid(vit.norm(tokens), x))
+        features = F.interpolate(features, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.high(self.refine(features)))
+
+
+@register_model("vit_seg_student", help="small ViT segmenter: timm VisionTransformer (patch 4, 32 wide, 2 blocks) "
+                                        "+ light decoder, ~30k params (needs timm: the zoo extra)")
+def vit_seg_student(*, num_classes: int, in_channels: int = 1, image_size: int = 48, patch_size: int = 4,
+                    embed_dim: int = 32, depth: int = 2, num_heads: int = 2, mlp_ratio: float = 2.0,
+                    decoder_width: int = 16) -> ViTSegmenter:
+    """Segmentation ViT student: see :class:`ViTSegmenter` for the parameters."""
+    return ViTSegmenter(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                        mlp_ratio=mlp_ratio, decoder_width=decoder_width)
 
 
 # -- torchvision ------------------------------------------------------------------------------------------------------
