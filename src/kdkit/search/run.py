@@ -21,14 +21,12 @@ from typing import Any
 from kdkit.build import plan
 from kdkit.errors import KdkitError
 from kdkit.grammar.space import BoundSpace, SearchSettings, load_space, pair_shapes
-from kdkit.locks import exclusive
 from kdkit.recipe import Recipe, load_recipe, recipe_from_dict
 from kdkit.search.actions import Decisions, candidate_of, candidate_record
 from kdkit.search.output import write_outputs
 from kdkit.search.strategies import STRATEGIES, Tried, propose
-from kdkit.sweep.space import check_objective, open_storage, shown_url
-from kdkit.sweep.study import require_optuna
-from kdkit.sweep.trials import TrialLoop, same_study, trial_base
+from kdkit.sweep.space import check_objective, shown_url
+from kdkit.sweep.trials import TrialLoop, open_study, require_optuna, trial_base
 
 STRATEGY_CHOICES = tuple(STRATEGIES)
 
@@ -47,7 +45,7 @@ def run_search(space_path: str | Path, overrides: list[str] | None = None, *, ou
     Raises:
         KdkitError: Any bad input (space, budget, strategy, storage, base recipe), before a trial runs.
     """
-    optuna = require_optuna()
+    require_optuna()  # before any other check: without it nothing can run
     spec, source = load_space(space_path)
     settings = _settings(spec.search, trials, strategy)
     recipe = load_recipe(source, overrides)
@@ -62,12 +60,7 @@ def run_search(space_path: str | Path, overrides: list[str] | None = None, *, ou
     folder = Path(out or f"runs/search_{Path(space_path).stem}_{settings.strategy}").resolve()
     name = settings.study or study_name(recipe, base, spec.model_dump(mode="json"), settings)
     url = settings.storage or f"sqlite:///{folder / 'search.db'}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with exclusive(folder, what="search folder", fix="wait for that search, stop it, or give this one its own --out"):
-        same_study(folder, name, "search")
-        storage = open_storage(url)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    with open_study(folder, name, url, command="search", direction="maximize") as (study, storage):
         header = {"study": name, "storage": shown_url(url), "space": str(space_path), "recipe": str(source),
                   "objective": objective, "strategy": settings.strategy, "budget": settings.trials,
                   "seed": settings.seed, "proxy": settings.proxy.model_dump(), "space_size": space.size(),

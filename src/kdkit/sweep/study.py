@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.build import plan
-from kdkit.errors import KdkitError
-from kdkit.locks import exclusive
 from kdkit.recipe import Recipe, find_recipe, load_recipe, recipe_from_dict, set_by_path
 from kdkit.sweep.boss import boss_recipe, check_boss
 from kdkit.sweep.output import write_outputs
-from kdkit.sweep.space import Param, SweepSpec, check_objective, check_space, load_sweep, open_storage, shown_url
-from kdkit.sweep.trials import TrialLoop, same_study, trial_base
+from kdkit.sweep.space import Param, SweepSpec, check_objective, check_space, load_sweep, shown_url
+from kdkit.sweep.trials import TrialLoop, open_study, require_optuna, trial_base
 
 
 def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[str] | None = None, *,
@@ -43,7 +41,7 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[s
     Raises:
         KdkitError: Any bad input (sweep file, space, objective, storage, recipe), before a trial runs.
     """
-    optuna = require_optuna()
+    require_optuna()  # before any other check: without it nothing can run
     source = find_recipe(recipe_path)
     recipe = load_recipe(source, overrides)
     spec = load_sweep(sweep_path, {"trials": trials, "sampler": sampler, "mode": mode})
@@ -56,15 +54,7 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[s
     plan(recipe_from_dict(base), training=False, source=source)  # names, taps, shapes, files: before any trial
     name = spec.study or study_name(recipe, base, spec)
     url = spec.storage or f"sqlite:///{folder / 'sweep.db'}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with exclusive(folder, what="sweep folder", fix="wait for that sweep, stop it, or give this one its own --out"):
-        same_study(folder, name, "sweep")
-        storage = open_storage(url)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction, load_if_exists=True)
-        if study.direction.name.lower() != spec.direction:
-            raise KdkitError(f"study {name!r} in {shown_url(url)} was created to {study.direction.name.lower()}",
-                             where="direction", fix="keep its direction, or give a new `study:` name")
+    with open_study(folder, name, url, command="sweep", direction=spec.direction) as (study, storage):
         # a sampler seeded by the history: a restart must not replay the random draws of the first start
         study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials), spec.startup)
         header = {"study": name, "storage": shown_url(url), "recipe": str(source), "sweep": str(sweep_path),
@@ -75,16 +65,6 @@ def run_sweep(recipe_path: str | Path, sweep_path: str | Path, overrides: list[s
         original = recipe.to_dict()
         Sweep(study, storage, spec, params, base, folder, objective, url=url, header=header, original=original).run()
         return write_outputs(folder, header, study, original)
-
-
-def require_optuna() -> Any:
-    """The ``optuna`` module, or a KdkitError saying how to install it."""
-    try:
-        import optuna
-    except ImportError:
-        raise KdkitError("kdkit sweep and kdkit search need Optuna, which is not installed",
-                         fix="pip install 'kdkit[search]' (or optuna)") from None
-    return optuna
 
 
 def make_sampler(name: str, seed: int, startup: int) -> Any:

@@ -10,17 +10,21 @@ subclass's :meth:`TrialLoop.new_trial`; what is written after each trial is its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kdkit.errors import KdkitError, TrainingDiverged
+from kdkit.locks import exclusive
 from kdkit.recipe import Recipe, find_recipe, recipe_from_dict, set_by_path
 from kdkit.runner import run_or_continue
+from kdkit.sweep.space import open_storage, shown_url
 
 TRIALS = "trials"
 
@@ -50,6 +54,45 @@ def same_study(folder: Path, name: str, command: str) -> None:
         if held != name:
             raise KdkitError(f"{folder} holds {command} {held!r}, not {name!r} (another recipe, space or setting)",
                              where="--out", fix=f"give this {command} its own --out, or rerun the command that made it")
+
+
+def require_optuna() -> Any:
+    """The ``optuna`` module, or a KdkitError saying how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise KdkitError("kdkit sweep and kdkit search need Optuna, which is not installed",
+                         fix="pip install 'kdkit[search]' (or optuna)") from None
+    return optuna
+
+
+@contextlib.contextmanager
+def open_study(folder: Path, name: str, url: str, *, command: str, direction: str) -> Iterator[tuple[Any, Any]]:
+    """Hold ``folder`` for this process and open (or create, to continue later) the Optuna study ``name`` in ``url``.
+
+    Args:
+        folder: The output folder (created); another process holding it, or another study's records in it, is
+            refused.
+        name: The study's name.
+        url: The storage URL (``sqlite:///`` file, PostgreSQL or MySQL).
+        command: ``sweep`` or ``search`` (names the folder's record ``<command>.json`` and the messages).
+        direction: ``maximize`` or ``minimize``; a stored study created the other way is refused.
+
+    Yields:
+        ``(study, storage)``.
+    """
+    optuna = require_optuna()
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder, what=f"{command} folder",
+                   fix=f"wait for that {command}, stop it, or give this one its own --out"):
+        same_study(folder, name, command)
+        storage = open_storage(url)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
+        if study.direction.name.lower() != direction:
+            raise KdkitError(f"study {name!r} in {shown_url(url)} was created to {study.direction.name.lower()}",
+                             where="direction", fix="keep its direction, or give a new `study:` name")
+        yield study, storage
 
 
 class TrialLoop:
