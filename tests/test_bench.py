@@ -64,6 +64,19 @@ def test_speed_bench_takes_any_recipe(tmp_path: Path) -> None:
     assert "c/b" not in text and "(c) kdkit step (the recipe's objective) |" in text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["scenes_seg/cwd", "scenes_det/fitnets"])
+def test_speed_bench_times_dense_recipes_against_a_loop_with_the_tasks_own_loss(recipe: str, tmp_path: Path) -> None:
+    # the random teacher has the task's outputs (background included); the loop's loss is the task's, not CE;
+    # a dense task's teacher outputs cannot be cached, so (d) is left out
+    assert main(["bench", "speed", recipe, "train.batch_size=8", "data.params.train_scenes=64",
+                 "data.params.test_scenes=16", "data.subset=null", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert {"a_ce_contiguous", "a_ce_channels_last", "c_kdkit_kd"} <= set(result["rows"])
+    assert not any(name.startswith("d_") for name in result["rows"])
+    assert result["limits"]["rows"]["student_train"]["flops"] > 0
+
+
 def test_the_benchmark_table_is_one_table_in_markdown_and_in_html() -> None:
     from kdkit.bench.methods import format_table, html_report_table
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,13 +18,13 @@ PROFILE_ROWS = 25
 PROFILE_FILE = "profile.txt"
 
 
-def training_flops(model: nn.Module, x: Tensor, y: Tensor) -> int:
-    """FLOPs of one training step's forward and backward of ``model`` on ``(x, y)`` with cross-entropy, as
-    :class:`~torch.utils.flop_counter.FlopCounterMode` counts them (matrix products and convolutions; a multiply-add
-    counts 2; elementwise work is not counted). The gradients it makes are dropped."""
+def training_flops(model: nn.Module, x: Tensor, loss: Callable[[Tensor], Tensor]) -> int:
+    """FLOPs of one training step's forward and backward of ``model`` on ``x`` with ``loss`` of its output (the
+    task's supervised loss), as :class:`~torch.utils.flop_counter.FlopCounterMode` counts them (matrix products and
+    convolutions; a multiply-add counts 2; elementwise work is not counted). The gradients it makes are dropped."""
     counter = FlopCounterMode(display=False)
     with counter:
-        F.cross_entropy(model(x), y).backward()
+        loss(model(x)).backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 

@@ -55,6 +55,7 @@ from kdkit.models import build_model
 from kdkit.profile import machine_info
 from kdkit.recipe import Recipe, find_recipe, load_recipe
 from kdkit.schedule import build_optimizer, build_schedule
+from kdkit.task import TASKS, BoundTask
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -73,6 +74,7 @@ NATIVE_BF16_TARGETS = ("c_bf16/b",)
 def _random_teachers(recipe: Recipe, folder: Path) -> list[str]:
     """Overrides pointing every frozen teacher of ``recipe`` at randomly initialised weights (same cost)."""
     data_shape = plan_shape(recipe)
+    data_shape["num_classes"] = TASKS.get(recipe.task).outputs(data_shape["num_classes"])  # + background, ...
     overrides = []
     for name, spec in recipe.frozen_teachers().items():
         model = build_model(spec.arch, **data_shape, params=spec.params)
@@ -130,7 +132,9 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 10, rounds: int
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         runs = {"c_kdkit_kd": assemble(recipe, source=source)}
+        # the cache holds one output vector per view: not a dense task's maps (refused by the plan, see build.py)
         cacheable = recipe.teacher is not None and recipe.data.views == 1 and \
+            not TASKS.get(recipe.task).pixel_targets and \
             not any(m.feeds_teacher_new_images for m in active_methods(recipe))
         # (d) reads a cache of the same random teacher (2 views are enough to time a lookup)
         cache = [*base, f"teacher.cache.dir={tmp}/cache", "teacher.cache.views=2"]
@@ -184,15 +188,16 @@ def _trainer(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> tuple[An
     return optimizer, build_schedule(optimizer, spec.schedule, spec.optimizer.lr, steps_per_epoch, spec.epochs)
 
 
-def plain_ce_step(student: nn.Module, recipe: Recipe, loader: BatchLoader) -> Callable[[], None]:
-    """(a): a hand-written step training ``student`` with cross-entropy on the loader's next batch."""
+def plain_ce_step(student: nn.Module, recipe: Recipe, loader: BatchLoader, task: BoundTask) -> Callable[[], None]:
+    """(a): a hand-written step training ``student`` with the task's supervised loss (cross-entropy for
+    classification, the detector's or the per-pixel loss for dense tasks) on the loader's next batch."""
     optimizer, schedule = _trainer(student, recipe, len(loader))
-    batches, smoothing = endless(loader), recipe.train.label_smoothing
+    batches = endless(loader)
     student.train()
 
     def step() -> None:
-        x, y, _ = fetch(batches)
-        loss = F.cross_entropy(student(x), y, label_smoothing=smoothing)
+        x, y, index = fetch(batches)
+        loss = task.loss(student(x), task.targets(y, index, "train"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -233,7 +238,7 @@ def plain_variants(run: Assembled, kd: tuple[float, float] | None) -> dict[str, 
     variants: dict[str, Callable[[], None]] = {}
     for layout, fmt in LAYOUTS.items():
         variants[f"a_ce_{layout}"] = plain_ce_step(copy.deepcopy(built.student.model).to(memory_format=fmt),
-                                                   recipe, in_layout(run.train_loader, layout))
+                                                   recipe, in_layout(run.train_loader, layout), run.engine.task)
     if kd is not None and built.teacher is not None:
         for layout, fmt in LAYOUTS.items():
             teacher = copy.deepcopy(built.teacher.model).to(memory_format=fmt)
@@ -312,12 +317,18 @@ def limits(run: Assembled, reference: dict[str, str], *, steps: int, rounds: int
     student_layout = reference["a"].removeprefix("a_ce_")
     teacher_layout = reference["b"].removeprefix("b_kd_") if "b" in reference else student_layout
     student = copy.deepcopy(built.student.model).to(memory_format=LAYOUTS[student_layout]).train()
-    x, y, _ = next(in_layout(run.train_loader, student_layout).epoch(0))
-    flops = {"student_train": training_flops(student, x, y)}
+    x, y, index = next(in_layout(run.train_loader, student_layout).epoch(0))
+    task = run.engine.task
+    targets = task.targets(y, index, "train")
+
+    def supervised(out: torch.Tensor) -> torch.Tensor:
+        return task.loss(out, targets)
+
+    flops = {"student_train": training_flops(student, x, supervised)}
 
     def student_train() -> None:
         student.zero_grad(set_to_none=True)
-        F.cross_entropy(student(x), y).backward()
+        supervised(student(x)).backward()
 
     parts: dict[str, Callable[[], Any]] = {"student_train": student_train}
     if built.teacher is not None:
