@@ -167,3 +167,51 @@ def optuna_trials(db: Path) -> list[Any]:
     storage = f"sqlite:///{db}"
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+
+
+#: 48 train and 16 test scenes: the shipped scene recipes' data, small enough for a test.
+TINY_SCENES = {"size": 48, "train_scenes": 48, "test_scenes": 16}
+
+
+def shipped_on_tiny_scenes(name: str, tmp_path: Path) -> dict[str, Any]:
+    """The shipped scene recipe ``name`` as a dict on :data:`TINY_SCENES`, its teacher a checkpoint
+    ``tmp_path/t.safetensors`` (not written here) instead of its recipe, its run in ``tmp_path/run``."""
+    from kdkit.recipe import find_recipe, load_recipe
+
+    recipe = load_recipe(find_recipe(name)).model_dump(mode="json")
+    recipe["name"] = name.replace("/", "_")
+    return edit_recipe(recipe, {
+        "teacher.recipe": None, "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
+        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")}, "output.dir": str(tmp_path / "run"),
+        "output.progress": False})
+
+
+def _needs_fashion_mnist() -> None:
+    from kdkit.data.idx import FASHION_MNIST_ROOT
+
+    if not Path(FASHION_MNIST_ROOT).is_dir():
+        pytest.skip("the Fashion-MNIST files are not installed")
+
+
+def tiny_det(tmp_path: Path, name: str) -> dict[str, Any]:
+    """The shipped detection recipe ``name`` on tiny scenes with narrow detectors and a random teacher (written),
+    one epoch."""
+    _needs_fashion_mnist()
+    torch.manual_seed(0)
+    teacher = build_model("det_teacher", num_classes=10, in_channels=1, image_size=48,
+                          params={"box_bins": 8, "width": 8})
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    return edit_recipe(shipped_on_tiny_scenes(name, tmp_path), {
+        "model.params.width": 4, "teacher.params.width": 8, "train.epochs": 1, "train.batch_size": 16})
+
+
+def tiny_seg(tmp_path: Path, name: str) -> dict[str, Any]:
+    """The shipped segmentation recipe ``name`` on tiny scenes with a random teacher (written), one epoch."""
+    from kdkit.task import TASKS
+
+    _needs_fashion_mnist()
+    torch.manual_seed(0)
+    teacher = build_model("segnet_teacher", num_classes=TASKS.get("segmentation").outputs(10), in_channels=1,
+                          image_size=48, params={"width": 16})
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    return edit_recipe(shipped_on_tiny_scenes(name, tmp_path), {"train.epochs": 1, "train.batch_size": 16})

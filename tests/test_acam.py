@@ -3,7 +3,6 @@ properties, the refusals, and tiny detection and segmentation runs of the shippe
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -11,15 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import edit_recipe, straight_and_resumed, write_recipe
+from conftest import edit_recipe, shipped_on_tiny_scenes, straight_and_resumed, tiny_det, tiny_seg, write_recipe
 from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.losses import LOSSES
 from kdkit.losses.acam import dice_diversity
-from kdkit.models import build_model
-from kdkit.recipe import find_recipe, load_recipe
 
 
 def sigmoid(x: float) -> float:
@@ -259,17 +255,6 @@ def test_an_attention_pool_that_does_not_divide_the_map_is_refused_naming_the_fa
 
 # -- recipes ----------------------------------------------------------------------------------------------------------
 
-#: 48 train and 16 test scenes: the shipped recipes' data, small enough for a test.
-TINY_SCENES = {"size": 48, "train_scenes": 48, "test_scenes": 16}
-
-
-def shipped(name: str) -> dict:
-    """A shipped recipe as a dict (its teacher recipe dropped: the tests give a checkpoint)."""
-    recipe = load_recipe(find_recipe(name)).model_dump(mode="json")
-    recipe["name"] = name.replace("/", "_")
-    return recipe
-
-
 @pytest.mark.parametrize(("name", "change", "message"), [
     ("scenes_det/acam", {"distill.0.student": "logits", "distill.0.teacher": "logits"}, "(C, H, W) feature maps"),
     ("scenes_det/acam", {"distill.0.student": ["p2", "p3", "p4"], "distill.0.teacher": ["p3", "p4", "p2"]},
@@ -283,9 +268,7 @@ def shipped(name: str) -> dict:
 def test_acam_recipes_it_cannot_work_with_exit_2_before_training(name: str, change: dict, message: str,
                                                                  tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = edit_recipe(shipped(name), {
-        "teacher.recipe": None, "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
-        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")}, "output.dir": str(tmp_path / "run")})
+    recipe = shipped_on_tiny_scenes(name, tmp_path)
     edit_recipe(recipe, change)
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err
@@ -305,29 +288,12 @@ def test_acam_on_a_classification_task_exits_2_before_training(tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
-def tiny_det(tmp_path: Path) -> dict:
-    """The shipped detection recipe on 48 scenes, narrow detectors, a random teacher, one epoch."""
-    from kdkit.data.idx import FASHION_MNIST_ROOT
-
-    if not Path(FASHION_MNIST_ROOT).is_dir():
-        pytest.skip("the Fashion-MNIST files are not installed")
-    torch.manual_seed(0)
-    teacher = build_model("det_teacher", num_classes=10, in_channels=1, image_size=48,
-                          params={"box_bins": 8, "width": 8})
-    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    return edit_recipe(shipped("scenes_det/acam"), {
-        "model.params.width": 4, "teacher.params.width": 8, "teacher.recipe": None,
-        "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
-        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")},
-        "train.epochs": 1, "train.batch_size": 16, "output.dir": str(tmp_path / "run"), "output.progress": False})
-
-
 @pytest.mark.slow
 def test_the_shipped_detection_acam_recipe_runs_end_to_end(tmp_path: Path) -> None:
     from kdkit.recipe import recipe_from_dict
     from kdkit.runner import run_recipe
 
-    summary = run_recipe(recipe_from_dict(tiny_det(tmp_path)))
+    summary = run_recipe(recipe_from_dict(tiny_det(tmp_path, "scenes_det/acam")))
     assert summary["task"] == "detection" and summary["loss_params"] > 0  # fusion and selection units trained
     row = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]
     assert math.isfinite(row["train_acam"]) and row["train_acam"] > 0 and math.isfinite(row["test_map"])
@@ -336,7 +302,7 @@ def test_the_shipped_detection_acam_recipe_runs_end_to_end(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_acam_resumes_exactly(tmp_path: Path) -> None:
     """The fusion and the selection units are trained state: a resumed run restores them (and their optimiser)."""
-    recipe = edit_recipe(tiny_det(tmp_path), {"train.epochs": 2})
+    recipe = edit_recipe(tiny_det(tmp_path, "scenes_det/acam"), {"train.epochs": 2})
     straight, broken = straight_and_resumed(recipe, tmp_path, 4)
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((broken / "metrics.json").read_text())
@@ -345,21 +311,10 @@ def test_acam_resumes_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_shipped_segmentation_acam_recipe_runs_end_to_end(tmp_path: Path) -> None:
-    from kdkit.data.idx import FASHION_MNIST_ROOT
     from kdkit.recipe import recipe_from_dict
     from kdkit.runner import run_recipe
-    from kdkit.task import TASKS
 
-    if not Path(FASHION_MNIST_ROOT).is_dir():
-        pytest.skip("the Fashion-MNIST files are not installed")
-    torch.manual_seed(0)
-    teacher = build_model("segnet_teacher", num_classes=TASKS.get("segmentation").outputs(10), in_channels=1,
-                          image_size=48, params={"width": 16})
-    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    recipe = edit_recipe(copy.deepcopy(shipped("scenes_seg/acam")), {
-        "teacher.recipe": None, "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
-        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")},
-        "train.epochs": 1, "train.batch_size": 16, "output.dir": str(tmp_path / "run"), "output.progress": False})
+    recipe = tiny_seg(tmp_path, "scenes_seg/acam")
     summary = run_recipe(recipe_from_dict(recipe))
     assert summary["loss_params"] > 0
     row = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]

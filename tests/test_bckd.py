@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import edit_recipe, write_recipe
+from conftest import shipped_on_tiny_scenes, tiny_det, write_recipe
 from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.losses import LOSSES
-from kdkit.recipe import find_recipe, load_recipe
 
 K = 3  # classes in the hand-made outputs
 
@@ -176,27 +175,14 @@ def test_bckd_refuses_what_is_not_two_dense_detector_outputs_of_one_layout() -> 
 
 # -- recipes ----------------------------------------------------------------------------------------------------------
 
-#: 48 train and 16 test scenes: the shipped recipes' data, small enough for a test.
-TINY_SCENES = {"size": 48, "train_scenes": 48, "test_scenes": 16}
-
-
-def shipped(name: str, tmp_path: Path) -> dict:
-    """A shipped recipe as a dict on tiny scenes, with a teacher checkpoint instead of its teacher recipe."""
-    recipe = load_recipe(find_recipe(name)).model_dump(mode="json")
-    recipe["name"] = name.replace("/", "_")
-    return edit_recipe(recipe, {
-        "teacher.recipe": None, "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
-        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")}, "output.dir": str(tmp_path / "run"),
-        "output.progress": False})
-
-
 def test_bckd_on_a_segmentation_recipe_exits_2_before_training(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = shipped("scenes_seg/pixel_kd", tmp_path)
+    recipe = shipped_on_tiny_scenes("scenes_seg/pixel_kd", tmp_path)
     recipe["distill"] = [{"loss": "bckd", "weight": 1.0}]
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
-    err = capsys.readouterr().err
-    assert "BCKD reads a dense detector output" in err and "task: detection" in err
+    err = capsys.readouterr().err  # the plan's check of what a loss reads from the task's logits
+    assert "loss 'bckd' reads dense per-location detector outputs" in err and "task 'segmentation'" in err
+    assert "valid choices: pixel_kd" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -205,27 +191,17 @@ def test_bckd_on_a_classification_recipe_exits_2_before_training(tiny: dict, tea
     tiny["teacher"] = {"arch": "cnn_teacher", "checkpoint": str(teacher_file)}
     tiny["distill"] = [{"loss": "bckd", "weight": 1.0}]
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", tiny))]) == 2
-    assert "BCKD reads a dense detector output" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss 'bckd' reads dense per-location detector outputs" in err and "task 'classification'" in err
     assert not Path(tiny["output"]["dir"]).exists()
 
 
 @pytest.mark.slow
 def test_the_shipped_bckd_recipe_runs_end_to_end(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from kdkit.data.idx import FASHION_MNIST_ROOT
-    from kdkit.models import build_model
     from kdkit.recipe import recipe_from_dict
     from kdkit.runner import run_recipe
 
-    if not Path(FASHION_MNIST_ROOT).is_dir():
-        pytest.skip("the Fashion-MNIST files are not installed")
-    torch.manual_seed(0)
-    teacher = build_model("det_teacher", num_classes=10, in_channels=1, image_size=48,
-                          params={"box_bins": 8, "width": 8})
-    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    recipe = edit_recipe(shipped("scenes_det/bckd", tmp_path), {"model.params.width": 4, "teacher.params.width": 8,
-                                                                "train.epochs": 1, "train.batch_size": 16})
+    recipe = tiny_det(tmp_path, "scenes_det/bckd")
     summary = run_recipe(recipe_from_dict(recipe))
     assert summary["task"] == "detection"
     row = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]

@@ -3,7 +3,6 @@ official mask rule, properties, the refusals, and tiny detection and segmentatio
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -11,17 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import edit_recipe, straight_and_resumed, write_recipe
+from conftest import edit_recipe, shipped_on_tiny_scenes, straight_and_resumed, tiny_det, tiny_seg, write_recipe
 from kdkit.bridges import BRIDGES
 from kdkit.bridges.mgd import MGDGenerator, random_mask
 from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.losses import LOSSES
 from kdkit.losses.mgd import mgd_loss
-from kdkit.models import build_model
-from kdkit.recipe import find_recipe, load_recipe
 
 
 def loop_mgd(generated: np.ndarray, teacher: np.ndarray, alpha: float) -> float:
@@ -159,17 +155,6 @@ def test_the_bridge_refuses_maps_of_different_spatial_sizes() -> None:
 
 # -- recipes ----------------------------------------------------------------------------------------------------------
 
-#: 48 train and 16 test scenes: the shipped recipes' data, small enough for a test.
-TINY_SCENES = {"size": 48, "train_scenes": 48, "test_scenes": 16}
-
-
-def shipped(name: str) -> dict:
-    """A shipped recipe as a dict (its teacher recipe dropped: the tests give a checkpoint)."""
-    recipe = load_recipe(find_recipe(name)).model_dump(mode="json")
-    recipe["name"] = name.replace("/", "_")
-    return recipe
-
-
 @pytest.mark.parametrize(("change", "message"), [
     ({"distill.0.bridge": "convreg"}, "reads the output of the 'mgd' bridge"),
     ({"distill.0.bridge_params.mask_ratio": 1.5}, "mask_ratio must be"),
@@ -178,30 +163,11 @@ def shipped(name: str) -> dict:
 ])
 def test_mgd_recipes_it_cannot_work_with_exit_2_before_training(change: dict, message: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = edit_recipe(shipped("scenes_det/mgd"), {
-        "teacher.recipe": None, "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
-        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")}, "output.dir": str(tmp_path / "run")})
+    recipe = shipped_on_tiny_scenes("scenes_det/mgd", tmp_path)
     edit_recipe(recipe, change)
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-def tiny_det(tmp_path: Path, name: str) -> dict:
-    """The shipped detection recipe ``name`` on 48 scenes, narrow detectors, a random teacher, one epoch."""
-    from kdkit.data.idx import FASHION_MNIST_ROOT
-
-    if not Path(FASHION_MNIST_ROOT).is_dir():
-        pytest.skip("the Fashion-MNIST files are not installed")
-    torch.manual_seed(0)
-    teacher = build_model("det_teacher", num_classes=10, in_channels=1, image_size=48,
-                          params={"box_bins": 8, "width": 8})
-    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    return edit_recipe(shipped(name), {
-        "model.params.width": 4, "teacher.params.width": 8, "teacher.recipe": None,
-        "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
-        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")},
-        "train.epochs": 1, "train.batch_size": 16, "output.dir": str(tmp_path / "run"), "output.progress": False})
 
 
 @pytest.mark.slow
@@ -227,21 +193,10 @@ def test_mgd_resumes_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_shipped_segmentation_mgd_recipe_runs_end_to_end(tmp_path: Path) -> None:
-    from kdkit.data.idx import FASHION_MNIST_ROOT
     from kdkit.recipe import recipe_from_dict
     from kdkit.runner import run_recipe
-    from kdkit.task import TASKS
 
-    if not Path(FASHION_MNIST_ROOT).is_dir():
-        pytest.skip("the Fashion-MNIST files are not installed")
-    torch.manual_seed(0)
-    teacher = build_model("segnet_teacher", num_classes=TASKS.get("segmentation").outputs(10), in_channels=1,
-                          image_size=48, params={"width": 16})
-    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    recipe = edit_recipe(copy.deepcopy(shipped("scenes_seg/mgd")), {
-        "teacher.recipe": None, "teacher.checkpoint": str(tmp_path / "t.safetensors"), "data.subset": None,
-        "data.params": TINY_SCENES | {"cache_dir": str(tmp_path / "cache")},
-        "train.epochs": 1, "train.batch_size": 16, "output.dir": str(tmp_path / "run"), "output.progress": False})
+    recipe = tiny_seg(tmp_path, "scenes_seg/mgd")
     run_recipe(recipe_from_dict(recipe))
     row = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]
     assert row["train_mgd"] > 0 and row["train_cwd"] > 0 and math.isfinite(row["test_miou"])
