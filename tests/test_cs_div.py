@@ -31,7 +31,7 @@ def cs(p: list[float], q: list[float]) -> float:
 
 
 def reference_cs(student: torch.Tensor, teacher: torch.Tensor, t: float, intra_w: float, inter_w: float) -> float:
-    n, c, h, w = student.shape
+    n, _, h, w = student.shape
     total = 0.0
     for i in range(n):
         for y in range(h):
@@ -47,7 +47,7 @@ def reference_cs(student: torch.Tensor, teacher: torch.Tensor, t: float, intra_w
 
 
 def reference_kd(student: torch.Tensor, teacher: torch.Tensor, t: float, ws: float, wb: float) -> float:
-    n, c, h, w = student.shape
+    n, _, h, w = student.shape
     total = 0.0
     for i in range(n):
         for y in range(h):

@@ -79,7 +79,7 @@ def balanced_bce(logit: Tensor, boundary: Tensor) -> Tensor:
         boundary: 0/1 targets ``(B, H, W)``, :data:`UNLABELLED` on an unlabelled image's pixels.
 
     Returns:
-        Scalar in the logits' precision (never below float32); 0 with zero gradient for a batch without a labelled image.
+        Scalar in the logits' precision (never below float32); 0, zero gradient, for a batch without a labelled image.
     """
     labelled = (boundary != UNLABELLED).flatten(1).all(1)
     target = boundary.clamp_min(0).to(logit.dtype)
@@ -184,8 +184,8 @@ class SegBoundary(Task):
     best = "miou"
     loss_name = "ce_bce"
     train_metric = "pixel_acc"
-    deployed_output = ("per-pixel logits (B, K + 2, H, W): channels 0..K the classes (softmax over them, 0 background), "
-                       "the last the boundary logit (sigmoid)")
+    deployed_output = ("per-pixel logits (B, K + 2, H, W): channels 0..K the classes (softmax over them, 0 "
+                       "background), the last the boundary logit (sigmoid)")
     probabilities = ""
     pixel_targets = True
     logits_layout = "pixels_boundary"
