@@ -177,7 +177,8 @@ def test_a_task_declares_how_its_outputs_become_probabilities() -> None:
 
     assert {name: task.probabilities for name, task in TASKS.items()} == {"classification": "softmax",
                                                                          "multilabel": "sigmoid",
-                                                                         "segmentation": "softmax", "detection": ""}
+                                                                         "segmentation": "softmax", "detection": "",
+                                                                         "seg_boundary": ""}
 
     class Scores(Task):
         """Outputs that are probabilities some other way."""
