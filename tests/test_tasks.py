@@ -177,7 +177,8 @@ def test_a_task_declares_how_its_outputs_become_probabilities() -> None:
 
     assert {name: task.probabilities for name, task in TASKS.items()} == {"classification": "softmax",
                                                                          "multilabel": "sigmoid",
-                                                                         "segmentation": "softmax", "detection": ""}
+                                                                         "segmentation": "softmax", "detection": "",
+                                                                         "seg_boundary": ""}
 
     class Scores(Task):
         """Outputs that are probabilities some other way."""
@@ -207,6 +208,8 @@ def shipped_with_terms(suite: str, terms: list[dict], tmp_path: Path) -> Path:
     ("scenes_det", "dkd", "dense per-location detector outputs", "valid choices: bckd, ld"),
     ("scenes_seg", "kd", "per-pixel class scores (B, K, H, W)", "valid choices: pixel_kd"),
     ("scenes", "dist", "independent per-class scores (B, K)", "valid choices: multilabel_kd"),
+    ("scenes_multitask", "kd", "per-pixel class scores and a boundary score (B, K + 2, H, W)",
+     "valid choices: multitask_kd, cs_multitask"),
 ])
 def test_a_classification_loss_on_another_tasks_logits_is_refused_naming_the_losses_made_for_them(
         suite: str, loss: str, layout: str, choices: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -222,6 +225,7 @@ def test_a_classification_loss_on_another_tasks_logits_is_refused_naming_the_los
     ("scenes_det", [{"loss": "mse", "student": "logits", "teacher": "logits"}, {"loss": "ld"}]),
     ("scenes_seg", [{"loss": "pixel_kd"}, {"loss": "cwd"}]),
     ("scenes", [{"loss": "multilabel_kd"}]),
+    ("scenes_multitask", [{"loss": "cs_multitask"}, {"loss": "multitask_kd"}]),
 ])
 def test_losses_that_read_a_dense_tasks_logits_validate(suite: str, terms: list[dict], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:

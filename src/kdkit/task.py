@@ -148,6 +148,8 @@ LOGITS_LAYOUTS = {
     "classes": "class scores (B, K), one class per sample (softmax)",
     "labels": "independent per-class scores (B, K), several labels per sample (sigmoid)",
     "pixels": "per-pixel class scores (B, K, H, W)",
+    "pixels_boundary": "per-pixel class scores and a boundary score (B, K + 2, H, W): classes 0..K (softmax), the last "
+                       "channel the boundary logit (sigmoid)",
     "detections": "dense per-location detector outputs (B, L, K + box + 1)",
 }
 
