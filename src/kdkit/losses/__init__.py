@@ -18,6 +18,7 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     mlkd,
     multi_teacher,
     multilabel,
+    old_kd,
     pairwise_kd,
     pcka,
     pixel_kd,
