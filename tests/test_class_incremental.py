@@ -126,6 +126,7 @@ def test_growing_refuses_a_checkpoint_with_more_rows_or_another_width(tmp_path: 
 
 
 # -- old / new mIoU ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the first torchmetrics import takes seconds
 def test_old_and_new_miou_are_the_means_of_the_per_class_ious_over_their_channels() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 6, 6, generator=gen)
@@ -152,7 +153,7 @@ def test_old_and_new_miou_are_the_means_of_the_per_class_ious_over_their_channel
 # -- old_kd ---------------------------------------------------------------------------------------------------
 def old_kd_np(s: np.ndarray, t: np.ndarray, temp: float, unbiased: bool) -> float:
     """Per-pixel loops: KL of the old model's softmax and the student's (old outputs, or MiB's background)."""
-    n, k, h, w = s.shape
+    n, _, h, w = s.shape
     ko = t.shape[1]
     total = 0.0
     for b in range(n):
@@ -201,7 +202,7 @@ def test_old_kd_keeps_float64_upcasts_half_and_has_finite_gradients_on_extreme_l
 def detect_np(f: np.ndarray, z: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Loops: centroids of the L2-normalised features of background-labelled pixels per old-model prediction, then
     shifted = nearer a foreground centroid than the background one."""
-    n, c, h, w = f.shape
+    n, _, h, w = f.shape
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     pred = z.argmax(1)
     sums, counts = {}, {}
@@ -349,6 +350,7 @@ def test_step_2_recipes_that_cannot_work_are_refused_before_training(steps: tupl
     assert not (tmp_path / "step1" / "checkpoints").exists() and not (tmp_path / "step2" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # reads the Fashion-MNIST scenes
 def test_the_shipped_recipes_validate() -> None:
     for name in ("teacher", "student_ft", "kd", "bacs"):
         assert main(["validate", f"recipes/scenes_seg_incremental/{name}.yaml"]) == 0
@@ -356,8 +358,18 @@ def test_the_shipped_recipes_validate() -> None:
 
 @pytest.mark.slow
 def test_two_tiny_steps_grow_the_model_and_report_old_and_new_miou(steps: tuple, tmp_path: Path) -> None:
-    one, two = steps
+    from kdkit.build import plan
+    from kdkit.checkpoint import read_weights, resolve_weights
+    from kdkit.recipe import recipe_from_dict
+
+    two = steps[1]
     assert main(["run", str(tmp_path / "step1.yaml")]) == 0
+    old, _ = read_weights(resolve_weights(tmp_path / "step1"))
+    grown = {k.removeprefix("model."): v for k, v in
+             plan(recipe_from_dict(two), training=True).student.state_dict().items() if k.startswith("model.")}
+    old = {k.removeprefix("model."): v for k, v in old.items() if k.startswith("model.")}
+    assert grown["classifier.weight"].shape[0] == 5 and old["classifier.weight"].shape[0] == 3
+    assert all(torch.equal(grown[k][: v.shape[0]] if v.dim() else grown[k], v) for k, v in old.items())  # grown
     assert main(["run", str(write_recipe(tmp_path / "step2.yaml", two))]) == 0
     first = json.loads((tmp_path / "step1" / "summary.json").read_text())
     second = json.loads((tmp_path / "step2" / "summary.json").read_text())
