@@ -375,3 +375,13 @@ def test_two_tiny_steps_grow_the_model_and_report_old_and_new_miou(steps: tuple,
     second = json.loads((tmp_path / "step2" / "summary.json").read_text())
     assert "last_miou_old" not in first and {"last_miou_old", "last_miou_new", "last_miou"} <= set(second)
     assert all(0.0 <= second[k] <= 100.0 for k in ("last_miou_old", "last_miou_new"))
+
+
+def test_starting_from_a_teacher_that_is_not_there_is_refused_before_training(steps: tuple, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]
+                                                                               ) -> None:
+    one = copy.deepcopy(steps[0])
+    one["model"]["init"] = "teacher"
+    assert main(["run", str(write_recipe(tmp_path / "bad.yaml", one))]) == 2
+    assert "model.init 'teacher' needs one frozen `teacher:`" in capsys.readouterr().err
+    assert not (tmp_path / "step1" / "checkpoints").exists()
