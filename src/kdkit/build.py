@@ -308,12 +308,34 @@ class _Planner:
         if data is not None and recipe.data.validation is not None:  # before the setting: it is scored by labels
             data = self.attempt(hold_out, data, recipe.data.validation.fraction, recipe.data.validation.seed)
         setting = recipe.data.setting
-        if setting is not None and self.attempt(check_setting, setting.name, setting.params) is not None \
+        checked = None if setting is None else self.attempt(check_setting, setting.name, setting.params)
+        if setting is not None and checked is not None:
+            self.setting_fits(setting.name, checked)
+        if setting is not None and checked is not None \
                 and data is not None and not self.reads_teacher():  # else applied once the teacher is loaded
             data = self.attempt(apply_setting, data, setting.name, setting.params, setting.seed)
         if data is not None:
             return data, DataShape(data.num_classes, data.in_channels, data.image_size)
         return None, DataShape(*KNOWN_SHAPES.get(recipe.data.dataset, (10, 3, 32)))
+
+    def setting_fits(self, name: str, params: dict[str, Any]) -> None:
+        """Refuse a setting on a task it builds no targets for, or without the previous model it needs."""
+        found, recipe = SETTINGS.get(name), self.recipe
+        if found.tasks and recipe.task not in found.tasks:
+            self.errors.append(KdkitError(f"setting {name!r} builds targets for {', '.join(found.tasks)}, not task "
+                                          f"{recipe.task!r}", bad=recipe.task, choices=list(found.tasks),
+                                          fix=f"set task: {found.tasks[0]}", where="task"))
+        classes = found.old_model(params)
+        if classes is None:
+            return
+        teacher = recipe.teacher
+        if teacher is None or teacher.classes != classes:
+            got = "no teacher" if teacher is None else f"teacher.classes {teacher.classes}"
+            self.errors.append(KdkitError(f"setting {name!r} {params} continues a model of {classes} classes, "
+                                          f"but the recipe has {got}", bad=str(None if teacher is None else
+                                                                             teacher.classes),
+                                          choices=[str(classes)], fix=f"add `teacher:` (the previous step's run: "
+                                          f"recipe or checkpoint) with classes: {classes}", where="teacher"))
 
     def reads_teacher(self) -> bool:
         """Whether the recipe's data setting ranks the training images by the teacher's logits."""
@@ -387,9 +409,17 @@ class _Planner:
     # -- stage 2: the networks ------------------------------------------------------------------------
     def network(self, spec: Any, shape: DataShape, at: str) -> nn.Module | None:
         # the task decides the networks' outputs (segmentation adds background); an unknown task is reported
-        # by stage 1, and the networks are then built for the classes alone
+        # by stage 1, and the networks are then built for the classes alone. A teacher of fewer classes (a
+        # class-incremental step's old model) is built for its own.
+        classes = getattr(spec, "classes", None) or shape.num_classes
+        if classes > shape.num_classes:
+            self.errors.append(KdkitError(f"{at}.classes {classes} exceeds the data's {shape.num_classes} classes",
+                                          bad=str(classes), choices=[str(shape.num_classes)],
+                                          fix=f"set {at}.classes to at most {shape.num_classes}",
+                                          where=f"{at}.classes"))
+            return None
         task = TASKS.get(self.recipe.task) if self.recipe.task in TASKS else None
-        outputs = task.outputs(shape.num_classes) if task is not None else shape.num_classes
+        outputs = task.outputs(classes) if task is not None else classes
         return self.attempt(build_model, spec.arch, num_classes=outputs, in_channels=shape.in_channels,
                             image_size=shape.image_size, params=spec.params, where=f"{at}.arch")
 
@@ -400,6 +430,8 @@ class _Planner:
         for member, spec in recipe.trained_members().items():
             at = "model" if member == "model" else f"peers.{member}"
             members[member] = built = self.network(spec, shape, at)
+            if built is not None and spec.init == "teacher" and not self.deploying:
+                self.from_teacher(built, spec, at)
             if built is not None and spec.checkpoint is not None and not self.deploying:
                 if self.training or Path(spec.checkpoint).exists():
                     self.attempt(load_model_weights, built, spec.checkpoint, where=f"{at}.checkpoint")
@@ -410,6 +442,31 @@ class _Planner:
         if any(m is None for m in members.values()):
             return None
         return PeerGroup(members, recipe.deploy)  # type: ignore[arg-type]  # one module: taps, DDP, checkpoints
+
+    def from_teacher(self, built: nn.Module, spec: Any, at: str) -> None:
+        """Start ``built`` from the frozen teacher's weights (``init: teacher``), growing its output layers."""
+        teacher = self.recipe.teacher
+        if teacher is None or spec.checkpoint is not None:
+            self.errors.append(KdkitError(
+                f"{at}.init 'teacher' needs one frozen `teacher:` and no {at}.checkpoint"
+                + (" (there is no teacher)" if teacher is None else f" (checkpoint is {spec.checkpoint!r})"),
+                bad="teacher", choices=["fresh"], fix=f"add `teacher:` (the previous step's run) and drop "
+                f"{at}.checkpoint, or set {at}.init: fresh", where=f"{at}.init"))
+            return
+        if spec.arch != teacher.arch or spec.params != teacher.params:
+            self.errors.append(KdkitError(f"{at}.init 'teacher' needs the teacher's arch and params, got "
+                                          f"{spec.arch} {spec.params} vs {teacher.arch} {teacher.params}",
+                                          bad=spec.arch, choices=[teacher.arch], fix=f"set {at} to the "
+                                          "teacher's arch and params", where=f"{at}.init"))
+            return
+        if self.training:
+            weights = self.attempt(teacher_weights, teacher, self.base)
+        elif teacher.checkpoint is not None and Path(teacher.checkpoint).exists():
+            weights = resolve_weights(teacher.checkpoint)
+        else:  # validation: the teacher's run may not exist yet (training makes it first)
+            return
+        if weights is not None:
+            self.attempt(load_model_weights, built, weights, where=f"{at}.init", grow=True)
 
     def frozen(self, shape: DataShape) -> nn.Module | None:
         """The frozen teacher, or one :class:`TeacherEnsemble` of the named teachers (weights loaded)."""

@@ -289,14 +289,21 @@ def read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return loaded, {}
 
 
-def state_mismatch(module: nn.Module, tensors: dict[str, torch.Tensor]) -> str:
+def grows_into(saved: torch.Size, built: torch.Size) -> bool:
+    """Whether a saved tensor is the leading rows of a built one: same shape but fewer rows (dimension 0), as a
+    classifier's weight and bias are when new classes add outputs."""
+    return len(saved) == len(built) >= 1 and saved[1:] == built[1:] and saved[0] < built[0]
+
+
+def state_mismatch(module: nn.Module, tensors: dict[str, torch.Tensor], grow: bool = False) -> str:
     """What keeps ``tensors`` from loading strictly into ``module`` (missing or unexpected keys, other
-    shapes), or ``""`` when they fit."""
+    shapes), or ``""`` when they fit. With ``grow``, a tensor with fewer leading rows than the module's fits
+    (:func:`grows_into`)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in tensors if k not in expected]
     wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
+             if k in tensors and tensors[k].shape != v.shape and not (grow and grows_into(tensors[k].shape, v.shape))]
     return "; ".join(filter(None, [
         f"missing {missing[:3]}" if missing else "",
         f"unexpected {unexpected[:3]}" if unexpected else "",
@@ -304,7 +311,8 @@ def state_mismatch(module: nn.Module, tensors: dict[str, torch.Tensor]) -> str:
     ]))
 
 
-def load_model_weights(model: nn.Module, path: str | Path, prefix: str = "model.", where: str | None = None) -> Path:
+def load_model_weights(model: nn.Module, path: str | Path, prefix: str = "model.", where: str | None = None,
+                       grow: bool = False) -> Path:
     """Load weights into ``model`` strictly, with a clear error on an architecture mismatch.
 
     Args:
@@ -312,6 +320,9 @@ def load_model_weights(model: nn.Module, path: str | Path, prefix: str = "model.
         path: Anything :func:`resolve_weights` accepts.
         prefix: Key prefix of the model inside kdkit checkpoints (bridges are stored beside it).
         where: Recipe location for messages.
+        grow: Also load a checkpoint whose output layers have fewer rows (a class-incremental step's model
+            grown from the previous step's): such a tensor fills the model's leading rows (the old classes keep
+            their indices and weights); the rows past it keep the model's fresh initialisation.
 
     Returns:
         The weights file that was loaded.
@@ -320,7 +331,7 @@ def load_model_weights(model: nn.Module, path: str | Path, prefix: str = "model.
     tensors, metadata = read_weights(file)
     if any(k.startswith(prefix) for k in tensors):
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    detail = state_mismatch(model, tensors)
+    detail = state_mismatch(model, tensors, grow)
     if detail:
         saved_arch = metadata.get("arch", "unknown")
         raise KdkitError(f"checkpoint {str(file)!r} (architecture {saved_arch}) does not fit "
@@ -329,8 +340,18 @@ def load_model_weights(model: nn.Module, path: str | Path, prefix: str = "model.
                          where=where)
     if any(t.is_meta for t in model.state_dict().values()):
         return file  # a model built for validation holds no data: names and shapes were all there is to check
+    if grow:
+        fresh = model.state_dict()
+        tensors = {k: _grown(v, fresh[k]) if grows_into(v.shape, fresh[k].shape) else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True)
     return file
+
+
+def _grown(saved: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """``fresh`` (the built model's initial tensor) with its leading rows replaced by ``saved``."""
+    out = fresh.detach().clone()
+    out[: saved.shape[0]] = saved.to(out.dtype)
+    return out
 
 
 def read_state(folder: Path) -> dict[str, Any]:

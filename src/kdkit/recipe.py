@@ -52,6 +52,11 @@ class MemberOptimizerSpec(Strict):
 class TrainedSpec(ModelSpec):
     """A trained network: ``model``, or a peer trained with it."""
 
+    init: Literal["fresh", "teacher"] = Field(
+        "fresh", description="teacher: start from the frozen teacher's trained weights (same arch), a layer with "
+        "more outputs than the teacher's (a class-incremental step's classifier) taking the teacher's rows first "
+        "and keeping its fresh initialisation for the new ones; fresh: the arch's own initialisation")
+
     optimizer: MemberOptimizerSpec | None = Field(
         None, description="this network's own optimiser settings (with `peers:` only; default: train.optimizer's)")
 
@@ -83,6 +88,9 @@ class TeacherSpec(ModelSpec):
 
     recipe: str | None = Field(None, description="recipe (path or shipped name) that trains this teacher; "
                                "used, and its run reused, when no checkpoint is given")
+    classes: int | None = Field(None, ge=1, description="the classes the teacher was trained on when fewer than the "
+                                "data's: the data's first `classes` (a class-incremental step's old model; its "
+                                "outputs are the task's for that many classes); default the data's")
     channels_last: bool = True
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding convolutions (faster, same outputs)")
     cache: CacheSpec | None = Field(None, description="replay stored teacher outputs instead of running the "

@@ -251,8 +251,8 @@ def test_two_modalities_appends_the_sobel_edge_channel() -> None:
 # -- the registry -----------------------------------------------------------------------------------------------------
 
 def test_every_setting_is_registered_and_bad_names_and_parameters_are_refused() -> None:
-    assert SETTINGS.names() == ["class_mismatch", "few_classes", "long_tailed", "novel_classes", "pruned",
-                                "semi_supervised", "shifted", "two_modalities"]
+    assert SETTINGS.names() == ["class_incremental", "class_mismatch", "few_classes", "long_tailed", "novel_classes",
+                                "pruned", "semi_supervised", "shifted", "two_modalities"]
     data = indexed_data((4, 4))
     with pytest.raises(KdkitError, match="unknown setting 'semi_supervize'") as err:
         apply_setting(data, "semi_supervize", {}, seed=0)

@@ -46,6 +46,9 @@ class ImageData:
         novel_classes: Classes of the test split that no training sample is labelled with and that the run must
             discover (novel class discovery): their training samples are unlabelled, and the classification task
             scores them by clustering accuracy (``novel_acc``). Empty for every other dataset.
+        old_classes: Classes a previous class-incremental step learned (``class_incremental`` step 2): this
+            run's masks label them background, and the segmentation task scores old and new classes apart
+            (``miou_old``, ``miou_new``). Empty for every other dataset.
         warnings: What the reader left out of the files and why (e.g. skipped annotations, counted per file), one
             sentence each; a run prints them and records them in its summary. Empty when nothing was left out.
 
@@ -66,6 +69,7 @@ class ImageData:
     train_targets: dict[str, Tensor] = field(default_factory=dict)
     test_targets: dict[str, Tensor] = field(default_factory=dict)
     novel_classes: tuple[int, ...] = ()
+    old_classes: tuple[int, ...] = ()
     warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -141,6 +145,11 @@ class ImageData:
         object.__setattr__(self, "novel_classes", novel)
         if any(not 0 <= c < len(self.classes) for c in novel) or len(set(novel)) != len(novel):
             raise KdkitError(f"novel_classes {novel} must be distinct class indices in [0, {len(self.classes)})",
+                             fix=fix, where=where)
+        old = tuple(int(c) for c in self.old_classes)
+        object.__setattr__(self, "old_classes", old)
+        if any(not 0 <= c < len(self.classes) for c in old) or len(set(old)) != len(old):
+            raise KdkitError(f"old_classes {old} must be distinct class indices in [0, {len(self.classes)})",
                              fix=fix, where=where)
         labelled = [c for c in novel if bool((self.train_labels == c).any())]
         if labelled:

@@ -20,6 +20,7 @@ from kdkit.losses import (  # noqa: F401 - each module registers its losses on i
     multi_teacher,
     multilabel,
     multitask_kd,
+    old_kd,
     pairwise_kd,
     pcka,
     pixel_kd,

@@ -5,7 +5,8 @@ lookup. Methods never import each other.
 """
 
 # one registration line per method (ruff's isort would merge them: keep them apart)
-from kdkit.methods import byot  # noqa: F401, I001
+from kdkit.methods import bacs  # noqa: F401, I001
+from kdkit.methods import byot  # noqa: F401
 from kdkit.methods import crkd  # noqa: F401
 from kdkit.methods import ctcl  # noqa: F401
 from kdkit.methods import dho  # noqa: F401

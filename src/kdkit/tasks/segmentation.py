@@ -8,8 +8,11 @@ outputs. ``softmax`` over the channels gives each pixel's class probabilities.
 
 mIoU is the mean over the ``K + 1`` classes, background included (as Pascal VOC's 21-class mIoU), of
 ``TP / (TP + FP + FN)`` counted over every test pixel; pixel accuracy is the share of test pixels whose argmax
-is their class. The masks are read by sample index, so they would not follow a crop or flip of the image:
-the task declares :attr:`~kdkit.task.Task.pixel_targets`, and recipes with geometric augmentation are refused.
+is their class. On a class-incremental step 2 (``ImageData.old_classes`` set) the task also reports ``miou_old``
+(background and the old classes, MiB's convention) and ``miou_new`` (the classes added by this step): the means of
+the same per-class IoUs over those channels. The masks are read by sample index, so they would not follow a crop
+or flip of the image: the task declares :attr:`~kdkit.task.Task.pixel_targets`, and recipes with geometric
+augmentation are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from kdkit.distill import labelled_cross_entropy
 from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.task import Task, register_task
 
+OLD, NEW = "miou_old", "miou_new"  # class-incremental step 2 only
+
+
+def old_channels(data: Any) -> tuple[int, ...]:
+    """The output channels of ``data``'s old classes, background (0) first; empty when none were learned before."""
+    old = tuple(getattr(data, "old_classes", ()) or ())
+    return (0, *(c + 1 for c in old)) if old else ()
+
 
 class SegmentationEvaluator:
     """mIoU and pixel accuracy (%) from torchmetrics over every test pixel, and the mean per-pixel cross-entropy.
@@ -37,12 +48,15 @@ class SegmentationEvaluator:
         num_classes: Classes including background (``K + 1``).
         device: Device of the metric states.
         ctx: Distributed context.
+        old: Channels of the classes a previous step learned, background included (empty: not incremental).
     """
 
-    def __init__(self, num_classes: int, device: torch.device, ctx: DistContext) -> None:
+    def __init__(self, num_classes: int, device: torch.device, ctx: DistContext, old: tuple[int, ...] = ()) -> None:
         from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-        self.ctx = ctx
+        self.ctx, self.old = ctx, old
+        self.per_class = MulticlassJaccardIndex(num_classes=num_classes, average="none",
+                                                ignore_index=UNLABELLED).to(device) if old else None
         # void pixels (targets UNLABELLED) are scored by no metric
         self.iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=UNLABELLED).to(device)
         self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=UNLABELLED).to(device)
@@ -51,6 +65,8 @@ class SegmentationEvaluator:
     def update(self, logits: Tensor, targets: Tensor) -> None:
         predicted, truth = logits.argmax(1), targets.long()
         self.iou.update(predicted, truth)
+        if self.per_class is not None:
+            self.per_class.update(predicted, truth)
         self.acc.update(predicted, truth)
         ce = F.cross_entropy(logits.float(), truth, reduction="sum", ignore_index=UNLABELLED)
         scored = (truth != UNLABELLED).sum().double()
@@ -58,8 +74,14 @@ class SegmentationEvaluator:
 
     def compute(self) -> dict[str, float]:
         ce, pixels = all_reduce_sum(self.totals, self.ctx).tolist()
-        return {"miou": 100.0 * float(self.iou.compute()), "pixel_acc": 100.0 * float(self.acc.compute()),
-                "loss": ce / max(pixels, 1.0)}
+        out = {"miou": 100.0 * float(self.iou.compute()), "pixel_acc": 100.0 * float(self.acc.compute()),
+               "loss": ce / max(pixels, 1.0)}
+        if self.per_class is not None:
+            ious = self.per_class.compute().double()
+            new = [c for c in range(len(ious)) if c not in self.old]
+            out[OLD] = 100.0 * float(ious[list(self.old)].mean())
+            out[NEW] = 100.0 * float(ious[new].mean())
+        return out
 
 
 def background_chance(masks: Tensor, num_classes: int) -> dict[str, float]:
@@ -90,6 +112,7 @@ class BoundSegmentation:
     def __init__(self, task: Task, data: Any, device: torch.device, label_smoothing: float) -> None:
         self.task, self.device, self.metrics = task, device, task.metrics_for(data)
         self.label_smoothing = label_smoothing
+        self.old = old_channels(data)
         self.num_classes = task.outputs(data.num_classes)
         self.split_targets = {split: getattr(data, f"{split}_targets")[task.target].to(device).long()
                               for split in ("train", "test")}
@@ -113,7 +136,7 @@ class BoundSegmentation:
         return (right / pixels.clamp_min(1)).sum(), labelled.sum().float()
 
     def evaluator(self, ctx: DistContext) -> SegmentationEvaluator:
-        return SegmentationEvaluator(self.num_classes, self.device, ctx)
+        return SegmentationEvaluator(self.num_classes, self.device, ctx, self.old)
 
     def chance(self) -> dict[str, float]:
         return background_chance(self._test_masks, self.num_classes)
@@ -125,7 +148,7 @@ class Segmentation(Task):
 
     name = "segmentation"
     target = "semantic"
-    metrics = ("miou", "pixel_acc", "loss")
+    metrics = ("miou", "pixel_acc", "loss", OLD, NEW)
     best = "miou"
     loss_name = "ce"
     train_metric = "pixel_acc"
@@ -134,6 +157,11 @@ class Segmentation(Task):
     probabilities = "softmax"
     pixel_targets = True
     logits_layout = "pixels"
+
+    def metrics_for(self, data: Any) -> tuple[str, ...]:
+        if data is None or not old_channels(data):  # old / new are defined on an incremental step 2 only
+            return tuple(m for m in self.metrics if m not in (OLD, NEW))
+        return self.metrics
 
     def outputs(self, num_classes: int) -> int:
         """Background plus the ``num_classes`` object classes."""

@@ -28,6 +28,10 @@ def _never(params: Mapping[str, Any]) -> bool:
     return False
 
 
+def _no_old_model(params: Mapping[str, Any]) -> int | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Setting:
     """A registered setting.
@@ -36,17 +40,24 @@ class Setting:
         build: ``build(data, *, seed, **params)`` (plus ``teacher_logits=`` when :attr:`reads_teacher` says so).
         reads_teacher: Whether the setting, with these recipe parameters, ranks the training images by a frozen
             teacher's logits (then the recipe needs ``teacher:``, and the planner passes ``teacher_logits``).
+        tasks: The tasks whose targets the setting builds (empty: any task).
+        old_model: The number of classes of the previous model the setting's step needs as ``teacher:``
+            (``teacher.classes``), or ``None`` when it needs none (a class-incremental step 2 needs step 1's).
     """
 
     build: SettingBuild
     reads_teacher: Callable[[Mapping[str, Any]], bool] = _never
+    tasks: tuple[str, ...] = ()
+    old_model: Callable[[Mapping[str, Any]], int | None] = _no_old_model
 
 
 SETTINGS: Registry[Setting] = Registry("setting", fix="run `kdkit ls settings`")
 
 
 def register_setting(name: str, help: str | None = None, *,
-                     reads_teacher: Callable[[Mapping[str, Any]], bool] | None = None
+                     reads_teacher: Callable[[Mapping[str, Any]], bool] | None = None,
+                     tasks: tuple[str, ...] = (),
+                     old_model: Callable[[Mapping[str, Any]], int | None] | None = None,
                      ) -> Callable[[SettingBuild], SettingBuild]:
     """Register a setting function under ``name`` (``data.setting.name``); returns the function unchanged.
 
@@ -54,11 +65,13 @@ def register_setting(name: str, help: str | None = None, *,
         name: Recipe name.
         help: One line for ``kdkit ls settings`` (default: the docstring's first line).
         reads_teacher: See :attr:`Setting.reads_teacher` (default: never).
+        tasks: See :attr:`Setting.tasks` (default: any task).
+        old_model: See :attr:`Setting.old_model` (default: none needed).
     """
 
     def deco(build: SettingBuild) -> SettingBuild:
         summary = help or (build.__doc__ or "").strip().split("\n")[0]
-        SETTINGS.add(name, Setting(build, reads_teacher or _never), summary)
+        SETTINGS.add(name, Setting(build, reads_teacher or _never, tasks, old_model or _no_old_model), summary)
         return build
 
     return deco
