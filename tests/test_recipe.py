@@ -78,6 +78,18 @@ def test_unknown_shipped_recipe_suggests_names() -> None:
         load_recipe("fashion_mnist/kdd")
 
 
+@pytest.mark.parametrize(("name", "digest"), [
+    ("fashion_mnist/kd", "a255fb33d58b"), ("fashion_mnist/dml", "9aeb39d2366d"),
+    ("fashion_mnist/multi_teacher", "054c4e66c222"),
+])
+def test_keys_added_later_leave_the_digests_of_recipes_that_do_not_set_them(name: str, digest: str) -> None:
+    from kdkit.recipe import load_recipe
+
+    # a trained network's init, a peer's optimiser, a teacher's classes: absent while unset, so finished runs
+    # (benchmarks, teacher runs, caches) are still found by the digest they were saved with
+    assert load_recipe(name).digest() == digest
+
+
 def test_resolved_params_fill_defaults_without_changing_the_digest() -> None:
     from kdkit.build import resolved_terms
     from kdkit.recipe import load_recipe

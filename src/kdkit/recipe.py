@@ -304,7 +304,7 @@ _LATER_KEYS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("train", "eval_every"), 1),
     (("task",), "classification"), (("teachers",), None), (("peers",), None), (("deploy",), "model"),
     (("data", "setting"), None), (("train", "optimizer", "delta"), None), (("data", "validation"), None),
-    (("teacher", "cache", "taps"), None),
+    (("teacher", "cache", "taps"), None), (("teacher", "classes"), None),
 )
 
 
@@ -503,10 +503,15 @@ class RecipeCore(Strict):
             if key in node and node[key] == unset:
                 del node[key]
         for member in (data["model"], *(data.get("peers") or {}).values()):
-            if member.get("optimizer", 0) is None:  # added later, like the keys above
+            if member.get("init") == "fresh":  # added later, like the keys above
+                del member["init"]
+            if member.get("optimizer", 0) is None:
                 del member["optimizer"]
-            elif member.get("optimizer", {}).get("delta", 0) is None:  # likewise
+            elif member.get("optimizer", {}).get("delta", 0) is None:
                 del member["optimizer"]["delta"]
+        for teacher in (data.get("teachers") or {}).values():
+            if teacher.get("classes", 0) is None:
+                del teacher["classes"]
         return data
 
     def digest(self) -> str:
