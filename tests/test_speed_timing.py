@@ -152,7 +152,15 @@ def test_the_hand_written_loop_fetches_from_the_loader_and_steps_the_schedule(
         return original(epoch, start)
 
     loader.epoch = counted  # type: ignore[method-assign]
-    step = speed.plain_ce_step(build_model("cnn_student", num_classes=10, in_channels=1, image_size=8), recipe, loader)
+    class CrossEntropy:  # the task part the loop uses: the batch's targets and the supervised loss
+        def targets(self, labels: torch.Tensor, index: torch.Tensor, split: str) -> torch.Tensor:
+            return labels
+
+        def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(logits, targets)
+
+    step = speed.plain_ce_step(build_model("cnn_student", num_classes=10, in_channels=1, image_size=8), recipe, loader,
+                               CrossEntropy())  # type: ignore[arg-type]
     for _ in range(3):  # 2 batches per epoch: the third comes from the next epoch
         step()
     assert fetched == [0, 1]
