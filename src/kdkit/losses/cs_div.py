@@ -28,16 +28,15 @@ and exactly 0, with finite gradients, on identical ones). No :math:`T^2` factor 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from annotated_types import Ge, Gt
 from torch import Tensor
 
-from kdkit.errors import KdkitError
-from kdkit.losses.base import DistillLoss, compute_dtype, register_loss
-from kdkit.losses.multitask_kd import check_split, split_logits
+from kdkit.losses.base import compute_dtype, register_loss
+from kdkit.losses.multitask_kd import SegBoundaryLoss, split_logits
 
 
 def cs_divergence_from_logs(log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
@@ -88,7 +87,7 @@ def cs_multitask_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0
 
 @register_loss("cs_multitask", help="Cauchy-Schwarz divergence of segmentation + boundary outputs, intra + inter-task "
                                     "(Xu et al., ICCV 2023)")
-class CSMultitaskLoss(DistillLoss):
+class CSMultitaskLoss(SegBoundaryLoss):
     """Cauchy-Schwarz multi-task dense distillation; see :func:`cs_multitask_loss` and the module docstring.
 
     Recipe::
@@ -105,12 +104,7 @@ class CSMultitaskLoss(DistillLoss):
             last.
     """
 
-    reads_logits = frozenset({"pixels_boundary"})
-
-    @classmethod
-    def example_shapes(cls) -> tuple[Any, Any]:
-        """Two equal ``(K + 2, H, W)`` maps (K = 3)."""
-        return (5, 4, 4), (5, 4, 4)
+    loss_name = "cs_multitask"
 
     def __init__(self, *, temperature: Annotated[float, Gt(0)] = 1.0, intra_weight: Annotated[float, Ge(0)] = 1.0,
                  inter_weight: Annotated[float, Ge(0)] = 1.0,
@@ -118,10 +112,6 @@ class CSMultitaskLoss(DistillLoss):
         super().__init__()
         self.temperature, self.intra_weight, self.inter_weight = temperature, intra_weight, inter_weight
         self.seg_channels = seg_channels
-
-    def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | KdkitError | None:
-        """Per-sample ``(K + 2, H, W)`` maps of one shape, split as ``seg_channels`` says."""
-        return check_split("cs_multitask", student, teacher, self.seg_channels)
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
         """CS multi-task distillation of two ``(N, K + 2, H, W)`` outputs; labels are unused."""

@@ -6,7 +6,7 @@ Also the channel split both multi-task losses share: a ``(N, K + 2, H, W)`` outp
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch.nn.functional as F
 from annotated_types import Ge, Gt
@@ -87,8 +87,26 @@ def multitask_kd_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0
     return (seg_weight * seg + boundary_weight * bnd).mean() * temperature**2
 
 
+class SegBoundaryLoss(DistillLoss):
+    """Base of the losses that read ``seg_boundary`` outputs ``(N, K + 2, H, W)``: the layout they read, example
+    shapes and the channel-split check; subclasses name themselves in :attr:`loss_name` and keep ``seg_channels``."""
+
+    reads_logits = frozenset({"pixels_boundary"})
+    loss_name: ClassVar[str] = ""
+    seg_channels: int | None
+
+    @classmethod
+    def example_shapes(cls) -> tuple[Any, Any]:
+        """Two equal ``(K + 2, H, W)`` maps (K = 3)."""
+        return (5, 4, 4), (5, 4, 4)
+
+    def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | KdkitError | None:
+        """Per-sample ``(K + 2, H, W)`` maps of one shape, split as ``seg_channels`` says."""
+        return check_split(self.loss_name, student, teacher, self.seg_channels)
+
+
 @register_loss("multitask_kd", help="per-task KL of segmentation + boundary outputs (pixel KD + Bernoulli KL)")
-class MultitaskKDLoss(DistillLoss):
+class MultitaskKDLoss(SegBoundaryLoss):
     """Per-task KL distillation of ``seg_boundary`` outputs; see :func:`multitask_kd_loss`.
 
     Args:
@@ -99,12 +117,7 @@ class MultitaskKDLoss(DistillLoss):
             last.
     """
 
-    reads_logits = frozenset({"pixels_boundary"})
-
-    @classmethod
-    def example_shapes(cls) -> tuple[Any, Any]:
-        """Two equal ``(K + 2, H, W)`` maps (K = 3)."""
-        return (5, 4, 4), (5, 4, 4)
+    loss_name = "multitask_kd"
 
     def __init__(self, *, temperature: Annotated[float, Gt(0)] = 1.0, seg_weight: Annotated[float, Ge(0)] = 1.0,
                  boundary_weight: Annotated[float, Ge(0)] = 1.0,
@@ -112,10 +125,6 @@ class MultitaskKDLoss(DistillLoss):
         super().__init__()
         self.temperature, self.seg_weight, self.boundary_weight = temperature, seg_weight, boundary_weight
         self.seg_channels = seg_channels
-
-    def check_shapes(self, student: tuple[int, ...], teacher: tuple[int, ...]) -> str | KdkitError | None:
-        """Per-sample ``(K + 2, H, W)`` maps of one shape, split as ``seg_channels`` says."""
-        return check_split("multitask_kd", student, teacher, self.seg_channels)
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
         """Per-task KL of two ``(N, K + 2, H, W)`` outputs; labels are unused."""
