@@ -77,6 +77,24 @@ def test_speed_bench_times_dense_recipes_against_a_loop_with_the_tasks_own_loss(
     assert result["limits"]["rows"]["student_train"]["flops"] > 0
 
 
+def test_rows_scored_by_different_metrics_name_their_metric_and_get_no_difference() -> None:
+    from kdkit.bench.methods import format_table, same_metric
+
+    base = {"method": "student_ce", "metric": "top1", "best": 44.7, "best_std": 0.6, "last": 44.7, "last_std": 0.6,
+            "epoch_seconds": 4.0, "trained_params": 10, "deployed_params": 10, "deployed_flops": None,
+            "latency_ms": None, "arch": "cnn_student", "dataset": "d", "epochs": 4, "train_samples": 100,
+            "methods": []}
+    kd = {**base, "method": "kd", "metric": "novel_acc", "best": 55.0}
+    assert not same_metric(kd, base) and same_metric(kd, kd) and not same_metric(kd, None)
+    rows = [{**base, "vs_labels_only": 0.0, "vs_kd": None}, {**kd, "vs_labels_only": None, "vs_kd": 0.0}]
+    markdown = format_table({"rows": rows, "seeds": 3, "teacher": {}, "command": "c",
+                             "machine": {"cpu": "c", "cores": 2, "torch": "2", "torch_threads": 1, "python": "3"}})
+    lines = markdown.splitlines()
+    assert "best (metric named in each cell)" in lines[0]
+    assert lines[3].startswith("| kd | 55.00 ± 0.60 novel_acc | 44.70 ± 0.60 novel_acc | – | +0.00 |")
+    assert lines[2].startswith("| student_ce | 44.70 ± 0.60 top1 |")
+
+
 def test_the_benchmark_table_is_one_table_in_markdown_and_in_html() -> None:
     from kdkit.bench.methods import format_table, html_report_table
 

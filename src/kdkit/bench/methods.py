@@ -95,9 +95,9 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
         rows.append(_row(f"{suite}/{method}", method, summaries))
     baseline = next((r for r in rows if r["method"].startswith("student_")), None)
     kd = next((r for r in rows if r["method"] == "kd"), None)
-    for row in rows:
-        row["vs_labels_only"] = row["best"] - baseline["best"] if baseline else None
-        row["vs_kd"] = row["best"] - kd["best"] if kd else None
+    for row in rows:  # a difference only between rows scored by one metric
+        row["vs_labels_only"] = row["best"] - baseline["best"] if same_metric(row, baseline) else None
+        row["vs_kd"] = row["best"] - kd["best"] if same_metric(row, kd) else None
     teacher_summary = json.loads((teacher.run_dir / "summary.json").read_text())
     results = {"suite": suite, "rows": rows, "seeds": seeds, "quick": quick, "overrides": overrides or [],
                "teacher": {k: teacher_summary.get(k) for k in ("arch", "train_samples", "dataset")},
@@ -156,19 +156,29 @@ def _row(name: str, method: str, summaries: list[dict[str, Any]]) -> dict[str, A
     return row
 
 
+def same_metric(row: dict[str, Any], other: dict[str, Any] | None) -> bool:
+    """Whether ``other`` exists and scores by ``row``'s metric (a difference of two metrics means nothing)."""
+    return other is not None and other["metric"] == row["metric"]
+
+
 def table_cells(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The benchmark table's header and rows, as text (rendered as Markdown and as HTML)."""
+    """The benchmark table's header and rows, as text (rendered as Markdown and as HTML). When the rows are scored
+    by different metrics (a labels-only baseline that cannot report the methods' metric), each value names its
+    metric."""
+    metrics = {r["metric"] for r in results["rows"]}
     metric = results["rows"][0]["metric"]
-    shown = METRIC_HEADERS.get(metric, metric)
+    shown = METRIC_HEADERS.get(metric, metric) if len(metrics) == 1 else "(metric named in each cell)"
     header = ["method", f"best {shown}", f"last {shown}", "vs labels only", "vs KD", "s / epoch", "trained params",
               "deployed params", "deployed MFLOPs", f"latency (ms, {LATENCY_MEANING})"]
     delta = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
     rows = []
     for r in results["rows"]:
+        named = "" if len(metrics) == 1 else f" {r['metric']}"
         flops = "–" if r.get("deployed_flops") is None else f"{r['deployed_flops'] / 1e6:.2f}"
         latency = "–" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"
         deployed = r.get("deployed_params")
-        rows.append([r["method"], f"{r['best']:.2f} ± {r['best_std']:.2f}", f"{r['last']:.2f} ± {r['last_std']:.2f}",
+        rows.append([r["method"], f"{r['best']:.2f} ± {r['best_std']:.2f}{named}",
+                     f"{r['last']:.2f} ± {r['last_std']:.2f}{named}",
                      delta(r["vs_labels_only"]), delta(r["vs_kd"]), f"{r['epoch_seconds']:.2f}",
                      f"{r['trained_params']:,}", "–" if deployed is None else f"{deployed:,}", flops, latency])
     return header, rows
