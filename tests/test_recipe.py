@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,19 @@ def test_a_boolean_loss_parameter_reads_yaml_words(tiny_kd: dict) -> None:
     tiny_kd["distill"] = [{"loss": "cka", "student": "stage2", "teacher": "stage2", "centered": "off"}]
     built = plan(recipe_from_dict(tiny_kd), training=False)
     assert built.objective.terms[0].loss.centered is False
+
+
+def test_a_saved_recipe_with_a_later_key_at_its_default_resumes_and_a_changed_one_does_not(tiny: dict,
+                                                                                             tmp_path: Path) -> None:
+    from kdkit.assemble import check_same_recipe
+    from kdkit.errors import KdkitError
+    from kdkit.recipe import recipe_from_dict
+
+    current = recipe_from_dict(tiny).to_dict()
+    assert "init" not in current["model"]  # left out while at its default
+    saved = copy.deepcopy(current)
+    saved["model"]["init"] = "fresh"  # what a version that wrote the default saved
+    check_same_recipe(saved, current, tmp_path)
+    saved["train"]["seed"] = 1
+    with pytest.raises(KdkitError, match=r"the recipe changed since it was written \(\['train.seed'\]\)"):
+        check_same_recipe(saved, current, tmp_path)

@@ -23,7 +23,7 @@ from kdkit.distributed import DistContext, barrier
 from kdkit.engine import Callback, Engine, Hooks
 from kdkit.errors import KdkitError
 from kdkit.method import Method, MethodRun, active_methods
-from kdkit.recipe import Recipe
+from kdkit.recipe import Recipe, recipe_from_dict
 from kdkit.schedule import optimizer_factory
 from kdkit.teacher_cache import open_cache
 
@@ -96,12 +96,22 @@ def check_same_recipe(saved: dict[str, Any], current: dict[str, Any], folder: Pa
     """Refuse to resume ``folder`` when its recipe differs from ``current`` beyond :data:`RESUMABLE_CHANGES`."""
     if not saved or not current:
         return
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(in_todays_form(saved)), _flatten(current)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise KdkitError(f"cannot resume from {folder}: the recipe changed since it was written ({changed[:6]})",
                          fix="resume with the same recipe (only train.epochs and the output section may "
                              "change), or start a new run with another output.dir")
+
+
+def in_todays_form(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's saved recipe in the form :meth:`Recipe.to_dict` writes today: a key added later and saved at
+    its default (``model.init: fresh`` by a version that wrote it) is left out, as it is from the current recipe.
+    A saved recipe that no longer parses is compared as saved, key by key (stricter, never looser)."""
+    try:
+        return recipe_from_dict(saved).to_dict()
+    except (KdkitError, ValueError):
+        return saved
 
 
 def member_groups(recipe: Recipe, built: Plan) -> list[dict[str, Any]] | None:
