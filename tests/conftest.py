@@ -160,6 +160,25 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def kill_9_in_trial_1(command: list[str], marker: Path) -> dict[str, str]:
+    """Run ``kdkit COMMAND`` in a subprocess, ``kill -9`` it once trial 1 of its sweep or search has its epoch-1
+    checkpoint (``marker`` is written then), and return the environment to rerun the command with."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_IN_TRIAL_1, str(marker), *command], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.stderr.read().decode() if proc.poll() is not None else "timed out"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return env
+
+
 def optuna_trials(db: Path) -> list[Any]:
     """Every trial of the one study in the SQLite file ``db``."""
     import optuna

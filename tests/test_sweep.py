@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from conftest import KILL_IN_TRIAL_1 as KILLER
+from conftest import kill_9_in_trial_1, write_recipe
 from conftest import optuna_trials as _trials
-from conftest import write_recipe
 from kdkit.cli import main
 from kdkit.recipe import recipe_from_dict
 from kdkit.sweep.boss import boss_recipe
@@ -99,15 +95,7 @@ def test_kill_9_mid_trial_then_rerun_finishes_that_trial_and_repeats_none(tmp_pa
     sweep = sweep_file(tmp_path / "sweep.yaml", sampler="random")
     out, marker = tmp_path / "out", tmp_path / "killed_here"
     command = ["sweep", str(recipe), str(sweep), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(marker), *command], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), proc.stderr.read().decode() if proc.poll() is not None else "timed out"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    env = kill_9_in_trial_1(command, marker)
     before = {t.number: t for t in _trials(out / "sweep.db")}
     assert [(n, t.state.name) for n, t in sorted(before.items())] == [(0, "COMPLETE"), (1, "RUNNING")]
     assert not (out / "trials" / "1" / "summary.json").exists()
