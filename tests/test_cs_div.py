@@ -30,36 +30,39 @@ def cs(p: list[float], q: list[float]) -> float:
     return -math.log(cross / math.sqrt(sum(a * a for a in p) * sum(b * b for b in q)))
 
 
-def reference_cs(student: torch.Tensor, teacher: torch.Tensor, t: float, intra_w: float, inter_w: float) -> float:
+def pixel_distributions(student: torch.Tensor, teacher: torch.Tensor,
+                        t: float) -> list[tuple[list[float], list[float], float, float]]:
+    """Per pixel of two ``(N, K + 2, H, W)`` outputs at temperature ``t``: the class softmaxes and the boundary
+    sigmoids ``(q_s, q_t, b_s, b_t)``, computed one pixel at a time."""
     n, _, h, w = student.shape
-    total = 0.0
+    found = []
     for i in range(n):
         for y in range(h):
             for x in range(w):
                 zs = [float(v) / t for v in student[i, :, y, x]]
                 zt = [float(v) / t for v in teacher[i, :, y, x]]
-                qs, qt = softmax(zs[:-1]), softmax(zt[:-1])
-                bs, bt = sigmoid(zs[-1]), sigmoid(zt[-1])
-                intra = 0.5 * (cs(qs, qt) + cs([bs, 1 - bs], [bt, 1 - bt]))
-                inter = cs([v / 2 for v in [*qs, bs, 1 - bs]], [v / 2 for v in [*qt, bt, 1 - bt]])
-                total += intra_w * intra + inter_w * inter
-    return total / (n * h * w)
+                found.append((softmax(zs[:-1]), softmax(zt[:-1]), sigmoid(zs[-1]), sigmoid(zt[-1])))
+    return found
+
+
+def reference_cs(student: torch.Tensor, teacher: torch.Tensor, t: float, intra_w: float, inter_w: float) -> float:
+    pixels = pixel_distributions(student, teacher, t)
+    total = 0.0
+    for qs, qt, bs, bt in pixels:
+        intra = 0.5 * (cs(qs, qt) + cs([bs, 1 - bs], [bt, 1 - bt]))
+        inter = cs([v / 2 for v in [*qs, bs, 1 - bs]], [v / 2 for v in [*qt, bt, 1 - bt]])
+        total += intra_w * intra + inter_w * inter
+    return total / len(pixels)
 
 
 def reference_kd(student: torch.Tensor, teacher: torch.Tensor, t: float, ws: float, wb: float) -> float:
-    n, _, h, w = student.shape
+    pixels = pixel_distributions(student, teacher, t)
     total = 0.0
-    for i in range(n):
-        for y in range(h):
-            for x in range(w):
-                zs = [float(v) / t for v in student[i, :, y, x]]
-                zt = [float(v) / t for v in teacher[i, :, y, x]]
-                qs, qt = softmax(zs[:-1]), softmax(zt[:-1])
-                bs, bt = sigmoid(zs[-1]), sigmoid(zt[-1])
-                seg = sum(b * math.log(b / a) for a, b in zip(qs, qt, strict=True))
-                bnd = bt * math.log(bt / bs) + (1 - bt) * math.log((1 - bt) / (1 - bs))
-                total += ws * seg + wb * bnd
-    return total / (n * h * w) * t * t
+    for qs, qt, bs, bt in pixels:
+        seg = sum(b * math.log(b / a) for a, b in zip(qs, qt, strict=True))
+        bnd = bt * math.log(bt / bs) + (1 - bt) * math.log((1 - bt) / (1 - bs))
+        total += ws * seg + wb * bnd
+    return total / len(pixels) * t * t
 
 
 def pair(seed: int = 0, shape: tuple[int, ...] = (2, 5, 3, 4)) -> tuple[torch.Tensor, torch.Tensor]:
