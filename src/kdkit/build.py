@@ -309,11 +309,10 @@ class _Planner:
             data = self.attempt(hold_out, data, recipe.data.validation.fraction, recipe.data.validation.seed)
         setting = recipe.data.setting
         checked = None if setting is None else self.attempt(check_setting, setting.name, setting.params)
-        if setting is not None and checked is not None:
+        if checked is not None:  # a setting, and its parameters are valid
             self.setting_fits(setting.name, checked)
-        if setting is not None and checked is not None \
-                and data is not None and not self.reads_teacher():  # else applied once the teacher is loaded
-            data = self.attempt(apply_setting, data, setting.name, setting.params, setting.seed)
+            if data is not None and not self.reads_teacher():  # else applied once the teacher is loaded
+                data = self.attempt(apply_setting, data, setting.name, setting.params, setting.seed)
         if data is not None:
             return data, DataShape(data.num_classes, data.in_channels, data.image_size)
         return None, DataShape(*KNOWN_SHAPES.get(recipe.data.dataset, (10, 3, 32)))
