@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import edit_recipe, straight_and_resumed, write_recipe
 from kdkit.cli import main
@@ -27,8 +28,10 @@ from kdkit.methods.orc import (
     promoted,
     ranking_losses,
 )
-from kdkit.recipe import recipe_from_dict
-from kdkit.runner import run_recipe
+from kdkit.build import plan
+from kdkit.checkpoint import resolve_weights
+from kdkit.recipe import load_recipe, recipe_from_dict
+from kdkit.runner import run_recipe, train_weights_first
 
 F64 = torch.float64
 LABELS = torch.tensor([0, 1, 2, 0])
@@ -187,7 +190,7 @@ def orc_recipe(tiny: dict, teacher_file: Path) -> dict:
     ({"peers": {"pivot": {"arch": "cnn_teacher", "checkpoint": "x"}},
       "distill.0.student": ["model.logits", "pivot.logits"]}, "2 networks (model, pivot) are too few"),
     ({"distill.0.promote": 2}, "3 networks (model, peer, pivot) are too few"),
-    ({"peers.pivot.checkpoint": None}, "peers.pivot.checkpoint is None"),
+    ({"peers.pivot.checkpoint": None}, "peers.pivot.checkpoint and peers.pivot.recipe are None"),
     ({"teacher": {"arch": "cnn_teacher", "checkpoint": "x"}}, "a frozen `teacher:`/`teachers:` cannot be"),
     ({"train.ce_weight": 1.0}, "set train.ce_weight: 0"),
     ({"distill.0.student": ["model.logits", "peer.logits"]}, "reads each trained network's logits once"),
@@ -235,6 +238,32 @@ def test_a_tiny_orc_run_refines_the_pivot_deploys_the_model_and_resumes_exactly(
 
     run_recipe(plan_recipe, callbacks=[pivot_moves])
     assert seen["moved"]
+
+
+def test_a_pivot_named_by_its_recipe_is_trained_first_and_starts_from_that_run(tiny: dict, teacher_file: Path,
+                                                                                 tmp_path: Path) -> None:
+    teacher = {**copy.deepcopy(tiny), "name": "pivot_teacher", "model": {"arch": "cnn_teacher"},
+               "output": {"dir": str(tmp_path / "teacher_run"), "progress": False}}
+    teacher["train"]["epochs"] = 1
+    write_recipe(tmp_path / "teacher.yaml", teacher)
+    recipe = edit_recipe(orc_recipe(tiny, teacher_file), {"peers.pivot": {"arch": "cnn_teacher",
+                                                                           "recipe": "teacher.yaml"}})
+    source = write_recipe(tmp_path / "orc.yaml", recipe)
+    loaded = load_recipe(source)
+    assert loaded.weights_sources()["peers.pivot"].recipe == "teacher.yaml"
+    train_weights_first(loaded, source)
+    assert (tmp_path / "teacher_run" / "summary.json").is_file()  # trained first, by its own recipe
+    pivot = plan(loaded, training=True, source=source).student.model.pivot
+    trained = load_file(str(resolve_weights(tmp_path / "teacher_run")))
+    assert all(torch.equal(value, trained[f"model.{name}"]) for name, value in pivot.state_dict().items())
+
+
+def test_a_pivot_recipe_that_is_not_there_is_named_with_the_places_searched(
+        tiny: dict, teacher_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = edit_recipe(orc_recipe(tiny, teacher_file), {"peers.pivot": {"arch": "cnn_teacher",
+                                                                           "recipe": "no_teacher.yaml"}})
+    assert main(["validate", str(write_recipe(tmp_path / "orc.yaml", recipe))]) == 2
+    assert "peers.pivot.recipe: no recipe file 'no_teacher.yaml'" in capsys.readouterr().err
 
 
 def test_the_report_says_how_often_each_student_taught() -> None:

@@ -41,7 +41,7 @@ from kdkit.losses import LOSSES, DistillLoss
 from kdkit.method import active_methods
 from kdkit.models import build_model
 from kdkit.params import check_params, with_defaults
-from kdkit.recipe import Recipe, TeacherSpec, find_recipe, load_recipe
+from kdkit.recipe import Recipe, TeacherSpec, TrainedSpec, find_recipe, load_recipe
 from kdkit.taps import LOGITS, Tap, probe_shapes, resolve_tap
 from kdkit.task import LOGITS_LAYOUTS, TASKS, BoundTask, Task, tasks_serving
 
@@ -123,8 +123,9 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def teacher_run_recipe(spec: TeacherSpec, base: Path | None, where: str = "teacher.recipe") -> Recipe | None:
-    """The recipe that trains the teacher, when the teacher spec names one (parsed once per file version)."""
+def weights_recipe(spec: TeacherSpec | TrainedSpec, base: Path | None, where: str = "teacher.recipe") -> Recipe | None:
+    """The recipe whose run gives a network's weights (``teacher.recipe``, ``peers.NAME.recipe``), when the spec
+    names one (parsed once per file version)."""
     if spec.recipe is None:
         return None
     file = find_recipe(spec.recipe, relative_to=base, where=where).resolve()
@@ -138,16 +139,17 @@ def _parsed_recipe(file: Path, version: int) -> Recipe:
     return load_recipe(file)
 
 
-def teacher_weights(spec: TeacherSpec, base: Path | None) -> Path:
-    """Where the teacher's weights are: its checkpoint, or the finished run of its recipe."""
+def trained_weights(spec: TeacherSpec | TrainedSpec, base: Path | None, at: str = "teacher") -> Path:
+    """Where a network's trained weights are: its checkpoint, or the finished run of its recipe (``at`` is its
+    place in the recipe, for messages)."""
     if spec.checkpoint is not None:
         return resolve_weights(spec.checkpoint)
-    run_recipe = teacher_run_recipe(spec, base)
+    run_recipe = weights_recipe(spec, base, f"{at}.recipe")
     assert run_recipe is not None
     if not (run_recipe.run_dir / "summary.json").is_file():
-        raise KdkitError(f"the teacher's recipe {spec.recipe!r} has no finished run in {run_recipe.run_dir}",
-                         fix="`kdkit run` trains it automatically first; or run that recipe yourself, or give "
-                             "teacher.checkpoint", where="teacher.recipe")
+        raise KdkitError(f"the recipe {spec.recipe!r} of {at} has no finished run in {run_recipe.run_dir}",
+                         fix=f"`kdkit run` trains it automatically first; or run that recipe yourself, or give "
+                             f"{at}.checkpoint", where=f"{at}.recipe")
     return resolve_weights(run_recipe.run_dir)
 
 
@@ -427,30 +429,44 @@ class _Planner:
         recipe = self.recipe
         members: dict[str, nn.Module | None] = {}
         for member, spec in recipe.trained_members().items():
-            at = "model" if member == "model" else f"peers.{member}"
+            at = recipe.member_key(member)
             members[member] = built = self.network(spec, shape, at)
             if built is not None and spec.init == "teacher" and not self.deploying:
                 self.from_teacher(built, spec, at)
-            if built is not None and spec.checkpoint is not None and not self.deploying:
-                if self.training or Path(spec.checkpoint).exists():
-                    self.attempt(load_model_weights, built, spec.checkpoint, where=f"{at}.checkpoint")
-                else:
-                    self.warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
+            if built is not None and not self.deploying:
+                self.start_weights(built, spec, at)
         if recipe.peers is None:
             return members["model"]
         if any(m is None for m in members.values()):
             return None
         return PeerGroup(members, recipe.deploy)  # type: ignore[arg-type]  # one module: taps, DDP, checkpoints
 
+    def start_weights(self, built: nn.Module | None, spec: TeacherSpec | TrainedSpec, at: str) -> None:
+        """Load a network's weights (a teacher's, or a trained network's starting ones): its ``checkpoint``, or
+        its ``recipe``'s finished run; a recipe that cannot be found is reported even when ``built`` failed."""
+        if spec.recipe is not None:
+            self.attempt(weights_recipe, spec, self.base, f"{at}.recipe")
+        if built is None or (spec.checkpoint is None and spec.recipe is None):
+            return
+        if self.training:
+            weights = self.attempt(trained_weights, spec, self.base, at)
+            if weights is not None:
+                self.attempt(load_model_weights, built, weights, where=f"{at}.checkpoint")
+        elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+            self.warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
+        elif spec.checkpoint is not None:  # names and shapes only: the model is on the meta device
+            self.attempt(load_model_weights, built, spec.checkpoint, where=f"{at}.checkpoint")
+
     def from_teacher(self, built: nn.Module, spec: Any, at: str) -> None:
         """Start ``built`` from the frozen teacher's weights (``init: teacher``), growing its output layers."""
         teacher = self.recipe.teacher
-        if teacher is None or spec.checkpoint is not None:
+        own = "checkpoint" if spec.checkpoint is not None else "recipe" if spec.recipe is not None else None
+        if teacher is None or own is not None:
             self.errors.append(KdkitError(
-                f"{at}.init 'teacher' needs one frozen `teacher:` and no {at}.checkpoint"
-                + (" (there is no teacher)" if teacher is None else f" (checkpoint is {spec.checkpoint!r})"),
+                f"{at}.init 'teacher' needs one frozen `teacher:` and no {at}.checkpoint or {at}.recipe"
+                + (" (there is no teacher)" if teacher is None else f" ({own} is {getattr(spec, own)!r})"),
                 bad="teacher", choices=["fresh"], fix=f"add `teacher:` (the previous step's run) and drop "
-                f"{at}.checkpoint, or set {at}.init: fresh", where=f"{at}.init"))
+                f"{at}.checkpoint and {at}.recipe, or set {at}.init: fresh", where=f"{at}.init"))
             return
         if spec.arch != teacher.arch or spec.params != teacher.params:
             self.errors.append(KdkitError(f"{at}.init 'teacher' needs the teacher's arch and params, got "
@@ -459,7 +475,7 @@ class _Planner:
                                           "teacher's arch and params", where=f"{at}.init"))
             return
         if self.training:
-            weights = self.attempt(teacher_weights, teacher, self.base)
+            weights = self.attempt(trained_weights, teacher, self.base)
         elif teacher.checkpoint is not None and Path(teacher.checkpoint).exists():
             weights = resolve_weights(teacher.checkpoint)
         else:  # validation: the teacher's run may not exist yet (training makes it first)
@@ -476,18 +492,7 @@ class _Planner:
             models[member] = built = self.network(spec, shape, at)
             if self.deploying:  # only the shapes of its taps are needed (to build the bridges)
                 continue
-            if spec.recipe is not None:
-                self.attempt(teacher_run_recipe, spec, self.base, f"{at}.recipe")
-            if built is None:
-                continue
-            if self.training:
-                weights = self.attempt(teacher_weights, spec, self.base)
-                if weights is not None:
-                    self.attempt(load_model_weights, built, weights, where=f"{at}.checkpoint")
-            elif spec.checkpoint is not None and not Path(spec.checkpoint).exists():
-                self.warnings.append(f"{at}.checkpoint: {spec.checkpoint!r} does not exist here")
-            elif spec.checkpoint is not None:  # names and shapes only: the model is on the meta device
-                self.attempt(load_model_weights, built, spec.checkpoint, where=f"{at}.checkpoint")
+            self.start_weights(built, spec, at)
         if recipe.teachers is not None:
             return TeacherEnsemble(models) if all(m is not None for m in models.values()) else None  # type: ignore[arg-type]
         return models.get("teacher")

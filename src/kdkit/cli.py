@@ -246,7 +246,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from kdkit.assemble import build_teacher_cache
     from kdkit.build import resolve_device
     from kdkit.recipe import find_recipe, load_recipe
-    from kdkit.runner import train_teacher_first
+    from kdkit.runner import train_weights_first
 
     names, overrides = _names_and_overrides(args.overrides)
     if len(names) != 1:
@@ -260,7 +260,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise KdkitError(f"recipe {recipe.name!r} has {what}", fix="use a recipe with one `teacher:`")
     if recipe.teacher.cache is None:  # building for a recipe that does not use a cache yet: default settings
         recipe = load_recipe(source, [*overrides, "teacher.cache={}"])
-    train_teacher_first(recipe, source, device=args.device)
+    train_weights_first(recipe, source, device=args.device)
     cache = build_teacher_cache(recipe, source=source, device=resolve_device(args.device) if args.device else None,
                                 overwrite=args.overwrite, progress=not args.quiet)
     m = cache.manifest

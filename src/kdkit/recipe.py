@@ -60,6 +60,10 @@ class TrainedSpec(ModelSpec):
     optimizer: MemberOptimizerSpec | None = Field(
         None, description="this network's own optimiser settings (with `peers:` only; default: train.optimizer's)")
 
+    recipe: str | None = Field(None, description="recipe (path or shipped name, relative to this recipe) whose "
+                               "finished run gives this network's starting weights when no `checkpoint:` is given; "
+                               "`kdkit run` trains it first (e.g. ORC's pivot teacher, trained and then refined)")
+
 
 class CacheSpec(Strict):
     """The teacher-output cache (FKD-style): the teacher runs once over ``views`` augmented views of every
@@ -386,7 +390,7 @@ class RecipeCore(Strict):
         for name, spec in self.trained_members().items():
             keys = sorted(spec.optimizer.overrides()) if spec.optimizer is not None else []
             wrong = [k for k in keys if k in foreign]
-            where = "model" if name == "model" else f"peers.{name}"
+            where = self.member_key(name)
             if wrong:
                 raise ValueError(f"{where}.optimizer.{wrong[0]} does not apply to train.optimizer.name {family!r} "
                                  f"(one optimiser family per run); remove it or change train.optimizer.name")
@@ -445,6 +449,17 @@ class RecipeCore(Strict):
         """The recipe location of frozen teacher ``name`` (``teacher``, or ``teachers.NAME``), for overrides and
         messages."""
         return "teacher" if self.teachers is None else f"teachers.{name}"
+
+    @staticmethod
+    def member_key(name: str) -> str:
+        """The recipe location of trained network ``name`` (``model``, or ``peers.NAME``)."""
+        return "model" if name == "model" else f"peers.{name}"
+
+    def weights_sources(self) -> dict[str, TeacherSpec | TrainedSpec]:
+        """Every network whose weights can come from a checkpoint or a recipe, by its recipe location: the frozen
+        teachers and the trained networks (whose ``checkpoint``/``recipe`` give their starting weights)."""
+        teachers = {self.teacher_key(name): spec for name, spec in self.frozen_teachers().items()}
+        return teachers | {self.member_key(name): spec for name, spec in self.trained_members().items()}
 
     @property
     def has_teacher(self) -> bool:
@@ -505,6 +520,8 @@ class RecipeCore(Strict):
         for member in (data["model"], *(data.get("peers") or {}).values()):
             if member.get("init") == "fresh":  # added later, like the keys above
                 del member["init"]
+            if member.get("recipe", 0) is None:
+                del member["recipe"]
             if member.get("optimizer", 0) is None:
                 del member["optimizer"]
             elif member.get("optimizer", {}).get("delta", 0) is None:

@@ -25,7 +25,7 @@ import yaml
 
 from kdkit._version import __version__
 from kdkit.assemble import assemble, check_same_recipe
-from kdkit.build import plan, resolve_device, resolved_terms, teacher_run_recipe
+from kdkit.build import plan, resolve_device, resolved_terms, weights_recipe
 from kdkit.checkpoint import atomic_write_text, pointed, remove_leftovers
 from kdkit.deployment import deployment_of, write_deployment
 from kdkit.distill import PeerGroup
@@ -66,18 +66,19 @@ def run_or_continue(recipe: Recipe, *, source: Path | None = None, progress: boo
     return run_recipe(recipe, source=source, reuse=True, resume=same, overwrite=not same, progress=progress)
 
 
-def train_teacher_first(recipe: Recipe, source: Path | None, *, device: str | None = None,
+def train_weights_first(recipe: Recipe, source: Path | None, *, device: str | None = None,
                         progress: bool | None = None, ctx: DistContext | None = None) -> None:
-    """Train the teacher from its recipe when ``teacher.recipe`` names one without a finished run.
+    """Train the networks whose weights come from a recipe without a finished run: a teacher's ``recipe:``, or
+    a trained network's (``model.recipe``, ``peers.NAME.recipe``: its starting weights) when no checkpoint is given.
 
     When another process is writing the teacher's run folder (another student training the same teacher
     first), rank 0 waits for it and reuses its finished run (or resumes it, if that process died).
     """
     ctx = ctx or DistContext()
-    for spec in recipe.frozen_teachers().values():
-        if spec.checkpoint is not None:
+    for spec in recipe.weights_sources().values():
+        if spec.checkpoint is not None or spec.recipe is None:
             continue
-        teacher_recipe = teacher_run_recipe(spec, source.parent if source else None)
+        teacher_recipe = weights_recipe(spec, source.parent if source else None)
         assert teacher_recipe is not None
         if finished_summary(teacher_recipe) is not None:
             continue
@@ -136,7 +137,7 @@ def run_recipe(recipe: Recipe, *, source: Path | None = None, resume: bool = Fal
     # Every problem of this recipe (names, taps, shapes, checkpoints, output folder) before any training,
     # including that of a teacher it trains first: a misspelt loss must not cost a teacher run.
     plan(recipe, training=False, source=source)
-    train_teacher_first(recipe, source, device=device, progress=progress, ctx=ctx)
+    train_weights_first(recipe, source, device=device, progress=progress, ctx=ctx)
     with _holding(recipe.run_dir, ctx):
         return _train(recipe, source=source, resume=resume, overwrite=overwrite, dev=dev, ctx=ctx,
                       progress=progress, callbacks=callbacks)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdkit.build import Plan, teacher_weights
+from kdkit.build import Plan, trained_weights
 from kdkit.cache import CachedTeacher, TeacherCache, ViewReplay, write_cache
 from kdkit.cache.integrity import file_sha256
 from kdkit.cache.store import FORMAT, identity_key, remove_partials, tensor_sha256
@@ -57,7 +57,7 @@ def cache_identity(recipe: Recipe, built: Plan, source: Path | None = None) -> d
     """Everything that determines a cache's content (see the module docstring)."""
     assert recipe.teacher is not None and recipe.teacher.cache is not None and built.data is not None
     spec, data = recipe.teacher.cache, built.data
-    weights = teacher_weights(recipe.teacher, source.parent if source else None)
+    weights = trained_weights(recipe.teacher, source.parent if source else None)
     augment = recipe_augment(recipe)
     identity = {
         "format": FORMAT,

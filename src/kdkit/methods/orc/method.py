@@ -65,11 +65,12 @@ def group_problems(recipe: Any, i: int) -> list[str]:
     if pivot == recipe.deploy:
         problems.append(f"the pivot teacher (the last tap of distill.{i}.student) is {pivot!r}, the deployed network; "
                         "ORC deploys a student: list the pivot teacher's logits last, or set `deploy:` to a student")
-    elif recipe.trained_members()[pivot].checkpoint is None:
-        at = "model" if pivot == "model" else f"peers.{pivot}"
+    elif recipe.trained_members()[pivot].checkpoint is None and recipe.trained_members()[pivot].recipe is None:
+        at = recipe.member_key(pivot)
         problems.append(f"ORC's pivot teacher {pivot!r} (the last tap of distill.{i}.student) starts pre-trained, as "
-                        f"in the paper: {at}.checkpoint is None (choices: a trained run's folder or weights file); "
-                        "give the pivot a `checkpoint:` (e.g. runs/teacher)")
+                        f"in the paper: {at}.checkpoint and {at}.recipe are None (choices: a trained run's folder or "
+                        f"weights file, or the recipe that trains it); give the pivot a `recipe:` (e.g. teacher.yaml) "
+                        "or a `checkpoint:`")
     return problems
 
 

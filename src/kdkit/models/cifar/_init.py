@@ -14,6 +14,8 @@ def kaiming_init(model: nn.Module, *, linear_std: float | None = None, zero_line
         zero_linear_bias: Only zero the linear biases, keeping PyTorch's default weights (WRN).
     """
     for m in model.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            continue  # shapes only (recipe validation): drawing values there is slow and changes nothing
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
