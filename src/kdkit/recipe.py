@@ -62,7 +62,7 @@ class TrainedSpec(ModelSpec):
 
     recipe: str | None = Field(None, description="recipe (path or shipped name, relative to this recipe) whose "
                                "finished run gives this network's starting weights when no `checkpoint:` is given; "
-                               "`kdkit run` trains it first (e.g. ORC's pivot teacher, trained and then refined)")
+                               "`kdkit run` trains it first (e.g. a pivot teacher that the run goes on refining)")
 
 
 class CacheSpec(Strict):

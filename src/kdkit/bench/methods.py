@@ -78,7 +78,7 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
             source = find_recipe(f"{suite}/{method}")  # its other teachers' recipes are relative to it
             base = load_recipe(source)
             # the suite's teacher is trained once, into the benchmark folder (also a network that starts from it,
-            # such as ORC's pivot); other teachers by their own recipes
+            # such as a pivot teacher refined with the students); other teachers by their own recipes
             suite_teacher = [key for key, spec in base.weights_sources().items() if spec.recipe == "teacher.yaml"]
             extra = [item for key in suite_teacher
                      for item in (f"{key}.checkpoint={out}/teacher", f"{key}.recipe=null")]
