@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import edit_recipe, straight_and_resumed, write_recipe
+from kdkit.build import plan
+from kdkit.checkpoint import resolve_weights
 from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.methods.orc import (
@@ -28,8 +30,6 @@ from kdkit.methods.orc import (
     promoted,
     ranking_losses,
 )
-from kdkit.build import plan
-from kdkit.checkpoint import resolve_weights
 from kdkit.recipe import load_recipe, recipe_from_dict
 from kdkit.runner import run_recipe, train_weights_first
 

@@ -166,3 +166,29 @@ def test_the_hand_written_loop_fetches_from_the_loader_and_steps_the_schedule(
     assert fetched == [0, 1]
     factor = lr_factor(3, recipe.train.schedule, 0.05, steps_per_epoch=2, total_steps=2 * recipe.train.epochs)
     assert schedules[0].last_epoch == 3 and schedules[0].get_last_lr()[0] == pytest.approx(0.05 * factor)
+
+
+def test_the_hand_written_distillation_loop_takes_kdkits_step_on_the_same_batch(tiny_kd: dict,
+                                                                               tmp_path: Path) -> None:
+    import copy
+
+    import torch
+
+    from kdkit.assemble import assemble
+    from kdkit.bench import speed
+    from kdkit.recipe import recipe_from_dict
+
+    # two terms, one through a bridge onto a feature tap: the loop must reproduce taps, bridge, losses and weights
+    tiny_kd["distill"] = [{"loss": "kd", "weight": 0.5, "temperature": 2.0},
+                          {"loss": "mse", "student": "stage2", "teacher": "stage2", "bridge": "conv1x1",
+                           "weight": 3.0}]
+    run = assemble(recipe_from_dict(tiny_kd, [f"output.dir={tmp_path / 'run'}"]))
+    assert speed.hand_writable(run) is None
+    before = copy.deepcopy(run.built.student.model.state_dict())
+    student = speed.hookless(run.built.student.model)
+    speed.plain_terms_step(student, speed.hookless(run.built.teacher.model), run, "contiguous")()
+    speed.kdkit_step(run)()  # kdkit's engine on the same first batch of the same loader
+    ours = dict(run.built.student.model.named_parameters())
+    for name, value in student.named_parameters():
+        assert not torch.equal(value, before[name]), name  # the step moved it
+        assert torch.allclose(value, ours[name], atol=1e-6, rtol=1e-5), name

@@ -4,8 +4,11 @@ In one process, interleaved (:mod:`kdkit.bench.timing`: blocks of steps rotated 
 several rounds), it times
 
 * (a) a hand-written PyTorch loop training the student with cross-entropy only;
-* (b) a hand-written PyTorch KD loop (the same teacher, BatchNorm folded, under ``torch.inference_mode``; the
-  recipe's ``kd`` term written inline);
+* (b) a hand-written PyTorch distillation loop with the same teacher (BatchNorm folded): for a recipe whose one
+  term is ``kd``, Hinton's KD written inline (teacher under ``torch.inference_mode``); for any other recipe of
+  plain terms (no method, no peers, no bridge that rewrites or deploys), the recipe's own loss modules and bridges
+  called on tensors that forward hooks written here capture (teacher under ``torch.no_grad``) -- the same models
+  and losses without kdkit's engine, so c/b is kdkit's own overhead;
 * (c) kdkit's training step as ``kdkit run`` assembles it (:func:`kdkit.assemble.assemble`; ``Engine.train_step``:
   the methods' batch transforms, teacher taps, student + bridges, objective, optimiser, schedule);
 * (d) the same step reading the teacher-output cache (:mod:`kdkit.cache`) instead of running the teacher;
@@ -48,6 +51,7 @@ from kdkit.bench.limits import achieved, inference_flops, step_profile, training
 from kdkit.bench.timing import UNDECIDED, faster, interleaved, paired_ratios, spread, verdict
 from kdkit.checkpoint import atomic_write_text
 from kdkit.data.loader import BatchLoader
+from kdkit.distill import as_specs, pick
 from kdkit.engine import step_part
 from kdkit.hardware import choose_amp, this_cpu_peak
 from kdkit.method import active_methods
@@ -55,6 +59,7 @@ from kdkit.models import build_model
 from kdkit.profile import machine_info
 from kdkit.recipe import Recipe, find_recipe, load_recipe
 from kdkit.schedule import build_optimizer, build_schedule
+from kdkit.taps import LOGITS, Tap, resolve_tap
 from kdkit.task import TASKS, BoundTask
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -105,7 +110,7 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 10, rounds: int
                     profile_steps: int = 20, overrides: list[str] | None = None) -> dict[str, Any]:
     """Time the loops on ``recipe_name``; write ``out/speed.json``, ``out/results.md`` and ``out/profile.txt``.
 
-    Any recipe works: (a) and (c) always run; (b) needs a ``kd`` term (it is KD written by hand) and (d)
+    Any recipe works: (a) and (c) always run; (b) needs a teacher and plain terms (:func:`hand_writable`) and (d)
     a teacher whose outputs a cache can hold (one view, no method that feeds the teacher new images); a ratio
     that needs a missing variant is left out. (c) and (d) run the recipe's methods' batch transforms (their
     phases, which run at epoch starts, are not part of a step).
@@ -122,8 +127,9 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 10, rounds: int
     source = find_recipe(recipe_name)
     recipe = load_recipe(source, overrides)
     kd_terms = [t for t in recipe.distill if t.loss == "kd"]
-    kd = (float(kd_terms[0].params.get("temperature", 4.0)), kd_terms[0].weight) if kd_terms and recipe.teacher \
-        else None
+    # Hinton's KD inline only for a recipe whose one term it is; other recipes get the generic hand-written loop
+    kd = (float(kd_terms[0].params.get("temperature", 4.0)), kd_terms[0].weight) \
+        if len(recipe.distill) == 1 and kd_terms and recipe.teacher else None
     with tempfile.TemporaryDirectory() as tmp:
         base = [*(overrides or []), *_random_teachers(recipe, Path(tmp))]
         # (c) runs the live teacher, even for a recipe that reads a cache
@@ -232,18 +238,106 @@ def plain_kd_step(student: nn.Module, teacher: nn.Module, recipe: Recipe, loader
     return step
 
 
+def captured_by_hooks(model: nn.Module, taps: list[Tap]) -> dict[str, torch.Tensor]:
+    """Forward hooks on ``model`` (a copy of its own) storing each tap's tensor under its spec, as a hand-written
+    loop would register them; the dict is refilled by every forward."""
+    store: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def keep(spec: str, inputs: bool) -> Callable[..., None]:
+        if inputs:
+            return lambda _module, args: store.__setitem__(spec, args[0])
+        return lambda _module, _args, output: store.__setitem__(spec, output)
+
+    for tap in taps:
+        if tap.capture == "input":
+            modules[tap.path].register_forward_pre_hook(keep(tap.spec, True))
+        elif tap.capture == "output":
+            modules[tap.path].register_forward_hook(keep(tap.spec, False))
+    return store
+
+
+def hand_writable(run: Assembled) -> str | None:
+    """Why the generic hand-written loop (b) cannot reproduce ``run``'s step, or ``None`` when it can."""
+    built = run.built
+    student = built.student
+    if run.methods:
+        return f"method {', '.join(m.name for m, _ in run.methods)} changes the step"
+    if built.teacher is None or not run.engine.objective.terms:
+        return "no teacher term"
+    if student.peer_targets or student.rewriting or student.deploy_term is not None:
+        return "peers or bridges that rewrite or deploy"
+    return None
+
+
+def hookless(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` without the forward hooks kdkit put on it (tap recorders), for a hand-written loop."""
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        # deepcopy keeps the hooks (and their closures over kdkit's recorders); PyTorch has no public way to
+        # list or drop them, hence the private dicts
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    return twin
+
+
+def plain_terms_step(student: nn.Module, teacher: nn.Module, run: Assembled, layout: str) -> Callable[[], None]:
+    """(b) for any recipe of plain terms: ``student`` and ``teacher`` (hook-free copies of the run's, the teacher
+    BN-folded), copies of the recipe's bridges and loss modules, in a hand-written loop on the next batch of the
+    run's loader in ``layout`` (hooks written here capture the taps, the teacher runs under ``torch.no_grad``)."""
+    built, recipe = run.built, run.recipe
+    teacher.eval()
+    terms = [(term.student_tap, term.teacher_tap, copy.deepcopy(built.student.bridges[term.name])
+              if term.name in built.student.bridges else None, copy.deepcopy(term.loss), term.weight)
+             for term in run.engine.objective.terms]
+    s_taps = [resolve_tap(student, spec) for t in terms for spec in as_specs(t[0]) if spec != LOGITS]
+    t_taps = [resolve_tap(teacher, spec) for t in terms if t[1] is not None for spec in as_specs(t[1])
+              if spec != LOGITS]
+    s_store, t_store = captured_by_hooks(student, s_taps), captured_by_hooks(teacher, t_taps)
+    modules = nn.ModuleList([student, *(b for _, _, b, _, _ in terms if b is not None)])
+    optimizer, schedule = _trainer(modules, recipe, len(run.train_loader))
+    batches, task, ce_weight = endless(in_layout(run.train_loader, layout)), run.engine.task, recipe.train.ce_weight
+    student.train()
+
+    def step() -> None:
+        x, y, index = fetch(batches)
+        targets = task.targets(y, index, "train")
+        with torch.no_grad():
+            z_t = teacher(x)  # its hooks fill t_store
+        t_out = {**t_store, LOGITS: z_t}
+        z_s = student(x)
+        s_out = {**s_store, LOGITS: z_s}
+        loss = ce_weight * task.loss(z_s, targets) if ce_weight else z_s.new_zeros(())
+        for s_spec, t_spec, bridge, term_loss, weight in terms:
+            s = pick(s_out, s_spec)
+            loss = loss + weight * term_loss.compute(bridge(s) if bridge is not None else s,
+                                                     pick(t_out, t_spec) if t_spec is not None else None,
+                                                     targets, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+    return step
+
+
 def plain_variants(run: Assembled, kd: tuple[float, float] | None) -> dict[str, Callable[[], None]]:
     """(a) and (b) in both memory layouts, on copies of the run's student and (folded) teacher."""
     built, recipe = run.built, run.recipe
     variants: dict[str, Callable[[], None]] = {}
     for layout, fmt in LAYOUTS.items():
-        variants[f"a_ce_{layout}"] = plain_ce_step(copy.deepcopy(built.student.model).to(memory_format=fmt),
+        variants[f"a_ce_{layout}"] = plain_ce_step(hookless(built.student.model).to(memory_format=fmt),
                                                    recipe, in_layout(run.train_loader, layout), run.engine.task)
     if kd is not None and built.teacher is not None:
         for layout, fmt in LAYOUTS.items():
-            teacher = copy.deepcopy(built.teacher.model).to(memory_format=fmt)
-            variants[f"b_kd_{layout}"] = plain_kd_step(copy.deepcopy(built.student.model).to(memory_format=fmt),
+            teacher = hookless(built.teacher.model).to(memory_format=fmt)
+            variants[f"b_kd_{layout}"] = plain_kd_step(hookless(built.student.model).to(memory_format=fmt),
                                                        teacher, recipe, in_layout(run.train_loader, layout), kd)
+    elif hand_writable(run) is None:
+        for layout, fmt in LAYOUTS.items():
+            variants[f"b_terms_{layout}"] = plain_terms_step(hookless(built.student.model).to(memory_format=fmt),
+                                                             hookless(built.teacher.model).to(memory_format=fmt),
+                                                             run, layout)
     return variants
 
 
@@ -263,8 +357,8 @@ def _bench(recipe: Recipe, runs: dict[str, Assembled], out: Path, *, kd: tuple[f
     variants["loader"] = load
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = interleaved(variants, steps=steps, rounds=rounds, warmup=warmup, sync=sync)
-    reference = {side: min((k for k in times if k.startswith(f"{side}_{kind}_")), key=lambda k: spread(times[k]).median)
-                 for side, kind in (("a", "ce"), ("b", "kd")) if any(k.startswith(f"{side}_{kind}_") for k in times)}
+    reference = {side: min((k for k in times if k.startswith(f"{side}_")), key=lambda k: spread(times[k]).median)
+                 for side in ("a", "b") if any(k.startswith(f"{side}_") for k in times)}
     auto = choose_amp("auto", dev)
     out.mkdir(parents=True, exist_ok=True)
     loader_ms = spread(times["loader"]).median
@@ -274,6 +368,7 @@ def _bench(recipe: Recipe, runs: dict[str, Assembled], out: Path, *, kd: tuple[f
         "rows": {name: spread(values).to_dict() for name, values in times.items()},
         "ratios": ratios(times, reference, native_bf16=auto.amp == "bf16"),
         "amp_auto": auto.to_dict(), "kd_term": kd is not None, "teacher": recipe.has_teacher,
+        "no_hand_written_distillation": None if "b" in reference else hand_writable(main),
         "methods": [m.name for m, _ in main.methods],
         "loader_ms_per_batch": loader_ms, "loader_images_per_s": recipe.train.batch_size * 1000.0 / loader_ms,
         "limits": limits(main, reference, steps=steps, rounds=max(rounds // 3, 1), warmup=warmup,
@@ -294,6 +389,8 @@ def ratios(times: dict[str, list[float]], reference: dict[str, str], *, native_b
         den = reference.get(den, den)
         if num not in times or den not in times:
             continue
+        if den.startswith("b_terms_"):
+            what = "kdkit distillation step / best hand-written loop with the recipe's losses"
         values = paired_ratios(times[num], times[den])
         summary = spread(values)
         if target is None:
@@ -308,14 +405,19 @@ def ratios(times: dict[str, list[float]], reference: dict[str, str], *, native_b
     return found
 
 
+def layout_of(variant: str) -> str:
+    """The memory layout a hand-written variant ran in (``b_terms_channels_last`` -> ``channels_last``)."""
+    return variant.split("_", 2)[2]
+
+
 def limits(run: Assembled, reference: dict[str, str], *, steps: int, rounds: int, warmup: int, bf16: bool,
            sync: Callable[[], None]) -> dict[str, Any]:
     """Achieved FLOP/s of the student's training step (forward + backward) and the teacher's forward, in each
     layout the references found faster, against this CPU's peak (fp32 rows against the fp32 peak, bf16 rows
     against the bf16 peak)."""
     built, dev = run.built, run.built.device
-    student_layout = reference["a"].removeprefix("a_ce_")
-    teacher_layout = reference["b"].removeprefix("b_kd_") if "b" in reference else student_layout
+    student_layout = layout_of(reference["a"])
+    teacher_layout = layout_of(reference["b"]) if "b" in reference else student_layout
     student = copy.deepcopy(built.student.model).to(memory_format=LAYOUTS[student_layout]).train()
     x, y, index = next(in_layout(run.train_loader, student_layout).epoch(0))
     task = run.engine.task
@@ -368,6 +470,8 @@ def row_labels(r: dict[str, Any]) -> dict[str, str]:
         shown = layout.replace("_", "-")
         labels[f"a_ce_{layout}"] = f"(a) hand-written loop, student CE only, {shown}"
         labels[f"b_kd_{layout}"] = f"(b) hand-written KD loop (teacher BN-folded, inference_mode), {shown}"
+        labels[f"b_terms_{layout}"] = (f"(b) hand-written loop calling the recipe's losses and bridges (teacher "
+                                       f"BN-folded, no_grad), {shown}")
     labels.update({"c_kdkit_kd": f"(c) kdkit {what}",
                    "d_kdkit_kd_cached": f"(d) kdkit {what} reading the teacher cache",
                    "c_kdkit_kd_bf16": f"(c) kdkit {what}, bf16 autocast{slow}",
