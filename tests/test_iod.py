@@ -345,7 +345,7 @@ def det_steps(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
                                                                 "no teacher"),
     ({"teacher.classes": 3}, "teacher.classes 3"),
     ({"data.setting.base": 4}, "base 4"),
-    ({"data.setting.step": 3}, "step"),
+    ({"data.setting.step": 3}, "step must be one of 1, 2 (got 3)"),
     ({"model.params.width": 8}, "model.init 'teacher' needs the teacher's arch and params"),
     ({"distill.0.bins": 20}, "old_det_kd needs dense detector outputs"),
     ({"distill.1.student": ["p2", "p3", "logits"], "distill.1.teacher": ["p2", "p3", "logits"]}, "iod needs"),
