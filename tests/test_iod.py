@@ -103,7 +103,9 @@ def test_a_dataset_without_masks_or_boxes_is_refused() -> None:
 # -- growing a detector ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("arch", "params", "rows"), [
     ("det_student", {"width": 4, "fpn_width": 8, "box_bins": 8}, "head.cls_logits"),
-    ("tv_fcos", {"width": 4, "fpn_width": 32, "head_convs": 1}, "head.classification_head.cls_logits"),
+    ("det_teacher", {"width": 4, "fpn_width": 8, "box_bins": 0}, "head.cls_logits"),
+    pytest.param("tv_fcos", {"width": 4, "fpn_width": 32, "head_convs": 1}, "head.classification_head.cls_logits",
+                 marks=pytest.mark.slow),  # the first torchvision.models.detection import takes seconds
 ])
 def test_a_grown_detector_takes_every_old_tensor_and_keeps_fresh_new_class_rows(arch: str, params: dict, rows: str,
                                                                                   tmp_path: Path) -> None:
