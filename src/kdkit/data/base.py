@@ -47,8 +47,9 @@ class ImageData:
             discover (novel class discovery): their training samples are unlabelled, and the classification task
             scores them by clustering accuracy (``novel_acc``). Empty for every other dataset.
         old_classes: Classes a previous class-incremental step learned (``class_incremental`` step 2): this
-            run's masks label them background, and the segmentation task scores old and new classes apart
-            (``miou_old``, ``miou_new``). Empty for every other dataset.
+            run's targets leave them unlabelled (background pixels, dropped boxes), and the segmentation and
+            detection tasks score old and new classes apart (``miou_old`` / ``miou_new``, ``map_old`` /
+            ``map_new``). Empty for every other dataset.
         warnings: What the reader left out of the files and why (e.g. skipped annotations, counted per file), one
             sentence each; a run prints them and records them in its summary. Empty when nothing was left out.
 

@@ -17,6 +17,10 @@ positives and BCE of the centerness at the positives, each summed and divided by
 distribution box head (``box_bins > 0``) adds General Focal Loss's distribution focal loss (weight 0.25, Li et al.,
 NeurIPS 2020).
 
+On a class-incremental step 2 (``ImageData.old_classes`` set, ``class_incremental`` with ``step: 2``) the task also
+reports ``map_old`` and ``map_new``: the mean of COCO's per-class AP (torchmetrics' ``class_metrics``) over the old
+classes and over the classes added by the step, each over the classes with a test box (as ``map`` averages).
+
 Decoding (torchvision's ``FCOS.postprocess_detections``): score ``sqrt(sigmoid(class) * sigmoid(centerness))``
 above 0.05, the best 1000 per level, boxes clipped to the image, per-class NMS at IoU 0.6, at most 100 per image.
 """
@@ -41,6 +45,7 @@ DFL_WEIGHT = 0.25
 SCORE_THRESH, NMS_THRESH, TOPK_PER_LEVEL, DETECTIONS_PER_IMAGE = 0.05, 0.6, 1000, 100
 #: The COCO area ranges (pixels², as pycocotools): a size metric is reported only when the test split has a box
 #: in its range (mAP over no boxes is undefined; torchmetrics gives -1).
+OLD, NEW = "map_old", "map_new"  # class-incremental step 2 only
 AREA_RANGES = {"map_small": (0.0, 32.0**2), "map_medium": (32.0**2, 96.0**2), "map_large": (96.0**2, math.inf)}
 
 
@@ -173,8 +178,9 @@ class DetectionEvaluator:
     def __init__(self, bound: BoundDetection, ctx: DistContext) -> None:
         from torchmetrics.detection import MeanAveragePrecision
 
-        self.bound, self.ctx = bound, ctx
-        self.map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools").to(bound.device)
+        self.bound, self.ctx, self.old = bound, ctx, bound.old
+        self.map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools",
+                                        class_metrics=bool(self.old)).to(bound.device)
         self.totals = torch.zeros(2, dtype=torch.float64, device=bound.device)  # loss x batch size, images
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
@@ -195,7 +201,18 @@ class DetectionEvaluator:
                  "map_medium": "map_medium", "map_large": "map_large"}
         out = {ours: 100.0 * float(result[theirs]) for ours, theirs in names.items() if ours in self.bound.metrics}
         out["loss"] = loss / max(n, 1.0)
+        if self.old:
+            out.update(old_new_map(result["classes"], result["map_per_class"], self.old))
         return out
+
+
+def old_new_map(classes: Tensor, per_class: Tensor, old: tuple[int, ...]) -> dict[str, float]:
+    """``map_old`` / ``map_new`` (%): the mean per-class AP over the old classes and over the others, each over the
+    classes with a test box (torchmetrics gives -1 to a class without one); NaN for a group without such a class."""
+    values = {int(c): float(v) for c, v in zip(classes.flatten().tolist(), per_class.flatten().tolist(), strict=True)
+              if float(v) >= 0}
+    groups = {OLD: [v for c, v in values.items() if c in old], NEW: [v for c, v in values.items() if c not in old]}
+    return {name: 100.0 * sum(vs) / len(vs) if vs else math.nan for name, vs in groups.items()}
 
 
 class BoundDetection:
@@ -203,6 +220,7 @@ class BoundDetection:
 
     def __init__(self, task: Task, data: Any, device: torch.device, spec: DenseSpec) -> None:
         self.task, self.device, self.spec, self.metrics = task, device, spec, task.metrics_for(data)
+        self.old = tuple(getattr(data, "old_classes", ()) or ())
         self.image_size = int(data.train_images.shape[-1])
         self.split_targets = {split: pack_targets(getattr(data, f"{split}_targets")["boxes"],
                                                   getattr(data, f"{split}_targets")["box_labels"],
@@ -252,7 +270,7 @@ class Detection(Task):
 
     name = "detection"
     target = "boxes"
-    metrics = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss")
+    metrics = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", OLD, NEW)
     best = "map"
     loss_name = "fcos"
     train_metric = "fg_acc"
@@ -268,6 +286,8 @@ class Detection(Task):
         boxes, labels = data.test_targets["boxes"], data.test_targets["box_labels"]
         areas = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[labels >= 0]
         empty = {name for name, (low, high) in AREA_RANGES.items() if not bool(((areas >= low) & (areas < high)).any())}
+        if not getattr(data, "old_classes", ()):  # old / new are defined on an incremental step 2 only
+            empty |= {OLD, NEW}
         return tuple(m for m in self.metrics if m not in empty)
 
     def check_data(self, data: Any) -> str | None:
