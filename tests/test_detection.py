@@ -353,7 +353,8 @@ def test_the_detection_recipes_are_their_own_benchmark_suite() -> None:
     from kdkit.recipe import find_recipe, load_recipe
 
     assert "scenes_det" in suites()
-    assert method_recipes("scenes_det") == ["student_ce", "acam", "bckd", "fgd", "fitnets", "ld", "mgd"]
+    assert method_recipes("scenes_det") == ["student_ce", "acam", "bckd", "fgd", "fitnets", "fmkt_feature", "ld", "mgd",
+                                            "pcka"]
     assert all(load_recipe(find_recipe(f"scenes/{n}")).task == "multilabel" for n in method_recipes("scenes"))
     data = load_recipe(find_recipe("scenes_det/student_ce")).data
     for name in method_recipes("scenes_det"):
