@@ -16,6 +16,7 @@ refined boxes ``MLP(sine(b_j))``: what UniKD's distillation compares (see :mod:`
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -57,7 +58,7 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers of ``sizes`` with ReLUs between them."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())

@@ -80,7 +80,8 @@ class UniKDRun(MethodRun):
 
     def __init__(self, loss: UniKDLoss, head: nn.Module, spec: DenseSpec, teacher_taps: tuple[str, ...],
                  section: UniKDSpec, ctx: Any) -> None:
-        self.loss, self.head, self.spec, self.taps, self.section, self.ctx = loss, head, spec, teacher_taps, section, ctx
+        self.loss, self.head, self.spec, self.taps = loss, head, spec, teacher_taps
+        self.section, self.ctx = section, ctx
         super().__init__(Hooks(phases=[Phase(PHASE, self.due, self.run)], state={"unikd_head": head}))
 
     def due(self, engine: Engine) -> bool:
