@@ -37,10 +37,10 @@ PHASE = "unikd_pretrain"
 class UniKDSpec(Strict):
     """The recipe section ``unikd:``: how the AKE is pretrained on the teacher."""
 
-    pretrain_epochs: int = Field(2, ge=1, description="epochs over the training set that pretrain the AKE on the "
+    pretrain_epochs: int = Field(4, ge=1, description="epochs over the training set that pretrain the AKE on the "
                                                       "teacher's features and detections, before the student trains")
-    pretrain_lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate of the pretraining (cosine to 0)")
-    score_threshold: float = Field(0.3, gt=0, lt=1, description="teacher detections scoring above this are the "
+    pretrain_lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate of the pretraining (cosine to 0)")
+    score_threshold: float = Field(0.45, gt=0, lt=1, description="teacher detections scoring above this are the "
                                                                 "AKE's pretraining targets")
 
 
@@ -140,7 +140,7 @@ class UniKDMethod(Method):
             problems.append(f"UniKD has one AKE: distill.{terms[1]} is a second `{LOSS}` term; keep one")
         if terms and recipe.unikd is None:
             problems.append(f"distill.{terms[0]} is a `{LOSS}` term, whose AKE must be pretrained on the teacher "
-                            "first: add the section `unikd: {}` (its defaults: pretrain_epochs 2)")
+                            "first: add the section `unikd: {}` (its defaults: pretrain_epochs 4)")
         if recipe.peers is not None:
             problems.append("UniKD trains one student: remove `peers:`")
         return problems
