@@ -359,6 +359,19 @@ def test_unikd_without_its_term_or_on_classification_exits_2(tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_teacher_that_is_no_dense_detector_is_refused_naming_the_detectors() -> None:
+    from types import SimpleNamespace
+
+    from kdkit.errors import KdkitError
+    from kdkit.methods.unikd.method import teacher_spec
+
+    with pytest.raises(KdkitError, match="must be a dense detector") as info:
+        teacher_spec(SimpleNamespace(teacher=SimpleNamespace(model=nn.Linear(2, 2))))
+    assert info.value.where == "teacher.arch" and "tv_fcos" in str(info.value)
+    spec = DenseSpec(3, (4,), ((0, math.inf),))
+    assert teacher_spec(SimpleNamespace(teacher=SimpleNamespace(model=SimpleNamespace(dense_spec=spec)))) is spec
+
+
 @pytest.mark.slow
 def test_the_shipped_unikd_recipe_pretrains_then_distils_and_resumes_exactly(tmp_path: Path) -> None:
     """The AKE is pretrained once, before the first step; a run interrupted after it resumes with the pretrained AKE
