@@ -33,7 +33,7 @@ Below that level everything is kdkit's reconstruction, in Deformable DETR's term
 
 On the detection suite's small detectors the term's weight is set in the recipe (``recipes/scenes_det/unikd.yaml``).
 One seed there (2,000 scenes, 8 epochs): labels only 8.67 mAP, UniKD from the det_teacher (26.2 mAP) 8.79, from the
-heterogeneous torchvision FCOS teacher (23.2 mAP, ``unikd_hetero.yaml``) 8.97 -- within seed noise of the baseline;
+heterogeneous torchvision FCOS teacher (23.2 mAP, ``unikd_hetero.yaml``) 8.97 -- one seed each, so no gain is shown;
 with pretraining targets above 0.3 (14 per image) the AKE fit worse and the student fell to 7.71.
 """
 
