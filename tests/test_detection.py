@@ -354,7 +354,7 @@ def test_the_detection_recipes_are_their_own_benchmark_suite() -> None:
 
     assert "scenes_det" in suites()
     assert method_recipes("scenes_det") == ["student_ce", "acam", "bckd", "fgd", "fitnets", "fmkt_feature", "ld", "mgd",
-                                            "pcka", "unikd", "unikd_hetero"]
+                                            "pcka", "tst", "unikd", "unikd_hetero"]
     assert all(load_recipe(find_recipe(f"scenes/{n}")).task == "multilabel" for n in method_recipes("scenes"))
     data = load_recipe(find_recipe("scenes_det/student_ce")).data
     for name in method_recipes("scenes_det"):
