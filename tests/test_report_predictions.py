@@ -164,3 +164,15 @@ def test_a_run_without_stored_targets_is_named_with_the_reason(dense_runs: dict[
     assert not list((tmp_path / "report").glob("predictions*"))
     assert json.loads((run / "summary.json").read_text())  # the run itself is untouched otherwise
     assert np.array_equal(read_samples(run)[0].numpy(), images.numpy())
+
+
+@pytest.mark.slow
+def test_runs_on_the_same_images_share_a_figure_extra_runs_first(dense_runs: dict[str, Path], tmp_path: Path) -> None:
+    detection, segmentation = dense_runs["detection"], dense_runs["segmentation"]
+    groups = {"det": [load_run(detection)], "seg": [load_run(segmentation)]}
+    page = predictions_section(groups, tmp_path, extra=[("teacher", detection)])
+    heights = {task: matplotlib.image.imread(tmp_path / f"predictions_{task}.png").shape[0]
+               for task in ("detection", "segmentation")}
+    assert heights["detection"] > heights["segmentation"]  # ground truth, teacher, det: one row more than seg's
+    assert page.count("<figure>") == 2
+    assert page.index(f"teacher: <code>{detection}</code>") < page.index(f"det: <code>{detection}</code>")

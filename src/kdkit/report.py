@@ -5,7 +5,8 @@ recipe name), the same resolved recipe less :data:`NOT_RESULT_KEYS`, the same nu
 changes the effective batch) -- and pools each group's seeds into mean +- std. Groups that share a name are
 told apart by what differs (``kd (train.epochs=10)``). It writes ``curves.png``, ``comparison.png`` and
 ``report.html`` (images embedded, so the page is one self-contained file). Each group keeps one colour in
-every plot.
+every plot. Callers add sections (``sections``): ``kdkit report`` and ``kdkit bench methods`` add the deployed
+networks' predictions drawn over test images for tasks that draw them (:mod:`kdkit.export.gallery`).
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 GALLERY_INDICES = (0, 1, 2, 3, 4, 5)
 #: Opacity of a class mask over the image.
 MASK_ALPHA = 0.55
+#: A box whose top is in this share of the image's height has its label inside it (no room above).
+LABEL_ROOM = 0.08
 #: Side of one image's panel (inches).
 PANEL_INCHES = 1.9
 
@@ -94,8 +96,9 @@ def draw_panel(ax: Axes, image: Tensor, drawing: Drawing, classes: Sequence[str]
         colour = class_colour(index, len(classes))
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, lw=1.2))
         text = classes[index] if score is None else f"{classes[index]} {score:.2f}"
-        ax.text(x0 - 0.5, y0 - 0.5, text, fontsize=5, color="white", va="bottom", ha="left", clip_on=True,
-                bbox={"facecolor": colour, "edgecolor": "none", "pad": 0.5, "alpha": 0.85})
+        inside = y0 < LABEL_ROOM * image.shape[-2]  # no room above a box at the image's top: label inside it
+        ax.text(x0 - 0.5, y0 - 0.5, text, fontsize=5, color="white", va="top" if inside else "bottom", ha="left",
+                clip_on=True, bbox={"facecolor": colour, "edgecolor": "none", "pad": 0.5, "alpha": 0.85})
     ax.set_xticks([])
     ax.set_yticks([])
 
