@@ -176,3 +176,11 @@ def test_runs_on_the_same_images_share_a_figure_extra_runs_first(dense_runs: dic
     assert heights["detection"] > heights["segmentation"]  # ground truth, teacher, det: one row more than seg's
     assert page.count("<figure>") == 2
     assert page.index(f"teacher: <code>{detection}</code>") < page.index(f"det: <code>{detection}</code>")
+
+
+def test_a_folder_without_a_deploy_record_is_named_only_when_its_task_draws(tmp_path: Path) -> None:
+    old_classification = fake_run(tmp_path / "cls")
+    old_segmentation = fake_run(tmp_path / "seg")
+    (old_segmentation / "recipe.yaml").write_text("task: segmentation\n")
+    page = predictions_section({"cls": [load_run(old_classification)], "seg": [load_run(old_segmentation)]}, tmp_path)
+    assert "seg (" in page and "no deploy.json" in page and "cls (" not in page

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
 from kdkit.deployment import SAMPLE_COUNT, SAMPLES_FILE, read_deployment, read_sample_targets, read_samples
@@ -40,7 +41,7 @@ MASK_ALPHA = 0.55
 #: A box whose top is in this share of the image's height has its label inside it (no room above).
 LABEL_ROOM = 0.08
 #: Side of one image's panel (inches).
-PANEL_INCHES = 1.9
+PANEL_INCHES = 2.2
 
 
 @dataclass
@@ -97,7 +98,7 @@ def draw_panel(ax: Axes, image: Tensor, drawing: Drawing, classes: Sequence[str]
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, lw=1.2))
         text = classes[index] if score is None else f"{classes[index]} {score:.2f}"
         inside = y0 < LABEL_ROOM * image.shape[-2]  # no room above a box at the image's top: label inside it
-        ax.text(x0 - 0.5, y0 - 0.5, text, fontsize=5, color="white", va="top" if inside else "bottom", ha="left",
+        ax.text(x0 - 0.5, y0 - 0.5, text, fontsize=6, color="white", va="top" if inside else "bottom", ha="left",
                 clip_on=True, bbox={"facecolor": colour, "edgecolor": "none", "pad": 0.5, "alpha": 0.85})
     ax.set_xticks([])
     ax.set_yticks([])
@@ -154,7 +155,9 @@ def sheets(shown: Sequence[tuple[str, Path]]) -> tuple[list[Sheet], list[str]]:
     for label, folder in shown:
         deployment = read_deployment(folder)
         if deployment is None:
-            skipped.append(_skip(label, folder, "it records no deployed network (no deploy.json)"))
+            if TASKS.get(recipe_task(folder)).drawn:
+                skipped.append(_skip(label, folder, "it records no deployed network (no deploy.json: written by an "
+                                                     "older kdkit, rerun it to draw its predictions)"))
             continue
         task = TASKS.get(deployment.task)
         if not task.drawn:
@@ -176,6 +179,13 @@ def sheets(shown: Sequence[tuple[str, Path]]) -> tuple[list[Sheet], list[str]]:
         sheet = found.setdefault(digest, Sheet(task, images[index], picked, deployment.classes))
         sheet.rows.append((label, folder))
     return list(found.values()), skipped
+
+
+def recipe_task(folder: Path) -> str:
+    """The task of run ``folder`` by its ``recipe.yaml`` (a recipe's default, classification, without one)."""
+    recipe_file = folder / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    return str((recipe or {}).get("task", "classification"))
 
 
 def _skip(label: str, folder: Path, reason: str) -> str:
