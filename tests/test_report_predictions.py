@@ -22,7 +22,7 @@ from kdkit.export.gallery import GALLERY_INDICES, MASK_ALPHA, overlay, predictio
 from kdkit.models import build_model
 from kdkit.report import load_run, write_report
 from kdkit.task import TASKS
-from kdkit.tasks.detection import DRAWN_SCORE, decode
+from kdkit.tasks.detection import DRAWN_PER_IMAGE, DRAWN_SCORE, decode
 from kdkit.tasks.segmentation import class_drawings
 
 
@@ -37,20 +37,23 @@ class Declares(nn.Module):
 def test_detection_draws_exactly_the_decoded_boxes_scoring_at_least_the_threshold() -> None:
     spec = build_model("det_student", num_classes=3, in_channels=1, image_size=48, params={"width": 4}).dense_spec
     locations = spec.locations(48, torch.device("cpu"))
-    outputs = torch.randn(2, len(locations), spec.channels, generator=torch.Generator().manual_seed(0))
+    outputs = torch.randn(3, len(locations), spec.channels, generator=torch.Generator().manual_seed(0))
     outputs[..., :3] = outputs[..., :3] * 2 - 4  # class logits: a few scores above the threshold, most below
+    outputs[2, :, :3] += 2  # the third image: more boxes above the threshold than are drawn
     drawings = TASKS.get("detection").drawn_outputs(outputs, Declares(spec), 48)
-    kept = dropped = 0
+    above = []
     for drawing, found in zip(drawings, decode(spec, locations, outputs, 48), strict=True):
-        expected = [(box, int(label), float(score)) for box, label, score
-                    in zip(found["boxes"].tolist(), found["labels"], found["scores"], strict=True)
-                    if float(score) >= DRAWN_SCORE]
-        kept, dropped = kept + len(expected), dropped + len(found["scores"]) - len(expected)
-        assert drawing.boxes.tolist() == [box for box, _, _ in expected]
-        assert drawing.classes.tolist() == [label for _, label, _ in expected]
-        assert drawing.scores.tolist() == pytest.approx([score for _, _, score in expected])
+        candidates = [(float(score), box, int(label)) for box, label, score
+                      in zip(found["boxes"].tolist(), found["labels"], found["scores"], strict=True)]
+        expected = sorted((c for c in candidates if c[0] >= DRAWN_SCORE), key=lambda c: -c[0])
+        above.append((len(expected), len(candidates)))
+        expected = expected[:DRAWN_PER_IMAGE]
+        assert drawing.boxes.tolist() == [box for _, box, _ in expected]
+        assert drawing.classes.tolist() == [label for _, _, label in expected]
+        assert drawing.scores.tolist() == pytest.approx([score for score, _, _ in expected])
         assert drawing.mask is None
-    assert kept and dropped  # the threshold was exercised both ways
+    # the threshold was exercised both ways, and the cap on one image
+    assert any(0 < kept < found for kept, found in above[:2]) and above[2][0] > DRAWN_PER_IMAGE
 
 
 def test_segmentation_draws_the_argmax_class_and_the_overlay_colours_it() -> None:
