@@ -384,7 +384,8 @@ class Engine:
         with self.autocast():
             with step_part("kdkit.teacher"):
                 # index/epoch let a cached teacher find the stored outputs of exactly these views
-                teacher_out = self.teacher(x, index, self.epoch) if self.teacher is not None else {}
+                reads = self.teacher is not None and self.objective.reads_teacher
+                teacher_out = self.teacher(x, index, self.epoch) if reads else {}
             with step_part("kdkit.student"):
                 logits, per_term = self.model(x)
             with step_part("kdkit.objective"):
