@@ -78,23 +78,17 @@ class Plan:
 
 
 def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
-    """Why ``recipe`` cannot train ``task``, whose targets are pixel maps read by sample index: everything that
-    moves the training images' pixels (a crop, a flip, RandAugment's strong view, a method's learned augmentation)
-    would leave the maps where they were, a silent misalignment. Empty when nothing does."""
-    why = (f"task {recipe.task!r} reads each image's {task.target!r} targets by sample index, so they would not "
-           "follow")
+    """Why ``recipe`` cannot train ``task``, whose targets are tied to pixel positions (masks, boxes). The random
+    crop and flip of ``data.augment`` are followed by the targets (:meth:`kdkit.task.BoundTask.follow`); anything
+    else that moves the training images' pixels (RandAugment's strong view, a method's learned augmentation) would
+    leave the targets where they were, a silent misalignment. Empty when nothing does."""
+    why = (f"task {recipe.task!r} moves each image's {task.target!r} targets with the random crop and flip of "
+           "data.augment only, so they would not follow")
     problems = []
-    augment = recipe.data.augment
-    if augment.crop_padding:
-        problems.append(KdkitError(f"{why} the random crop (data.augment.crop_padding {augment.crop_padding})",
-                                   bad=str(augment.crop_padding), fix="set data.augment.crop_padding: 0",
-                                   where="data.augment.crop_padding"))
-    if augment.hflip:
-        problems.append(KdkitError(f"{why} the horizontal flip (data.augment.hflip)", bad="true",
-                                   fix="set data.augment.hflip: false", where="data.augment.hflip"))
     if recipe.data.views == 2:
         problems.append(KdkitError(f"{why} the strong view's RandAugment (shears, rotations, translations)",
-                                   bad="2", fix="set data.views: 1", where="data.views"))
+                                   bad="2", choices=["1"], fix="set data.views: 1 (data.augment.crop_padding and "
+                                   "data.augment.hflip are followed by the targets)", where="data.views"))
     for method in active_methods(recipe):
         if method.moves_pixels:
             problems.append(KdkitError(f"{why} method {method.name!r}, which changes the training images' geometry",
