@@ -199,7 +199,8 @@ def test_data_without_masks_of_the_image_size_cannot_serve_segmentation() -> Non
     assert "images' size" in task.check_data(bad)
 
 
-MOVED = "moves each image's 'semantic' targets with the random crop and flip of data.augment only, so they would not follow"
+MOVED = ("moves each image's 'semantic' targets with the random crop and flip of data.augment only, so they "
+         "would not follow")
 
 
 @pytest.mark.parametrize(("key", "value", "why", "fix"), [
