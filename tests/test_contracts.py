@@ -237,6 +237,10 @@ CONTEXTS: list[dict[str, Any]] = [
              "peers": {"vit": {"arch": "vit_seg_student"}}},
      "student": {"hfd": ["model.stage1", "vit.low"], "pixel_bsd": ["model.logits", "vit.logits"],
                  "region_bsd": ["model.decoder1", "vit.high", "model.logits", "vit.logits"]}},
+    # UniKD's term: a detector pair and the method's section (its AKE's pretraining)
+    {"train": {"ce_weight": 1.0}, "data": {"dataset": "fashion_mnist_scenes"},
+     "top": {"task": "detection", "model": {"arch": "det_student"},
+             "teacher": {"arch": "det_teacher", "checkpoint": "teacher.safetensors"}, "unikd": {}}},
 ]
 
 

@@ -273,3 +273,18 @@ def test_flow_costs_include_the_feature_chain(monkeypatch: pytest.MonkeyPatch) -
     assert rows["fmkt_n1"]["params"] == sum(p.numel() for p in plain.parameters()) + chain
     assert rows["fmkt_n1"]["flops"] < rows["fmkt_n2"]["flops"] and "plain_theta" not in rows
     assert costs["deployed"] == "fmkt_n2" and student.bridges["ff"].eval_steps == 2  # restored
+
+
+@pytest.mark.slow
+def test_the_feature_variant_on_a_detector_scores_each_step_count_by_the_tasks_map(tmp_path: Path) -> None:
+    from conftest import edit_recipe, tiny_det
+    from kdkit.recipe import recipe_from_dict
+    from kdkit.runner import run_recipe
+
+    short = {f"distill.{i}.bridge_params": {"steps": 2, "eval_steps": 2} for i in range(2)}
+    summary = run_recipe(recipe_from_dict(edit_recipe(tiny_det(tmp_path, "scenes_det/fmkt_feature"), short)))
+    flow = summary["flow"]
+    assert flow["metric"] == "map" and flow["deployed"] == "fmkt_n2"
+    # the deployed variant is what the run evaluated last: its mAP is the run's last mAP
+    assert flow["variants"]["fmkt_n2"]["map"] == pytest.approx(summary["last_map"])
+    assert all("top1" not in v for v in flow["variants"].values())

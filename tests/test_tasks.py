@@ -204,8 +204,8 @@ def shipped_with_terms(suite: str, terms: list[dict], tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("suite", "loss", "layout", "choices"), [
-    ("scenes_det", "kd", "dense per-location detector outputs", "valid choices: bckd, ld"),
-    ("scenes_det", "dkd", "dense per-location detector outputs", "valid choices: bckd, ld"),
+    ("scenes_det", "kd", "dense per-location detector outputs", "valid choices: bckd, old_det_kd, ld, iod"),
+    ("scenes_det", "dkd", "dense per-location detector outputs", "valid choices: bckd, old_det_kd, ld, iod"),
     ("scenes_seg", "kd", "per-pixel class scores (B, K, H, W)", "valid choices: old_kd, pixel_kd"),
     ("scenes", "dist", "independent per-class scores (B, K)", "valid choices: multilabel_kd"),
     ("scenes_multitask", "kd", "per-pixel class scores and a boundary score (B, K + 2, H, W)",

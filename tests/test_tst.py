@@ -23,6 +23,7 @@ from kdkit.methods.tst import OPS, AugmentPolicy, batch_generator
 from kdkit.methods.tst.trainer import TstTrainer, augmenter_objective
 from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
+from kdkit.task import TASKS
 
 RGB_MEAN, RGB_STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
 GREY_OPS = [name for name in OPS if name != "color"]
@@ -136,8 +137,10 @@ def phase_setup() -> tuple[TstTrainer, SimpleNamespace, Student]:
     loader = BatchLoader(images, labels, batch_size=64, mean=RGB_MEAN, std=RGB_STD)  # one fixed batch
     policy = AugmentPolicy(list(OPS), num_ops=4, mean=RGB_MEAN, std=RGB_STD)
     trainer = TstTrainer(policy, teacher=teacher, seed=0, policy_epochs=[0], policy_passes=40, lr=2.0)
+    classification = SimpleNamespace(task=TASKS.get("classification"))  # the paper's objective
     engine = SimpleNamespace(student=student, train_loader=loader, device=torch.device("cpu"), epoch=0,
-                             ctx=trainer.ctx, show_progress=False, autocast=contextlib.nullcontext)
+                             ctx=trainer.ctx, show_progress=False, autocast=contextlib.nullcontext,
+                             task=classification)
     return trainer, engine, student
 
 
@@ -238,3 +241,45 @@ def test_run_logs_policy_saves_it_and_resumes_to_identical_weights(tmp_path: Pat
     timing = "extra.tst.policy_seconds"  # wall time, the one value that differs
     assert weights.keys() == other.keys() and all(torch.equal(weights[k], other[k]) for k in weights if k != timing)
     assert resumed["tst_policy_phases"] == 1
+
+
+def test_the_dense_objective_is_the_teachers_task_loss_minus_the_students() -> None:
+    from kdkit.methods.tst.trainer import discrepancy_objective
+
+    def sse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # any supervised loss
+        return ((out - target) ** 2).sum()
+
+    t, s, y = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0]), torch.tensor([1.0, 1.0])
+    assert discrepancy_objective(sse, t, s, y).item() == (0.0 + 1.0) - (1.0 + 9.0)
+
+
+@pytest.mark.parametrize(("ops", "refused"), [(["shear_x", "brightness"], "tst.ops has ['shear_x']"),
+                                              (["rotate", "translate_y"], "tst.ops has ['rotate', 'translate_y']"),
+                                              (["brightness", "invert", "cutout"], None)])
+def test_on_a_detector_only_the_operations_that_keep_pixels_in_place_are_allowed(ops: list[str], refused: str | None,
+                                                                                 tmp_path: Path) -> None:
+    from conftest import edit_recipe, tiny_det
+    from kdkit.build import plan
+    from kdkit.errors import RecipeErrors
+
+    recipe = recipe_from_dict(edit_recipe(tiny_det(tmp_path, "scenes_det/tst"),
+                                          {"tst.ops": ops, "tst.num_ops": 2, "tst.policy_epochs": [0]}))
+    if refused is None:
+        plan(recipe, training=False)
+        return
+    with pytest.raises(RecipeErrors) as info:
+        plan(recipe, training=False)
+    assert refused in str(info.value) and "boxes" in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_tiny_detector_trains_the_policy_on_the_fcos_loss_discrepancy(tmp_path: Path) -> None:
+    from conftest import edit_recipe, tiny_det
+
+    recipe = edit_recipe(tiny_det(tmp_path, "scenes_det/tst"), {"tst.policy_epochs": [0]})
+    summary = run_recipe(recipe_from_dict(recipe))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "tst_policy.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["probabilities"] != rows[1]["probabilities"]  # the phase moved the policy
+    phase = rows[1]["phase"]
+    assert phase["last_pass"]["teacher_right_student_wrong"] is None  # no one class per image on a detector
+    assert summary["task"] == "detection" and summary["tst_policy_phases"] == 1

@@ -90,10 +90,11 @@ def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
                                    bad="2", choices=["1"], fix="set data.views: 1 (data.augment.crop_padding and "
                                    "data.augment.hflip are followed by the targets)", where="data.views"))
     for method in active_methods(recipe):
-        if method.moves_pixels:
-            problems.append(KdkitError(f"{why} method {method.name!r}, which changes the training images' geometry",
-                                       bad=method.name, fix=f"leave method {method.name!r} out of this recipe",
-                                       where=method.section or "distill"))
+        moving = method.moves_pixels(recipe)
+        if moving is not None:
+            problems.append(KdkitError(f"{why} method {method.name!r}, which changes the training images' geometry: "
+                                       f"{moving}", bad=method.name, where=method.section or "distill",
+                                       fix=f"remove what moves pixels (above) or leave method {method.name!r} out"))
     if recipe.teacher is not None and recipe.teacher.cache is not None:
         problems.append(KdkitError(f"the teacher-output cache stores one logit vector per stored view; it does not "
                                    f"store the per-pixel outputs of task {recipe.task!r} yet",

@@ -303,9 +303,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """`kdkit report RUN ...`: HTML + PNG comparison of run folders."""
+    from kdkit.export.gallery import predictions_section
     from kdkit.report import write_report
 
-    path = write_report([Path(p) for p in args.runs], Path(args.out) if args.out else None)
+    path = write_report([Path(p) for p in args.runs], Path(args.out) if args.out else None,
+                        sections=[predictions_section])
     print(f"report: {path}")
     return 0
 

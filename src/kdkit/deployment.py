@@ -1,6 +1,6 @@
 """What a run folder records about the network it deploys: ``deploy.json`` (the input it takes and how that input
 is normalised, its class names and its task, where its images come from) and ``deploy_samples.safetensors`` (the
-first test images of the run's data, as the network sees them, with their labels).
+first test images of the run's data, as the network sees them, with their labels and dense targets).
 
 The runner writes both when a run starts, so exporting a run, verifying the export, predicting with it or loading it
 (:mod:`kdkit.export`) needs neither the training recipe's data section nor the dataset's files: a run folder copied
@@ -27,8 +27,11 @@ if TYPE_CHECKING:
 
 #: The record's file in a run folder.
 DEPLOY_FILE = "deploy.json"
-#: The stored test images (``images``: uint8 ``(N, C, H, W)``, ``labels``: int64 ``(N,)``).
+#: The stored test images (``images``: uint8 ``(N, C, H, W)``, ``labels``: int64 ``(N,)``) and their per-sample
+#: targets (``target.<key>`` for each key of the data's ``test_targets``: boxes, masks, ...; what reports draw).
 SAMPLES_FILE = "deploy_samples.safetensors"
+#: Prefix of the stored targets' keys in :data:`SAMPLES_FILE`.
+TARGET_PREFIX = "target."
 #: Test images stored (the first ones of the run's test split).
 SAMPLE_COUNT = 64
 #: Version of the record's layout.
@@ -109,8 +112,9 @@ def deployment_of(data: ImageData, task: Task, dataset: str, root: str | None, p
 
 
 def write_deployment(run_dir: Path, deployment: Deployment, data: ImageData) -> Path:
-    """Write ``run_dir``'s ``deploy_samples.safetensors`` (the first :data:`SAMPLE_COUNT` test images of ``data``)
-    then ``deploy.json``, each atomically (the record last: a folder that has it has both).
+    """Write ``run_dir``'s ``deploy_samples.safetensors`` (the first :data:`SAMPLE_COUNT` test images of ``data``,
+    their labels and their ``test_targets``) then ``deploy.json``, each atomically (the record last: a folder that
+    has it has both).
 
     Raises:
         KdkitError: A write failed (e.g. the disk is full); the previous files are kept.
@@ -119,8 +123,10 @@ def write_deployment(run_dir: Path, deployment: Deployment, data: ImageData) -> 
     tmp = samples.with_name(f".{samples.stem}.tmp-{os.getpid()}{samples.suffix}")
     with reported_write("deploy samples", samples, fix="free space on that disk and run the command again"):
         try:
+            targets = {f"{TARGET_PREFIX}{key}": value[:SAMPLE_COUNT].contiguous().clone()
+                       for key, value in data.test_targets.items()}
             save_file({"images": data.test_images[:SAMPLE_COUNT].contiguous().clone(),
-                       "labels": data.test_labels[:SAMPLE_COUNT].contiguous().clone()}, str(tmp))
+                       "labels": data.test_labels[:SAMPLE_COUNT].contiguous().clone(), **targets}, str(tmp))
             os.replace(tmp, samples)
         finally:
             tmp.unlink(missing_ok=True)
@@ -135,16 +141,35 @@ def read_samples(run_dir: Path) -> tuple[Tensor, Tensor]:
     Raises:
         KdkitError: The file is missing, damaged or not what :func:`write_deployment` writes.
     """
+    tensors = _samples(run_dir)
+    return tensors["images"], tensors["labels"]
+
+
+def read_sample_targets(run_dir: Path) -> dict[str, Tensor]:
+    """The stored test images' targets of ``run_dir`` by the data's key (``boxes``, ``semantic``, ...); empty for a
+    dataset without per-sample targets, or a folder written before kdkit stored them.
+
+    Raises:
+        KdkitError: The file is missing, damaged or not what :func:`write_deployment` writes.
+    """
+    return {key.removeprefix(TARGET_PREFIX): value for key, value in _samples(run_dir).items()
+            if key.startswith(TARGET_PREFIX)}
+
+
+def _samples(run_dir: Path) -> dict[str, Tensor]:
+    """Every tensor of ``run_dir``'s :data:`SAMPLES_FILE`, checked to be what :func:`write_deployment` writes."""
     path = Path(run_dir) / SAMPLES_FILE
     if not path.is_file():
         raise KdkitError(f"run folder {str(run_dir)!r} has {DEPLOY_FILE} but no {SAMPLES_FILE}",
                          fix="restore the file, or delete deploy.json too (kdkit then records both again from the "
                              "recipe's dataset)", where=str(path))
     tensors, _ = read_weights(path)
-    if set(tensors) != {"images", "labels"}:
-        raise KdkitError(f"{str(path)!r} holds {sorted(tensors)}, not images and labels", where=str(path),
-                         fix="restore the file, or delete it and deploy.json (kdkit records both again)")
-    return tensors["images"], tensors["labels"]
+    others = set(tensors) - {"images", "labels"}
+    if not {"images", "labels"} <= set(tensors) or any(not key.startswith(TARGET_PREFIX) for key in others):
+        raise KdkitError(f"{str(path)!r} holds {sorted(tensors)}, not images, labels and {TARGET_PREFIX}* targets",
+                         where=str(path), fix="restore the file, or delete it and deploy.json (kdkit records both "
+                                              "again)")
+    return tensors
 
 
 def read_deployment(run_dir: Path) -> Deployment | None:

@@ -60,8 +60,6 @@ class Method:
             crop/flip views, so a teacher-output cache cannot stand in for it.
         needs_labels: The method reads the label of every training sample (e.g. a phase with its own
             cross-entropy), so data with unlabelled samples (:data:`kdkit.data.base.UNLABELLED`) is refused.
-        moves_pixels: The method changes the training images' geometry (shears, rotations, translations), so a
-            task whose targets are pixel maps read by sample index (:attr:`kdkit.task.Task.pixel_targets`) refuses it.
     """
 
     name: ClassVar[str] = ""
@@ -69,11 +67,16 @@ class Method:
     spec: ClassVar[type[Strict] | None] = None
     feeds_teacher_new_images: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
-    moves_pixels: ClassVar[bool] = False
 
     def active(self, recipe: Any) -> bool:
         """Whether ``recipe`` uses this method. Default: its section is present."""
         return self.section is not None and getattr(recipe, self.section, None) is not None
+
+    def moves_pixels(self, recipe: Any) -> str | None:
+        """What in ``recipe``'s use of this method changes the training images' geometry (shears, rotations,
+        translations), with how to avoid it, or ``None``. A task whose targets are pixel maps or boxes read by
+        sample index (:attr:`kdkit.task.Task.pixel_targets`) refuses a method that moves pixels. Default: none."""
+        return None
 
     def check(self, recipe: Any) -> list[str]:
         """Problems with a schema-valid ``recipe`` that uses this method (each a message that says why and

@@ -5,7 +5,8 @@ recipe name), the same resolved recipe less :data:`NOT_RESULT_KEYS`, the same nu
 changes the effective batch) -- and pools each group's seeds into mean +- std. Groups that share a name are
 told apart by what differs (``kd (train.epochs=10)``). It writes ``curves.png``, ``comparison.png`` and
 ``report.html`` (images embedded, so the page is one self-contained file). Each group keeps one colour in
-every plot.
+every plot. Callers add sections (``sections``): ``kdkit report`` and ``kdkit bench methods`` add the deployed
+networks' predictions drawn over test images for tasks that draw them (:mod:`kdkit.export.gallery`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
 from kdkit.pages import embed_png, html_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Recipe keys (dotted; a trailing ``.`` covers a section) that do not change a run's results: its names, the
 #: seed (what a group pools over), where and how it writes, its CPU thread count.
@@ -177,6 +182,20 @@ def colours(groups: dict[str, list[RunRecord]]) -> dict[str, str]:
     return {label: f"C{i % 10}" for i, label in enumerate(groups)}
 
 
+def save_figure(fig: Figure, file: Path, dpi: int = 110) -> Path:
+    """Save ``fig`` as the PNG ``file`` atomically (a temporary file beside it, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = file.with_name(f".{file.stem}.tmp-{os.getpid()}{file.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+    return file
+
+
 def plot_curves(groups: dict[str, list[RunRecord]], file: Path) -> Path:
     """Each run's test metric and training loss per epoch, one colour per group (each seed a line)."""
     import matplotlib
@@ -202,9 +221,7 @@ def plot_curves(groups: dict[str, list[RunRecord]], file: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return save_figure(fig, file)
 
 
 def bar_top(tops: Sequence[float]) -> float:
@@ -249,9 +266,7 @@ def plot_comparison(groups: dict[str, list[RunRecord]], file: Path) -> Path:
                        Patch(facecolor="white", edgecolor="grey", hatch="///", label="last epoch")], fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return save_figure(fig, file)
 
 
 def summary_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, Any]]:
@@ -330,8 +345,13 @@ def provenance(groups: dict[str, list[RunRecord]]) -> str:
     return "<ul>" + "".join(items) + "</ul>"
 
 
+#: A report's extra section: HTML (figures written into the output folder) from the groups and that folder.
+Section = Callable[[dict[str, list[RunRecord]], Path], str]
+
+
 def write_report(runs: list[Path], out: Path | None = None, *, labels: list[str] | None = None,
-                 title: str = "kdkit report", preamble: str = "", table: str | None = None) -> Path:
+                 title: str = "kdkit report", preamble: str = "", table: str | None = None,
+                 sections: Sequence[Section] = ()) -> Path:
     """Write ``report.html`` with plots and a table comparing run folders.
 
     Args:
@@ -342,6 +362,8 @@ def write_report(runs: list[Path], out: Path | None = None, *, labels: list[str]
         title: Page title.
         preamble: Extra HTML placed before the table (e.g. the demo's verdict), already escaped.
         table: The page's table (HTML) in place of the default one (:func:`rows_table`), e.g. a benchmark's.
+        sections: Makers of extra sections placed after the comparison, e.g. the deployed networks' predictions
+            drawn over test images (:func:`kdkit.export.gallery.predictions_section`, which reads the networks).
 
     Returns:
         The HTML file.
@@ -356,6 +378,7 @@ def write_report(runs: list[Path], out: Path | None = None, *, labels: list[str]
     comparison = plot_comparison(groups, out / "comparison.png")
     rows = summary_rows(groups)
     atomic_write_text(out / "summary.json", json.dumps(rows, indent=1))
+    extra = "".join(section(groups, out) for section in sections)
     machine = records[0].summary.get("machine", {})
     machine_line = ", ".join(f"{k} {v}" for k, v in machine.items())
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -366,7 +389,7 @@ def write_report(runs: list[Path], out: Path | None = None, *, labels: list[str]
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{preamble}"
             f"{table if table is not None else rows_table(rows)}"
             f"<h2>Learning curves</h2>{embed_png(curves)}<h2>Comparison</h2>{embed_png(comparison)}"
-            f"{method_sections(groups)}<h2>Provenance</h2><p>Machine: {html.escape(machine_line)}</p>"
+            f"{extra}{method_sections(groups)}<h2>Provenance</h2><p>Machine: {html.escape(machine_line)}</p>"
             f"{provenance(groups)}</body></html>")
     file = out / "report.html"
     atomic_write_text(file, page)

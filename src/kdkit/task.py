@@ -19,6 +19,7 @@ contract (they add files, not engine branches):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from torch import Tensor, nn
@@ -30,6 +31,24 @@ if TYPE_CHECKING:
 
     from kdkit.data.base import ImageData
     from kdkit.distributed import DistContext
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """What a report draws over one image: boxes and/or a class mask, classes indexing the data's class names.
+
+    Attributes:
+        boxes: ``(D, 4)`` float boxes in pixels, ``x0, y0, x1, y1``.
+        classes: ``(D,)`` int64, each box's class (an index into the class names).
+        scores: ``(D,)`` each box's score, or ``None`` (ground truth).
+        mask: ``(H, W)`` int64 class map (an index into the class names; -1 where nothing is drawn: background,
+            void), or ``None``.
+    """
+
+    boxes: Tensor
+    classes: Tensor
+    scores: Tensor | None = None
+    mask: Tensor | None = None
 
 
 class Evaluator(Protocol):
@@ -91,6 +110,8 @@ class Task:
         probabilities: How the deployed outputs become class probabilities: ``"softmax"`` over the classes,
             ``"sigmoid"`` for each class on its own, or ``""`` when they are not class scores (``kdkit predict``,
             exports and :func:`kdkit.export.load_deployed` apply it).
+        drawn: What :meth:`drawn_outputs` draws of the deployed network's outputs, in words (a report's caption);
+            empty for a task that draws nothing.
         logits_layout: What the networks' ``logits`` tap holds (one of :data:`LOGITS_LAYOUTS`): a loss that reads
             it as one kind of output (:attr:`kdkit.losses.base.DistillLoss.reads_logits`, e.g. KD's softmax over
             classes) is refused before training on a task whose logits are another kind, unless a bridge maps them.
@@ -106,6 +127,7 @@ class Task:
     probabilities: ClassVar[str] = ""
     pixel_targets: ClassVar[bool] = False
     logits_layout: ClassVar[str] = "classes"
+    drawn: ClassVar[str] = ""
 
     def outputs(self, num_classes: int) -> int:
         """The outputs (channels) of the task's networks on data with ``num_classes`` classes. Default: one per
@@ -136,6 +158,22 @@ class Task:
         """The task for one run on ``data`` (targets moved to ``device`` once) and the trained ``model``, whose declared
         output layout a dense task reads (a detector's ``dense_spec``); other tasks ignore it."""
         raise NotImplementedError
+
+
+    def drawn_targets(self, targets: dict[str, Tensor]) -> list[Drawing] | None:
+        """The ground truth a report draws over each image, from a batch of the data's per-sample targets (the
+        ``test_targets`` entries, batch first); ``None`` when the task draws nothing (default: a label is shown by
+        the report's tables, not over the image)."""
+        return None
+
+    def drawn_outputs(self, outputs: Tensor, model: nn.Module, image_size: int) -> list[Drawing]:
+        """What a report draws over each image from the deployed network's outputs on a batch (:attr:`drawn` says
+        what, in words); ``model`` is the trained network, whose declared output layout a dense task reads.
+
+        Raises:
+            NotImplementedError: The task draws nothing (:meth:`drawn_targets` is ``None``).
+        """
+        raise NotImplementedError(f"task {self.name!r} draws no predictions")
 
 
 def higher_is_better(metrics: tuple[str, ...]) -> list[str]:

@@ -9,6 +9,7 @@ per epoch and the extra trainable parameters (bridges and loss heads), then writ
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import re
@@ -19,6 +20,7 @@ from typing import Any
 from kdkit.build import KNOWN_SHAPES
 from kdkit.checkpoint import atomic_write_text
 from kdkit.errors import KdkitError
+from kdkit.export.gallery import predictions_section
 from kdkit.method import METHODS, active_methods
 from kdkit.models import build_model
 from kdkit.pages import html_table
@@ -105,8 +107,10 @@ def run_methods_bench(out: Path, seeds: int = 3, methods: list[str] | None = Non
     table = format_table(results)
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    # the predictions' figure shows the teacher's too: what each student was taught to reproduce
+    predictions = functools.partial(predictions_section, extra=[("teacher", teacher.run_dir)])
     report = write_report(folders, out / "report", labels=labels, title=f"kdkit method benchmark ({suite})",
-                          table=html_report_table(results))
+                          table=html_report_table(results), sections=[predictions])
     print(table)
     print(f"report: {report}")
     return results

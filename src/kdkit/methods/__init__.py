@@ -22,3 +22,4 @@ from kdkit.methods import source_select  # noqa: F401
 from kdkit.methods import ssld  # noqa: F401
 from kdkit.methods import tst  # noqa: F401
 from kdkit.methods import wad  # noqa: F401
+from kdkit.methods import unikd  # noqa: F401

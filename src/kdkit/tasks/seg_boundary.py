@@ -44,7 +44,8 @@ from kdkit.data.base import UNLABELLED
 from kdkit.data.dense import IGNORE
 from kdkit.distill import labelled_cross_entropy
 from kdkit.distributed import DistContext, all_reduce_sum
-from kdkit.task import Task, register_task
+from kdkit.task import Drawing, Task, register_task
+from kdkit.tasks.segmentation import class_drawings
 
 #: Threshold of the boundary probability for the boundary F-score.
 BOUNDARY_THRESHOLD = 0.5
@@ -204,6 +205,8 @@ class SegBoundary(Task):
     probabilities = ""
     pixel_targets = True
     logits_layout = "pixels_boundary"
+    drawn = ("each pixel's predicted class (argmax over the class channels; background uncoloured); the boundary "
+             "channel is not drawn")
 
     def outputs(self, num_classes: int) -> int:
         """Background, the ``num_classes`` object classes and the boundary channel."""
@@ -219,6 +222,14 @@ class SegBoundary(Task):
                 return (f"needs {key!r} targets of the images' size (N, {data.train_images.shape[2]}, "
                         f"{data.train_images.shape[3]}), got {tuple(data.train_targets[key].shape)}")
         return None
+
+    def drawn_targets(self, targets: dict[str, Tensor]) -> list[Drawing]:
+        """Each image's class map (``semantic``, as the segmentation task draws it)."""
+        return class_drawings(targets["semantic"])
+
+    def drawn_outputs(self, outputs: Tensor, model: nn.Module, image_size: int) -> list[Drawing]:
+        """Each pixel's argmax over the class channels (all but the last, the boundary)."""
+        return class_drawings(outputs[:, :-1].argmax(1))
 
     def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0,
              model: nn.Module | None = None) -> BoundSegBoundary:

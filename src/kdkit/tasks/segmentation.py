@@ -19,6 +19,9 @@ nearest neighbour (:func:`kdkit.data.augment.follow_maps`). Pixels that come fro
 would be a label the data never gave (an object cut by the image border does not end there), and it would teach
 that the padding's black band is background, a shortcut no test image has. Other geometric changes (the strong
 view, a method's learned augmentation) are refused.
+
+A report draws a class map as a colour per class over the image (:func:`class_drawings`): the ground truth's, and the
+deployed network's argmax over the channels; background and void pixels are left uncoloured.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from kdkit.data.base import UNLABELLED
 from kdkit.data.dense import IGNORE
 from kdkit.distill import labelled_cross_entropy
 from kdkit.distributed import DistContext, all_reduce_sum
-from kdkit.task import Task, register_task
+from kdkit.task import Drawing, Task, register_task
 
 OLD, NEW = "miou_old", "miou_new"  # class-incremental step 2 only
 
@@ -43,6 +46,15 @@ def old_channels(data: Any) -> tuple[int, ...]:
     """The output channels of ``data``'s old classes, background (0) first; empty when none were learned before."""
     old = tuple(getattr(data, "old_classes", ()) or ())
     return (0, *(c + 1 for c in old)) if old else ()
+
+
+def class_drawings(maps: Tensor) -> list[Drawing]:
+    """One :class:`~kdkit.task.Drawing` per class map ``(B, H, W)`` (0 background, ``k + 1`` class ``k``,
+    :data:`IGNORE` void): its mask is the class index ``k``, -1 on background and void pixels (drawn uncoloured)."""
+    maps = maps.long()
+    masks = torch.where((maps == 0) | (maps == IGNORE), torch.full_like(maps, -1), maps - 1)
+    no_boxes = torch.zeros(0, 4, device=maps.device)
+    return [Drawing(no_boxes, torch.zeros(0, dtype=torch.long, device=maps.device), mask=m) for m in masks]
 
 
 class SegmentationEvaluator:
@@ -168,6 +180,7 @@ class Segmentation(Task):
     probabilities = "softmax"
     pixel_targets = True
     logits_layout = "pixels"
+    drawn = "each pixel's predicted class (argmax over the channels; background uncoloured)"
 
     def metrics_for(self, data: Any) -> tuple[str, ...]:
         if data is None or not old_channels(data):  # old / new are defined on an incremental step 2 only
@@ -187,6 +200,14 @@ class Segmentation(Task):
             return (f"needs {self.target!r} targets of the images' size (N, {data.train_images.shape[2]}, "
                     f"{data.train_images.shape[3]}), got {tuple(masks.shape)}")
         return None
+
+    def drawn_targets(self, targets: dict[str, Tensor]) -> list[Drawing]:
+        """Each image's class map (:func:`class_drawings`)."""
+        return class_drawings(targets[self.target])
+
+    def drawn_outputs(self, outputs: Tensor, model: nn.Module, image_size: int) -> list[Drawing]:
+        """Each pixel's argmax class (:func:`class_drawings`)."""
+        return class_drawings(outputs.argmax(1))
 
     def bind(self, data: Any, device: torch.device, *, label_smoothing: float = 0.0,
              model: nn.Module | None = None) -> BoundSegmentation:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdkit.profile import Deployed, count_flops, latency_ms, top1, used_parameters
+from kdkit.profile import Deployed, count_flops, latency_ms, used_parameters
 
 
 def has_flow(student: nn.Module) -> bool:
@@ -17,7 +18,7 @@ def has_flow(student: nn.Module) -> bool:
 
 
 def flow_costs(student: nn.Module, input_shape: tuple[int, int, int], *, device: torch.device | str = "cpu",
-               loader: Any = None,
+               score: Callable[[nn.Module], float] | None = None, metric: str = "top1",
                steps: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
     """Cost (and accuracy) of an FM-KT student's deployable variants: the chains with ``steps`` inference
     steps, and the plain student (what FM-KT^Theta deploys).
@@ -29,8 +30,18 @@ def flow_costs(student: nn.Module, input_shape: tuple[int, int, int], *, device:
     (without Theta it is never trained); it includes any feature chains (they are inside the model's forward).
     A student with feature chains only has no plain variant.
 
+    Args:
+        student: The trained :class:`~kdkit.distill.Student`.
+        input_shape: ``(C, H, W)`` of one image.
+        device: Where to measure.
+        score: The task's metric of a network on the test split (the engine's evaluation), or ``None`` for costs
+            only.
+        metric: That metric's name (the key of each variant's score: ``top1``, ``map``, ``miou``, ...).
+        steps: Inference step counts to measure.
+
     Returns:
-        ``{"deployed": name, "eval_steps": n, "variants": {name: {params, flops, latency_ms[, top1]}}}``.
+        ``{"deployed": name, "eval_steps": n, "metric": metric, "variants": {name: {params, flops, latency_ms[,
+        metric]}}}``.
     """
     term = student.deploy_term
     bridge = student.bridges[term] if term is not None else None
@@ -45,11 +56,11 @@ def flow_costs(student: nn.Module, input_shape: tuple[int, int, int], *, device:
         for n in steps:
             for chain in chains:
                 chain.eval_steps = n
-            variants[f"fmkt_n{n}"] = _variant(deployed, input_shape, device, loader)
+            variants[f"fmkt_n{n}"] = _variant(deployed, input_shape, device, score, metric)
         for chain, n in zip(chains, saved_steps, strict=True):
             chain.eval_steps = n
         if bridge is not None:  # the whole model (feature chains included, at their own eval_steps)
-            variants["plain_theta"] = _variant(student.model, input_shape, device, loader if theta else None)
+            variants["plain_theta"] = _variant(student.model, input_shape, device, score if theta else None, metric)
     finally:
         for chain, n in zip(chains, saved_steps, strict=True):
             chain.eval_steps = n
@@ -57,14 +68,14 @@ def flow_costs(student: nn.Module, input_shape: tuple[int, int, int], *, device:
             bridge.theta = theta
     eval_steps = saved_steps[0]
     return {"deployed": "plain_theta" if theta else f"fmkt_n{eval_steps}", "eval_steps": eval_steps,
-            "variants": variants}
+            "metric": metric, "variants": variants}
 
 
 def _variant(model: nn.Module, shape: tuple[int, int, int], device: torch.device | str,
-             loader: Any) -> dict[str, Any]:
+             score: Callable[[nn.Module], float] | None, metric: str) -> dict[str, Any]:
     row: dict[str, Any] = {"params": used_parameters(model, shape, device=device),
                            "flops": count_flops(model, shape, device=device),
                            "latency_ms": round(latency_ms(model, shape, device=device), 4)}
-    if loader is not None:
-        row["top1"] = top1(model, loader)
+    if score is not None:
+        row[metric] = score(model)
     return row

@@ -12,6 +12,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from kdkit.engine import Engine, Hooks
 from kdkit.method import Method, MethodRun, register_method
 from kdkit.methods.fmkt.costs import flow_costs, has_flow
@@ -31,7 +33,13 @@ class FmktRun(MethodRun):
     def summary(self, engine: Engine) -> dict[str, Any]:
         if not has_flow(engine.student):
             return {}
-        return {"flow": flow_costs(engine.student, self.input_shape, device=engine.device, loader=engine.eval_loader)}
+        metric = engine.metric
+
+        def score(network: nn.Module) -> float:
+            return engine.evaluate(predict=network)[f"test_{metric}"]
+
+        return {"flow": flow_costs(engine.student, self.input_shape, device=engine.device, score=score,
+                                   metric=metric)}
 
 
 @register_method
@@ -52,10 +60,12 @@ class FmktMethod(Method):
         flow = summary.get("flow")
         if not flow:
             return ""
-        head = "<tr><th>variant</th><th>top-1 (%)</th><th>params</th><th>MFLOPs</th><th>latency (ms)</th></tr>"
+        metric = flow.get("metric", "top1")  # summaries from before the task's metric was recorded: top-1
+        head = (f"<tr><th>variant</th><th>{html.escape(metric)} (%)</th><th>params</th><th>MFLOPs</th>"
+                "<th>latency (ms)</th></tr>")
 
         def accuracy(variant: dict[str, Any]) -> str:
-            return "–" if variant.get("top1") is None else f"{variant['top1']:.2f}"
+            return "–" if variant.get(metric) is None else f"{variant[metric]:.2f}"
 
         body = "".join(
             f"<tr><td>{html.escape(name)}{' (deployed)' if name == flow['deployed'] else ''}</td>"

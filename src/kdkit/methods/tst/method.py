@@ -8,6 +8,7 @@ from typing import Any
 
 from kdkit.engine import Engine, Hooks, Phase
 from kdkit.method import Method, MethodRun, register_method
+from kdkit.methods.tst.ops import OPS
 from kdkit.methods.tst.spec import TstSpec
 from kdkit.methods.tst.trainer import TstTrainer
 from kdkit.pages import embed_png
@@ -37,8 +38,16 @@ class TstMethod(Method):
     section = "tst"
     spec = TstSpec
     feeds_teacher_new_images = True  # the policy's augmented images
-    moves_pixels = True  # its operations include shears, translations and rotations
     needs_labels = True  # the policy phase scores the labels: -log p_T(y) - log(1 - p_S(y))
+
+    def moves_pixels(self, recipe: Any) -> str | None:
+        """TST's geometric operations (shears, translations, rotation), when ``tst.ops`` has any."""
+        moving = [op for op in recipe.tst.ops if OPS[op].moves_pixels]
+        if not moving:
+            return None
+        kept = [op for op in recipe.tst.ops if not OPS[op].moves_pixels]
+        return (f"tst.ops has {moving}; the photometric operations ({kept or 'e.g. brightness, contrast'}) keep "
+                "every pixel in place")
 
     def check(self, recipe: Any) -> list[str]:
         spec: TstSpec = recipe.tst

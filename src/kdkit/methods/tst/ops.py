@@ -207,11 +207,14 @@ class OpSpec:
         fn: ``fn(x, magnitude, noise) -> x'``.
         magnitude: The policy learns a magnitude for it (else only a probability).
         signed: AutoAugment applies it in both directions (the policy draws a random sign per sample).
+        moves_pixels: It changes the image's geometry (a pixel's content moves), so per-pixel targets and boxes
+            would no longer match the image.
     """
 
     fn: Op
     magnitude: bool = True
     signed: bool = True
+    moves_pixels: bool = False
 
 
 def _cutout_op(x: Tensor, m: Tensor, noise: Tensor, size: float = 0.5) -> Tensor:
@@ -225,11 +228,11 @@ OPS: dict[str, OpSpec] = {
     "sharpness": OpSpec(sharpness),
     "posterize": OpSpec(posterize, signed=False),
     "solarize": OpSpec(solarize, signed=False),
-    "shear_x": OpSpec(shear_x),
-    "shear_y": OpSpec(shear_y),
-    "translate_x": OpSpec(translate_x),
-    "translate_y": OpSpec(translate_y),
-    "rotate": OpSpec(rotate),
+    "shear_x": OpSpec(shear_x, moves_pixels=True),
+    "shear_y": OpSpec(shear_y, moves_pixels=True),
+    "translate_x": OpSpec(translate_x, moves_pixels=True),
+    "translate_y": OpSpec(translate_y, moves_pixels=True),
+    "rotate": OpSpec(rotate, moves_pixels=True),
     "equalize": OpSpec(equalize, magnitude=False, signed=False),
     "invert": OpSpec(invert, magnitude=False, signed=False),
     "cutout": OpSpec(_cutout_op, magnitude=False, signed=False),

@@ -8,7 +8,14 @@ Shao et al., IJCAI 2023. Two phases alternate:
 
       L_A = mean_i [ -log p_T(y_i | A(x)_i) - log(1 - p_S(y_i | A(x)_i)) ]
 
-  (samples the teacher still gets right and the student gets wrong) with SGD (lr 0.01, momentum 0.9,
+  (samples the teacher still gets right and the student gets wrong) -- on a single-label classification task;
+  on any other task (detection, segmentation, multi-label), whose targets have no one class per image, the
+  policy minimises the task's own supervised loss of the teacher minus the student's,
+
+      L_A = S(T(A(x)), y) - S(S(A(x)), y)
+
+  (kdkit's generalisation: the paper applies TST to COCO detectors and Cityscapes segmenters, but its text read
+  here does not give their objective) -- with SGD (lr 0.01, momentum 0.9,
   gradient-norm clip 10, a fresh optimiser each phase, as in the official code). The student's mode
   and ``requires_grad`` flags are restored afterwards.
 * **Student phase** (every training step): the batch becomes ``[A(x); x]`` with labels and indices
@@ -27,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,13 @@ from kdkit.methods.tst.policy import AugmentPolicy, batch_generator
 
 POLICY_ORDER_OFFSET = 1_000_000  # loader "epochs" used for the policy phases' batch order, never trained on
 LOG_FILE = "tst_policy.jsonl"
+
+
+def discrepancy_objective(supervised: Callable[[Tensor, Tensor], Tensor], teacher_out: Tensor, student_out: Tensor,
+                          targets: Tensor) -> Tensor:
+    """``S(teacher_out, y) - S(student_out, y)``: the task's supervised loss of the teacher minus the student's,
+    TST's objective on tasks without one class per image (low where the teacher is right and the student wrong)."""
+    return supervised(teacher_out, targets) - supervised(student_out, targets)
 
 
 def augmenter_objective(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -129,7 +144,8 @@ class TstTrainer:
     def train_policy(self, engine: Any) -> dict[str, Any]:
         """One policy phase at ``engine.epoch`` (see the module docstring). Returns its statistics."""
         started = time.perf_counter()
-        student, loader = engine.student, engine.train_loader
+        student, loader, task = engine.student, engine.train_loader, engine.task
+        classifying = task.task.logits_layout == "classes"  # the paper's objective needs one class per image
         flags = [p.requires_grad for p in student.parameters()]
         was_training = student.training
         student.eval()
@@ -145,7 +161,7 @@ class TstTrainer:
         try:
             for p in range(passes):
                 order = POLICY_ORDER_OFFSET + engine.epoch * 1000 + p
-                for x, y, _ in loader.epoch(order):
+                for x, y, index in loader.epoch(order):
                     if step >= steps:
                         break
                     gen = batch_generator(self.seed, engine.epoch, step, stream=2 * self.ctx.rank + 1)
@@ -156,7 +172,11 @@ class TstTrainer:
                     for recorder in (getattr(self.teacher, "recorder", None), student.recorder):
                         if recorder is not None:
                             recorder.pop()  # never keep tapped activations (and their graphs) alive
-                    loss = augmenter_objective(t_logits.float(), s_logits.float(), y)
+                    if classifying:
+                        loss = augmenter_objective(t_logits.float(), s_logits.float(), y)
+                    else:
+                        loss = discrepancy_objective(task.loss, t_logits.float(), s_logits.float(),
+                                                     task.targets(y, index, "train"))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if self.ctx.enabled:
@@ -165,7 +185,9 @@ class TstTrainer:
                                 param.grad = all_reduce_sum(param.grad, self.ctx) / world
                     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
                     optimizer.step()
-                    hit = (t_logits.argmax(1) == y) & (s_logits.argmax(1) != y)
+                    # samples the teacher gets right and the student wrong (none defined without one class each)
+                    hit = (t_logits.argmax(1) == y) & (s_logits.argmax(1) != y) if classifying else \
+                        torch.zeros((), dtype=torch.bool, device=x.device)
                     sums[p] += torch.stack([loss.detach().double() * len(y), hit.sum().double(),
                                             loss.new_tensor(float(len(y)), dtype=torch.float64),
                                             loss.new_tensor(1.0, dtype=torch.float64)])
@@ -178,15 +200,16 @@ class TstTrainer:
         seconds = time.perf_counter() - started
         self.state.policy_seconds += seconds
         self.state.phases += 1
-        per_pass = [{"loss": r[0] / max(r[2], 1.0), "teacher_right_student_wrong": r[1] / max(r[2], 1.0)}
-                    for r in rows]
+        per_pass = [{"loss": r[0] / max(r[2], 1.0),
+                     "teacher_right_student_wrong": r[1] / max(r[2], 1.0) if classifying else None} for r in rows]
         stats = {"epoch": engine.epoch, "steps": step, "seconds": round(seconds, 3),
                  "first_pass": per_pass[0], "last_pass": per_pass[-1]}
         if engine.ctx.is_main and engine.show_progress:
+            hits = "" if not classifying else (
+                f", teacher right & student wrong {100 * per_pass[0]['teacher_right_student_wrong']:.1f}% -> "
+                f"{100 * per_pass[-1]['teacher_right_student_wrong']:.1f}%")
             print(f"tst: policy trained at epoch {engine.epoch + 1} ({step} steps, {seconds:.1f}s): loss "
-                  f"{per_pass[0]['loss']:.4f} -> {per_pass[-1]['loss']:.4f}, teacher right & student wrong "
-                  f"{100 * per_pass[0]['teacher_right_student_wrong']:.1f}% -> "
-                  f"{100 * per_pass[-1]['teacher_right_student_wrong']:.1f}%", flush=True)
+                  f"{per_pass[0]['loss']:.4f} -> {per_pass[-1]['loss']:.4f}{hits}", flush=True)
         return stats
 
     # -- engine events -----------------------------------------------------------------------------
