@@ -255,3 +255,18 @@ def test_a_segmentation_recipe_with_crop_and_flip_trains_on_tiny_scenes(tmp_path
     assert len(followed) == 3 and all(v.shape == (16, 3) for v, _ in followed)
     assert any(bool((v[:, :2] != 0).any() and v[:, 2].any()) for v, _ in followed)
     assert any(bool((m == VOID).any()) for _, m in followed)
+
+
+@pytest.mark.parametrize(("overrides", "named"), [(["data.augment.hflip=true"], "data.augment.hflip"),
+                                                  (["data.augment.crop_padding=2"], "data.augment.crop_padding")])
+def test_a_method_making_its_own_batches_with_crop_or_flip_exits_2(capsys: pytest.CaptureFixture[str],
+                                                                   overrides: list[str], named: str) -> None:
+    from kdkit.cli import main
+    from kdkit.recipe import find_recipe
+
+    # TST's [A(x); x] and policy passes read the boxes by sample index, without the batch's views
+    assert main(["validate", str(find_recipe("scenes_det/tst")), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"- {named}: method 'tst' makes training images of its own" in err and "would not follow" in err
+    assert "leave method 'tst' out" in err
+    assert main(["validate", str(find_recipe("scenes_det/tst"))]) == 0  # as shipped: no crop, no flip
