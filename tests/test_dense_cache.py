@@ -127,7 +127,7 @@ def test_topk_logits_of_a_dense_task_exit_2_before_training(tmp_path: Path, scen
     path = write_recipe(tmp_path / "r.yaml", cached_recipe(tmp_path, "scenes_seg/cwd", scenes, logits="topk"))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "- teacher.cache.logits: teacher.cache.logits: topk keeps the top classes of one logit vector" in err, err
+    assert "- teacher.cache.logits: topk keeps the top classes of one logit vector per view" in err, err
     assert "task 'segmentation' has per-position outputs" in err
     assert "teacher.cache.logits: full" in err
     assert not (tmp_path / "tc").exists() and not (tmp_path / "run" / "metrics.json").exists()

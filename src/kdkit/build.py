@@ -135,11 +135,9 @@ def cache_problems(recipe: Recipe, task: Task, cache: CacheSpec) -> list[KdkitEr
                                    fix="remove teacher.cache (the teacher runs on every batch), or turn the "
                                        "crop/flip augmentation off"))
     if cache.logits == "topk":
-        problems.append(KdkitError(f"teacher.cache.logits: topk keeps the top classes of one logit vector per view; "
-                                   f"task {recipe.task!r} has per-position outputs", bad="topk",
-                                   choices=["full", "topk"], where="teacher.cache.logits",
-                                   fix="set teacher.cache.logits: full (float16 halves the size: "
-                                       "teacher.cache.dtype: float16)"))
+        problems.append(KdkitError(f"topk keeps the top classes of one logit vector per view; task {recipe.task!r} "
+                                   "has per-position outputs, stored whole", bad="topk", choices=["full"],
+                                   where="teacher.cache.logits", fix="set teacher.cache.logits: full"))
     return problems
 
 
