@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -201,3 +202,25 @@ def test_compiled_student_trains_and_saves_plain_weights(tmp_path: Path, tiny_kd
     # the same step, fused or not: equal up to float reassociation after one epoch
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
     assert summary["best_top1"] > 0
+
+
+@pytest.mark.parametrize(("terms", "runs_teacher"), [([], False), ([{"loss": "kd", "weight": 1.0}], True)])
+def test_the_teacher_runs_only_when_a_term_reads_it(terms: list, runs_teacher: bool, tiny: dict,
+                                                    teacher_file: Path) -> None:
+    # a teacher that only gives the trained network its starting weights (init: teacher) costs no forward a step
+    from kdkit.recipe import recipe_from_dict
+    from kdkit.runner import run_recipe
+
+    tiny.update(model={"arch": "cnn_teacher", "init": "teacher"},
+                teacher={"arch": "cnn_teacher", "checkpoint": str(teacher_file)}, distill=terms)
+    tiny["train"]["epochs"] = 1
+    calls, hooks = [], []
+
+    def count(engine: Any, event: str) -> None:  # the training steps' teacher forwards (not the summary's latency)
+        if event == "epoch_start":
+            hooks.append(engine.teacher.model.register_forward_hook(lambda *_: calls.append(1)))
+        elif event == "epoch":
+            hooks.pop().remove()
+
+    run_recipe(recipe_from_dict(tiny), callbacks=[count])
+    assert bool(calls) == runs_teacher

@@ -70,9 +70,9 @@ def record_steps(engine: Engine, seen: list[Tensor]) -> None:
     """
     step = engine.step
 
-    def recording(x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def recording(x: Tensor, y: Tensor, index: Tensor, view: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         seen.append(y.clone())
-        return step(x, y, index)
+        return step(x, y, index, view)
 
     engine.step = recording  # train_step looks `step` up on the instance
 

@@ -199,12 +199,11 @@ def test_data_without_masks_of_the_image_size_cannot_serve_segmentation() -> Non
     assert "images' size" in task.check_data(bad)
 
 
-MOVED = "reads each image's 'semantic' targets by sample index, so they would not follow"
+MOVED = ("moves each image's 'semantic' targets with the random crop and flip of data.augment only, so they "
+         "would not follow")
 
 
 @pytest.mark.parametrize(("key", "value", "why", "fix"), [
-    ("data.augment.crop_padding", 2, MOVED, "crop_padding: 0"),
-    ("data.augment.hflip", True, MOVED, "hflip: false"),
     ("data.views", 2, MOVED, "views: 1"),
     ("tst", {"policy_epochs": [1]}, MOVED, "leave method 'tst' out"),
 ])
@@ -224,8 +223,10 @@ def test_what_would_move_the_image_but_not_its_mask_fails_before_training(
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_the_same_recipe_without_geometric_augmentation_is_accepted(segmentation: dict, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("augment", [{}, {"crop_padding": 2, "hflip": True}])
+def test_the_same_recipe_without_a_strong_view_is_accepted_with_or_without_crop_and_flip(
+        segmentation: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], augment: dict) -> None:
+    segmentation["data"]["augment"] = augment  # the masks follow crops and flips (tests/test_dense_augment.py)
     path = write_recipe(tmp_path / "seg.yaml", segmentation)
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
 

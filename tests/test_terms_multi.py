@@ -97,9 +97,10 @@ def test_two_view_recipe_trains_on_weak_and_strong_views(tiny_kd: dict, monkeypa
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
     step = Engine.step
 
-    def recording(engine: Engine, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Any:
+    def recording(engine: Engine, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                  view: torch.Tensor | None = None) -> Any:
         batches.append((x.detach().clone(), y.clone()))
-        return step(engine, x, y, index)
+        return step(engine, x, y, index, view)
 
     monkeypatch.setattr(Engine, "step", recording)
     recipe = recipe_from_dict(tiny_kd, ["data.views=2", "train.epochs=1"])

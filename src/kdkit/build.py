@@ -78,29 +78,36 @@ class Plan:
 
 
 def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
-    """Why ``recipe`` cannot train ``task``, whose targets are pixel maps read by sample index: everything that
-    moves the training images' pixels (a crop, a flip, RandAugment's strong view, a method's learned augmentation)
-    would leave the maps where they were, a silent misalignment. Empty when nothing does."""
-    why = (f"task {recipe.task!r} reads each image's {task.target!r} targets by sample index, so they would not "
-           "follow")
+    """Why ``recipe`` cannot train ``task``, whose targets are tied to pixel positions (masks, boxes). The random
+    crop and flip of ``data.augment`` are followed by the targets (:meth:`kdkit.task.BoundTask.follow`); anything
+    else that moves the training images' pixels (RandAugment's strong view, a method's learned augmentation) would
+    leave the targets where they were, a silent misalignment, and so would a method that makes batches of its own
+    while the crop and flip are on. Empty when nothing does."""
+    why = (f"task {recipe.task!r} moves each image's {task.target!r} targets with the random crop and flip of "
+           "data.augment only, so they would not follow")
     problems = []
-    augment = recipe.data.augment
-    if augment.crop_padding:
-        problems.append(KdkitError(f"{why} the random crop (data.augment.crop_padding {augment.crop_padding})",
-                                   bad=str(augment.crop_padding), fix="set data.augment.crop_padding: 0",
-                                   where="data.augment.crop_padding"))
-    if augment.hflip:
-        problems.append(KdkitError(f"{why} the horizontal flip (data.augment.hflip)", bad="true",
-                                   fix="set data.augment.hflip: false", where="data.augment.hflip"))
     if recipe.data.views == 2:
         problems.append(KdkitError(f"{why} the strong view's RandAugment (shears, rotations, translations)",
-                                   bad="2", fix="set data.views: 1", where="data.views"))
+                                   bad="2", choices=["1"], fix="set data.views: 1 (data.augment.crop_padding and "
+                                   "data.augment.hflip are followed by the targets)", where="data.views"))
     for method in active_methods(recipe):
         moving = method.moves_pixels(recipe)
         if moving is not None:
             problems.append(KdkitError(f"{why} method {method.name!r}, which changes the training images' geometry: "
                                        f"{moving}", bad=method.name, where=method.section or "distill",
                                        fix=f"remove what moves pixels (above) or leave method {method.name!r} out"))
+    augment = recipe.data.augment
+    if augment.crop_padding or augment.hflip:
+        key = "data.augment.crop_padding" if augment.crop_padding else "data.augment.hflip"
+        for method in active_methods(recipe):
+            if method.feeds_teacher_new_images:
+                # its own batches of new images (e.g. TST's [A(x); x], its policy passes) read the targets by sample
+                # index, without the views of the crop and flip: they would be misaligned
+                problems.append(KdkitError(
+                    f"method {method.name!r} makes training images of its own and reads their {task.target!r} "
+                    f"targets by sample index, so they would not follow the random crop and flip ({key})",
+                    bad=method.name, where=key, fix="set data.augment.crop_padding: 0 and data.augment.hflip: false, "
+                    f"or leave method {method.name!r} out"))
     return problems
 
 

@@ -483,6 +483,12 @@ class Objective(nn.Module):
                 part = SUPERVISED if isinstance(term.loss, SupervisedLoss) else DISTILLATION
                 yield part, weight * widen(comps[term.name])
 
+    @property
+    def reads_teacher(self) -> bool:
+        """Whether a term reads a frozen teacher's tensors (the engine runs the teacher only then: a teacher that
+        only gave the trained network its starting weights, ``init: teacher``, costs nothing per step)."""
+        return any(t.teacher_tap is not None and not t.teacher_is_peer for t in self.terms)
+
     def contributes(self) -> set[str]:
         """The parts of :data:`~kdkit.optimizers.LOSS_PARTS` that have a component in this objective: supervised
         (the supervised loss, and each trained peer's own) and distillation (every other term)."""

@@ -344,8 +344,10 @@ class Engine:
         # so the culprit is named even when NaN has spread to every term by the next check.
         first_bad = torch.full((len(self.keys),), math.inf, device=self.device)
         checked = self.batch  # every checkpointed tensor was finite after this many steps of the epoch
-        for x, y, index in self.train_loader.epoch(self.epoch, start=self.batch):
-            comps, logits, targets = self.train_step(x, y, index)
+        # targets tied to pixels (masks, boxes) follow each batch's crop and flip (the loader's views)
+        follow = self.task.task.pixel_targets
+        for x, y, index, view in self.train_loader.epoch_views(self.epoch, start=self.batch):
+            comps, logits, targets = self.train_step(x, y, index, view if follow else None)
             score, scored = self.task.train_score(logits, targets)
             values = torch.stack([comps[k].detach().float() for k in self.keys])
             first_bad = torch.where(torch.isfinite(values) | torch.isfinite(first_bad), first_bad,
@@ -368,23 +370,33 @@ class Engine:
         stats[f"train_{self.task.task.train_metric}"] = 100.0 * float(totals[-3]) / max(float(totals[-2]), 1.0)
         return stats
 
-    def train_step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    def train_step(self, x: Tensor, y: Tensor, index: Tensor,
+                   view: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """The batch transforms, then :meth:`step`. Returns the components, the logits and the targets the
-        step used (a transform may change the batch)."""
+        step used (a transform may change the batch). ``view``: the batch's crop/flip views, for targets tied
+        to pixels (:meth:`kdkit.data.loader.BatchLoader.epoch_views`)."""
         for transform in self.batch_transforms:
             x, y, index = transform(self, x, y, index)
-        return self.step(x, y, index)
+        if view is not None and len(view) != len(x):
+            # a transform that adds or drops images leaves no view for them: the targets could not follow
+            raise RuntimeError(f"a batch transform changed the batch from {len(view)} to {len(x)} images, so the "
+                               "pixel targets cannot follow the crop/flip views")
+        return self.step(x, y, index, view)
 
-    def step(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """One optimisation step on a (transformed) batch: the task's targets, teacher taps, student + bridges,
-        objective, backward, optimiser and lr schedule. Returns the loss components, the student's logits and
-        the targets."""
+    def step(self, x: Tensor, y: Tensor, index: Tensor,
+             view: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One optimisation step on a (transformed) batch: the task's targets (moved by ``view`` when given),
+        teacher taps, student + bridges, objective, backward, optimiser and lr schedule. Returns the loss
+        components, the student's logits and the targets."""
         epoch_pos = self.epoch + self.batch / self.steps_per_epoch
         y = self.task.targets(y, index, "train")
+        if view is not None:
+            y = self.task.follow(y, view)
         with self.autocast():
             with step_part("kdkit.teacher"):
                 # index/epoch let a cached teacher find the stored outputs of exactly these views
-                teacher_out = self.teacher(x, index, self.epoch) if self.teacher is not None else {}
+                reads = self.teacher is not None and self.objective.reads_teacher
+                teacher_out = self.teacher(x, index, self.epoch) if reads else {}
             with step_part("kdkit.student"):
                 logits, per_term = self.model(x)
             with step_part("kdkit.objective"):

@@ -71,6 +71,11 @@ class BoundTask(Protocol):
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         """The targets of a batch of ``split`` (``"train"`` or ``"test"``) from its labels and sample indices."""
 
+    def follow(self, targets: Tensor, view: Tensor) -> Tensor:
+        """The training targets of the batch's images after their random crop and flip: ``targets`` (from
+        :meth:`targets`) moved by each sample's ``view`` ``(dy, dx, flip)`` (:data:`kdkit.data.augment.VIEW_COLUMNS`).
+        Called only for a task with :attr:`Task.pixel_targets`; pixels that come from the padding are ignored."""
+
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The supervised loss (a mean over the batch's labelled samples, float32 or the logits' precision if
         higher; 0 for a batch without one: unlabelled samples, :data:`kdkit.data.base.UNLABELLED`, are skipped)."""
@@ -99,14 +104,12 @@ class Task:
         loss_name: Log key of the supervised loss.
         train_metric: Name of the training score (``train_<name>``).
         deployed_output: What the deployed network outputs, in words (for reports and exports).
-        pixel_targets: The targets are tied to pixel positions (boxes, masks): geometric augmentation of the images
-            alone (crop, flip, a strong view) would misalign them, so a recipe using it is refused.
+        pixel_targets: The targets are tied to pixel positions (boxes, masks): the bound task moves them with each
+            batch's random crop and flip (:meth:`BoundTask.follow`); any other change of the images' geometry (a
+            strong view, a method's learned augmentation) would misalign them, so a recipe using it is refused.
         probabilities: How the deployed outputs become class probabilities: ``"softmax"`` over the classes,
             ``"sigmoid"`` for each class on its own, or ``""`` when they are not class scores (``kdkit predict``,
             exports and :func:`kdkit.export.load_deployed` apply it).
-        pixel_targets: The targets are maps aligned with the image's pixels (segmentation masks), read by sample
-            index: a crop, flip or other geometric change of the image would not move them, so recipes that
-            change the images' geometry are refused.
         drawn: What :meth:`drawn_outputs` draws of the deployed network's outputs, in words (a report's caption);
             empty for a task that draws nothing.
         logits_layout: What the networks' ``logits`` tap holds (one of :data:`LOGITS_LAYOUTS`): a loss that reads

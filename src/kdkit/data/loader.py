@@ -89,6 +89,17 @@ class BatchLoader:
         ``x`` is float, normalised, on the device; ``index`` holds the samples' dataset indices (CRD
         and other instance-level methods need them).
         """
+        for x, y, index, _ in self.epoch_views(epoch, start):
+            yield x, y, index
+
+    def epoch_views(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+        """As :meth:`epoch`, with each batch's views: ``(x, y, index, view)``.
+
+        ``view`` is the ``(B, 3)`` ``(dy, dx, flip)`` of each sample's random crop and flip
+        (:meth:`AugmentConfig.draw`), for targets tied to pixels to follow the images
+        (:func:`~kdkit.data.augment.follow_maps`, :func:`~kdkit.data.augment.follow_boxes`); ``None`` when the images
+        keep their geometry (no augmentation) or their geometry is not given by a view (stored views, a strong view).
+        """
         gen = torch.Generator()
         for b, idx in enumerate(self.batch_indices(epoch)):
             if b < start:
@@ -98,19 +109,20 @@ class BatchLoader:
             raw = self.images.index_select(0, idx)
             labels = self.labels.index_select(0, idx)
             batch_seed = (self.seed * 1_000_003 + epoch) * 100_003 + b
+            view = None
             if self.replay is not None:
                 raw = self.replay(raw, idx, epoch)
-            elif self.augment is not None:
+            elif self.augment is not None and not self.augment.is_identity:
                 gen.manual_seed(batch_seed)
-                raw = self.augment.apply(raw, gen)
+                view = self.augment.draw(len(idx), gen)
+                raw = self.augment.apply_view(raw, view)
             if self.strong is not None:
                 raw = torch.cat([raw, self.strong(raw, batch_seed)])
-                labels, idx = labels.repeat(2), idx.repeat(2)
+                labels, idx, view = labels.repeat(2), idx.repeat(2), None
             x = normalize(raw, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, labels, idx
-
+            yield x, labels, idx, view
 
 def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 1000,
                  augment: AugmentConfig | None = None, device: torch.device | str = "cpu", seed: int = 0,

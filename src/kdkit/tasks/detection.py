@@ -21,6 +21,11 @@ On a class-incremental step 2 (``ImageData.old_classes`` set, ``class_incrementa
 reports ``map_old`` and ``map_new``: the mean of COCO's per-class AP (torchmetrics' ``class_metrics``) over the old
 classes and over the classes added by the step, each over the classes with a test box (as ``map`` averages).
 
+Augmentation: the boxes follow each training image's random crop and flip (``data.augment``,
+:func:`kdkit.data.augment.follow_boxes`): translated by the crop, clipped to the image, dropped when less than
+:data:`~kdkit.data.augment.MIN_BOX_VISIBLE` of their area (or none) is left, ``x0, x1`` mirrored by the flip; the
+dropped rows become padding (boxes 0, label -1) after the kept ones, as the datasets pad.
+
 Decoding (torchvision's ``FCOS.postprocess_detections``): score ``sqrt(sigmoid(class) * sigmoid(centerness))``
 above 0.05, the best 1000 per level, boxes clipped to the image, per-class NMS at IoU 0.6, at most 100 per image.
 A report draws the decoded detections scoring at least :data:`DRAWN_SCORE` (0.3, MMDetection's display default: the
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.data.augment import follow_boxes
 from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.errors import KdkitError
 from kdkit.models.detector import DenseSpec
@@ -234,6 +240,11 @@ class BoundDetection:
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         return self.split_targets[split].index_select(0, index)
+
+    def follow(self, targets: Tensor, view: Tensor) -> Tensor:
+        boxes, labels = unpack_targets(targets, self.image_size)
+        boxes, labels = follow_boxes(boxes, labels, view, (self.image_size, self.image_size))
+        return pack_targets(boxes, labels, self.image_size)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         boxes, labels = unpack_targets(targets, self.image_size)

@@ -23,6 +23,12 @@ is the mean supervised loss per image.
 
 Targets are one ``(B, 2, H, W)`` long tensor: plane 0 the class map, plane 1 the boundary map (0/1), both
 :data:`~kdkit.data.base.UNLABELLED` for an unlabelled sample (and plane 0 for void pixels).
+
+**Augmentation.** Both planes follow each training image's random crop and flip (``data.augment``,
+:func:`kdkit.data.augment.follow_maps`); the pixels that come from the crop's padding are
+:data:`~kdkit.data.base.UNLABELLED` in both planes (void, as the segmentation task's padding), so the balanced BCE
+skips them pixel by pixel. A flip commutes with the boundary derivation; a crop keeps every boundary pixel of the
+original image, and its border, next to the void padding, stays "no edge" as the image border was.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.data.augment import follow_maps
 from kdkit.data.base import UNLABELLED
 from kdkit.data.dense import IGNORE
 from kdkit.distill import labelled_cross_entropy
@@ -73,20 +80,24 @@ def near(mask: Tensor, tolerance: int) -> Tensor:
 
 
 def balanced_bce(logit: Tensor, boundary: Tensor) -> Tensor:
-    """Class-balanced binary cross-entropy of the boundary channel, averaged over the labelled images' pixels.
+    """Class-balanced binary cross-entropy of the boundary channel, averaged over the labelled images' scored pixels.
 
     Args:
         logit: Boundary logits ``(B, H, W)``.
-        boundary: 0/1 targets ``(B, H, W)``, :data:`UNLABELLED` on an unlabelled image's pixels.
+        boundary: 0/1 targets ``(B, H, W)``, :data:`UNLABELLED` on the pixels that are not scored: an unlabelled
+            image's, and the padding of a random crop. ``rho`` and the mean are over each image's scored pixels.
 
     Returns:
         Scalar in the logits' precision (never below float32); 0, zero gradient, for a batch without a labelled image.
     """
-    labelled = (boundary != UNLABELLED).flatten(1).all(1)
+    scored = boundary != UNLABELLED
+    pixels = scored.flatten(1).sum(1)
+    labelled = pixels > 0
     target = boundary.clamp_min(0).to(logit.dtype)
-    rho = target.flatten(1).mean(1).clamp(1e-6, 1 - 1e-6).view(-1, 1, 1)
-    weight = torch.where(target > 0, 0.5 / rho, 0.5 / (1 - rho))
-    per_image = F.binary_cross_entropy_with_logits(logit, target, weight=weight, reduction="none").flatten(1).mean(1)
+    rho = (target.flatten(1).sum(1) / pixels.clamp_min(1)).clamp(1e-6, 1 - 1e-6).view(-1, 1, 1)
+    weight = torch.where(target > 0, 0.5 / rho, 0.5 / (1 - rho)) * scored
+    per_pixel = F.binary_cross_entropy_with_logits(logit, target, weight=weight, reduction="none")
+    per_image = per_pixel.flatten(1).sum(1) / pixels.clamp_min(1)
     count = labelled.sum()
     return torch.where(count > 0, (per_image * labelled).sum() / count.clamp_min(1), per_image.new_zeros(()))
 
@@ -155,6 +166,10 @@ class BoundSegBoundary:
         unlabelled = (labels == UNLABELLED).view(-1, 1, 1, 1)
         void = torch.stack([planes[:, 0] == IGNORE, torch.zeros_like(planes[:, 1], dtype=torch.bool)], 1)
         return planes.masked_fill(unlabelled | void, UNLABELLED)
+
+    def follow(self, targets: Tensor, view: Tensor) -> Tensor:
+        # padding is void in both planes (module docstring)
+        return follow_maps(targets, view, UNLABELLED)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         seg = labelled_cross_entropy(logits[:, : self.num_classes], targets[:, 0], self.label_smoothing)

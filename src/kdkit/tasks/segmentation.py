@@ -10,9 +10,15 @@ mIoU is the mean over the ``K + 1`` classes, background included (as Pascal VOC'
 ``TP / (TP + FP + FN)`` counted over every test pixel; pixel accuracy is the share of test pixels whose argmax
 is their class. On a class-incremental step 2 (``ImageData.old_classes`` set) the task also reports ``miou_old``
 (background and the old classes, MiB's convention) and ``miou_new`` (the classes added by this step): the means of
-the same per-class IoUs over those channels. The masks are read by sample index, so they would not follow a crop
-or flip of the image: the task declares :attr:`~kdkit.task.Task.pixel_targets`, and recipes with geometric
-augmentation are refused.
+the same per-class IoUs over those channels.
+
+**Augmentation.** The masks follow each training image's random crop and flip (``data.augment``): the task declares
+:attr:`~kdkit.task.Task.pixel_targets`, and :meth:`BoundSegmentation.follow` moves each mask by its image's view, by
+nearest neighbour (:func:`kdkit.data.augment.follow_maps`). Pixels that come from the crop's padding are void
+(ignored by the loss and the training score), not background: they are no part of the scene, so "background"
+would be a label the data never gave (an object cut by the image border does not end there), and it would teach
+that the padding's black band is background, a shortcut no test image has. Other geometric changes (the strong
+view, a method's learned augmentation) are refused.
 
 A report draws a class map as a colour per class over the image (:func:`class_drawings`): the ground truth's, and the
 deployed network's argmax over the channels; background and void pixels are left uncoloured.
@@ -26,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.data.augment import follow_maps
 from kdkit.data.base import UNLABELLED
 from kdkit.data.dense import IGNORE
 from kdkit.distill import labelled_cross_entropy
@@ -135,6 +142,10 @@ class BoundSegmentation:
         # an unlabelled sample's pixels are ignored by the loss and the training score, like its label; so are the
         # void pixels of a dataset (IGNORE: VOC's object borders, COCO's crowd regions), pixel by pixel
         return masks.masked_fill((labels == UNLABELLED).view(-1, 1, 1) | (masks == IGNORE), UNLABELLED)
+
+    def follow(self, targets: Tensor, view: Tensor) -> Tensor:
+        # padding is void: no truth is known there (module docstring)
+        return follow_maps(targets, view, UNLABELLED)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return labelled_cross_entropy(logits, targets, self.label_smoothing)
