@@ -113,14 +113,21 @@ def test_a_damaged_dense_array_is_refused(tmp_path: Path, scenes: Path) -> None:
 # -- refusals ------------------------------------------------------------------------------------
 
 
-def test_topk_logits_of_a_dense_task_exit_2_before_training(tmp_path: Path, scenes: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_recipe(tmp_path / "r.yaml", cached_recipe(tmp_path, "scenes_seg/cwd", scenes, logits="topk"))
+@pytest.mark.parametrize(("name", "change", "said"), [
+    ("scenes_seg/cwd", {"teacher.cache.logits": "topk"},
+     ["- teacher.cache.logits: topk keeps the top classes of one logit vector per view; task 'segmentation' has "
+      "per-position outputs", "fix: set teacher.cache.logits: full"]),
+    ("scenes_det/ld", {"data.augment.hflip": True},  # the targets follow a flip now; the one stored view does not
+     ["- teacher.cache: the teacher cache of task 'detection' stores the teacher's dense outputs for the "
+      "un-augmented images only, and data.augment.hflip moves their pixels", "fix: remove teacher.cache"]),
+])
+def test_what_a_dense_cache_cannot_serve_exits_2_before_training(
+        tmp_path: Path, scenes: Path, capsys: pytest.CaptureFixture[str], name: str, change: dict,
+        said: list[str]) -> None:
+    path = write_recipe(tmp_path / "r.yaml", edit_recipe(cached_recipe(tmp_path, name, scenes), change))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "- teacher.cache.logits: topk keeps the top classes of one logit vector per view" in err, err
-    assert "task 'segmentation' has per-position outputs" in err
-    assert "teacher.cache.logits: full" in err
+    assert "1 problem(s)" in err and all(s in err for s in said), err
     assert not (tmp_path / "tc").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
