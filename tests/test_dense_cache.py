@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from conftest import built_cache, edit_recipe, tiny_det, tiny_seg, write_recipe
 from kdkit.assemble import prepare_training
 from kdkit.build import cache_problems
+from kdkit.cache.views import apply_views
 from kdkit.cli import main
+from kdkit.data.augment import normalize
 from kdkit.errors import KdkitError
 from kdkit.recipe import CacheSpec, recipe_from_dict
 from kdkit.task import TASKS
@@ -36,12 +38,15 @@ def cached_recipe(tmp_path: Path, name: str, scenes: Path, **cache: Any) -> dict
                                                     "train.amp": "off", "data.params.cache_dir": str(scenes)})
 
 
-def step_losses(built: Any, teacher_out: dict[str, torch.Tensor], batch: tuple) -> dict[str, float]:
-    """The loss components of one step on ``batch`` reading ``teacher_out`` (the student's forward is
-    deterministic: no dropout in the scene students)."""
+def step_losses(built: Any, teacher_out: dict[str, torch.Tensor], batch: tuple,
+                view: torch.Tensor | None = None) -> dict[str, float]:
+    """The loss components of one step on ``batch`` reading ``teacher_out``, its targets moved by ``view`` as the
+    engine moves them (the student's forward is deterministic: no dropout in the scene students)."""
     x, y, index = batch
     logits, per_term = built.student(x)
-    comps = built.objective(logits, built.task.targets(y, index, "train"), per_term, teacher_out, 0.0, index)
+    targets = built.task.targets(y, index, "train")
+    targets = targets if view is None else built.task.follow(targets, view)
+    comps = built.objective(logits, targets, per_term, teacher_out, 0.0, index)
     return {k: float(v.detach()) for k, v in comps.items()}
 
 
@@ -78,6 +83,32 @@ def test_a_float16_dense_cache_is_the_live_outputs_rounded_to_float16(tmp_path: 
     assert not torch.equal(stored, live)  # (so the equality above says something)
     rounded = step_losses(built, {"logits": live.half().float()}, batch)
     assert step_losses(built, {"logits": stored}, batch) == pytest.approx(rounded, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["scenes_det/ld", "scenes_seg/cwd"])
+def test_an_augmented_dense_cache_replays_views_the_targets_follow(tmp_path: Path, scenes: Path, name: str) -> None:
+    recipe = edit_recipe(cached_recipe(tmp_path, name, scenes, dtype="float32", views=3),
+                         {"data.augment": {"crop_padding": 4, "hflip": True}})
+    _recipe, built, cache, replay, teacher = built_cache(recipe)
+    assert cache.num_views == 3 and cache.views[..., 2].any() and cache.views[..., :2].max() == 8
+    loader, _ = prepare_training(built, replay=replay)
+    x, y, index, view = next(loader.epoch_views(1))
+    # the loader's view is the stored one, in the drawn views' convention: the same pixels through apply_view
+    augment = replay.augment
+    assert view is not None and torch.equal(augment.apply_view(built.data.train_images[index], view),
+                                            apply_views(built.data.train_images[index],
+                                                        cache.views[index, replay.views(index, 1)], augment))
+    torch.testing.assert_close(x, normalize(augment.apply_view(built.data.train_images[index], view),
+                                            built.data.mean, built.data.std))
+    live, stored = built.teacher(x), teacher(x, index, 1)
+    for spec in cache.specs:
+        torch.testing.assert_close(stored[spec], live[spec], rtol=0, atol=1e-6)
+    # the step's targets move with the view, and its losses are the live teacher's
+    assert not torch.equal(built.task.follow(built.task.targets(y, index, "train"), view),
+                           built.task.targets(y, index, "train"))
+    batch = (x, y, index)
+    with_live, with_cache = step_losses(built, live, batch, view), step_losses(built, stored, batch, view)
+    assert with_cache == pytest.approx(with_live, rel=1e-6, abs=1e-7)
 
 
 # -- identity and integrity ----------------------------------------------------------------------
@@ -117,9 +148,6 @@ def test_a_damaged_dense_array_is_refused(tmp_path: Path, scenes: Path) -> None:
     ("scenes_seg/cwd", {"teacher.cache.logits": "topk"},
      ["- teacher.cache.logits: topk keeps the top classes of one logit vector per view; task 'segmentation' has "
       "per-position outputs", "fix: set teacher.cache.logits: full"]),
-    ("scenes_det/ld", {"data.augment.hflip": True},  # the targets follow a flip now; the one stored view does not
-     ["- teacher.cache: the teacher cache of task 'detection' stores the teacher's dense outputs for the "
-      "un-augmented images only, and data.augment.hflip moves their pixels", "fix: remove teacher.cache"]),
 ])
 def test_what_a_dense_cache_cannot_serve_exits_2_before_training(
         tmp_path: Path, scenes: Path, capsys: pytest.CaptureFixture[str], name: str, change: dict,
@@ -136,14 +164,17 @@ def test_what_a_dense_cache_cannot_serve_exits_2_before_training(
     ("detection", {}, []),
     ("seg_boundary", {}, []),
     ("classification", {"crop_padding": 2, "hflip": True}, []),  # views are stored and replayed
-    ("segmentation", {"hflip": True}, ["data.augment.hflip moves their pixels"]),
-    ("detection", {"crop_padding": 2}, ["data.augment.crop_padding moves their pixels"]),
+    ("segmentation", {"hflip": True}, []),  # ... and the targets follow them
+    ("detection", {"crop_padding": 2}, []),
+    ("detection", {"views": 2}, ["data.views: 2 needs the teacher on the strong view too"]),
 ])
 def test_one_rule_says_which_recipes_a_cache_serves(task: str, augment: dict, refused: list[str]) -> None:
     from conftest import TINY
 
+    views = augment.pop("views", 1)
     recipe = recipe_from_dict({**TINY, "teacher": {"arch": "cnn_teacher", "checkpoint": "t.safetensors"},
-                               "distill": [{"loss": "kd"}], "data": {**TINY["data"], "augment": augment}})
+                               "distill": [{"loss": "kd"}], "data": {**TINY["data"], "augment": augment,
+                                                                      "views": views}})
     messages = [str(p) for p in cache_problems(recipe, TASKS.get(task), CacheSpec())]
     assert len(messages) == len(refused) and all(want in got for want, got in zip(refused, messages, strict=True))
     topk = [str(p) for p in cache_problems(recipe, TASKS.get(task), CacheSpec(logits="topk"))]
@@ -171,13 +202,16 @@ def test_cache_info_states_bytes_per_image(tmp_path: Path, scenes: Path, capsys:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["scenes_seg/cwd", "scenes_det/fitnets"])
+@pytest.mark.parametrize(("name", "change", "views"), [
+    ("scenes_seg/cwd", {}, 1),
+    ("scenes_det/fitnets", {"data.augment": {"crop_padding": 4, "hflip": True}, "teacher.cache.views": 2}, 2),
+])
 def test_a_dense_recipe_trains_from_its_cache_without_running_the_teacher(
-        tmp_path: Path, scenes: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        tmp_path: Path, scenes: Path, monkeypatch: pytest.MonkeyPatch, name: str, change: dict, views: int) -> None:
     from kdkit.distill import FrozenTeacher
     from kdkit.runner import run_recipe
 
-    recipe = cached_recipe(tmp_path, name, scenes)
+    recipe = edit_recipe(cached_recipe(tmp_path, name, scenes), change)
     built_cache(recipe)  # the teacher runs once, here
 
     def no_teacher(*args: Any, **kwargs: Any) -> None:
@@ -185,6 +219,6 @@ def test_a_dense_recipe_trains_from_its_cache_without_running_the_teacher(
 
     monkeypatch.setattr(FrozenTeacher, "forward", no_teacher)
     summary = run_recipe(recipe_from_dict(recipe))
-    assert summary["teacher_cache"]["views"] == 1 and summary["teacher_cache"]["dir"] == str(tmp_path / "tc")
+    assert summary["teacher_cache"]["views"] == views and summary["teacher_cache"]["dir"] == str(tmp_path / "tc")
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"])

@@ -117,9 +117,9 @@ def cache_problems(recipe: Recipe, task: Task, cache: CacheSpec) -> list[KdkitEr
 
     A cache replays stored crop/flip views of the training images and returns the teacher's stored outputs on
     them: nothing else may feed the teacher (a strong view, a method's new images). A dense task's outputs (feature
-    maps, logit maps) are stored whole, like any tap, but only for the un-augmented image: a replayed crop or flip
-    would move the pixels and not the targets read by index (``views`` is 1 there), and ``logits: topk`` keeps
-    the top classes of one vector per view, which a map of per-position outputs does not have.
+    maps, logit maps) are stored whole, like any tap, and its targets follow the replayed views as they follow
+    drawn ones (the loader hands them on); ``logits: topk`` keeps the top classes of one vector per view, which a
+    map of per-position outputs does not have.
     """
     problems = []
     if recipe.data.views != 1:
@@ -131,17 +131,7 @@ def cache_problems(recipe: Recipe, task: Task, cache: CacheSpec) -> list[KdkitEr
             problems.append(KdkitError(f"teacher.cache cannot be combined with method {method.name!r}: it makes new "
                                        "images the teacher has to see", bad=method.name, where="teacher.cache",
                                        fix="remove teacher.cache (the teacher runs on every batch)"))
-    if not task.pixel_targets:
-        return problems
-    moved = [what for what, on in (("data.augment.crop_padding", recipe.data.augment.crop_padding),
-                                   ("data.augment.hflip", recipe.data.augment.hflip)) if on]
-    if moved:
-        problems.append(KdkitError(f"the teacher cache of task {recipe.task!r} stores the teacher's dense outputs for "
-                                   f"the un-augmented images only, and {' and '.join(moved)} moves their pixels",
-                                   bad=moved[0], where="teacher.cache",
-                                   fix="remove teacher.cache (the teacher runs on every batch), or turn the "
-                                       "crop/flip augmentation off"))
-    if cache.logits == "topk":
+    if task.pixel_targets and cache.logits == "topk":
         problems.append(KdkitError(f"topk keeps the top classes of one logit vector per view; task {recipe.task!r} "
                                    "has per-position outputs, stored whole", bad="topk", choices=["full"],
                                    where="teacher.cache.logits", fix="set teacher.cache.logits: full"))
