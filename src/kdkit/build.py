@@ -101,8 +101,8 @@ def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
         key = "data.augment.crop_padding" if augment.crop_padding else "data.augment.hflip"
         for method in active_methods(recipe):
             if method.feeds_teacher_new_images:
-                # its own batches of new images (e.g. TST's [A(x); x], its policy passes) read the targets by sample
-                # index, without the views of the crop and flip: they would be misaligned
+                # its own batches of new images (a learned policy's [A(x); x] and policy passes) read the targets
+                # by sample index, without the views of the crop and flip: they would be misaligned
                 problems.append(KdkitError(
                     f"method {method.name!r} makes training images of its own and reads their {task.target!r} "
                     f"targets by sample index, so they would not follow the random crop and flip ({key})",
