@@ -197,7 +197,8 @@ def test_cache_info_states_bytes_per_image(tmp_path: Path, scenes: Path, capsys:
     assert main(["cache", "info", str(tmp_path / "tc")]) == 0
     out = capsys.readouterr().out
     per_tap = {"p2": 32 * 12 * 12 * 2, "p3": 32 * 6 * 6 * 2, "p4": 32 * 3 * 3 * 2}  # float16 FPN levels of 48 px
-    assert f"1 views x 48 images, 0.55 MiB: {sum(per_tap.values()):,} bytes per image (float16; " in out, out
+    total = sum(per_tap.values())
+    assert f"1 views x 48 images, 0.55 MiB: {total:,} bytes per image (float16, its 1 view(s); " in out, out
     assert "p2 9,216, p3 2,304, p4 576)" in out
 
 

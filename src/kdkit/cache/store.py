@@ -306,7 +306,7 @@ class TeacherCache:
         total = sum(per_tap.values())
         taps = ", ".join(f"{spec} {n:,}" for spec, n in per_tap.items())
         return (f"{self.num_views} views x {self.num_samples} images, {self.nbytes() / 2**20:.2f} MiB: "
-                f"{total:,} bytes per image ({self.manifest['dtype']}; {taps})")
+                f"{total:,} bytes per image ({self.manifest['dtype']}, its {self.num_views} view(s); {taps})")
 
     def to(self, device: torch.device) -> TeacherCache:
         """Hold every array in memory on ``device`` (no per-batch host round-trip on a GPU)."""
