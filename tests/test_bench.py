@@ -69,14 +69,13 @@ def test_speed_bench_takes_any_recipe(tmp_path: Path) -> None:
 @pytest.mark.parametrize("recipe", ["scenes_seg/cwd", "scenes_det/fitnets"])
 def test_speed_bench_times_dense_recipes_against_a_loop_with_the_tasks_own_loss(recipe: str, tmp_path: Path) -> None:
     # the random teacher has the task's outputs (background included); the loops' supervised loss is the task's,
-    # not CE, and (b) calls the recipe's own dense losses; a dense task's teacher outputs cannot be cached, so (d)
-    # is left out
+    # not CE, and (b) calls the recipe's own dense losses; (d) reads a cache of the teacher's dense outputs
     assert main(["bench", "speed", recipe, "train.batch_size=8", "data.params.train_scenes=64",
                  "data.params.test_scenes=16", "data.subset=null", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "speed.json").read_text())
     assert {"a_ce_contiguous", "a_ce_channels_last", "b_terms_contiguous", "b_terms_channels_last",
             "c_kdkit_kd"} <= set(result["rows"])
-    assert not any(name.startswith("d_") for name in result["rows"])
+    assert "d_kdkit_kd_cached" in result["rows"]
     # kdkit's dense distillation step against the same losses in a hand-written loop
     assert result["ratios"]["c/b"]["what"].endswith("best hand-written loop with the recipe's losses")
     assert result["limits"]["rows"]["student_train"]["flops"] > 0

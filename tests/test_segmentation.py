@@ -206,7 +206,6 @@ MOVED = ("moves each image's 'semantic' targets with the random crop and flip of
 @pytest.mark.parametrize(("key", "value", "why", "fix"), [
     ("data.views", 2, MOVED, "views: 1"),
     ("tst", {"policy_epochs": [1]}, MOVED, "leave method 'tst' out"),
-    ("teacher.cache", {"views": 1}, "per-pixel outputs of task 'segmentation'", "remove teacher.cache"),
 ])
 def test_what_would_move_the_image_but_not_its_mask_fails_before_training(
         segmentation: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: Any, why: str,

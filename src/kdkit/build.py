@@ -41,7 +41,7 @@ from kdkit.losses import LOSSES, DistillLoss
 from kdkit.method import active_methods
 from kdkit.models import build_model
 from kdkit.params import check_params, with_defaults
-from kdkit.recipe import Recipe, TeacherSpec, TrainedSpec, find_recipe, load_recipe
+from kdkit.recipe import CacheSpec, Recipe, TeacherSpec, TrainedSpec, find_recipe, load_recipe
 from kdkit.taps import LOGITS, Tap, probe_shapes, resolve_tap
 from kdkit.task import LOGITS_LAYOUTS, TASKS, BoundTask, Task, tasks_serving
 
@@ -101,18 +101,40 @@ def geometry_problems(recipe: Recipe, task: Task) -> list[KdkitError]:
         key = "data.augment.crop_padding" if augment.crop_padding else "data.augment.hflip"
         for method in active_methods(recipe):
             if method.feeds_teacher_new_images:
-                # its own batches of new images (e.g. TST's [A(x); x], its policy passes) read the targets by sample
-                # index, without the views of the crop and flip: they would be misaligned
+                # its own batches of new images (a learned policy's [A(x); x] and policy passes) read the targets
+                # by sample index, without the views of the crop and flip: they would be misaligned
                 problems.append(KdkitError(
                     f"method {method.name!r} makes training images of its own and reads their {task.target!r} "
                     f"targets by sample index, so they would not follow the random crop and flip ({key})",
                     bad=method.name, where=key, fix="set data.augment.crop_padding: 0 and data.augment.hflip: false, "
                     f"or leave method {method.name!r} out"))
-    if recipe.teacher is not None and recipe.teacher.cache is not None:
-        problems.append(KdkitError(f"the teacher-output cache stores one logit vector per stored view; it does not "
-                                   f"store the per-pixel outputs of task {recipe.task!r} yet",
-                                   fix="remove teacher.cache (the teacher runs on every batch)",
-                                   where="teacher.cache"))
+    return problems
+
+
+def cache_problems(recipe: Recipe, task: Task, cache: CacheSpec) -> list[KdkitError]:
+    """Why ``recipe`` (training ``task``) cannot read a teacher-output cache with settings ``cache``; empty when it
+    can. The one rule: the planner refuses with it and ``kdkit bench speed`` asks it whether to time a cached step.
+
+    A cache replays stored crop/flip views of the training images and returns the teacher's stored outputs on
+    them: nothing else may feed the teacher (a strong view, a method's new images). A dense task's outputs (feature
+    maps, logit maps) are stored whole, like any tap, and its targets follow the replayed views as they follow
+    drawn ones (the loader hands them on); ``logits: topk`` keeps the top classes of one vector per view, which a
+    map of per-position outputs does not have.
+    """
+    problems = []
+    if recipe.data.views != 1:
+        problems.append(KdkitError("teacher.cache stores outputs for the crop/flip views only; data.views: 2 needs "
+                                   "the teacher on the strong view too", bad="2", where="data.views",
+                                   fix="remove teacher.cache or use data.views: 1"))
+    for method in active_methods(recipe):
+        if method.feeds_teacher_new_images:
+            problems.append(KdkitError(f"teacher.cache cannot be combined with method {method.name!r}: it makes new "
+                                       "images the teacher has to see", bad=method.name, where="teacher.cache",
+                                       fix="remove teacher.cache (the teacher runs on every batch)"))
+    if task.pixel_targets and cache.logits == "topk":
+        problems.append(KdkitError(f"topk keeps the top classes of one logit vector per view; task {recipe.task!r} "
+                                   "has per-position outputs, stored whole", bad="topk", choices=["full"],
+                                   where="teacher.cache.logits", fix="set teacher.cache.logits: full"))
     return problems
 
 
@@ -406,6 +428,8 @@ class _Planner:
                                           "dataset with these targets (`kdkit ls datasets`)", where="task"))
         if task is not None and task.pixel_targets:
             self.errors += geometry_problems(recipe, task)
+        if task is not None and recipe.teacher is not None and recipe.teacher.cache is not None:
+            self.errors += cache_problems(recipe, task, recipe.teacher.cache)
         metric = recipe.train.best_metric
         if task is not None and metric is not None and metric not in task.selectable(data):
             self.errors.append(KdkitError(f"task {recipe.task!r} has no metric {metric!r} to pick the best epoch by"

@@ -240,8 +240,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             raise KdkitError("cache info takes one cache folder", fix="kdkit cache info runs/cache/KEY")
         cache = TeacherCache(Path(args.overrides[0]))
         print(json.dumps({k: v for k, v in cache.manifest.items() if k != "taps_layout"}, indent=1))
-        print(f"{cache.nbytes() / 2**20:.2f} MiB of teacher outputs for {cache.num_samples} images x "
-              f"{cache.num_views} views")
+        print(f"teacher outputs: {cache.describe()}")
         return 0
     from kdkit.assemble import build_teacher_cache
     from kdkit.build import resolve_device
@@ -264,8 +263,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cache = build_teacher_cache(recipe, source=source, device=resolve_device(args.device) if args.device else None,
                                 overwrite=args.overwrite, progress=not args.quiet)
     m = cache.manifest
-    print(f"teacher cache: {cache.folder} ({cache.num_views} views x {cache.num_samples} images, taps "
-          f"{cache.specs}, {cache.nbytes() / 2**20:.2f} MiB, built in {m['build_seconds']} s)")
+    print(f"teacher cache: {cache.folder} ({cache.describe()}; built in {m['build_seconds']} s)")
     if recipe.teacher.cache.dir is None:
         print("runs use it when the recipe has `teacher: {cache: {...}}` with the same settings "
               "(the folder name is their hash)")

@@ -76,9 +76,12 @@ class CacheSpec(Strict):
     views: int = Field(10, ge=1, description="augmented views stored per training image; sample i reads view "
                        "(epoch + r_i) mod views, so each view is used once every `views` epochs")
     logits: Literal["full", "topk"] = Field("full", description="store all logits, or the top-k probabilities "
-                                            "plus the remaining mass (FKD's format, for many classes)")
+                                            "plus the remaining mass (FKD's format, for many classes; "
+                                            "classification only: dense tasks store their logit maps whole)")
     topk: int = Field(5, ge=1, description="classes kept per view when logits: topk")
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "float32"] = Field("float16", description="stored precision; float32 replays the "
+                                                 "teacher's outputs exactly, at twice the disk (`kdkit cache info` "
+                                                 "states the bytes per image)")
     seed: int = Field(0, description="seed of the stored views (independent of train.seed, so every "
                       "student seed shares one cache)")
     batch_size: int = Field(512, gt=0, description="images per teacher forward while building")

@@ -49,15 +49,15 @@ from torch import nn
 from kdkit.assemble import Assembled, assemble
 from kdkit.bench.limits import achieved, inference_flops, step_profile, training_flops
 from kdkit.bench.timing import UNDECIDED, faster, interleaved, paired_ratios, spread, verdict
+from kdkit.build import cache_problems
 from kdkit.checkpoint import atomic_write_text
 from kdkit.data.loader import BatchLoader
 from kdkit.distill import as_specs, pick
 from kdkit.engine import step_part
 from kdkit.hardware import choose_amp, this_cpu_peak
-from kdkit.method import active_methods
 from kdkit.models import build_model
 from kdkit.profile import machine_info
-from kdkit.recipe import Recipe, find_recipe, load_recipe
+from kdkit.recipe import CacheSpec, Recipe, find_recipe, load_recipe
 from kdkit.schedule import build_optimizer, build_schedule
 from kdkit.taps import LOGITS, Tap, resolve_tap
 from kdkit.task import TASKS, BoundTask
@@ -125,7 +125,7 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 10, rounds: int
         overrides: ``key=value`` recipe overrides (e.g. ``train.batch_size=256``).
     """
     source = find_recipe(recipe_name)
-    recipe = load_recipe(source, overrides)
+    recipe = asked = load_recipe(source, overrides)
     kd_terms = [t for t in recipe.distill if t.loss == "kd"]
     # Hinton's KD inline only for a recipe whose one term it is; other recipes get the generic hand-written loop
     kd = (float(kd_terms[0].params.get("temperature", 4.0)), kd_terms[0].weight) \
@@ -138,12 +138,11 @@ def run_speed_bench(recipe_name: str, out: Path, *, steps: int = 10, rounds: int
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         runs = {"c_kdkit_kd": assemble(recipe, source=source)}
-        # the cache holds one output vector per view: not a dense task's maps (refused by the plan, see build.py)
-        cacheable = recipe.teacher is not None and recipe.data.views == 1 and \
-            not TASKS.get(recipe.task).pixel_targets and \
-            not any(m.feeds_teacher_new_images for m in active_methods(recipe))
-        # (d) reads a cache of the same random teacher (2 views are enough to time a lookup)
+        # (d) reads a cache of the same random teacher (2 views are enough to time a lookup), when the planner's
+        # rule allows the recipe one
         cache = [*base, f"teacher.cache.dir={tmp}/cache", "teacher.cache.views=2"]
+        cacheable = asked.teacher is not None and not cache_problems(
+            asked, TASKS.get(asked.task), (asked.teacher.cache or CacheSpec()).model_copy(update={"views": 2}))
         if cacheable:
             runs["d_kdkit_kd_cached"] = assemble(load_recipe(source, [*cache, "train.amp=off"]), source=source)
         if bf16_autocast_runs(runs["c_kdkit_kd"].built.device):

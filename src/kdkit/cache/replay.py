@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.cache.store import TeacherCache
-from kdkit.cache.views import apply_views, view_phase, view_schedule
+from kdkit.cache.views import apply_views, as_loader_views, view_phase, view_schedule
 from kdkit.data.augment import AugmentConfig
 from kdkit.errors import KdkitError
 
@@ -61,11 +61,17 @@ class ViewReplay:
             return slots
         return self.kept.to(index.device)[index, slots]
 
-    def __call__(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
-        """Replay the stored views of ``images`` (the raw images of samples ``index``)."""
+    def __call__(self, images: Tensor, index: Tensor, epoch: int) -> tuple[Tensor, Tensor | None]:
+        """Replay the stored views of ``images`` (the raw images of samples ``index``).
+
+        Returns:
+            The views' images and their ``(B, 3)`` ``(dy, dx, flip)`` in the loader's convention (``None`` without
+            augmentation), for targets tied to pixels to follow them.
+        """
         table = self.cache.views
         rows = table[index.to(table.device), self.views(index, epoch).to(table.device)]
-        return apply_views(images, rows, self.augment)
+        view = as_loader_views(rows, self.augment)
+        return apply_views(images, rows, self.augment), None if view is None else view.to(images.device)
 
 
 class CachedTeacher(nn.Module):

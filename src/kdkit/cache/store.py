@@ -295,6 +295,19 @@ class TeacherCache:
         """Bytes of stored outputs."""
         return sum(a.numel() * a.element_size() for arrays in self.arrays for a in arrays)
 
+    def bytes_per_image(self) -> dict[str, int]:
+        """Disk bytes each training image costs, per stored tap (all its views), by spec."""
+        return {layout.spec: sum(a[0].numel() * a.element_size() for a in arrays)
+                for layout, arrays in zip(self.layouts, self.arrays, strict=True)}
+
+    def describe(self) -> str:
+        """One line: views x images, size, and what one image costs on disk (by tap when several are stored)."""
+        per_tap = self.bytes_per_image()
+        total = sum(per_tap.values())
+        taps = ", ".join(f"{spec} {n:,}" for spec, n in per_tap.items())
+        return (f"{self.num_views} views x {self.num_samples} images, {self.nbytes() / 2**20:.2f} MiB: "
+                f"{total:,} bytes per image ({self.manifest['dtype']}, its {self.num_views} view(s); {taps})")
+
     def to(self, device: torch.device) -> TeacherCache:
         """Hold every array in memory on ``device`` (no per-batch host round-trip on a GPU)."""
         self.views = self.views.to(device)

@@ -62,6 +62,24 @@ def apply_views(images: Tensor, params: Tensor, augment: AugmentConfig) -> Tenso
     return images
 
 
+def as_loader_views(params: Tensor, augment: AugmentConfig) -> Tensor | None:
+    """Rows of a view table as the loader's views ``(dy, dx, flip)`` (:meth:`AugmentConfig.draw`'s convention:
+    offsets from the centred crop), so targets tied to pixels follow a replayed view as they follow a drawn one.
+
+    Args:
+        params: ``(B, 3)`` rows of a view table.
+        augment: The augmentation the table was drawn for.
+
+    Returns:
+        int64 ``(B, 3)``, or ``None`` when ``augment`` is off (the images keep their geometry).
+    """
+    if augment.is_identity:
+        return None
+    view = params.to(torch.int64).clone()
+    view[:, :2] -= augment.crop_padding
+    return view
+
+
 def view_phase(num_samples: int, views: int, seed: int) -> Tensor:
     """Per-sample phase ``r_i`` of :func:`view_schedule`: uniform in ``[0, views)``, int64 ``(N,)``."""
     gen = torch.Generator().manual_seed(seed * 7919 + 1)

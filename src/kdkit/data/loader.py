@@ -19,6 +19,9 @@ from kdkit.data.augment import AugmentConfig, normalize
 from kdkit.data.base import ImageData
 from kdkit.data.strong import StrongView
 
+#: A teacher cache's replay: ``(raw images, sample indices, epoch) -> (stored views, their (dy, dx, flip) or None)``.
+Replay = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor | None]]
+
 
 class BatchLoader:
     """Batches of ``(images, labels)`` from tensors held in memory.
@@ -40,14 +43,15 @@ class BatchLoader:
         strong: A second, strongly augmented view of the same images: batches become
             ``[weak; strong]`` with labels and indices repeated (two-view methods such as MLKD).
         replay: Replaces ``augment``: ``replay(images, index, epoch)`` returns stored views of the
-            images (training from a teacher cache, :class:`kdkit.cache.ViewReplay`).
+            images and their ``(B, 3)`` ``(dy, dx, flip)`` views (``None`` when they keep their geometry), so
+            dense targets follow them too (training from a teacher cache, :class:`kdkit.cache.ViewReplay`).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
                  shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = False, strong: StrongView | None = None,
-                 replay: Callable[[Tensor, Tensor, int], Tensor] | None = None) -> None:
+                 replay: Replay | None = None) -> None:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -98,7 +102,7 @@ class BatchLoader:
         ``view`` is the ``(B, 3)`` ``(dy, dx, flip)`` of each sample's random crop and flip
         (:meth:`AugmentConfig.draw`), for targets tied to pixels to follow the images
         (:func:`~kdkit.data.augment.follow_maps`, :func:`~kdkit.data.augment.follow_boxes`); ``None`` when the images
-        keep their geometry (no augmentation) or their geometry is not given by a view (stored views, a strong view).
+        keep their geometry (no augmentation) or their geometry is not given by a view (a strong view).
         """
         gen = torch.Generator()
         for b, idx in enumerate(self.batch_indices(epoch)):
@@ -111,7 +115,7 @@ class BatchLoader:
             batch_seed = (self.seed * 1_000_003 + epoch) * 100_003 + b
             view = None
             if self.replay is not None:
-                raw = self.replay(raw, idx, epoch)
+                raw, view = self.replay(raw, idx, epoch)
             elif self.augment is not None and not self.augment.is_identity:
                 gen.manual_seed(batch_seed)
                 view = self.augment.draw(len(idx), gen)
@@ -128,7 +132,7 @@ def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 100
                  augment: AugmentConfig | None = None, device: torch.device | str = "cpu", seed: int = 0,
                  rank: int = 0, world_size: int = 1, channels_last: bool = False,
                  strong: StrongView | None = None,
-                 replay: Callable[[Tensor, Tensor, int], Tensor] | None = None) -> tuple[BatchLoader, BatchLoader]:
+                 replay: Replay | None = None) -> tuple[BatchLoader, BatchLoader]:
     """The training loader (shuffled, augmented, full batches) and the test loader of ``data``.
 
     Args:
