@@ -288,6 +288,8 @@ class _Planner:
         # weights, teacher weights or teacher recipe are read, and the losses are not set up.
         self.deploying = deploying
         self.base = source.parent if source is not None else None
+        #: Output layouts the networks declare beyond their task's (``model.logits_layout``, e.g. RetinaNet's anchors)
+        self.model_layouts: set[str] = set()
         self.errors: list[KdkitError] = []
         self.warnings: list[str] = []
 
@@ -534,6 +536,8 @@ class _Planner:
         """Each term's loss (parameters checked), taps (resolved on their network) and bridge name."""
         recipe = self.recipe
         found = _Terms(_term_names(recipe))
+        self.model_layouts = {layout for net in (model, teacher_model)
+                              if isinstance(layout := getattr(net, "logits_layout", None), str)}
         for i, (term, name) in enumerate(zip(recipe.distill, found.names, strict=True)):
             where = f"distill.{i}"
             loss = self.loss(term, where)
@@ -631,18 +635,25 @@ class _Planner:
         logits are (KD's softmax over classes means nothing on a detector's dense outputs; recording why not)."""
         layouts = loss_cls.reads_logits
         task = TASKS.get(self.recipe.task) if self.recipe.task in TASKS else None
-        if layouts is None or task is None or task.logits_layout in layouts or term.bridge is not None:
+        if task is None:
+            return True
+        # a network may refine its task's layout (RetinaNet's per-anchor outputs on task detection): the first
+        # layout a loss does not read is the one to name
+        own = sorted(self.model_layouts - {task.logits_layout})
+        layout = next((x for x in own if layouts is None or x not in layouts), task.logits_layout)
+        if layouts is None or layout in layouts or term.bridge is not None:
             return True
         taps = [*as_specs(s_spec), *(as_specs(t_spec) if t_spec is not None else ())]
         logits = sorted({str(t) for t in taps if str(t).rsplit(".", 1)[-1] == LOGITS})
         if not logits:
             return True
         fitting = sorted(name for name, cls in LOSSES.items()
-                         if cls.reads_logits is not None and task.logits_layout in cls.reads_logits)
-        wanted = " or ".join(LOGITS_LAYOUTS[layout] for layout in sorted(layouts))
+                         if cls.reads_logits is not None and layout in cls.reads_logits)
+        wanted = " or ".join(LOGITS_LAYOUTS[x] for x in sorted(layouts))
         self.errors.append(KdkitError(
-            f"loss {term.loss!r} reads {wanted} from tap(s) {logits}, but the `logits` of task {task.name!r} are "
-            f"{LOGITS_LAYOUTS[task.logits_layout]}", choices=fitting, bad=term.loss,
+            f"loss {term.loss!r} reads {wanted} from tap(s) {logits}, but the `logits` of task {task.name!r} "
+            f"{'with these networks ' if layout != task.logits_layout else ''}are {LOGITS_LAYOUTS[layout]}",
+            choices=fitting, bad=term.loss,
             fix="use a loss made for these outputs (the choices), read feature taps with a feature loss (fitnets, "
                 "cwd, mgd ...), or add a `bridge:` that maps the outputs to what the loss reads",
             where=f"{where}.loss"))

@@ -192,6 +192,8 @@ LOGITS_LAYOUTS = {
     "pixels_boundary": "per-pixel class scores and a boundary score (B, K + 2, H, W): classes 0..K (softmax), the last "
                        "channel the boundary logit (sigmoid)",
     "detections": "dense per-location detector outputs (B, L, K + box + 1)",
+    "anchor_detections": "dense per-anchor detector outputs (B, L * A, K + 4): class logits, box deltas on anchors "
+                         "(RetinaNet; a network's own `logits_layout` on task detection)",
 }
 
 

@@ -1,4 +1,5 @@
-"""Object detection: FCOS's loss on a dense detector's one-tensor output, COCO mAP by torchmetrics, best by mAP.
+"""Object detection: FCOS's (or RetinaNet's) loss on a dense detector's one-tensor output, COCO mAP by torchmetrics,
+best by mAP.
 
 Targets: each image's padded boxes and labels, gathered by the batch's sample indices from
 ``ImageData.train_targets["boxes"]`` ``(N, M, 4)`` (pixels, ``x0, y0, x1, y1``) and ``["box_labels"]``
@@ -7,7 +8,10 @@ place boxes on a feature map need no image size) and the label (-1 for padding).
 
 The deployed network outputs ``(B, L, C)`` dense predictions laid out as its ``dense_spec`` says
 (:class:`kdkit.models.detector.DenseSpec`); the task reads that spec from the model it is bound with, so the
-engine stays ignorant of strides and locations.
+engine stays ignorant of strides and locations. An anchor-based detector (``tv_retinanet``) declares an
+:class:`kdkit.models.retinanet.AnchorSpec` instead: its ``(B, L * A, K + 4)`` outputs are matched, trained and decoded
+by RetinaNet's rules (:mod:`kdkit.tasks.anchors`); everything below is the anchor-free (FCOS) layout's. The
+supervised loss is logged as ``det`` for both.
 
 Loss (Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, as torchvision's
 ``FCOS.compute_loss``): a location is positive for the smallest-area box that contains it, whose centre is within
@@ -46,7 +50,9 @@ from kdkit.data.augment import follow_boxes
 from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.errors import KdkitError
 from kdkit.models.detector import DenseSpec
+from kdkit.models.retinanet import AnchorSpec
 from kdkit.task import Drawing, Task, register_task
+from kdkit.tasks import anchors
 
 CENTER_SAMPLING_RADIUS = 1.5
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
@@ -57,6 +63,8 @@ DRAWN_SCORE, DRAWN_PER_IMAGE = 0.3, 10
 #: The COCO area ranges (pixels², as pycocotools): a size metric is reported only when the test split has a box
 #: in its range (mAP over no boxes is undefined; torchmetrics gives -1).
 OLD, NEW = "map_old", "map_new"  # class-incremental step 2 only
+#: A detector's output layout: anchor-free (FCOS) or anchor-based (RetinaNet).
+Layout = DenseSpec | AnchorSpec
 AREA_RANGES = {"map_small": (0.0, 32.0**2), "map_medium": (32.0**2, 96.0**2), "map_large": (96.0**2, math.inf)}
 
 
@@ -196,7 +204,7 @@ class DetectionEvaluator:
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
         boxes, labels = unpack_targets(targets, self.bound.image_size)
-        self.add(decode(self.bound.spec, self.bound.locations, logits, self.bound.image_size),
+        self.add(decode_any(self.bound.spec, self.bound.locations, logits, self.bound.image_size),
                  ground_truth(boxes, labels))
         loss = self.bound.loss(logits, targets).double() * len(targets)
         self.totals += torch.stack([loss, loss.new_tensor(float(len(targets)))])
@@ -229,14 +237,14 @@ def old_new_map(classes: Tensor, per_class: Tensor, old: tuple[int, ...]) -> dic
 class BoundDetection:
     """Detection on one run's data with one model's dense layout."""
 
-    def __init__(self, task: Task, data: Any, device: torch.device, spec: DenseSpec) -> None:
+    def __init__(self, task: Task, data: Any, device: torch.device, spec: Layout) -> None:
         self.task, self.device, self.spec, self.metrics = task, device, spec, task.metrics_for(data)
         self.old = tuple(getattr(data, "old_classes", ()) or ())
         self.image_size = int(data.train_images.shape[-1])
         self.split_targets = {split: pack_targets(getattr(data, f"{split}_targets")["boxes"],
                                                   getattr(data, f"{split}_targets")["box_labels"],
                                                   self.image_size).to(device) for split in ("train", "test")}
-        self.locations = spec.locations(self.image_size, device)
+        self.locations = points_of(spec, self.image_size, device)
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         return self.split_targets[split].index_select(0, index)
@@ -248,14 +256,19 @@ class BoundDetection:
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         boxes, labels = unpack_targets(targets, self.image_size)
+        if isinstance(self.spec, AnchorSpec):
+            return anchors.retinanet_loss(self.spec, self.locations, logits, boxes, labels)
         return fcos_loss(self.spec, self.locations, logits, boxes, labels)
 
     def train_score(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        # per image, the share of its positive locations whose top class is the assigned box's class
+        # per image, the share of its positive locations (anchors) whose top class is the assigned box's class
         boxes, labels = unpack_targets(targets, self.image_size)
-        matched = assign(self.locations, boxes.float(), labels)
-        fg = matched >= 0
-        right = (self.spec.split(logits.detach())[0].argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
+        if isinstance(self.spec, AnchorSpec):
+            fg, right = anchors.foreground(self.spec, self.locations, logits, boxes, labels)
+        else:
+            matched = assign(self.locations, boxes.float(), labels)
+            fg = matched >= 0
+            right = (self.spec.split(logits.detach())[0].argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
         has = fg.any(1)
         share = right.sum(1).float() / fg.sum(1).clamp(min=1).float()
         return share[has].sum(), has.sum().float()
@@ -267,13 +280,28 @@ class BoundDetection:
         return {}  # a detector that learned nothing finds nothing: 0 mAP, which needs no warning level
 
 
-def dense_spec_of(model: nn.Module | None) -> DenseSpec:
-    """The :class:`DenseSpec` a detector declares, or a :class:`KdkitError` naming the detectors."""
+def points_of(spec: Layout, image_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """What a layout's outputs sit on: FCOS locations ``(L, 5)`` or RetinaNet anchors ``(L * A, 4)``."""
+    if isinstance(spec, AnchorSpec):
+        return spec.anchors(image_size, device)
+    return spec.locations(image_size, device)
+
+
+def decode_any(spec: Layout, points: Tensor, dense: Tensor, image_size: int) -> list[dict[str, Tensor]]:
+    """Detections per image by the layout's own rules (:func:`decode` or :func:`kdkit.tasks.anchors.decode`)."""
+    if isinstance(spec, AnchorSpec):
+        return anchors.decode(spec, points, dense, image_size)
+    return decode(spec, points, dense, image_size)
+
+
+def dense_spec_of(model: nn.Module | None) -> Layout:
+    """The layout a detector declares (:class:`DenseSpec` or :class:`AnchorSpec`), or a :class:`KdkitError`
+    naming the detectors."""
     spec = getattr(model, "dense_spec", None)
-    if not isinstance(spec, DenseSpec):
+    if not isinstance(spec, DenseSpec | AnchorSpec):
         from kdkit.models import MODELS
 
-        detectors = [name for name in MODELS.names() if name.startswith(("det_", "fcos"))]
+        detectors = [name for name in MODELS.names() if name.startswith(("det_", "tv_"))]
         raise KdkitError(f"task detection needs a dense detector (a model with a `dense_spec`), got "
                          f"{type(model).__name__}", choices=detectors,
                          fix="set model.arch to a detector, e.g. det_student", where="model.arch")
@@ -282,13 +310,13 @@ def dense_spec_of(model: nn.Module | None) -> DenseSpec:
 
 @register_task
 class Detection(Task):
-    """Object detection: FCOS loss on dense per-location predictions, COCO box mAP (%, torchmetrics), best by mAP."""
+    """Object detection: FCOS (or RetinaNet) loss on dense predictions, COCO box mAP (%, torchmetrics), best by mAP."""
 
     name = "detection"
     target = "boxes"
     metrics = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", OLD, NEW)
     best = "map"
-    loss_name = "fcos"
+    loss_name = "det"  # FCOS's loss, or RetinaNet's on an anchor-based detector (the model's layout decides)
     train_metric = "fg_acc"
     deployed_output = ("dense per-location predictions (B, L, K + box + 1) over the FPN levels (the model's "
                        "dense_spec); decoding with NMS gives boxes, scores and labels")
@@ -332,7 +360,7 @@ class Detection(Task):
         """The decoded detections (:func:`decode`) scoring at least :data:`DRAWN_SCORE`, the
         :data:`DRAWN_PER_IMAGE` highest-scoring at most, by decreasing score."""
         spec = dense_spec_of(model)
-        detections = decode(spec, spec.locations(image_size, outputs.device), outputs, image_size)
+        detections = decode_any(spec, points_of(spec, image_size, outputs.device), outputs, image_size)
         drawings = []
         for found in detections:
             scores = found["scores"]
