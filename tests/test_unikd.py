@@ -387,3 +387,5 @@ def test_the_shipped_unikd_recipe_pretrains_then_distils_and_resumes_exactly(tmp
     assert a[-1]["train_unikd"] > 0 and math.isfinite(a[-1]["test_map"])
     assert [(r["train_unikd"], r["train_det"], r["test_map"]) for r in a] == \
         [(r["train_unikd"], r["train_det"], r["test_map"]) for r in b]
+    # the resumed run's summary still reports the pretraining, from the checkpointed phase statistics
+    assert json.loads((broken / "summary.json").read_text())["unikd"]["pretrain"] == stats

@@ -625,6 +625,7 @@ class Engine:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": self.history, "best": self.best, "partial": self._partial,
+            "phase_stats": self.phase_stats,  # plain data: a resumed run's summary keeps what its phases reported
             "run_info": self.run_info, "kdkit_version": __version__,
         }
 
@@ -681,6 +682,7 @@ class Engine:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
         self.history, self.best, self._partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
+        self.phase_stats = dict(state.get("phase_stats", {}))
         if self.writes:  # a crash between the pointer writes may have left best.json off this record
             restore_best(folder.parent, self.best)
         if self.ctx.is_main:

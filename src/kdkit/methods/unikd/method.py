@@ -110,7 +110,7 @@ class UniKDRun(MethodRun):
         return stats
 
     def summary(self, engine: Engine) -> dict[str, Any]:
-        # a run resumed after the pretraining has no statistics of it (they were in the interrupted process)
+        # the engine checkpoints phase statistics, so a run resumed after the pretraining still reports them
         return {"unikd": {"pretrain": engine.phase_stats.get(PHASE)}}
 
 
