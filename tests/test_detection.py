@@ -337,7 +337,7 @@ def test_a_tiny_detection_distillation_runs_end_to_end(tmp_path) -> None:
     assert row["train_fgd"] > 0 and row["train_ld"] > 0
 
 
-@pytest.mark.parametrize("arch", ["det_student", "tv_fcos"])
+@pytest.mark.parametrize("arch", ["det_student", "tv_fcos", "tv_retinanet"])
 def test_ls_taps_lists_a_detectors_levels_and_skips_what_captures_no_tensor(arch: str, capsys) -> None:
     from kdkit.cli import main
 
