@@ -207,43 +207,56 @@ def det_student(*, num_classes: int, in_channels: int = 1, width: int = 8, fpn_w
                     fpn_width=fpn_width, box_bins=box_bins, size_ranges=SCENE_RANGES)
 
 
-class TorchvisionFCOS(nn.Module):
+class TorchvisionPyramid(nn.Module):
+    """A small conv backbone and torchvision's ``FeaturePyramidNetwork`` on its last ``levels`` stages: the body that
+    the detectors built from torchvision's heads (``tv_fcos``, ``tv_retinanet``) share.
+
+    Taps: ``stage1``.. (backbone) and ``p2``, ``p3``, .. (the FPN's output convs ``fpn.layer_blocks.<i>``).
+    """
+
+    def __init__(self, *, in_channels: int, widths: tuple[int, ...], fpn_width: int, levels: int) -> None:
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+
+        chans = [in_channels, *widths]
+        self.stages = nn.ModuleList(_stage(a, b) for a, b in pairwise(chans))
+        self.strides = tuple(2 ** (i + 1) for i in range(len(widths)))[-levels:]
+        self.fpn = FeaturePyramidNetwork(list(widths[-levels:]), fpn_width)
+        self.feature_taps = {f"stage{i + 1}": f"stages.{i}" for i in range(len(widths))}
+        self.feature_taps.update({f"p{s.bit_length() - 1}": f"fpn.layer_blocks.{i}"
+                                  for i, s in enumerate(self.strides)})
+
+    def levels(self, x: Tensor) -> list[Tensor]:
+        """The FPN's maps, finest first, for images ``(B, in_channels, H, W)``."""
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        picked = features[-len(self.strides):]
+        return list(self.fpn({str(i): f for i, f in enumerate(picked)}).values())
+
+
+class TorchvisionFCOS(TorchvisionPyramid):
     """torchvision's FCOS head (``torchvision.models.detection.fcos.FCOSHead``) and feature pyramid
     (``torchvision.ops.FeaturePyramidNetwork``) on a small conv backbone, returning kdkit's one dense tensor.
 
     torchvision's ``FCOS`` model takes lists of images and returns losses or detections, which the engine, taps and
     teacher cache cannot carry; its parts are plain modules. The output concatenates the head's ``cls_logits``,
     ``bbox_regression`` (ReLU'd, ``linear`` coding: distances in strides, torchvision's box coder with anchors of
-    one stride) and ``bbox_ctrness``. No pretrained weights are loaded.
-
-    Taps: ``stage1``.. (backbone) and ``p2``, ``p3``, .. (the FPN's output convs ``fpn.layer_blocks.<i>``).
+    one stride) and ``bbox_ctrness``. No pretrained weights are loaded. Taps: :class:`TorchvisionPyramid`'s.
     """
 
     def __init__(self, *, num_classes: int, in_channels: int, widths: tuple[int, ...], fpn_width: int,
                  size_ranges: tuple[tuple[float, float], ...], head_convs: int = 2) -> None:
-        super().__init__()
+        super().__init__(in_channels=in_channels, widths=widths, fpn_width=fpn_width, levels=len(size_ranges))
         from torchvision.models.detection.fcos import FCOSHead as TVFCOSHead
-        from torchvision.ops import FeaturePyramidNetwork
 
-        chans = [in_channels, *widths]
-        self.stages = nn.ModuleList(_stage(a, b) for a, b in pairwise(chans))
-        levels = len(size_ranges)
-        strides = tuple(2 ** (i + 1) for i in range(len(widths)))[-levels:]
-        self.dense_spec = DenseSpec(num_classes, strides, tuple(size_ranges), 0, "linear")
-        self.fpn = FeaturePyramidNetwork(list(widths[-levels:]), fpn_width)
+        self.dense_spec = DenseSpec(num_classes, self.strides, tuple(size_ranges), 0, "linear")
         self.head = TVFCOSHead(fpn_width, num_anchors=1, num_classes=num_classes, num_convs=head_convs)
-        self.feature_taps = {f"stage{i + 1}": f"stages.{i}" for i in range(len(widths))}
-        self.feature_taps.update({f"p{s.bit_length() - 1}": f"fpn.layer_blocks.{i}" for i, s in enumerate(strides)})
 
     def forward(self, x: Tensor) -> Tensor:
         """Dense predictions ``(B, L, K + 4 + 1)`` for images ``(B, in_channels, H, W)``."""
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        picked = features[-len(self.dense_spec.strides):]
-        levels = list(self.fpn({str(i): f for i, f in enumerate(picked)}).values())
-        out = self.head(levels)
+        out = self.head(self.levels(x))
         return torch.cat([out["cls_logits"], out["bbox_regression"], out["bbox_ctrness"]], dim=-1)
 
 

@@ -15,14 +15,12 @@ weights are loaded.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from kdkit.models.detector import _stage
+from kdkit.models.detector import TorchvisionPyramid
 from kdkit.models.registry import register_model
 
 
@@ -93,44 +91,30 @@ class AnchorSpec:
         return dense[..., :self.num_classes], dense[..., self.num_classes:]
 
 
-class TorchvisionRetinaNet(nn.Module):
-    """torchvision's ``RetinaNetHead`` and ``FeaturePyramidNetwork`` on a small conv backbone (as ``tv_fcos``).
+class TorchvisionRetinaNet(TorchvisionPyramid):
+    """torchvision's ``RetinaNetHead`` on :class:`~kdkit.models.detector.TorchvisionPyramid` (as ``tv_fcos``).
 
-    Taps: ``stage1``.. (backbone) and ``p2``, ``p3``, .. (the FPN's output convs ``fpn.layer_blocks.<i>``), the
-    names the FCOS-style detectors use, so feature terms between the two families need no renaming.
-    ``logits_layout`` tells the planner its outputs are per anchor: the FCOS-layout logit losses (LD, BCKD, ..)
-    refuse them before training.
+    Its taps (``stage1``.., ``p2``, ``p3``, ..) have the names the FCOS-style detectors use, so feature terms between
+    the two families need no renaming. ``logits_layout`` tells the planner its outputs are per anchor: the
+    FCOS-layout logit losses (LD, BCKD, ..) refuse them before training.
     """
 
     logits_layout = "anchor_detections"
 
     def __init__(self, *, num_classes: int, in_channels: int, widths: tuple[int, ...], fpn_width: int,
                  levels: int = 3, anchor_scale: float = 3.0) -> None:
-        super().__init__()
+        super().__init__(in_channels=in_channels, widths=widths, fpn_width=fpn_width, levels=levels)
         from torchvision.models.detection.retinanet import RetinaNetHead
-        from torchvision.ops import FeaturePyramidNetwork
 
-        chans = [in_channels, *widths]
-        self.stages = nn.ModuleList(_stage(a, b) for a, b in pairwise(chans))
-        strides = tuple(2 ** (i + 1) for i in range(len(widths)))[-levels:]
         # torchvision's sizes are 4 strides x 2^(0, 1/3, 2/3) at strides 8-128; ``anchor_scale`` strides (3 by
         # default) fit the 10-42 pixel objects of 48x48 scenes at strides 4-16
-        sizes = tuple(tuple(anchor_scale * s * 2 ** (k / 3) for k in range(3)) for s in strides)
-        self.dense_spec = AnchorSpec(num_classes, strides, sizes)
-        self.fpn = FeaturePyramidNetwork(list(widths[-levels:]), fpn_width)
+        sizes = tuple(tuple(anchor_scale * s * 2 ** (k / 3) for k in range(3)) for s in self.strides)
+        self.dense_spec = AnchorSpec(num_classes, self.strides, sizes)
         self.head = RetinaNetHead(fpn_width, self.dense_spec.anchors_per_location, num_classes)
-        self.feature_taps = {f"stage{i + 1}": f"stages.{i}" for i in range(len(widths))}
-        self.feature_taps.update({f"p{int(math.log2(s))}": f"fpn.layer_blocks.{i}" for i, s in enumerate(strides)})
 
     def forward(self, x: Tensor) -> Tensor:
         """Dense predictions ``(B, L * A, K + 4)`` for images ``(B, in_channels, H, W)``."""
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        picked = features[-len(self.dense_spec.strides):]
-        levels = list(self.fpn({str(i): f for i, f in enumerate(picked)}).values())
-        out = self.head(levels)
+        out = self.head(self.levels(x))
         return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
 
 
