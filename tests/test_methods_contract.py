@@ -48,6 +48,10 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
     "source_select": [
         ("no source_kd term", lambda r: None, {}, "source_select configures one source_kd term, the recipe has 0"),
     ],
+    "unikd": [
+        ("no unikd term", lambda r: r.update(task="detection"), {}, "pretrains the AKE of a `unikd` term, and the "
+         "recipe has none"),
+    ],
 }
 
 #: For each method with a section: (bad section value, the key the CLI must name, text of the fix it must give).
@@ -74,6 +78,10 @@ BAD_VALUES: dict[str, list[tuple[dict[str, Any], str, str]]] = {
     "source_select": [
         ({"mode": "farthest"}, "source_select.mode", "'nearest'"),
         ({"temperature": 0}, "source_select.temperature", "greater than 0"),
+    ],
+    "unikd": [
+        ({"pretrain_epochs": 0}, "unikd.pretrain_epochs", "greater than or equal to 1"),
+        ({"score_threshold": 1.0}, "unikd.score_threshold", "less than 1"),
     ],
 }
 
