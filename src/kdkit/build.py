@@ -635,13 +635,13 @@ class _Planner:
         logits are (KD's softmax over classes means nothing on a detector's dense outputs; recording why not)."""
         layouts = loss_cls.reads_logits
         task = TASKS.get(self.recipe.task) if self.recipe.task in TASKS else None
-        if task is None:
+        if layouts is None or task is None or term.bridge is not None:
             return True
         # a network may refine its task's layout (RetinaNet's per-anchor outputs on task detection): the first
-        # layout a loss does not read is the one to name
+        # layout the loss does not read is the one to name
         own = sorted(self.model_layouts - {task.logits_layout})
-        layout = next((x for x in own if layouts is None or x not in layouts), task.logits_layout)
-        if layouts is None or layout in layouts or term.bridge is not None:
+        layout = next((x for x in own if x not in layouts), task.logits_layout)
+        if layout in layouts:
             return True
         taps = [*as_specs(s_spec), *(as_specs(t_spec) if t_spec is not None else ())]
         logits = sorted({str(t) for t in taps if str(t).rsplit(".", 1)[-1] == LOGITS})

@@ -27,6 +27,12 @@ from torch import Tensor, nn
 from kdkit.models.registry import register_model
 
 
+def grid_sides(strides: tuple[int, ...], image_size: int) -> list[int]:
+    """Side of each level's square grid for ``image_size x image_size`` inputs: ceil division by the level's stride,
+    as convs with padding and ceil-mode pooling give."""
+    return [-(-image_size // s) for s in strides]
+
+
 @dataclass(frozen=True)
 class DenseSpec:
     """The geometry and channel layout of a dense detector's output.
@@ -58,9 +64,8 @@ class DenseSpec:
         return self.num_classes + self.box_channels + 1
 
     def grid_sizes(self, image_size: int) -> list[int]:
-        """Side of each level's square grid for ``image_size x image_size`` inputs (ceil division, as convs with
-        padding and ceil-mode pooling give)."""
-        return [-(-image_size // s) for s in self.strides]
+        """Side of each level's square grid for ``image_size x image_size`` inputs (:func:`grid_sides`)."""
+        return grid_sides(self.strides, image_size)
 
     def locations(self, image_size: int, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Tensor:

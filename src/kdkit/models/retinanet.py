@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdkit.models.detector import TorchvisionPyramid
+from kdkit.models.detector import TorchvisionPyramid, grid_sides
 from kdkit.models.registry import register_model
 
 
@@ -57,8 +57,8 @@ class AnchorSpec:
         return self.num_classes + 4
 
     def grid_sizes(self, image_size: int) -> list[int]:
-        """Side of each level's square grid for ``image_size x image_size`` inputs (ceil division)."""
-        return [-(-image_size // s) for s in self.strides]
+        """Side of each level's square grid (:func:`~kdkit.models.detector.grid_sides`)."""
+        return grid_sides(self.strides, image_size)
 
     def level_sizes(self, image_size: int) -> list[int]:
         """Rows of the output each level holds: ``H_l * W_l * A``."""
@@ -73,10 +73,9 @@ class AnchorSpec:
         ``(j * stride, i * stride)``.
         """
         rows = []
-        ratios = torch.as_tensor(self.aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(self.aspect_ratios, dtype=dtype, device=device))
         for stride, side, sizes in zip(self.strides, self.grid_sizes(image_size), self.sizes, strict=True):
             scales = torch.as_tensor(sizes, dtype=dtype, device=device)
-            h_ratios = torch.sqrt(ratios)
             ws = ((1 / h_ratios)[:, None] * scales[None, :]).reshape(-1)
             hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
             cell = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()

@@ -40,6 +40,8 @@ A report draws the decoded detections scoring at least :data:`DRAWN_SCORE` (0.3,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -204,7 +206,7 @@ class DetectionEvaluator:
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
         boxes, labels = unpack_targets(targets, self.bound.image_size)
-        self.add(decode_any(self.bound.spec, self.bound.locations, logits, self.bound.image_size),
+        self.add(self.bound.rules.decode(self.bound.spec, self.bound.locations, logits, self.bound.image_size),
                  ground_truth(boxes, labels))
         loss = self.bound.loss(logits, targets).double() * len(targets)
         self.totals += torch.stack([loss, loss.new_tensor(float(len(targets)))])
@@ -244,7 +246,8 @@ class BoundDetection:
         self.split_targets = {split: pack_targets(getattr(data, f"{split}_targets")["boxes"],
                                                   getattr(data, f"{split}_targets")["box_labels"],
                                                   self.image_size).to(device) for split in ("train", "test")}
-        self.locations = points_of(spec, self.image_size, device)
+        self.rules = rules_of(spec)
+        self.locations = self.rules.points(spec, self.image_size, device)
 
     def targets(self, labels: Tensor, index: Tensor, split: str) -> Tensor:
         return self.split_targets[split].index_select(0, index)
@@ -256,19 +259,12 @@ class BoundDetection:
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         boxes, labels = unpack_targets(targets, self.image_size)
-        if isinstance(self.spec, AnchorSpec):
-            return anchors.retinanet_loss(self.spec, self.locations, logits, boxes, labels)
-        return fcos_loss(self.spec, self.locations, logits, boxes, labels)
+        return self.rules.loss(self.spec, self.locations, logits, boxes, labels)
 
     def train_score(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         # per image, the share of its positive locations (anchors) whose top class is the assigned box's class
         boxes, labels = unpack_targets(targets, self.image_size)
-        if isinstance(self.spec, AnchorSpec):
-            fg, right = anchors.foreground(self.spec, self.locations, logits, boxes, labels)
-        else:
-            matched = assign(self.locations, boxes.float(), labels)
-            fg = matched >= 0
-            right = (self.spec.split(logits.detach())[0].argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
+        fg, right = self.rules.foreground(self.spec, self.locations, logits, boxes, labels)
         has = fg.any(1)
         share = right.sum(1).float() / fg.sum(1).clamp(min=1).float()
         return share[has].sum(), has.sum().float()
@@ -280,18 +276,41 @@ class BoundDetection:
         return {}  # a detector that learned nothing finds nothing: 0 mAP, which needs no warning level
 
 
-def points_of(spec: Layout, image_size: int, device: torch.device | str = "cpu") -> Tensor:
-    """What a layout's outputs sit on: FCOS locations ``(L, 5)`` or RetinaNet anchors ``(L * A, 4)``."""
-    if isinstance(spec, AnchorSpec):
-        return spec.anchors(image_size, device)
-    return spec.locations(image_size, device)
+def foreground(spec: DenseSpec, locations: Tensor, dense: Tensor, boxes: Tensor,
+               labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per location whether it is positive ``(B, L)`` and whether its top class is its box's ``(B, L)``."""
+    matched = assign(locations, boxes.float(), labels)
+    fg = matched >= 0
+    right = (spec.split(dense.detach())[0].argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
+    return fg, right
 
 
-def decode_any(spec: Layout, points: Tensor, dense: Tensor, image_size: int) -> list[dict[str, Tensor]]:
-    """Detections per image by the layout's own rules (:func:`decode` or :func:`kdkit.tasks.anchors.decode`)."""
-    if isinstance(spec, AnchorSpec):
-        return anchors.decode(spec, points, dense, image_size)
-    return decode(spec, points, dense, image_size)
+@dataclass(frozen=True)
+class LayoutRules:
+    """How the task places, trains, scores and decodes one output layout (the only place that tells them apart).
+
+    Attributes:
+        points: ``(spec, image_size, device) ->`` what the outputs sit on: FCOS locations ``(L, 5)`` or anchors
+            ``(L * A, 4)``.
+        loss: ``(spec, points, dense, boxes, labels) ->`` the supervised loss.
+        foreground: ``(spec, points, dense, boxes, labels) ->`` positives and whether their top class is right.
+        decode: ``(spec, points, dense, image_size) ->`` detections per image.
+    """
+
+    points: Callable[[Any, int, torch.device | str], Tensor]
+    loss: Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
+    foreground: Callable[[Any, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+    decode: Callable[[Any, Tensor, Tensor, int], list[dict[str, Tensor]]]
+
+
+FCOS_RULES = LayoutRules(lambda spec, size, device: spec.locations(size, device), fcos_loss, foreground, decode)
+ANCHOR_RULES = LayoutRules(lambda spec, size, device: spec.anchors(size, device), anchors.retinanet_loss,
+                           anchors.foreground, anchors.decode)
+
+
+def rules_of(spec: Layout) -> LayoutRules:
+    """The rules of a layout: RetinaNet's for an :class:`AnchorSpec`, FCOS's for a :class:`DenseSpec`."""
+    return ANCHOR_RULES if isinstance(spec, AnchorSpec) else FCOS_RULES
 
 
 def dense_spec_of(model: nn.Module | None) -> Layout:
@@ -360,7 +379,8 @@ class Detection(Task):
         """The decoded detections (:func:`decode`) scoring at least :data:`DRAWN_SCORE`, the
         :data:`DRAWN_PER_IMAGE` highest-scoring at most, by decreasing score."""
         spec = dense_spec_of(model)
-        detections = decode_any(spec, points_of(spec, image_size, outputs.device), outputs, image_size)
+        rules = rules_of(spec)
+        detections = rules.decode(spec, rules.points(spec, image_size, outputs.device), outputs, image_size)
         drawings = []
         for found in detections:
             scores = found["scores"]
