@@ -194,6 +194,9 @@ LOGITS_LAYOUTS = {
     "detections": "dense per-location detector outputs (B, L, K + box + 1)",
     "anchor_detections": "dense per-anchor detector outputs (B, L * A, K + 4): class logits, box deltas on anchors "
                          "(RetinaNet; a network's own `logits_layout` on task detection)",
+    "two_stage_detections": "a two-stage detector's anchor rows (objectness, box deltas) then per-image proposal rows "
+                            "(validity, box, K + 1 class logits, class-specific deltas) (Faster R-CNN; a network's own "
+                            "`logits_layout` on task detection)",
 }
 
 

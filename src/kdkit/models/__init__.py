@@ -22,6 +22,7 @@ from kdkit.errors import KdkitError
 from kdkit.models import (
     cifar,  # noqa: F401 - registers the CIFAR KD zoo
     detector,  # noqa: F401 - registers the FCOS-style detectors
+    faster_rcnn,  # noqa: F401 - registers the two-stage detector
     retinanet,  # noqa: F401 - registers the RetinaNet detector
     small_cnn,  # noqa: F401 - registers the small CNNs
 )

@@ -214,7 +214,7 @@ def det_student(*, num_classes: int, in_channels: int = 1, width: int = 8, fpn_w
 
 class TorchvisionPyramid(nn.Module):
     """A small conv backbone and torchvision's ``FeaturePyramidNetwork`` on its last ``levels`` stages: the body that
-    the detectors built from torchvision's heads (``tv_fcos``, ``tv_retinanet``) share.
+    the detectors built from torchvision's heads (``tv_fcos``, ``tv_retinanet``, ``tv_faster_rcnn``) share.
 
     Taps: ``stage1``.. (backbone) and ``p2``, ``p3``, .. (the FPN's output convs ``fpn.layer_blocks.<i>``).
     """

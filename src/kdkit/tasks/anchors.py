@@ -40,30 +40,50 @@ def _coder() -> BoxCoder:
     return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
 
-def match(anchors: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
-    """Matched box per anchor ``(B, N)`` int64: its index, -1 background or -2 ignored (see the module docstring).
-
-    Args:
-        anchors: ``(N, 4)`` pixel anchors.
-        boxes: ``(B, M, 4)`` pixel boxes.
-        labels: ``(B, M)`` labels, -1 for padding (never matched).
-    """
+def pairwise_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """IoU ``(B, M, N)`` of each image's boxes ``(B, M, 4)`` with its anchors: ``(N, 4)`` shared by the images (as
+    torchvision's ``box_iou``) or ``(B, N, 4)`` per image (proposals): intersection over union of the areas."""
     from torchvision.ops import box_iou
 
+    if anchors.dim() == 2:
+        return box_iou(boxes.reshape(-1, 4), anchors).view(boxes.shape[0], boxes.shape[1], -1)
+    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, M)
+    area_a = (anchors[..., 2] - anchors[..., 0]) * (anchors[..., 3] - anchors[..., 1])  # (B, N)
+    top_left = torch.maximum(boxes[:, :, None, :2], anchors[:, None, :, :2])
+    bottom_right = torch.minimum(boxes[:, :, None, 2:], anchors[:, None, :, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_b[:, :, None] + area_a[:, None, :] - inter)
+
+
+def match(anchors: Tensor, boxes: Tensor, labels: Tensor, fg_iou: float = FG_IOU, bg_iou: float = BG_IOU,
+          low_quality: bool = True) -> Tensor:
+    """Matched box per anchor ``(B, N)`` int64: its index, -1 background or -2 ignored (torchvision's ``Matcher``;
+    RetinaNet's thresholds by default, see the module docstring).
+
+    Args:
+        anchors: ``(N, 4)`` pixel anchors, or ``(B, N, 4)`` per image (a two-stage detector's proposals).
+        boxes: ``(B, M, 4)`` pixel boxes.
+        labels: ``(B, M)`` labels, -1 for padding (never matched).
+        fg_iou: IoU from which an anchor is matched.
+        bg_iou: IoU under which it is background; between the two it is ignored.
+        low_quality: Give every box its best anchors back even under ``fg_iou`` (``allow_low_quality_matches``).
+    """
     batch, count = boxes.shape[0], boxes.shape[1]
     real = labels >= 0  # (B, M)
     if count == 0:
-        return torch.full((batch, anchors.shape[0]), BELOW, dtype=torch.long, device=anchors.device)
-    iou = box_iou(boxes.reshape(-1, 4), anchors).view(batch, count, -1)  # (B, M, N)
+        return torch.full((batch, anchors.shape[-2]), BELOW, dtype=torch.long, device=anchors.device)
+    iou = pairwise_iou(boxes, anchors)  # (B, M, N)
     # a padding row never wins (real IoUs are >= 0) and never claims its best anchors
     iou = torch.where(real.unsqueeze(-1), iou, torch.full_like(iou, -1.0))
     values, best = iou.max(dim=1)  # (B, N)
     matched = best.clone()
-    matched[values < BG_IOU] = BELOW
-    matched[(values >= BG_IOU) & (values < FG_IOU)] = BETWEEN
-    highest = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
-    tied = ((iou == highest) & real.unsqueeze(-1)).any(dim=1)  # (B, N): the best anchor of some real box
-    matched = torch.where(tied, best, matched)
+    matched[values < bg_iou] = BELOW
+    matched[(values >= bg_iou) & (values < fg_iou)] = BETWEEN
+    if low_quality:
+        highest = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
+        tied = ((iou == highest) & real.unsqueeze(-1)).any(dim=1)  # (B, N): the best anchor of some real box
+        matched = torch.where(tied, best, matched)
     return torch.where(real.any(dim=1, keepdim=True), matched, torch.full_like(matched, BELOW))
 
 

@@ -10,8 +10,9 @@ The deployed network outputs ``(B, L, C)`` dense predictions laid out as its ``d
 (:class:`kdkit.models.detector.DenseSpec`); the task reads that spec from the model it is bound with, so the
 engine stays ignorant of strides and locations. An anchor-based detector (``tv_retinanet``) declares an
 :class:`kdkit.models.retinanet.AnchorSpec` instead: its ``(B, L * A, K + 4)`` outputs are matched, trained and decoded
-by RetinaNet's rules (:mod:`kdkit.tasks.anchors`); everything below is the anchor-free (FCOS) layout's. The
-supervised loss is logged as ``det`` for both.
+by RetinaNet's rules (:mod:`kdkit.tasks.anchors`); a two-stage detector (``tv_faster_rcnn``) a
+:class:`kdkit.models.faster_rcnn.TwoStageSpec`, trained and decoded by Faster R-CNN's (:mod:`kdkit.tasks.two_stage`);
+everything below is the anchor-free (FCOS) layout's. The supervised loss is logged as ``det`` for all three.
 
 Loss (Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, as torchvision's
 ``FCOS.compute_loss``): a location is positive for the smallest-area box that contains it, whose centre is within
@@ -52,9 +53,10 @@ from kdkit.data.augment import follow_boxes
 from kdkit.distributed import DistContext, all_reduce_sum
 from kdkit.errors import KdkitError
 from kdkit.models.detector import DenseSpec
+from kdkit.models.faster_rcnn import TwoStageSpec
 from kdkit.models.retinanet import AnchorSpec
 from kdkit.task import Drawing, Task, register_task
-from kdkit.tasks import anchors
+from kdkit.tasks import anchors, two_stage
 
 CENTER_SAMPLING_RADIUS = 1.5
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
@@ -65,8 +67,8 @@ DRAWN_SCORE, DRAWN_PER_IMAGE = 0.3, 10
 #: The COCO area ranges (pixels², as pycocotools): a size metric is reported only when the test split has a box
 #: in its range (mAP over no boxes is undefined; torchmetrics gives -1).
 OLD, NEW = "map_old", "map_new"  # class-incremental step 2 only
-#: A detector's output layout: anchor-free (FCOS) or anchor-based (RetinaNet).
-Layout = DenseSpec | AnchorSpec
+#: A detector's output layout: anchor-free (FCOS), anchor-based (RetinaNet) or two-stage (Faster R-CNN).
+Layout = DenseSpec | AnchorSpec | TwoStageSpec
 AREA_RANGES = {"map_small": (0.0, 32.0**2), "map_medium": (32.0**2, 96.0**2), "map_large": (96.0**2, math.inf)}
 
 
@@ -306,18 +308,22 @@ class LayoutRules:
 FCOS_RULES = LayoutRules(lambda spec, size, device: spec.locations(size, device), fcos_loss, foreground, decode)
 ANCHOR_RULES = LayoutRules(lambda spec, size, device: spec.anchors(size, device), anchors.retinanet_loss,
                            anchors.foreground, anchors.decode)
+TWO_STAGE_RULES = LayoutRules(lambda spec, size, device: spec.rpn.anchors(size, device), two_stage.faster_rcnn_loss,
+                              two_stage.foreground, two_stage.decode)
 
 
 def rules_of(spec: Layout) -> LayoutRules:
-    """The rules of a layout: RetinaNet's for an :class:`AnchorSpec`, FCOS's for a :class:`DenseSpec`."""
+    """The rules of a layout: RetinaNet's for an :class:`AnchorSpec`, Faster R-CNN's for a :class:`TwoStageSpec`,
+    FCOS's for a :class:`DenseSpec`."""
+    if isinstance(spec, TwoStageSpec):
+        return TWO_STAGE_RULES
     return ANCHOR_RULES if isinstance(spec, AnchorSpec) else FCOS_RULES
 
 
 def dense_spec_of(model: nn.Module | None) -> Layout:
-    """The layout a detector declares (:class:`DenseSpec` or :class:`AnchorSpec`), or a :class:`KdkitError`
-    naming the detectors."""
+    """The layout a detector declares (:data:`Layout`), or a :class:`KdkitError` naming the detectors."""
     spec = getattr(model, "dense_spec", None)
-    if not isinstance(spec, DenseSpec | AnchorSpec):
+    if not isinstance(spec, Layout):
         from kdkit.models import MODELS
 
         detectors = [name for name in MODELS.names() if name.startswith(("det_", "tv_"))]
@@ -329,13 +335,13 @@ def dense_spec_of(model: nn.Module | None) -> Layout:
 
 @register_task
 class Detection(Task):
-    """Object detection: FCOS (or RetinaNet) loss on dense predictions, COCO box mAP (%, torchmetrics), best by mAP."""
+    """Object detection: FCOS (RetinaNet, Faster R-CNN) loss on dense predictions, COCO box mAP (%, torchmetrics)."""
 
     name = "detection"
     target = "boxes"
     metrics = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", OLD, NEW)
     best = "map"
-    loss_name = "det"  # FCOS's loss, or RetinaNet's on an anchor-based detector (the model's layout decides)
+    loss_name = "det"  # FCOS's loss, RetinaNet's or Faster R-CNN's (the model's layout decides)
     train_metric = "fg_acc"
     deployed_output = ("dense per-location predictions (B, L, K + box + 1) over the FPN levels (the model's "
                        "dense_spec); decoding with NMS gives boxes, scores and labels")
