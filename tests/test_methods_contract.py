@@ -23,6 +23,8 @@ WITH_SECTION = [n for n in NAMES if METHODS.get(n).section is not None]
 
 #: For each method with a section: (settings that make a recipe lack what the method needs, section value,
 #: text the refusal must contain). ``edit`` rewrites the tiny KD recipe dict in place.
+#: A class-mismatch split of the tiny recipe's data (WAD's setting).
+MISMATCH = {"name": "class_mismatch", "labelled": 60, "unlabelled": 100, "mismatch": 0.5}
 REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
     "tst": [
         ("no teacher", lambda r: [r.pop("teacher"), r.pop("distill")], {}, "no `teacher:`"),
@@ -51,6 +53,12 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
     "unikd": [
         ("no unikd term", lambda r: r.update(task="detection"), {}, "pretrains the AKE of a `unikd` term, and the "
          "recipe has none"),
+    ],
+    "wad": [
+        ("no wad term", lambda r: r["data"].update(setting=MISMATCH), {}, "0 `wad` terms in distill"),
+        ("the teacher's representation", lambda r: [r["data"].update(setting=MISMATCH),
+                                                    r.update(distill=[{"loss": "wad"}])], {},
+         "the wad term reads the teacher's"),
     ],
 }
 
@@ -82,6 +90,10 @@ BAD_VALUES: dict[str, list[tuple[dict[str, Any], str, str]]] = {
     "unikd": [
         ({"pretrain_epochs": 0}, "unikd.pretrain_epochs", "greater than or equal to 1"),
         ({"score_threshold": 1.0}, "unikd.score_threshold", "less than 1"),
+    ],
+    "wad": [
+        ({"contrastive": {"epochs": 0}}, "wad.contrastive.epochs", "greater than or equal to 1"),
+        ({"contrastive": {"features": "logits"}}, "wad.contrastive.features", "'projection'"),
     ],
 }
 

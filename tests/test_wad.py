@@ -180,7 +180,7 @@ def test_a_tiny_class_mismatch_wad_run_trains_the_term(tiny_kd: dict, wad_teache
 
 def test_the_class_mismatch_suite_is_a_benchmark_suite_with_its_baselines_first() -> None:
     assert "class_mismatch" in suites()
-    assert method_recipes("class_mismatch") == ["student_ce", "kd", "wad"]
+    assert method_recipes("class_mismatch") == ["student_ce", "kd", "wad", "wad_contrastive"]
 
 
 def test_data_without_unlabelled_samples_or_with_an_unlabelled_class_is_refused_before_training() -> None:

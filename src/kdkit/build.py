@@ -218,9 +218,10 @@ def bridged_shape(bridge: nn.Module, shape: Any) -> Any:
     return out
 
 
-def needs_teacher(loss_cls: Any) -> bool:
-    """Whether a loss compares the student with a teacher tensor (``DistillLoss.needs_teacher``)."""
-    return loss_cls.needs_teacher
+def needs_teacher(loss_cls: Any, params: dict[str, Any]) -> bool:
+    """Whether a term of this loss with these parameters compares the student with a teacher tensor
+    (``DistillLoss.teacher_needed``)."""
+    return loss_cls.teacher_needed(params)
 
 
 def _located(exc: KdkitError, where: str) -> KdkitError:
@@ -546,7 +547,8 @@ class _Planner:
             loss_cls = type(loss)
             s_spec = _spec(term.student) or loss_cls.default_student_tap
             # Teacher-less losses read no teacher tap: the term works without a `teacher:` section.
-            t_spec = (_spec(term.teacher) or loss_cls.default_teacher_tap) if needs_teacher(loss_cls) else None
+            reads_teacher = needs_teacher(loss_cls, term.params)
+            t_spec = (_spec(term.teacher) or loss_cls.default_teacher_tap) if reads_teacher else None
             if not self.sides_fit(term, loss_cls, s_spec, t_spec, where):
                 continue
             found.losses[name] = loss
@@ -615,6 +617,11 @@ class _Planner:
                                           fix=f"add `bridge: {required}` to the term", where=f"{where}.bridge"))
             return False
         if not self.reads_task_output(term, loss_cls, s_spec, t_spec, where):
+            return False
+        if t_spec is None and term.teacher is not None:
+            self.errors.append(KdkitError(f"loss {term.loss!r} reads no teacher tap here (its knowledge comes from "
+                                          f"elsewhere), got teacher: {term.teacher!r}", bad=str(term.teacher),
+                                          fix="remove `teacher:` from the term", where=f"{where}.teacher"))
             return False
         if loss_cls.teacher_list and not isinstance(s_spec, str):
             self.errors.append(KdkitError(f"loss {term.loss!r} compares one student tap with a list of teacher "

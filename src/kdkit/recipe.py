@@ -343,7 +343,7 @@ class RecipeCore(Strict):
         if self.teacher is not None or self.teachers is not None:
             return self
         needing = [f"distill.{i} ({term.loss})" for i, term in enumerate(self.distill)
-                   if _needs_teacher(term.loss) and not self.reads_peer(term.teacher)]
+                   if _needs_teacher(term.loss, term.params) and not self.reads_peer(term.teacher)]
         if needing:
             raise ValueError(f"`distill:` terms compare the model with a teacher, but no `teacher:` is given: "
                              f"{', '.join(needing)}; add `teacher:` (one) or `teachers:` (several, by name), or "
@@ -561,11 +561,12 @@ def _with_method_sections() -> type[RecipeCore]:
 Recipe = _with_method_sections()
 
 
-def _needs_teacher(loss: str) -> bool:
-    """Unknown names count as needing one (they are reported by name); teacher-less losses say False."""
+def _needs_teacher(loss: str, params: dict[str, Any]) -> bool:
+    """Unknown names count as needing one (they are reported by name); teacher-less losses (or terms whose
+    parameters make them so) say False."""
     from kdkit.losses import LOSSES  # lazy: the schema module stays importable on its own
 
-    return loss not in LOSSES or LOSSES.get(loss).needs_teacher
+    return loss not in LOSSES or LOSSES.get(loss).teacher_needed(params)
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ schedules are applied once, by :class:`kdkit.objective.Objective`, never inside 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -101,6 +101,13 @@ class DistillLoss(nn.Module):
     #: ``logits`` tap without a bridge: ``{"classes"}`` for a softmax over classes (KD), ``None`` for a loss that
     #: treats any tensor alike (MSE, CKA). A recipe pairing it with another task's logits is refused before training.
     reads_logits: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def teacher_needed(cls, params: Mapping[str, Any]) -> bool:
+        """Whether a term with these loss parameters compares the student with a teacher tensor (default:
+        :attr:`needs_teacher`; a loss whose knowledge can come from elsewhere, such as WAD's own contrastive
+        representation, decides from its parameters)."""
+        return cls.needs_teacher
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,24 +36,38 @@ def weighted_pseudo_label_ce(logits: Tensor, labels: Tensor, pseudo: Tensor, wei
     return (weight[unlabelled].to(dtype) * ce).mean()
 
 
-@register_loss("wad", help="WAD (Du et al., ICCV 2023): pseudo-labels and weights of the unlabelled samples from the "
-                           "teacher's representation (nearest labelled sample per class), weighted CE")
+@register_loss("wad", help="WAD (Du et al., ICCV 2023): pseudo-labels and weights of the unlabelled samples from a "
+                           "representation (nearest labelled sample per class): the teacher's or WAD's own "
+                           "contrastive one (representation: contrastive), weighted CE")
 class WadLoss(DistillLoss):
     """WAD's weighted pseudo-label CE (see :func:`weighted_pseudo_label_ce`).
 
-    The pseudo-label and weight of every training sample are computed once before training by the ``wad`` method
-    from the teacher tap the term names (``teacher: penultimate`` by default, the representation), and looked up by
-    sample index; the teacher's per-step output is not read. Takes no parameters.
+    The pseudo-label and weight of every training sample are computed once before training by the ``wad`` method,
+    and looked up by sample index, from one of two representations:
+
+    * ``representation: teacher`` (default): the teacher tap the term names (``teacher: penultimate`` by default);
+    * ``representation: contrastive``: a SimCLR network the method trains first on the labelled and unlabelled
+      images (:mod:`kdkit.methods.wad.contrastive`, settings in the recipe's ``wad.contrastive``), as the paper and
+      its official code do; the term then reads no teacher and the recipe needs none.
+
+    Args:
+        representation: Where the knowledge comes from (above).
     """
     reads_logits = frozenset({"classes"})
 
     default_teacher_tap = "penultimate"
     needs_index = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, representation: Literal["teacher", "contrastive"] = "teacher") -> None:
         super().__init__()
+        self.representation = representation
         self.register_buffer("pseudo", torch.zeros(0, dtype=torch.int64), persistent=False)
         self.register_buffer("weight", torch.zeros(0), persistent=False)
+
+    @classmethod
+    def teacher_needed(cls, params: Mapping[str, Any]) -> bool:
+        """A teacher only for ``representation: teacher`` (the default)."""
+        return params.get("representation", "teacher") == "teacher"
 
     @classmethod
     def example_shapes(cls) -> tuple[Any, Any]:

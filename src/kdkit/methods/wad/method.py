@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from kdkit.data import UNLABELLED, normalize
-from kdkit.engine import Hooks
-from kdkit.errors import KdkitError
+from kdkit.engine import Engine, Hooks
+from kdkit.errors import KdkitError, closest
 from kdkit.method import Method, MethodRun, register_method
+from kdkit.methods.wad.contrastive import ContrastiveSpec, cached_representation
 from kdkit.methods.wad.knowledge import class_similarities, pseudo_labels_and_weights
 from kdkit.methods.wad.loss import WadLoss
+from kdkit.schema import Strict
 
 LOSS = "wad"
 #: Settings whose training split has labelled and unlabelled samples, the latter of unknown classes or not.
@@ -52,14 +55,44 @@ def data_problems(data: Any) -> list[KdkitError]:
     return []
 
 
+class WadSpec(Strict):
+    """The recipe section ``wad:`` (optional): how the contrastive representation is trained, for a ``wad`` term with
+    ``representation: contrastive``."""
+
+    contrastive: ContrastiveSpec = Field(default_factory=ContrastiveSpec)
+
+
+class WadRun(MethodRun):
+    """No engine hooks; the representation and the weights it gave, for ``summary.json``."""
+
+    def __init__(self, facts: dict[str, Any]) -> None:
+        super().__init__(Hooks())
+        self.facts = facts
+
+    def summary(self, engine: Engine) -> dict[str, Any]:
+        return {"wad": self.facts}
+
+
+def representation_of(term: Any) -> str:
+    """The term's ``representation`` parameter (``teacher`` by default)."""
+    return term.params.get("representation", "teacher")
+
+
 @register_method
 class WadMethod(Method):
     """WAD: weight-aware distillation under class distribution mismatch (Du et al., ICCV 2023)."""
 
     name = "wad"
+    section = "wad"
+    spec = WadSpec
 
     def active(self, recipe: Any) -> bool:
-        return any(t.loss == LOSS for t in recipe.distill)
+        return recipe.wad is not None or any(t.loss == LOSS for t in recipe.distill)
+
+    @staticmethod
+    def settings(recipe: Any) -> WadSpec:
+        """The ``wad:`` section, or its defaults when the recipe leaves it out."""
+        return recipe.wad if recipe.wad is not None else WadSpec()
 
     def check(self, recipe: Any) -> list[str]:
         setting = recipe.data.setting
@@ -68,8 +101,20 @@ class WadMethod(Method):
             got = "no data.setting" if setting is None else f"data.setting {setting.name!r}"
             problems.append(f"wad pseudo-labels an unlabelled pool with the labelled classes, but the recipe has "
                             f"{got}: use data.setting {SETTINGS[0]} (unseen classes in the pool) or {SETTINGS[1]}")
-        if len([t for t in recipe.distill if t.loss == LOSS]) > 1:
-            problems.append("wad has one table of pseudo-labels: keep one `wad` term")
+        terms = [t for t in recipe.distill if t.loss == LOSS]
+        if len(terms) != 1:
+            problems.append(f"wad has one table of pseudo-labels: {len(terms)} `wad` terms in distill; keep one "
+                            "`wad` term ({loss: wad} or {loss: wad, representation: contrastive})")
+        elif recipe.wad is not None and representation_of(terms[0]) != "contrastive":
+            problems.append("the `wad:` section sets the contrastive representation, but the wad term reads the "
+                            "teacher's: add `representation: contrastive` to the term, or remove the `wad:` section")
+        arch = self.settings(recipe).contrastive.arch
+        if terms and representation_of(terms[0]) == "contrastive" and ":" not in arch:
+            from kdkit.models import MODELS
+
+            if arch not in MODELS.names():
+                problems.append(f"wad.contrastive.arch {arch!r} is not a model; closest: "
+                                f"{', '.join(closest(arch, MODELS.names())[:3])} (`kdkit ls models`)")
         if not recipe.train.ce_weight:
             problems.append("wad trains the labelled samples with the cross-entropy (train.ce_weight, 1 in the "
                             "official code) and the unlabelled ones with pseudo-labels: set train.ce_weight > 0")
@@ -82,6 +127,26 @@ class WadMethod(Method):
         term = next(t for t in built.objective.terms if isinstance(t.loss, WadLoss))
         data = built.data
         labels = data.train_labels.to(built.device)
-        features = teacher_features(built.teacher, term.teacher_tap, data, built.device)
-        term.loss.set_knowledge(*knowledge(features, labels, data.num_classes))
-        return MethodRun(Hooks())
+        facts: dict[str, Any] = {"representation": term.loss.representation}
+        if term.loss.representation == "contrastive":
+            from kdkit.models import build_model
+
+            spec = self.settings(built.recipe).contrastive
+            def network() -> torch.nn.Module:
+                return build_model(spec.arch, num_classes=data.num_classes,
+                                   in_channels=int(data.train_images.shape[1]),
+                                   image_size=int(data.train_images.shape[-1]), params=spec.params,
+                                   where="wad.contrastive.arch")
+
+            trained, path, reused = cached_representation(network, spec.tap, data.train_images, data.mean, data.std,
+                                                          spec, built.device)
+            features = trained.features
+            facts.update(arch=spec.arch, epochs=spec.epochs, features=spec.features,
+                         final_nt_xent=float(f"{trained.final_loss:.6g}"), cache=str(path), reused=reused)
+        else:
+            features = teacher_features(built.teacher, term.teacher_tap, data, built.device)
+        pseudo, weight = knowledge(features, labels, data.num_classes)
+        term.loss.set_knowledge(pseudo, weight)
+        unlabelled = labels == UNLABELLED
+        facts["mean_weight_unlabelled"] = float(f"{float(weight[unlabelled].mean()):.6g}")
+        return WadRun(facts)
