@@ -215,6 +215,9 @@ def test_the_model_gives_one_tensor_of_anchor_and_proposal_rows_named_taps_and_a
     assert model.stages[0][0][0].weight.grad.abs().sum() > 0  # both stages train the backbone
     fg, right = foreground(spec, spec.rpn.anchors(40), dense, boxes, labels)
     assert fg.shape == right.shape == (2, 16) and not bool((right & ~fg).any())
+    # under bf16 autocast the rows stay float32 (proposal boxes in pixels would round to 1/4 pixel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(images).dtype == torch.float32
     # half precision in, float32 loss out
     assert faster_rcnn_loss(spec, spec.rpn.anchors(40), dense.detach().bfloat16(), boxes, labels).dtype == torch.float32
 

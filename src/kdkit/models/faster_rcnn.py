@@ -174,7 +174,10 @@ class TorchvisionFasterRCNN(TorchvisionPyramid):
             h, w = obj.shape[-2:]
             rows.append(torch.cat([obj.view(batch, -1, 1, h, w), box.view(batch, -1, 4, h, w)], dim=2)
                         .permute(0, 3, 4, 1, 2).reshape(batch, -1, 5))
+        # at least float32: under bf16 autocast the proposal boxes would round to 1/4 pixel on a 48-pixel image
         rpn = torch.cat(rows, dim=1)
+        dtype = torch.promote_types(rpn.dtype, torch.float32)
+        rpn = rpn.to(dtype)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         proposals, valid = propose(self.dense_spec, rpn, self.anchors(size[0], x.device, rpn.dtype), size,
                                    self.pre_nms_top_n)
@@ -182,9 +185,8 @@ class TorchvisionFasterRCNN(TorchvisionPyramid):
         if x.is_meta:  # shapes only: the pooler picks each RoI's level from its values
             pooled = levels[0].new_zeros(batch * self.dense_spec.proposals, levels[0].shape[1], 7, 7)
         else:
-            pooled = self.roi_align(features, list(proposals.float()), [size] * batch)
+            pooled = self.roi_align(features, list(proposals), [size] * batch)
         scores, box_deltas = self.box_predictor(self.box_head(pooled))
-        dtype = rpn.dtype
         roi = torch.cat([valid.to(dtype).unsqueeze(-1), proposals.to(dtype),
                          scores.to(dtype).view(batch, self.dense_spec.proposals, -1),
                          box_deltas.to(dtype).view(batch, self.dense_spec.proposals, -1)], dim=-1)
