@@ -14,6 +14,7 @@ with rows flagged invalid when fewer survive. The output is ``(B, N + P, C)``:
   detached, as torchvision detaches them), ``K + 1`` class logits (index 0 background, softmax) and ``4 (K + 1)``
   class-specific box deltas (``BoxCoder`` weights ``(10, 10, 5, 5)``) relative to the proposal.
 
+The rows are at least float32, under half-precision autocast too (a proposal's pixel coordinates must not round).
 The proposals are torchvision's ``RegionProposalNetwork.filter_proposals``: per level the ``pre_nms_top_n`` anchors
 of highest objectness, decoded, clipped to the image, boxes under ``1e-3`` pixels dropped, non-maximum suppression at
 IoU 0.7 per level, the best ``P`` kept. The second stage is torchvision's ``MultiScaleRoIAlign`` (7x7, sampling ratio
