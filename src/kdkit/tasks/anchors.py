@@ -117,13 +117,18 @@ def retinanet_loss(spec: AnchorSpec, anchors: Tensor, dense: Tensor, boxes: Tens
     return (cls_loss + l1 / num_fg).mean()
 
 
+def matched_and_right(class_logits: Tensor, matched: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Which points are positive (``matched >= 0``) ``(B, N)`` and whether each one's top class among
+    ``class_logits`` ``(B, N, K)`` is its matched box's label ``(B, N)``: the training score of any one-stage layout."""
+    fg = matched >= 0
+    right = (class_logits.detach().argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
+    return fg, right
+
+
 def foreground(spec: AnchorSpec, anchors: Tensor, dense: Tensor, boxes: Tensor,
                labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per anchor whether it is foreground ``(B, N)`` and whether its top class is its box's ``(B, N)``."""
-    matched = match(anchors, boxes.float(), labels)
-    fg = matched >= 0
-    right = (spec.split(dense.detach())[0].argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
-    return fg, right
+    return matched_and_right(spec.split(dense)[0], match(anchors, boxes.float(), labels), labels)
 
 
 def decode(spec: AnchorSpec, anchors: Tensor, dense: Tensor, image_size: int) -> list[dict[str, Tensor]]:

@@ -281,10 +281,7 @@ class BoundDetection:
 def foreground(spec: DenseSpec, locations: Tensor, dense: Tensor, boxes: Tensor,
                labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per location whether it is positive ``(B, L)`` and whether its top class is its box's ``(B, L)``."""
-    matched = assign(locations, boxes.float(), labels)
-    fg = matched >= 0
-    right = (spec.split(dense.detach())[0].argmax(-1) == labels.gather(1, matched.clamp(min=0))) & fg
-    return fg, right
+    return anchors.matched_and_right(spec.split(dense)[0], assign(locations, boxes.float(), labels), labels)
 
 
 @dataclass(frozen=True)

@@ -151,10 +151,10 @@ def decode(spec: TwoStageSpec, anchors: Tensor, dense: Tensor, image_size: int) 
 
     _, valid, proposals, logits, deltas = spec.split(dense.float())
     coder = roi_coder()
+    k1 = spec.num_classes + 1
     out = []
     for b in range(dense.shape[0]):
         props = proposals[b][valid[b]]
-        k1 = spec.num_classes + 1
         boxes = coder.decode_single(deltas[b][valid[b]].reshape(-1, 4),
                                     props.repeat_interleave(k1, dim=0)).view(-1, k1, 4)
         boxes = box_ops.clip_boxes_to_image(boxes, (image_size, image_size))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from kdkit.data.augment import normalize
 from kdkit.losses.base import compute_dtype
 from kdkit.schema import Strict
-from kdkit.taps import TapRecorder, resolve_tap
+from kdkit.taps import Tap, TapRecorder, probe_shapes, resolve_tap
 
 
 def nt_xent(projections: Tensor, temperature: float = 0.5, eps: float = 1e-8) -> Tensor:
@@ -166,11 +166,11 @@ class Representation:
 class _Encoder(nn.Module):
     """The network's tap (``penultimate`` by default) followed by the projection head."""
 
-    def __init__(self, network: nn.Module, tap: str, width: int, projection_dim: int) -> None:
+    def __init__(self, network: nn.Module, tap: Tap, width: int, projection_dim: int) -> None:
         super().__init__()
-        self.network, self.tap = network, resolve_tap(network, tap, where="wad.contrastive.tap")
+        self.network, self.tap = network, tap
         self.head = ProjectionHead(width, projection_dim)
-        self.recorder = TapRecorder(network, [self.tap])
+        self.recorder = TapRecorder(network, [tap])
 
     def features(self, x: Tensor) -> Tensor:
         logits = self.network(x)
@@ -179,18 +179,6 @@ class _Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
-
-
-def feature_width(network: nn.Module, tap: str, example: Tensor) -> int:
-    """Flattened width of ``network``'s ``tap`` on ``example`` images."""
-    recorder = TapRecorder(network, [resolved := resolve_tap(network, tap, where="wad.contrastive.tap")])
-    try:
-        with torch.no_grad():
-            logits = network(example)
-        captured = logits if resolved.capture == "logits" else recorder.pop()[resolved.spec]
-    finally:
-        recorder.remove()
-    return int(captured[0].numel())
 
 
 def train_representation(network: Callable[[], nn.Module], tap: str, images: Tensor, mean: Sequence[float],
@@ -216,8 +204,9 @@ def train_representation(network: Callable[[], nn.Module], tap: str, images: Ten
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
         network = network().to(device)
-        width = feature_width(network.eval(), tap, normalize(images[:2].to(device), mean, std))
-        encoder = _Encoder(network, tap, width, settings.projection_dim).to(device)
+        resolved = resolve_tap(network, tap, where="wad.contrastive.tap")
+        shape = probe_shapes(network, [resolved], normalize(images[:2].to(device), mean, std))[resolved.spec]
+        encoder = _Encoder(network, resolved, math.prod(shape), settings.projection_dim).to(device)
         augment = simclr_augmentation(images.shape[1], tuple(images.shape[-2:]), settings.crop_scale)
         optimizer = torch.optim.SGD(encoder.parameters(), lr=settings.lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay)
@@ -229,7 +218,7 @@ def train_representation(network: Callable[[], nn.Module], tap: str, images: Ten
         encoder.train()
         for _ in range(settings.epochs):
             order = torch.randperm(len(images))
-            total, batches = 0.0, 0
+            total, batches = torch.zeros((), device=device), 0
             for start in range(0, len(images) - settings.batch_size + 1, settings.batch_size):  # drop_last
                 x = images[order[start:start + settings.batch_size]].to(device).float() / 255
                 views = augment(torch.cat([x, x]))
@@ -238,8 +227,8 @@ def train_representation(network: Callable[[], nn.Module], tap: str, images: Ten
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                total, batches = total + float(loss.detach()), batches + 1
-            final = total / max(batches, 1)
+                total, batches = total + loss.detach(), batches + 1  # summed on the device: no sync a step
+            final = float(total) / max(batches, 1)
         encoder.eval()
         out = []
         with torch.no_grad():
