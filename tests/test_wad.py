@@ -19,6 +19,7 @@ from kdkit.cli import main
 from kdkit.data import UNLABELLED
 from kdkit.methods.wad import WadLoss, class_similarities, pseudo_labels_and_weights, weighted_pseudo_label_ce
 from kdkit.methods.wad.method import knowledge, teacher_features
+from kdkit.methods.wad.rounds import most_confident, promotion_fraction, round_starts
 from kdkit.models import build_model
 from kdkit.recipe import recipe_from_dict
 from kdkit.runner import run_recipe
@@ -180,7 +181,7 @@ def test_a_tiny_class_mismatch_wad_run_trains_the_term(tiny_kd: dict, wad_teache
 
 def test_the_class_mismatch_suite_is_a_benchmark_suite_with_its_baselines_first() -> None:
     assert "class_mismatch" in suites()
-    assert method_recipes("class_mismatch") == ["student_ce", "kd", "wad", "wad_contrastive"]
+    assert method_recipes("class_mismatch") == ["student_ce", "kd", "wad", "wad_contrastive", "wad_rounds"]
 
 
 def test_data_without_unlabelled_samples_or_with_an_unlabelled_class_is_refused_before_training() -> None:
@@ -205,3 +206,124 @@ def test_wad_resumes_exactly(tiny_kd: dict, wad_teacher: Path, tmp_path: Path) -
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((broken / "metrics.json").read_text())
     assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
+
+
+def official_polynomial_decay(current_step: int, max_rate: float, min_rate: float, decay_steps: int,
+                              power: int = 2) -> float:
+    """The official ``datasets.polynomial_decay``, transcribed."""
+    if current_step > decay_steps:
+        current_step = decay_steps
+    return (max_rate - min_rate) * (1 - float(current_step) / float(decay_steps)) ** power + min_rate
+
+
+def test_the_promoted_share_follows_the_official_polynomial_decay() -> None:
+    # the code's defaults: split 5 (rounds 6), alpha 0.1; its loop asks for i = 1 .. split + 1
+    for rounds, alpha in [(6, 0.1), (3, 0.5), (4, 0.2)]:
+        got = [promotion_fraction(i, rounds, alpha) for i in range(1, rounds)]
+        assert got == pytest.approx([official_polynomial_decay(i, alpha, 0, rounds - 1) for i in range(1, rounds)])
+    assert [round(promotion_fraction(i, 6, 0.1), 6) for i in range(1, 6)] == [0.064, 0.036, 0.016, 0.004, 0.0]
+    assert round_starts(8, 4) == [0, 2, 4, 6] and round_starts(8, 6) == [0, 1, 2, 4, 5, 6]
+
+
+def test_the_most_confident_are_the_smallest_ce_to_the_pseudo_label_by_hand() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [5.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    pseudo = torch.tensor([0, 1, 0, 1, 1])
+    # CE: log(1+e^-2)=0.127, log(1+e^-3)=0.049, log 2=0.693, log(1+e^5)=5.007, log(1+e^-0.5)=0.474
+    assert most_confident(logits, pseudo, 3).tolist() == [1, 0, 4]
+    assert most_confident(logits, pseudo, 0).tolist() == []
+    ce = torch.nn.functional.cross_entropy(logits, pseudo, reduction="none")
+    assert set(most_confident(logits, pseudo, 2).tolist()) == set(torch.topk(-ce, 2).indices.tolist())  # official
+
+
+def rounds_fixture(labels: torch.Tensor, features: torch.Tensor, rounds: int, alpha: float) -> tuple:
+    """A WadRounds over hand-made data and an engine stand-in whose student maps a 2-pixel image to its logits."""
+    from types import SimpleNamespace
+
+    from kdkit.methods.wad.method import WadRounds, WadSpec
+
+    images = (features + 10).to(torch.uint8).reshape(len(features), 1, 1, -1)  # integer features, offset by 10
+    data = SimpleNamespace(train_labels=labels, train_images=images, mean=(10 / 255,), std=(1 / 255,), num_classes=2)
+    loss = WadLoss()
+    loss.setup((2,), (2,), len(labels))
+    pseudo, weight = knowledge(features, labels, 2)
+    loss.set_knowledge(pseudo, weight)
+    student = SimpleNamespace(model=torch.nn.Flatten(), recorder=None)  # logits = the two normalised pixels
+    engine = SimpleNamespace(batch=0, epoch=0, train_loader=SimpleNamespace(labels=labels.clone()), student=student,
+                             phase_stats={})
+    return WadRounds(loss, features, data, WadSpec(rounds=rounds, alpha=alpha), epochs=rounds), loss, engine
+
+
+def test_a_round_promotes_the_best_agreeing_samples_and_rescores_the_rest_by_hand() -> None:
+    # class axes: sample 0 (class 0) along x, sample 1 (class 1) along y; four unlabelled samples
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [4.0, 1.0], [1.0, 3.0], [2.0, 3.0], [2.0, -1.0]])
+    labels = torch.tensor([0, 1, UNLABELLED, UNLABELLED, UNLABELLED, UNLABELLED])
+    wad_rounds, loss, engine = rounds_fixture(labels, features, rounds=3, alpha=1.0)
+    assert loss.pseudo[2:].tolist() == [0, 1, 1, 0]
+    engine.epoch = 1  # round 2's first epoch
+    assert wad_rounds.due(engine)
+    stats = engine.phase_stats["wad_rounds"] = wad_rounds.run(engine)
+    # share after round 1 of 3: 1 * (1 - 1/2)^2 = 0.25 of 4 -> 1 sample; the student's logits are the features:
+    # CE to the pseudo-label is smallest for [4, 1] -> 0 (log(1 + e^-3)); next [2, -1] -> 0 (log(1 + e^-3)) ties,
+    # the lower index first
+    assert stats == {"completed": 1, "promoted": 1,
+                     "per_round": [{"round": 1, "fraction": 0.25, "promoted": 1, "pool_before": 4}]}
+    assert wad_rounds.state.labels.tolist() == [0, 1, 0, UNLABELLED, UNLABELLED, UNLABELLED]
+    assert engine.train_loader.labels.tolist() == wad_rounds.state.labels.tolist()  # the CE now trains it
+    # sample 2 is a class-0 axis now: [2, -1] is scored against it too, the tables are recomputed
+    expected = knowledge(features, wad_rounds.state.labels, 2)
+    assert torch.equal(loss.pseudo, expected[0]) and torch.equal(loss.weight, expected[1])
+    assert not wad_rounds.due(engine)  # once per round
+    engine.epoch, engine.batch = 2, 3
+    assert not wad_rounds.due(engine)  # only at a round's first step
+    engine.batch = 0
+    assert wad_rounds.due(engine)
+    stats = wad_rounds.run(engine)  # after round 2 of 3 the official schedule's share is 0: the pool stays
+    assert stats["per_round"][1] == {"round": 2, "fraction": 0.0, "promoted": 0, "pool_before": 3}
+    assert int(wad_rounds.state.completed) == 2 and not wad_rounds.due(engine)
+
+
+def test_resumed_rounds_restore_the_promoted_labels_into_the_loader_and_tables() -> None:
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [4.0, 1.0], [1.0, 3.0], [2.0, 3.0], [2.0, -1.0]])
+    labels = torch.tensor([0, 1, UNLABELLED, UNLABELLED, UNLABELLED, UNLABELLED])
+    finished, _, _ = rounds_fixture(labels, features, rounds=3, alpha=1.0)
+    finished.state.labels[3] = 1
+    finished.state.completed.fill_(1)
+    resumed, loss, engine = rounds_fixture(labels, features, rounds=3, alpha=1.0)
+    resumed.state.load_state_dict(finished.state.state_dict())  # what the engine does with Hooks.state
+    resumed.sync(engine, "epoch_start")
+    assert engine.train_loader.labels.tolist() == [0, 1, UNLABELLED, 1, UNLABELLED, UNLABELLED]
+    assert torch.equal(loss.pseudo, knowledge(features, engine.train_loader.labels, 2)[0])
+    engine.epoch = 1
+    assert not resumed.due(engine)
+
+
+@pytest.mark.parametrize(("wad", "message"), [
+    ({"rounds": 2}, "wad.rounds 2 promotes nothing"),
+    ({"rounds": 5}, "wad.rounds 5 splits train.epochs 4"),
+    ({"contrastive": {"epochs": 3}}, "add `representation: contrastive` to the term"),
+    ({"alpha": 0.0}, "alpha"),
+])
+def test_bad_rounds_are_refused(wad: dict, message: str, tiny_kd: dict, wad_teacher: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = wad_recipe(tiny_kd, wad_teacher)
+    recipe["train"]["epochs"] = 4
+    recipe["wad"] = wad
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
+    assert message in capsys.readouterr().err
+    recipe["wad"] = {"rounds": 4, "alpha": 0.5}  # rounds with the teacher's representation: fine
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
+
+
+@pytest.mark.slow
+def test_wad_rounds_promote_train_and_resume_exactly(tiny_kd: dict, wad_teacher: Path, tmp_path: Path) -> None:
+    recipe = wad_recipe(tiny_kd, wad_teacher)
+    recipe["train"]["epochs"] = 4
+    recipe["wad"] = {"rounds": 4, "alpha": 0.5}  # 5 steps per epoch; promotions at the starts of epochs 2 and 3
+    straight, broken = straight_and_resumed(recipe, tmp_path, 12)  # interrupted in epoch 3, after both
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((broken / "metrics.json").read_text())
+    assert [(r["train_loss"], r["test_top1"]) for r in a] == [(r["train_loss"], r["test_top1"]) for r in b]
+    rounds = json.loads((straight / "summary.json").read_text())["wad"]["rounds"]
+    assert rounds == json.loads((broken / "summary.json").read_text())["wad"]["rounds"]
+    # 100 unlabelled: int(0.5 (1 - 1/3)^2 100) = 22, then int(0.5 (1/3)^2 78) = 4; round 3 of 3 splits promotes 0
+    assert [(r["promoted"], r["pool_before"]) for r in rounds["per_round"]] == [(22, 100), (4, 78), (0, 74)]

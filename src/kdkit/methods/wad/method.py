@@ -1,4 +1,4 @@
-"""WAD as a registered method: its checks, and the pseudo-labels and weights computed before training."""
+"""WAD as a registered method: its checks, the pseudo-labels and weights computed before training, and its rounds."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import torch
 from pydantic import Field
 
 from kdkit.data import UNLABELLED, normalize
-from kdkit.engine import Engine, Hooks
+from kdkit.engine import Engine, Hooks, Phase
 from kdkit.errors import KdkitError, closest
 from kdkit.method import Method, MethodRun, register_method
 from kdkit.methods.wad.contrastive import ContrastiveSpec, cached_representation
 from kdkit.methods.wad.knowledge import class_similarities, pseudo_labels_and_weights
 from kdkit.methods.wad.loss import WadLoss
+from kdkit.methods.wad.rounds import RoundsState, most_confident, promotion_fraction, round_starts
 from kdkit.schema import Strict
 
 LOSS = "wad"
+ROUNDS = "wad_rounds"  # the phase's name (its statistics in summary.json) and the checkpointed state's
 #: Settings whose training split has labelled and unlabelled samples, the latter of unknown classes or not.
 SETTINGS = ("class_mismatch", "semi_supervised")
 
@@ -56,21 +58,103 @@ def data_problems(data: Any) -> list[KdkitError]:
 
 
 class WadSpec(Strict):
-    """The recipe section ``wad:`` (optional): how the contrastive representation is trained, for a ``wad`` term with
-    ``representation: contrastive``."""
+    """The recipe section ``wad:`` (optional): how the contrastive representation is trained (for a ``wad`` term with
+    ``representation: contrastive``) and the official code's rounds."""
 
     contrastive: ContrastiveSpec = Field(default_factory=ContrastiveSpec)
+    rounds: int = Field(1, ge=1, description="training rounds (the official code's split + 1; its default split 5 is "
+                                             "6): after each, the unlabelled samples whose prediction best agrees "
+                                             "with their pseudo-label join the labelled set; 1: one round")
+    alpha: float = Field(0.1, gt=0, le=1, description="share of the unlabelled samples promoted after round i: "
+                                                      "alpha (1 - i / (rounds - 1))^2 (the code's --alpha, 0.1)")
+
+
+@torch.no_grad()
+def predict(student: Any, images: torch.Tensor, data: Any, device: torch.device, batch_size: int = 500) -> torch.Tensor:
+    """The student's logits on un-augmented ``images`` (uint8 or float as stored), in eval mode, float32."""
+    model = student.model
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for start in range(0, len(images), batch_size):
+            out.append(model(normalize(images[start:start + batch_size].to(device), data.mean, data.std)).float())
+            if student.recorder is not None:
+                student.recorder.pop()  # never keep tapped activations alive
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, data.num_classes, device=device)
+
+
+class WadRounds:
+    """The rounds: a phase at each round's first epoch that promotes confident unlabelled samples, and the
+    re-application of the checkpointed labels when a run resumes (see :mod:`~kdkit.methods.wad.rounds`).
+
+    Args:
+        loss: The run's ``wad`` loss (its tables are recomputed after each round).
+        features: ``(N, ...)`` the frozen representation of every training sample.
+        data: The run's data (its un-augmented training images, normalisation, class count).
+        spec: The ``wad:`` section (``rounds``, ``alpha``).
+        epochs: The run's epochs.
+    """
+
+    def __init__(self, loss: WadLoss, features: torch.Tensor, data: Any, spec: WadSpec, epochs: int) -> None:
+        self.loss, self.features, self.data = loss, features, data
+        self.rounds, self.alpha = spec.rounds, spec.alpha
+        self.starts = round_starts(epochs, spec.rounds)
+        self.state = RoundsState(data.train_labels.to(features.device))
+
+    def due(self, engine: Engine) -> bool:
+        """At the first step of a round after the first, once."""
+        following = int(self.state.completed) + 1
+        return engine.batch == 0 and following < self.rounds and engine.epoch >= self.starts[following]
+
+    def sync(self, engine: Engine, event: str) -> None:
+        """At an epoch start, make the loader and the tables follow the (possibly just restored) labels."""
+        if event == "epoch_start" and not torch.equal(engine.train_loader.labels.cpu(), self.state.labels.cpu()):
+            self.apply(engine)
+
+    def apply(self, engine: Engine) -> None:
+        """The loader's labels := the state's; pseudo-labels and weights from the enlarged labelled set."""
+        labels = self.state.labels
+        engine.train_loader.labels.copy_(labels.to(engine.train_loader.labels.device))
+        pseudo, weight = knowledge(self.features, labels.to(self.features.device), self.data.num_classes)
+        self.loss.set_knowledge(pseudo, weight)
+
+    def run(self, engine: Engine) -> dict[str, Any]:
+        """Promote the ``fraction * |U|`` unlabelled samples whose prediction best agrees with their pseudo-label."""
+        completed = int(self.state.completed) + 1
+        labels = self.state.labels
+        pool = (labels == UNLABELLED).nonzero().squeeze(1)
+        fraction = promotion_fraction(completed, self.rounds, self.alpha)
+        count = int(fraction * len(pool))  # the official int(alpha * u_number)
+        if count:
+            pseudo = self.loss.pseudo.to(labels.device)[pool]
+            logits = predict(engine.student, self.data.train_images[pool.cpu()], self.data, self.features.device)
+            rows = most_confident(logits.to(labels.device), pseudo, count)
+            labels[pool[rows]] = pseudo[rows]
+        self.state.completed.fill_(completed)
+        self.apply(engine)
+        previous = engine.phase_stats.get(ROUNDS, {}).get("per_round", [])
+        row = {"round": completed, "fraction": round(fraction, 6), "promoted": int(count), "pool_before": len(pool)}
+        per_round = [*previous, row]
+        return {"completed": completed, "promoted": sum(r["promoted"] for r in per_round), "per_round": per_round}
 
 
 class WadRun(MethodRun):
-    """No engine hooks; the representation and the weights it gave, for ``summary.json``."""
+    """The representation and the weights it gave, for ``summary.json``; with ``wad.rounds`` > 1, the rounds' phase,
+    callback and checkpointed labels."""
 
-    def __init__(self, facts: dict[str, Any]) -> None:
-        super().__init__(Hooks())
+    def __init__(self, facts: dict[str, Any], rounds: WadRounds | None) -> None:
+        hooks = Hooks() if rounds is None else Hooks(callbacks=[rounds.sync],
+                                                     phases=[Phase(ROUNDS, rounds.due, rounds.run)],
+                                                     state={ROUNDS: rounds.state})
+        super().__init__(hooks)
         self.facts = facts
 
     def summary(self, engine: Engine) -> dict[str, Any]:
-        return {"wad": self.facts}
+        rounds = engine.phase_stats.get(ROUNDS)
+        return {"wad": {**self.facts, **({"rounds": rounds} if rounds is not None else {})}}
 
 
 def representation_of(term: Any) -> str:
@@ -105,9 +189,18 @@ class WadMethod(Method):
         if len(terms) != 1:
             problems.append(f"wad has one table of pseudo-labels: {len(terms)} `wad` terms in distill; keep one "
                             "`wad` term ({loss: wad} or {loss: wad, representation: contrastive})")
-        elif recipe.wad is not None and representation_of(terms[0]) != "contrastive":
+        elif (recipe.wad is not None and "contrastive" in recipe.wad.model_fields_set
+              and representation_of(terms[0]) != "contrastive"):
             problems.append("the `wad:` section sets the contrastive representation, but the wad term reads the "
                             "teacher's: add `representation: contrastive` to the term, or remove the `wad:` section")
+        rounds = self.settings(recipe).rounds
+        if rounds == 2:
+            problems.append("wad.rounds 2 promotes nothing: after round i the official schedule promotes alpha (1 - "
+                            "i / (rounds - 1))^2 of the pool, 0 at i = rounds - 1; use rounds 1 (one round) or >= 3 "
+                            "(the official code's split 5 is rounds 6)")
+        if rounds > recipe.train.epochs:
+            problems.append(f"wad.rounds {rounds} splits train.epochs {recipe.train.epochs} into rounds of one epoch "
+                            f"at least: use rounds <= {recipe.train.epochs} or more epochs")
         arch = self.settings(recipe).contrastive.arch
         if terms and representation_of(terms[0]) == "contrastive" and ":" not in arch:
             from kdkit.models import MODELS
@@ -149,4 +242,8 @@ class WadMethod(Method):
         term.loss.set_knowledge(pseudo, weight)
         unlabelled = labels == UNLABELLED
         facts["mean_weight_unlabelled"] = float(f"{float(weight[unlabelled].mean()):.6g}")
-        return WadRun(facts)
+        section = self.settings(built.recipe)
+        rounds = None
+        if section.rounds > 1:
+            rounds = WadRounds(term.loss, features, data, section, built.recipe.train.epochs)
+        return WadRun(facts, rounds)
