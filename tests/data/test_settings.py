@@ -197,6 +197,22 @@ def test_teacher_margin_and_score_based_pruning_on_hand_checked_logits() -> None
         apply_setting(data, "pruned", {"score": "teacher_margin"}, seed=0)
 
 
+def test_class_balanced_pruning_keeps_each_class_share_by_the_same_rule() -> None:
+    data = indexed_data((4, 2))  # labels 0, 0, 0, 0, 1, 1
+    logits = torch.tensor([[5.0, 0], [4, 0], [3, 0], [2, 0], [0, 1], [0, 0.5]])  # class 0 is surer than class 1
+    easiest = {"keep": 0.5, "score": "teacher_margin", "retain": "easiest"}
+    overall = apply_setting(data, "pruned", easiest, seed=0, teacher_logits=logits)
+    assert source_index(overall).tolist() == [0, 1, 2]  # all of class 0: the global ranking follows the score
+    balanced = apply_setting(data, "pruned", {**easiest, "balance": "class"}, seed=0, teacher_logits=logits)
+    assert source_index(balanced).tolist() == [0, 1, 4]  # 2 of class 0's 4, 1 of class 1's 2, each its easiest
+    assert "per-class" in balanced.name and "within each class" in balanced.source
+    hardest = apply_setting(data, "pruned", {**easiest, "retain": "hardest", "balance": "class"}, seed=0,
+                            teacher_logits=logits)
+    assert source_index(hardest).tolist() == [2, 3, 5]
+    random = apply_setting(indexed_data((50, 30, 20)), "pruned", {"keep": 0.1, "balance": "class"}, seed=3)
+    assert torch.bincount(random.train_labels).tolist() == [5, 3, 2]
+
+
 # -- shifted ----------------------------------------------------------------------------------------------------------
 
 def test_shifted_pool_is_disjoint_from_the_originals_and_unlabelled() -> None:

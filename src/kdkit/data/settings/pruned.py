@@ -9,6 +9,10 @@ forgetting score need models trained for the purpose; the suite's teacher is at 
 ``retain: hardest`` keeps the lowest margins (EL2N's rule), ``easiest`` the highest (the better choice when little
 data is kept, Sorscher et al., NeurIPS 2022). Ties keep the lower index. The teacher is a dependency of this score: a
 recipe without ``teacher:`` is refused before training.
+
+``balance: global`` (the default) ranks or draws over the whole training set, so the kept classes follow the score
+(a teacher's easiest images can be mostly of a few classes); ``balance: class`` keeps ``round(keep * N_c)`` images of
+each class ``c`` by the same rule, the kept set's class histogram the training set's.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ def kept_count(total: int, keep: float) -> int:
     return max(1, round(keep * total))
 
 
+def ranked(order: Tensor, labels: Tensor, n: int, balance: str, keep: float) -> Tensor:
+    """The first ``n`` of ``order`` (``balance: global``), or the first ``round(keep * N_c)`` of each class in it
+    (``balance: class``); sorted dataset indices."""
+    if balance == "global":
+        return order[:n].sort().values
+    ordered = labels[order]
+    chosen = [order[ordered == c][:round(keep * int((labels == c).sum()))] for c in labels.unique().tolist()]
+    return torch.cat(chosen).sort().values
+
+
 def _reads_teacher(params: Mapping[str, Any]) -> bool:
     return params.get("score", "random") != "random"
 
@@ -47,8 +61,9 @@ def _reads_teacher(params: Mapping[str, Any]) -> bool:
                   reads_teacher=_reads_teacher)
 def pruned(data: ImageData, *, seed: int, keep: Annotated[float, Gt(0), Le(1)] = 0.5,
            score: Literal["random", "teacher_margin"] = "random",
-           retain: Literal["hardest", "easiest"] = "hardest", teacher_logits: Tensor | None = None) -> ImageData:
-    """Keep ``round(keep * N)`` training images.
+           retain: Literal["hardest", "easiest"] = "hardest", balance: Literal["global", "class"] = "global",
+           teacher_logits: Tensor | None = None) -> ImageData:
+    """Keep ``round(keep * N)`` training images (``balance: class``: ``round(keep * N_c)`` of each class).
 
     Args:
         data: The dataset.
@@ -56,6 +71,7 @@ def pruned(data: ImageData, *, seed: int, keep: Annotated[float, Gt(0), Le(1)] =
         keep: Fraction of the training images kept.
         score: ``random`` (uniform), or ``teacher_margin`` (the frozen teacher's margin; needs ``teacher:``).
         retain: With a score: keep the ``hardest`` (lowest margin) or the ``easiest`` images.
+        balance: ``global``: rank or draw over all images; ``class``: within each class.
         teacher_logits: ``(N, K)`` teacher logits on the training images, filled in by kdkit for ``teacher_margin``.
 
     Returns:
@@ -68,7 +84,8 @@ def pruned(data: ImageData, *, seed: int, keep: Annotated[float, Gt(0), Le(1)] =
     labels = data.train_labels
     n = kept_count(len(labels), keep)
     if score == "random":
-        index = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        index = ranked(torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)), labels, n, balance,
+                       keep)
         how = "random"
     else:
         if teacher_logits is None or tuple(teacher_logits.shape) != (len(labels), data.num_classes):
@@ -80,7 +97,9 @@ def pruned(data: ImageData, *, seed: int, keep: Annotated[float, Gt(0), Le(1)] =
                                  "score: random", where="data.setting.score")
         margin = teacher_margin(teacher_logits, labels)
         order = torch.sort(margin, stable=True, descending=retain == "easiest").indices
-        index = order[:n].sort().values
+        index = ranked(order, labels, n, balance, keep)
         how = f"the {retain} by teacher margin"
-    return with_train(data, index, labels[index], name=f"{data.name}-pruned{keep:g}-{score}-seed{seed}",
-                      source=f"pruned: {n}/{len(labels)} training images kept, {how} (setting seed {seed})")
+    per_class = "" if balance == "global" else "-per-class"
+    how += "" if balance == "global" else " within each class"
+    return with_train(data, index, labels[index], name=f"{data.name}-pruned{keep:g}-{score}{per_class}-seed{seed}",
+                      source=f"pruned: {len(index)}/{len(labels)} training images kept, {how} (setting seed {seed})")
