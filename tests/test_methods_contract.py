@@ -57,8 +57,11 @@ REFUSALS: dict[str, list[tuple[str, Any, dict[str, Any], str]]] = {
     "wad": [
         ("no wad term", lambda r: r["data"].update(setting=MISMATCH), {}, "0 `wad` terms in distill"),
         ("the teacher's representation", lambda r: [r["data"].update(setting=MISMATCH),
-                                                    r.update(distill=[{"loss": "wad"}])], {},
+                                                    r.update(distill=[{"loss": "wad"}])], {"contrastive": {}},
          "the wad term reads the teacher's"),
+        ("rounds over a recipe's epochs", lambda r: [r["data"].update(setting=MISMATCH),
+                                                     r.update(distill=[{"loss": "wad"}])], {"rounds": 3},
+         "wad.rounds 3 splits train.epochs 2"),
     ],
 }
 
