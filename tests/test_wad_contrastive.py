@@ -144,11 +144,11 @@ def test_a_contrastive_wad_recipe_needs_no_teacher_and_its_tables_come_from_the_
     assert torch.equal(loss.pseudo[~unlabelled], built.data.train_labels[~unlabelled])
     weights = loss.weight[unlabelled]
     assert bool((weights >= 0).all()) and len(weights.unique()) > 50
-    facts = run.summary(None)["wad"]
+    facts = run.facts  # what summary.json's `wad` section holds before any round
     assert facts["representation"] == "contrastive" and not facts["reused"] and facts["arch"] == "cnn_student"
     assert math.isclose(facts["mean_weight_unlabelled"], float(weights.mean()), rel_tol=1e-5)
     assert WadMethod().attach(plan(recipe_from_dict(contrastive_recipe(tiny, tmp_path)), training=True),
-                              None).summary(None)["wad"]["reused"]
+                              None).facts["reused"]
 
 
 @pytest.mark.parametrize(("change", "with_teacher", "message"), [
