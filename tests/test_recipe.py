@@ -17,8 +17,22 @@ from kdkit.recipe import load_recipe, recipe_from_dict, recipes_root, shipped_re
 def test_every_shipped_recipe_validates(capsys: pytest.CaptureFixture[str]) -> None:
     files = shipped_recipe_files()
     assert len(files) >= 3 and len(files) == len(shipped_recipes())
-    assert {p.stem for p in set(recipes_root().rglob("*.yaml")) - set(files)} <= {"search_space", "sweep_kd"}
+    assert {p.stem for p in set(recipes_root().rglob("*.yaml")) - set(files)} <= {"search_space", "sweep_kd",
+                                                                                  "sweep_cwd"}
     assert main(["validate", *map(str, files)]) == 0, capsys.readouterr().err
+
+
+def test_every_shipped_sweep_file_checks_against_the_recipe_it_names() -> None:
+    from kdkit.recipe import find_recipe, load_recipe
+    from kdkit.sweep.space import check_objective, check_space, load_sweep
+
+    sweeps = sorted(recipes_root().rglob("sweep_*.yaml"))
+    assert [p.stem for p in sweeps] == ["sweep_kd", "sweep_cwd"]  # fashion_mnist/, then scenes_det/
+    for path in sweeps:
+        spec = load_sweep(path)
+        recipe = load_recipe(find_recipe(f"{path.parent.name}/{path.stem.removeprefix('sweep_')}"))
+        assert [p.key for p in check_space(spec, recipe)] == list(spec.space)
+        assert check_objective(spec.objective, recipe) == spec.objective
 
 
 def problems(recipe: dict) -> str:
