@@ -352,8 +352,8 @@ def test_the_detection_recipes_are_their_own_benchmark_suite() -> None:
     from kdkit.recipe import find_recipe, load_recipe
 
     assert "scenes_det" in suites()
-    assert method_recipes("scenes_det") == ["student_ce", "acam", "bckd", "cwd", "fgd", "fitnets", "fmkt_feature", "ld",
-                                            "mgd", "pcka", "pkd", "tst", "unikd", "unikd_hetero"]
+    assert method_recipes("scenes_det") == ["student_ce", "acam", "bckd", "cwd", "cwd_tuned", "fgd", "fitnets",
+                                            "fmkt_feature", "ld", "mgd", "pcka", "pkd", "tst", "unikd", "unikd_hetero"]
     assert all(load_recipe(find_recipe(f"scenes/{n}")).task == "multilabel" for n in method_recipes("scenes"))
     data = load_recipe(find_recipe("scenes_det/student_ce")).data
     for name in method_recipes("scenes_det"):
