@@ -21,7 +21,7 @@ from torch import nn
 from kdkit.bridges import BRIDGES, FUSING_BRIDGES, SHAPE_PARAMS, bridge_hint, bridges_for
 from kdkit.bridges.roles import DeployingBridge, StructuredBridge
 from kdkit.checkpoint import load_model_weights, resolve_weights
-from kdkit.data import SETTINGS, ImageData, apply_setting, hold_out, load_dataset, normalize, subset
+from kdkit.data import SETTINGS, ImageData, apply_setting, hold_out, load_dataset, map_images, subset
 from kdkit.data.settings import check_setting
 from kdkit.distill import (
     FrozenTeacher,
@@ -756,15 +756,13 @@ def with_later_problems(errors: RecipeErrors, source: str | Path | None = None) 
     return RecipeErrors([*errors.errors, *kept], errors.source, warnings=warnings)
 
 
-@torch.no_grad()
 def teacher_logits(model: nn.Module, data: ImageData, batch_size: int = 1000) -> torch.Tensor:
     """``(N, K)`` float32 logits of ``model`` (in eval mode) on ``data``'s un-augmented training images, on the CPU."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
-        return torch.cat([model(normalize(data.train_images[i:i + batch_size].to(device), data.mean, data.std)).float()
-                          .cpu() for i in range(0, len(data.train_labels), batch_size)])
+        return map_images(model, data.train_images, data.mean, data.std, next(model.parameters()).device,
+                          batch_size).cpu()
     finally:
         model.train(was_training)
 

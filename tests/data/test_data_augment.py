@@ -82,3 +82,23 @@ def test_augment_config() -> None:
     assert torch.equal(a, b) and a.shape == x.shape and a.dtype == x.dtype and not torch.equal(a, x)
     with pytest.raises(KdkitError):
         AugmentConfig(crop_padding=-2)
+
+
+def test_map_images_is_the_batched_normalised_pass_over_every_image() -> None:
+    from kdkit.data import map_images
+
+    images = torch.randint(0, 256, (7, 2, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(18, 4, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return x.flatten(1).double() @ weight
+
+    out = map_images(fn, images, (0.2, 0.4), (0.5, 0.25), "cpu", batch_size=3)
+    reference = torch.stack([normalize(img[None], (0.2, 0.4), (0.5, 0.25)).flatten().double() @ weight
+                             for img in images])
+    assert calls == [3, 3, 1] and out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out, reference.float())
+    with pytest.raises(ValueError, match="at least one image"):
+        map_images(fn, images[:0], (0.2, 0.4), (0.5, 0.25), "cpu")

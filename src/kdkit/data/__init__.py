@@ -24,6 +24,7 @@ from kdkit.data import (  # noqa: F401 - imported to register them
 from kdkit.data.augment import AugmentConfig, normalize, random_crop, random_hflip
 from kdkit.data.base import UNLABELLED, ImageData, hold_out, subset
 from kdkit.data.idx import read_idx, write_idx
+from kdkit.data.loader import map_images
 from kdkit.data.registry import DATASETS, load_dataset, register_dataset
 from kdkit.data.settings import SETTINGS, apply_setting, register_setting
 
@@ -36,6 +37,7 @@ __all__ = [
     "apply_setting",
     "hold_out",
     "load_dataset",
+    "map_images",
     "normalize",
     "random_crop",
     "random_hflip",

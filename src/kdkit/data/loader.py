@@ -155,3 +155,32 @@ def make_loaders(data: ImageData, *, batch_size: int, eval_batch_size: int = 100
                        device=device, shuffle=False, drop_last=False, rank=rank, world_size=world_size,
                        channels_last=channels_last)
     return train, test
+
+
+@torch.no_grad()
+def map_images(fn: Callable[[Tensor], Tensor], images: Tensor, mean: Sequence[float], std: Sequence[float],
+               device: torch.device | str, batch_size: int = 500) -> Tensor:
+    """``fn`` over un-augmented uint8 ``images`` ``(N, C, H, W)``, normalised batch by batch on ``device``.
+
+    The one pass every "a frozen network over the training images" computation makes (a teacher's logits for a data
+    setting, a method's table of features, a student's predictions between rounds): no gradient, float32 outputs.
+    The caller puts the network in eval mode.
+
+    Args:
+        fn: Maps a normalised float batch ``(b, C, H, W)`` to a tensor ``(b, ...)``.
+        images: uint8 images.
+        mean: Per-channel mean of :func:`~kdkit.data.augment.normalize`.
+        std: Per-channel standard deviation.
+        device: Where each batch is normalised and ``fn`` runs.
+        batch_size: Images per call of ``fn``.
+
+    Returns:
+        ``(N, ...)`` float32, on ``fn``'s output device.
+
+    Raises:
+        ValueError: No image (there is no output shape to give).
+    """
+    if len(images) == 0:
+        raise ValueError("map_images needs at least one image")
+    return torch.cat([fn(normalize(images[start:start + batch_size].to(device), mean, std)).float()
+                      for start in range(0, len(images), batch_size)])

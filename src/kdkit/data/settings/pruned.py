@@ -99,7 +99,8 @@ def pruned(data: ImageData, *, seed: int, keep: Annotated[float, Gt(0), Le(1)] =
         order = torch.sort(margin, stable=True, descending=retain == "easiest").indices
         index = ranked(order, labels, n, balance, keep)
         how = f"the {retain} by teacher margin"
-    per_class = "" if balance == "global" else "-per-class"
-    how += "" if balance == "global" else " within each class"
+    per_class = ""
+    if balance == "class":
+        per_class, how = "-per-class", f"{how} within each class"
     return with_train(data, index, labels[index], name=f"{data.name}-pruned{keep:g}-{score}{per_class}-seed{seed}",
                       source=f"pruned: {len(index)}/{len(labels)} training images kept, {how} (setting seed {seed})")

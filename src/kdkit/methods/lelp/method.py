@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.data.augment import normalize
+from kdkit.data import map_images
 from kdkit.distill import Term, as_specs
 from kdkit.engine import Hooks
 from kdkit.errors import KdkitError
@@ -30,16 +30,11 @@ def lelp_terms(recipe: Any) -> list[int]:
     return [i for i, t in enumerate(recipe.distill) if t.loss == LOSS or t.bridge == BRIDGE]
 
 
-@torch.no_grad()
 def teacher_embeddings(teacher: nn.Module, data: Any, tap: str, batch_size: int = 500) -> torch.Tensor:
     """``(N, d)`` float32 embeddings (tap ``tap``, flattened) of the frozen ``teacher`` on ``data``'s un-augmented
     training images, on the teacher's device. ``teacher`` is a :class:`~kdkit.distill.FrozenTeacher` (eval mode)."""
-    device = next(teacher.parameters()).device
-    parts = []
-    for start in range(0, len(data.train_labels), batch_size):
-        x = normalize(data.train_images[start:start + batch_size].to(device), data.mean, data.std)
-        parts.append(teacher(x)[tap].flatten(1).float())
-    return torch.cat(parts)
+    return map_images(lambda x: teacher(x)[tap].flatten(1), data.train_images, data.mean, data.std,
+                      next(teacher.parameters()).device, batch_size)
 
 
 def output_weight(teacher: Any, tap: str, classes: int) -> torch.Tensor:

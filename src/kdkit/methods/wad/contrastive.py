@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdkit.data.augment import normalize
+from kdkit.data.loader import map_images
 from kdkit.losses.base import compute_dtype
 from kdkit.schema import Strict
 from kdkit.taps import Tap, TapRecorder, probe_shapes, resolve_tap
@@ -230,10 +231,7 @@ def train_representation(network: Callable[[], nn.Module], tap: str, images: Ten
                 total, batches = total + loss.detach(), batches + 1  # summed on the device: no sync a step
             final = float(total) / max(batches, 1)
         encoder.eval()
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(images), 500):
-                x = normalize(images[start:start + 500].to(device), mean, std)
-                out.append((encoder(x) if settings.features == "projection" else encoder.features(x)).float())
+        features = map_images(encoder if settings.features == "projection" else encoder.features, images, mean, std,
+                              device)
         encoder.recorder.remove()
-    return Representation(torch.cat(out), final)
+    return Representation(features, final)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from kdkit.data import UNLABELLED, normalize
+from kdkit.data import UNLABELLED, map_images
 from kdkit.engine import Engine, Hooks, Phase
 from kdkit.errors import KdkitError, closest
 from kdkit.method import Method, MethodRun, register_method
@@ -23,14 +23,9 @@ ROUNDS = "wad_rounds"  # the phase's name (its statistics in summary.json) and t
 SETTINGS = ("class_mismatch", "semi_supervised")
 
 
-@torch.no_grad()
 def teacher_features(teacher: Any, tap: str, data: Any, device: torch.device, batch_size: int = 500) -> torch.Tensor:
     """The frozen teacher's ``tap`` on every un-augmented training image, ``(N, ...)`` float32 on ``device``."""
-    out = []
-    for start in range(0, len(data.train_labels), batch_size):
-        x = normalize(data.train_images[start:start + batch_size].to(device), data.mean, data.std)
-        out.append(teacher(x)[tap].float())
-    return torch.cat(out)
+    return map_images(lambda x: teacher(x)[tap], data.train_images, data.mean, data.std, device, batch_size)
 
 
 def knowledge(features: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,21 +64,20 @@ class WadSpec(Strict):
                                                       "alpha (1 - i / (rounds - 1))^2 (the code's --alpha, 0.1)")
 
 
-@torch.no_grad()
-def predict(student: Any, images: torch.Tensor, data: Any, device: torch.device, batch_size: int = 500) -> torch.Tensor:
-    """The student's logits on un-augmented ``images`` (uint8 or float as stored), in eval mode, float32."""
-    model = student.model
-    was_training = model.training
-    model.eval()
+def predict(student: Any, images: torch.Tensor, data: Any, device: torch.device) -> torch.Tensor:
+    """The student's float32 logits on un-augmented uint8 ``images`` (at least one), in eval mode."""
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = student.model(x)
+        if student.recorder is not None:
+            student.recorder.pop()  # never keep tapped activations alive
+        return out
+
+    was_training = student.model.training
+    student.model.eval()
     try:
-        out = []
-        for start in range(0, len(images), batch_size):
-            out.append(model(normalize(images[start:start + batch_size].to(device), data.mean, data.std)).float())
-            if student.recorder is not None:
-                student.recorder.pop()  # never keep tapped activations alive
+        return map_images(logits, images, data.mean, data.std, device)
     finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, data.num_classes, device=device)
+        student.model.train(was_training)
 
 
 class WadRounds:
@@ -193,7 +187,8 @@ class WadMethod(Method):
               and representation_of(terms[0]) != "contrastive"):
             problems.append("the `wad:` section sets the contrastive representation, but the wad term reads the "
                             "teacher's: add `representation: contrastive` to the term, or remove the `wad:` section")
-        rounds = self.settings(recipe).rounds
+        section = self.settings(recipe)
+        rounds = section.rounds
         if rounds == 2:
             problems.append("wad.rounds 2 promotes nothing: after round i the official schedule promotes alpha (1 - "
                             "i / (rounds - 1))^2 of the pool, 0 at i = rounds - 1; use rounds 1 (one round) or >= 3 "
@@ -201,7 +196,7 @@ class WadMethod(Method):
         if rounds > recipe.train.epochs:
             problems.append(f"wad.rounds {rounds} splits train.epochs {recipe.train.epochs} into rounds of one epoch "
                             f"at least: use rounds <= {recipe.train.epochs} or more epochs")
-        arch = self.settings(recipe).contrastive.arch
+        arch = section.contrastive.arch
         if terms and representation_of(terms[0]) == "contrastive" and ":" not in arch:
             from kdkit.models import MODELS
 

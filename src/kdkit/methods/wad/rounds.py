@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.losses.base import widen
+
 
 def promotion_fraction(completed: int, rounds: int, alpha: float) -> float:
     r"""Share of the remaining unlabelled samples promoted after round ``completed`` (1-based) of ``rounds``.
@@ -54,8 +56,7 @@ def most_confident(logits: Tensor, pseudo: Tensor, count: int) -> Tensor:
     """
     if count <= 0:
         return torch.zeros(0, dtype=torch.int64, device=logits.device)
-    ce = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, pseudo,
-                         reduction="none")
+    ce = F.cross_entropy(widen(logits), pseudo, reduction="none")
     order = torch.sort(ce, stable=True).indices  # stable: equal losses keep dataset order (topk's is unspecified)
     return order[:count]
 
